@@ -1,0 +1,1 @@
+"""Pixiebox: boot services and lab control for an ephemeral bare-metal lab."""
