@@ -1,0 +1,152 @@
+"""`pixiebox serve`: every service of the appliance in one asyncio process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+
+from .config import ConfigError, LabConfig, load_config, split_listen
+from .dhcp.full import FullHandler
+from .dhcp.guard import find_other_dhcp_servers
+from .dhcp.leases import AddressBook
+from .dhcp.policy import BootPolicy
+from .dhcp.proxy import ProxyHandler
+from .dhcp.reservation import ReservationHandler
+from .dhcp.server import DhcpServer, Handler
+from .firmware import Assets
+from .inventory import Inventory
+from .netif import interface_info, interface_names
+from .state import StateStore
+
+log = logging.getLogger("pixiebox")
+
+
+class StartupError(Exception):
+    """The agent cannot start; the message says why and what to do."""
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """The lab network as the agent sees it on its interface."""
+
+    interface: str
+    mac: str
+    server_ip: IPv4Address
+    subnet: IPv4Network
+
+
+def resolve_segment(config: LabConfig) -> Segment:
+    name = config.network.interface
+    info = interface_info(name)
+    if info is None:
+        raise StartupError(
+            f"[network] interface = {name!r}: no such interface on this machine "
+            f"(it has: {', '.join(interface_names())}); set it to the one facing the lab"
+        )
+    primary = info.primary
+    server_ip = config.network.server_ip or (primary.ip if primary else None)
+    if server_ip is None:
+        raise StartupError(
+            f"interface {name} has no IPv4 address and [network] server_ip is not set; "
+            "give the interface an address (or set server_ip)"
+        )
+    if primary is not None and server_ip not in {a.ip for a in info.addresses}:
+        log.warning(
+            "[network] server_ip %s is not an address of %s (%s); machines will be told to "
+            "fetch from an address this machine may not answer on",
+            server_ip, name, ", ".join(str(a) for a in info.addresses),
+        )
+    subnet = config.network.subnet or (primary.network if primary else None)
+    if subnet is None:
+        raise StartupError(f"cannot tell the subnet of {name}; set [network] subnet")
+    return Segment(name, info.mac or "00:00:00:00:00:00", server_ip, subnet)
+
+
+def build_handler(config: LabConfig, segment: Segment, inventory: Inventory, store: StateStore) -> Handler:
+    _, http_port = split_listen(config.http.listen)
+    policy = BootPolicy(Assets(config.boot.assets), segment.server_ip, http_port)
+    mode = config.network.dhcp_mode
+    if mode == "proxy":
+        return ProxyHandler(inventory, policy)
+    pool = config.network.pool if mode == "full" else None
+    book = AddressBook(store, pool)
+    handler_class = FullHandler if mode == "full" else ReservationHandler
+    return handler_class(inventory, policy, book, segment.subnet)
+
+
+async def guard_segment(config: LabConfig, segment: Segment) -> None:
+    """Refuse reservation/full mode beside another DHCP server (see dhcp.guard)."""
+    network = config.network
+    if network.dhcp_mode == "proxy":
+        return
+    if network.allow_other_dhcp_servers:
+        log.warning("not checking for other DHCP servers: [network] allow_other_dhcp_servers = true")
+        return
+    log.info("listening %ss for other DHCP servers on %s before answering", network.dhcp_probe_time, segment.interface)
+    others = await asyncio.to_thread(
+        find_other_dhcp_servers, segment.interface, segment.mac, float(network.dhcp_probe_time)
+    )
+    if others:
+        names = "; ".join(f"{o.ip} (MAC {o.mac}, offered {o.offered})" for o in others)
+        raise StartupError(
+            f"another DHCP server answers on {segment.interface}: {names}. Refusing to start in "
+            f"{network.dhcp_mode} mode, because two DHCP servers on one network break it. "
+            'Either set dhcp_mode = "proxy" in [network] (Pixiebox then only adds boot '
+            "information and leaves addresses to that server), switch that server off, or, if "
+            "it is configured to ignore the lab machines, set allow_other_dhcp_servers = true"
+        )
+
+
+class Agent:
+    def __init__(self, config_path: Path) -> None:
+        self.config_path = config_path
+        self._stop = asyncio.Event()
+
+    async def run(self) -> None:
+        config = load_config(self.config_path)
+        segment = resolve_segment(config)
+        store = StateStore(config.state.dir)
+        try:
+            inventory = Inventory(config, store)
+            handler = build_handler(config, segment, inventory, store)
+            await guard_segment(config, segment)
+            dhcp = DhcpServer(handler, segment.interface)
+            await dhcp.start()
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, self._stop.set)
+            loop.add_signal_handler(signal.SIGHUP, lambda: self.reload(inventory, handler))
+            log.info(
+                "Pixiebox serving lab %r on %s (%s, %s) in %s mode with %d machines",
+                config.lab.name, segment.interface, segment.server_ip, segment.subnet,
+                config.network.dhcp_mode, len(config.machines),
+            )
+            try:
+                await self._stop.wait()
+            finally:
+                dhcp.close()
+                log.info("Pixiebox stopped")
+        finally:
+            store.close()
+
+    def reload(self, inventory: Inventory, handler: Handler) -> None:
+        """SIGHUP: re-read lab.toml; keep the running config if the new one is invalid."""
+        try:
+            config = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error("lab.toml changed but is invalid; keeping the previous settings:\n%s", exc)
+            return
+        if config.network != inventory.config.network:
+            log.warning("[network] changed: restart the agent for that part to take effect")
+        inventory.reload(config)
+        reload_handler = getattr(handler, "reload", None)
+        if callable(reload_handler):
+            reload_handler()
+        log.info("reloaded %s: %d machines", self.config_path, len(config.machines))
+
+    def stop(self) -> None:
+        self._stop.set()

@@ -1,0 +1,111 @@
+"""The `pixiebox` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from . import config as lab
+from .agent import Agent, StartupError
+from .netif import interface_info, interface_names
+
+
+def _config_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", "-c", type=Path, default=None,
+        help=f"lab.toml to use (default: ${lab.CONFIG_PATH_ENV} or {lab.DEFAULT_CONFIG_PATH})",
+    )
+
+
+def summary(config: lab.LabConfig) -> str:
+    network = config.network
+    lines = [
+        f"lab {config.lab.name!r}, domain {config.lab.domain}",
+        f"DHCP: {network.dhcp_mode} mode on {network.interface}"
+        + (f", server {network.server_ip}" if network.server_ip else "")
+        + (f", subnet {network.subnet}" if network.subnet else "")
+        + (f", pool {network.pool}" if network.pool and network.dhcp_mode == "full" else ""),
+        f"unknown machines: {config.boot.unknown}; default image: {config.boot.image}; "
+        f"images: {', '.join(sorted(config.images))}",
+        f"machines: {len(config.machines)}",
+    ]
+    for machine in config.machines:
+        power = machine.power.driver if machine.power else "-"
+        lines.append(
+            f"  {machine.name:<16} {machine.mac}  {str(machine.ip or '-'):<15} "
+            f"image={machine.image or config.boot.image} power={power}"
+        )
+    return "\n".join(lines)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    path = lab.config_path(args.config)
+    config, problems = lab.check_config(path)
+    if config is not None and interface_info(config.network.interface) is None:
+        problems.append(lab.Problem(
+            ("network", "interface"),
+            f"no interface {config.network.interface!r} on this machine "
+            f"(it has: {', '.join(interface_names())})",
+            "fine if this file is for another machine; otherwise name the interface facing the lab",
+            severity="warning",
+            line=lab.line_for(lab.key_lines(path.read_text(encoding="utf-8")), ("network", "interface")),
+        ))
+    for problem in problems:
+        print(lab.format_problem(path, problem), file=sys.stderr)
+    errors = [p for p in problems if p.severity == "error"]
+    if config is None or errors:
+        print(f"{path}: {len(errors)} error(s); nothing was changed", file=sys.stderr)
+        return 1
+    print(f"{path}: OK")
+    print(summary(config))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    agent = Agent(lab.config_path(args.config))
+    try:
+        asyncio.run(agent.run())
+    except lab.ConfigError as exc:
+        print(f"cannot start: {exc.path} has errors:\n{exc}", file=sys.stderr)
+        return 1
+    except StartupError as exc:
+        print(f"cannot start: {exc}", file=sys.stderr)
+        return 1
+    except PermissionError as exc:
+        print(f"cannot start: {exc}; DHCP needs root (or CAP_NET_BIND_SERVICE and CAP_NET_RAW)",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pixiebox", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    check = commands.add_parser("check", help="validate lab.toml and summarise the lab")
+    _config_argument(check)
+    check.set_defaults(func=cmd_check)
+    serve = commands.add_parser("serve", help="run the boot services in the foreground")
+    _config_argument(serve)
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""PXE policy: is this a boot request, from which firmware, and which file does it get?
+
+Shared by the three DHCP modes; each mode decides about addresses, this decides about booting.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+
+from ..firmware import ArchInfo, Assets, Firmware, arch_info
+from .codec import DecodeError, Opt, Packet, encode_suboptions
+
+log = logging.getLogger("pixiebox.dhcp")
+
+PXE_CLIENT = "PXEClient"
+HTTP_CLIENT = "HTTPClient"
+IPXE_USER_CLASS = "iPXE"
+
+#: Option 43, PXE sub-option 6 (PXE_DISCOVERY_CONTROL) = 8: "boot the file in this offer, no
+#: boot-server discovery, no menu". Sent to BIOS ROMs only: many UEFI ROMs ignore a proxy offer
+#: that carries it and only boot after asking on port 4011 (FIRMWARE-QUIRKS #3, pixiecore).
+PXE_SKIP_DISCOVERY = encode_suboptions({6: b"\x08"})
+
+
+class NotABootRequest(Exception):
+    """The packet is well formed but asks for nothing we boot (the reason says why)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BootClient:
+    """What a DHCP request tells about the firmware that sent it."""
+
+    mac: str
+    arch: ArchInfo
+    arch_code: int | None
+    ipxe: bool  # user class "iPXE": already running iPXE, give it the script
+    http_boot: bool  # UEFI HTTP boot (vendor class "HTTPClient")
+    uuid: bytes | None  # option 97, echoed back (RFC 4578 2.3)
+
+
+def boot_client(packet: Packet) -> BootClient | None:
+    """The boot client behind a request, None for plain DHCP clients (a laptop, the OSIE's own
+    dhclient), and NotABootRequest for PXE clients we cannot serve.
+
+    Raises DecodeError for malformed PXE options."""
+    vendor = packet.vendor_class or ""
+    user_classes = packet.user_classes
+    arches = packet.client_arches
+    ipxe = IPXE_USER_CLASS in user_classes
+    if not (vendor.startswith((PXE_CLIENT, HTTP_CLIENT, "U-Boot")) or ipxe or arches):
+        return None
+    uuid = packet.client_uuid
+    # FIRMWARE-QUIRKS #1: some ROMs omit 97 (accept), but a present one must be RFC 4578's 17
+    # bytes with type 0, otherwise echoing it back confuses the very ROM that sent it.
+    if uuid is not None and (len(uuid) != 17 or uuid[0] != 0):
+        raise DecodeError(f"option 97 (client UUID) is malformed: {uuid.hex()}")
+    code = arches[0] if arches else None
+    info = arch_info(code)
+    if info is None:
+        raise NotABootRequest(f"client architecture {code} is not one Pixiebox can boot")
+    return BootClient(
+        mac=packet.mac,
+        arch=info,
+        arch_code=code,
+        ipxe=ipxe,
+        http_boot=vendor.startswith(HTTP_CLIENT) or info.firmware is Firmware.UEFI_HTTP,
+        uuid=uuid,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class BootFile:
+    """The first thing a client loads: a TFTP path or, for iPXE and HTTP boot, a URL."""
+
+    name: str
+    vendor_class: str  # what the reply's option 60 says (PXE spec / UEFI HTTP boot spec)
+
+
+@dataclass(frozen=True, slots=True)
+class BootPolicy:
+    assets: Assets
+    server_ip: IPv4Address
+    http_port: int = 80
+
+    @property
+    def http_base(self) -> str:
+        port = "" if self.http_port == 80 else f":{self.http_port}"
+        return f"http://{self.server_ip}{port}"
+
+    def script_url(self, mac: str) -> str:
+        return f"{self.http_base}/boot/{mac}.ipxe"
+
+    def boot_file(self, client: BootClient, who: str) -> BootFile | None:
+        """The file for this client, or None (with a log line naming the file to add) when the
+        loader it needs is not on this appliance."""
+        if client.ipxe:
+            # iPXE is already running: sending it iPXE again would loop, so it gets its script.
+            return BootFile(self.script_url(client.mac), PXE_CLIENT)
+        info = client.arch
+        if info.firmware is Firmware.UBOOT:
+            return BootFile(info.loader, PXE_CLIENT)
+        loader = info.loader
+        if self.assets.ipxe_binary(loader) is None:
+            fallback = info.fallback
+            if fallback is None or self.assets.ipxe_binary(fallback) is None:
+                log.warning(
+                    "%s (%s) asked to boot, but %s is missing; not answering it so that it "
+                    "moves on to its next boot device; to boot it, %s",
+                    who, info.label, loader, self.assets.missing_loader_hint(info),
+                )
+                return None
+            log.info(
+                "%s reports %s; %s is not in the assets, so it gets %s (most machines that "
+                "report this are x86-64 UEFI); add %s for genuine 32-bit UEFI",
+                who, info.label, loader, fallback, loader,
+            )
+            loader = fallback
+        if client.http_boot:
+            return BootFile(f"{self.http_base}/ipxe/{loader}", HTTP_CLIENT)
+        return BootFile(loader, PXE_CLIENT)
+
+
+def add_boot_options(
+    reply: Packet, client: BootClient, boot_file: BootFile, server_ip: IPv4Address, *, proxy: bool
+) -> None:
+    """Put the boot information into a reply, where every firmware looks for it.
+
+    The boot server and file go in the fixed siaddr/sname/file fields, never in overloaded
+    options (FIRMWARE-QUIRKS #15); siaddr and option 54 are always set, or PXE ROMs go looking
+    for a boot server on port 4011 (#2)."""
+    reply.siaddr = server_ip
+    reply.sname = str(server_ip).encode()
+    reply.file = boot_file.name.encode()
+    reply.options[Opt.SERVER_ID] = server_ip.packed
+    if client.uuid is not None:
+        reply.options[Opt.CLIENT_UUID] = client.uuid
+    if proxy or boot_file.vendor_class == HTTP_CLIENT:
+        # The PXE spec wants a ProxyDHCP server to identify itself as "PXEClient"; UEFI HTTP boot
+        # only accepts offers saying "HTTPClient".
+        reply.options[Opt.VENDOR_CLASS] = boot_file.vendor_class.encode()
+    if proxy and client.arch.firmware is Firmware.BIOS and not client.ipxe:
+        reply.options[Opt.VENDOR_SPECIFIC] = PXE_SKIP_DISCOVERY

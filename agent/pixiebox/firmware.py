@@ -1,0 +1,96 @@
+"""Which firmware is asking, and which first-stage loader it needs.
+
+The client architecture (DHCP option 93, RFC 4578 2.1, IANA "Processor Architecture Types")
+decides the iPXE build to hand out. Real firmware misreports it (FIRMWARE-QUIRKS #12: codes 2, 6,
+7, 8 and 9 all come from x86-64 UEFI laptops), so the table maps by what firmware actually does,
+not by the registry's wording alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+SYSTEM_IPXE_DIR = Path("/usr/lib/ipxe")
+
+
+class Firmware(StrEnum):
+    BIOS = "BIOS"
+    UEFI = "UEFI"
+    UEFI_HTTP = "UEFI HTTP"
+    UBOOT = "U-Boot"
+
+
+@dataclass(frozen=True, slots=True)
+class ArchInfo:
+    code: int
+    cpu: str  # x86_64, i386, arm64, arm32
+    firmware: Firmware
+    loader: str  # the iPXE build (or U-Boot config) this client must get first
+    # Debian's ipxe package carries the x86 builds only; others must be dropped into assets.
+    in_debian_package: bool = True
+    fallback: str | None = None  # served when `loader` is missing (see _ARCHES)
+
+    @property
+    def label(self) -> str:
+        return f"{self.cpu} {self.firmware}"
+
+
+_ARCHES: dict[int, ArchInfo] = {
+    0: ArchInfo(0, "x86_64", Firmware.BIOS, "undionly.kpxe"),
+    # Itanium, Xscale and EBC codes are in practice x86-64 UEFI (FIRMWARE-QUIRKS #12).
+    2: ArchInfo(2, "x86_64", Firmware.UEFI, "ipxe.efi"),
+    # Genuine 32-bit UEFI tablets exist, but so do x86-64 laptops that send 6 (quirk #12): the
+    # i386 build when the user added one, the x86-64 one otherwise.
+    6: ArchInfo(6, "i386", Firmware.UEFI, "ipxe-i386.efi", False, fallback="ipxe.efi"),
+    7: ArchInfo(7, "x86_64", Firmware.UEFI, "ipxe.efi"),
+    8: ArchInfo(8, "x86_64", Firmware.UEFI, "ipxe.efi"),
+    9: ArchInfo(9, "x86_64", Firmware.UEFI, "ipxe.efi"),
+    10: ArchInfo(10, "arm32", Firmware.UEFI, "snp-arm32.efi", False),
+    11: ArchInfo(11, "arm64", Firmware.UEFI, "snp.efi", False),
+    15: ArchInfo(15, "i386", Firmware.UEFI_HTTP, "ipxe-i386.efi", False, fallback="ipxe.efi"),
+    16: ArchInfo(16, "x86_64", Firmware.UEFI_HTTP, "ipxe.efi"),
+    18: ArchInfo(18, "arm32", Firmware.UEFI_HTTP, "snp-arm32.efi", False),
+    19: ArchInfo(19, "arm64", Firmware.UEFI_HTTP, "snp.efi", False),
+    # U-Boot (FIRMWARE-QUIRKS #30: Debian's u-boot-qemu sends 21 for armv7, 22 for armv8) reads
+    # pxelinux.cfg/01-<mac> relative to the boot file's directory, so the file name only anchors it.
+    21: ArchInfo(21, "arm32", Firmware.UBOOT, "pxelinux.0", False),
+    22: ArchInfo(22, "arm64", Firmware.UBOOT, "pxelinux.0", False),
+}
+
+#: PXE clients that omit option 93 are old BIOS ROMs (RFC 4578 made it mandatory later).
+DEFAULT_ARCH = _ARCHES[0]
+
+
+def arch_info(code: int | None) -> ArchInfo | None:
+    """What we know about an option-93 code; None for architectures we cannot boot."""
+    if code is None:
+        return DEFAULT_ARCH
+    return _ARCHES.get(code)
+
+
+def describe_arch(code: int | None) -> str:
+    info = arch_info(code)
+    return info.label if info else f"unsupported architecture {code}"
+
+
+@dataclass(frozen=True, slots=True)
+class Assets:
+    """Where boot files are found: the lab's asset directory first, then Debian's ipxe package."""
+
+    root: Path
+    system_ipxe: Path = SYSTEM_IPXE_DIR
+
+    def ipxe_binary(self, name: str) -> Path | None:
+        for directory in (self.root / "ipxe", self.system_ipxe):
+            candidate = directory / name
+            if candidate.is_file():
+                return candidate
+        return None
+
+    def missing_loader_hint(self, info: ArchInfo) -> str:
+        where = self.root / "ipxe" / info.loader
+        if info.in_debian_package:
+            return f"install Debian's ipxe package or copy {info.loader} to {where}"
+        return f"add an {info.cpu} iPXE build as {where} (Debian's ipxe package has x86 only)"

@@ -1,0 +1,83 @@
+"""The one question every protocol asks: who is this MAC, and what should it boot?
+
+DHCP, TFTP and HTTP all ask here instead of carrying their own copy of the policy, so "an
+unknown machine boots the default image under unknown = discover" is decided in one place, logged
+once in words a person understands, and recorded for `pixiebox machines`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+from .config import LabConfig, MachineSection
+from .firmware import ArchInfo
+from .state import StateStore
+
+log = logging.getLogger("pixiebox.inventory")
+
+
+@dataclass(frozen=True, slots=True)
+class BootVerdict:
+    """The answer for one machine: boot `image`, or stay silent and why."""
+
+    mac: str
+    machine: MachineSection | None  # None: not in lab.toml
+    action: Literal["boot", "ignore"]
+    image: str | None
+
+    @property
+    def known(self) -> bool:
+        return self.machine is not None
+
+    @property
+    def who(self) -> str:
+        """How log lines name the machine: by its name when enrolled, else by its MAC."""
+        return f"{self.machine.name} ({self.mac})" if self.machine else f"unknown machine {self.mac}"
+
+
+class Inventory:
+    def __init__(self, config: LabConfig, store: StateStore) -> None:
+        self._store = store
+        self._by_mac: dict[str, MachineSection] = {}
+        self.config = config
+        self.reload(config)
+
+    def reload(self, config: LabConfig) -> None:
+        """Swap in a newly validated lab.toml (enrollment, SIGHUP)."""
+        self.config = config
+        self._by_mac = {machine.mac: machine for machine in config.machines}
+
+    def who_is(self, mac: str) -> MachineSection | None:
+        return self._by_mac.get(mac)
+
+    def machines(self) -> list[MachineSection]:
+        return list(self.config.machines)
+
+    def boot_verdict(self, mac: str, arch: ArchInfo) -> BootVerdict:
+        """Decide for a machine that asked to boot, recording it as seen.
+
+        Unknown machines follow [boot] unknown; the first time one shows up, one log line says
+        what it is, what happens next and how to enroll it (the user should never have to dig a
+        MAC out of "unexpected end of JSON input")."""
+        machine = self._by_mac.get(mac)
+        first_time = self._store.record_seen(mac, arch.cpu, str(arch.firmware))
+        policy = self.config.boot.unknown
+        if machine is not None:
+            return BootVerdict(mac, machine, "boot", machine.image or self.config.boot.image)
+        if policy == "ignore":
+            if first_time:
+                log.info(
+                    "unknown machine %s (%s) asked to boot; not answering it because "
+                    "[boot] unknown = \"ignore\"; enroll it with: pixiebox enroll %s --name NAME",
+                    mac, arch.label, mac,
+                )
+            return BootVerdict(mac, None, "ignore", None)
+        if first_time:
+            log.info(
+                "unknown machine %s (%s) asked to boot; recorded as discovered; booting the "
+                "default image %r; enroll it with: pixiebox enroll %s --name NAME",
+                mac, arch.label, self.config.boot.image, mac,
+            )
+        return BootVerdict(mac, None, "boot", self.config.boot.image)
