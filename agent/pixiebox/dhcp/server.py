@@ -11,7 +11,7 @@ import logging
 import socket
 from collections import Counter
 from ipaddress import IPv4Address
-from typing import Protocol
+from typing import Protocol, cast
 
 from .codec import BOOTREQUEST, DecodeError, EncodeError, MessageType, Packet, decode, encode
 
@@ -71,8 +71,7 @@ class _Endpoint(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         reply = self.server.answer(data, self.port, addr)

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Pixiebox build pipeline.
+#
+#   sudo ./build.sh serve    set up, then run the agent on config/lab.toml (PIXIEBOX_CONFIG overrides)
+#   sudo ./build.sh test     set up, then run linters and the whole test suite (what CI runs)
+#   sudo ./build.sh setup    install system packages and the Python environment only
+#
+# Needs Debian bookworm (or newer) and root: the agent binds DHCP ports, and the tests build
+# network namespaces.
+set -euo pipefail
+
+cd "$(dirname "$(readlink -f "$0")")"
+ROOT=$(pwd)
+VENV="$ROOT/.venv"
+
+# System packages: the real peers the tests talk to (ISC dhclient, busybox udhcpc, dnsmasq as
+# the home router, dig, tftp-hpa, curl), tcpdump for debugging, and Debian's iPXE builds.
+APT_PACKAGES=(
+    python3 python3-venv python3-dev gcc
+    iproute2 isc-dhcp-client busybox dnsmasq-base dnsutils curl tcpdump procps
+    ipxe
+)
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+die() { printf 'build.sh: error: %s\n' "$*" >&2; exit 1; }
+
+need_root() {
+    [ "$(id -u)" -eq 0 ] || die "run as root (sudo ./build.sh $1): $2"
+}
+
+setup_system() {
+    need_root setup "it installs Debian packages"
+    command -v apt-get >/dev/null || die "apt-get not found: Pixiebox is built on Debian (bookworm or newer)"
+    local missing=()
+    for pkg in "${APT_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+    done
+    if [ "${#missing[@]}" -gt 0 ]; then
+        say "installing Debian packages: ${missing[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq || die "apt-get update failed: check the network and /etc/apt/sources.list"
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
+            || die "apt-get install ${missing[*]} failed"
+    fi
+}
+
+setup_python() {
+    local extras=$1
+    if [ ! -x "$VENV/bin/python" ]; then
+        say "creating the Python environment in $VENV"
+        python3 -m venv "$VENV" || die "python3 -m venv failed: install python3-venv"
+    fi
+    say "installing pixiebox${extras:+[$extras]} into $VENV"
+    "$VENV/bin/pip" install -q --disable-pip-version-check -e ".${extras:+[$extras]}" \
+        || die "pip install failed: is PyPI reachable?"
+}
+
+cmd_setup() { setup_system; setup_python test; }
+
+cmd_serve() {
+    setup_system
+    setup_python ""
+    say "starting the agent on ${PIXIEBOX_CONFIG:-config/lab.toml} (Ctrl-C stops it)"
+    "$VENV/bin/pixiebox" check ${PIXIEBOX_CONFIG:+--config "$PIXIEBOX_CONFIG"} || die "fix lab.toml first (errors above)"
+    exec "$VENV/bin/pixiebox" serve ${PIXIEBOX_CONFIG:+--config "$PIXIEBOX_CONFIG"} "$@"
+}
+
+cmd_test() {
+    need_root test "the tests build network namespaces"
+    setup_system
+    setup_python test
+    say "ruff"
+    "$VENV/bin/ruff" check agent tests
+    say "mypy"
+    "$VENV/bin/mypy"
+    say "pytest"
+    # pytest exits 5 when it collected no tests: that is a failure here, not a pass.
+    "$VENV/bin/pytest" "$@"
+}
+
+case "${1:-}" in
+    setup) shift; cmd_setup "$@" ;;
+    serve) shift; cmd_serve "$@" ;;
+    test) shift; cmd_test "$@" ;;
+    *) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+esac
