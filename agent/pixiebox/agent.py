@@ -58,7 +58,9 @@ def resolve_segment(config: LabConfig) -> Segment:
         log.warning(
             "[network] server_ip %s is not an address of %s (%s); machines will be told to "
             "fetch from an address this machine may not answer on",
-            server_ip, name, ", ".join(str(a) for a in info.addresses),
+            server_ip,
+            name,
+            ", ".join(str(a) for a in info.addresses),
         )
     subnet = config.network.subnet or (primary.network if primary else None)
     if subnet is None:
@@ -66,7 +68,9 @@ def resolve_segment(config: LabConfig) -> Segment:
     return Segment(name, info.mac or "00:00:00:00:00:00", server_ip, subnet)
 
 
-def build_handler(config: LabConfig, segment: Segment, inventory: Inventory, store: StateStore) -> Handler:
+def build_handler(
+    config: LabConfig, segment: Segment, inventory: Inventory, store: StateStore
+) -> Handler:
     _, http_port = split_listen(config.http.listen)
     policy = BootPolicy(Assets(config.boot.assets), segment.server_ip, http_port)
     mode = config.network.dhcp_mode
@@ -84,9 +88,15 @@ async def guard_segment(config: LabConfig, segment: Segment) -> None:
     if network.dhcp_mode == "proxy":
         return
     if network.allow_other_dhcp_servers:
-        log.warning("not checking for other DHCP servers: [network] allow_other_dhcp_servers = true")
+        log.warning(
+            "not checking for other DHCP servers: [network] allow_other_dhcp_servers = true"
+        )
         return
-    log.info("listening %ss for other DHCP servers on %s before answering", network.dhcp_probe_time, segment.interface)
+    log.info(
+        "listening %ss for other DHCP servers on %s before answering",
+        network.dhcp_probe_time,
+        segment.interface,
+    )
     others = await asyncio.to_thread(
         find_other_dhcp_servers, segment.interface, segment.mac, float(network.dhcp_probe_time)
     )
@@ -122,8 +132,12 @@ class Agent:
             loop.add_signal_handler(signal.SIGHUP, lambda: self.reload(inventory, handler))
             log.info(
                 "Pixiebox serving lab %r on %s (%s, %s) in %s mode with %d machines",
-                config.lab.name, segment.interface, segment.server_ip, segment.subnet,
-                config.network.dhcp_mode, len(config.machines),
+                config.lab.name,
+                segment.interface,
+                segment.server_ip,
+                segment.subnet,
+                config.network.dhcp_mode,
+                len(config.machines),
             )
             try:
                 await self._stop.wait()

@@ -15,7 +15,10 @@ from .netif import interface_info, interface_names
 
 def _config_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--config", "-c", type=Path, default=None,
+        "--config",
+        "-c",
+        type=Path,
+        default=None,
         help=f"lab.toml to use (default: ${lab.CONFIG_PATH_ENV} or {lab.DEFAULT_CONFIG_PATH})",
     )
 
@@ -35,7 +38,7 @@ def summary(config: lab.LabConfig) -> str:
     for machine in config.machines:
         power = machine.power.driver if machine.power else "-"
         lines.append(
-            f"  {machine.name:<16} {machine.mac}  {str(machine.ip or '-'):<15} "
+            f"  {machine.name:<16} {machine.mac}  {machine.ip or '-'!s:<15} "
             f"image={machine.image or config.boot.image} power={power}"
         )
     return "\n".join(lines)
@@ -45,14 +48,19 @@ def cmd_check(args: argparse.Namespace) -> int:
     path = lab.config_path(args.config)
     config, problems = lab.check_config(path)
     if config is not None and interface_info(config.network.interface) is None:
-        problems.append(lab.Problem(
-            ("network", "interface"),
-            f"no interface {config.network.interface!r} on this machine "
-            f"(it has: {', '.join(interface_names())})",
-            "fine if this file is for another machine; otherwise name the interface facing the lab",
-            severity="warning",
-            line=lab.line_for(lab.key_lines(path.read_text(encoding="utf-8")), ("network", "interface")),
-        ))
+        problems.append(
+            lab.Problem(
+                ("network", "interface"),
+                f"no interface {config.network.interface!r} on this machine "
+                f"(it has: {', '.join(interface_names())})",
+                "fine if this file is for another machine; "
+                "otherwise name the interface facing the lab",
+                severity="warning",
+                line=lab.line_for(
+                    lab.key_lines(path.read_text(encoding="utf-8")), ("network", "interface")
+                ),
+            )
+        )
     for problem in problems:
         print(lab.format_problem(path, problem), file=sys.stderr)
     errors = [p for p in problems if p.severity == "error"]
@@ -80,8 +88,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"cannot start: {exc}", file=sys.stderr)
         return 1
     except PermissionError as exc:
-        print(f"cannot start: {exc}; DHCP needs root (or CAP_NET_BIND_SERVICE and CAP_NET_RAW)",
-              file=sys.stderr)
+        print(
+            f"cannot start: {exc}; DHCP needs root (or CAP_NET_BIND_SERVICE and CAP_NET_RAW)",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         pass

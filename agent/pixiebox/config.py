@@ -45,7 +45,7 @@ def normalize_mac(value: object) -> str:
     (f4:4d:.., F4-4D-.., f44d.3064.7a3a) and keep one canonical form, so a MAC typed twice
     in two styles is still recognised as the same machine."""
     if not isinstance(value, str):
-        raise ValueError("a MAC address must be a string such as \"f4:4d:30:64:7a:3a\"")
+        raise ValueError('a MAC address must be a string such as "f4:4d:30:64:7a:3a"')
     text = value.strip()
     try:
         eui = EUI(text, version=48, dialect=mac_unix_expanded)
@@ -63,13 +63,13 @@ _DURATION_UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
 def parse_duration(value: object) -> int:
     """Seconds from "90s", "30m", "1h", "1h30m", "2d" or a bare number of seconds."""
     if isinstance(value, bool):
-        raise ValueError("a duration must be a string like \"1h\" or a number of seconds")
+        raise ValueError('a duration must be a string like "1h" or a number of seconds')
     if isinstance(value, int):
         if value < 0:
             raise ValueError("a duration cannot be negative")
         return value
     if not isinstance(value, str):
-        raise ValueError("a duration must be a string like \"1h\" or a number of seconds")
+        raise ValueError('a duration must be a string like "1h" or a number of seconds')
     text = value.strip().lower().replace(" ", "")
     if text.isdigit():
         return int(text)
@@ -204,7 +204,7 @@ def split_listen(value: str) -> tuple[str, int]:
     """("host", port) from "host:port" or ":port" (every address)."""
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{value!r} is not an address and port such as \":80\" or \"0.0.0.0:8080\"")
+        raise ValueError(f'{value!r} is not an address and port such as ":80" or "0.0.0.0:8080"')
     return host or "0.0.0.0", int(port)
 
 
@@ -385,7 +385,7 @@ def _model_at(loc: Loc) -> type[BaseModel] | None:
         if model is LabConfig and part == "images":
             model = ImageSection
             continue
-        field = model.model_fields.get(part) if isinstance(model, type) else None
+        field = model.model_fields.get(part)
         if field is None:
             if model is ImageSection:
                 continue
@@ -421,7 +421,8 @@ def _hint_for(loc: Loc, error_type: str) -> str:
         return "use lower-case letters, digits and dashes (it becomes a DNS name)"
     if named[-1:] == ("driver",):
         return "one of wol, ssh, redfish, ipmi, tasmota, shelly, http, qemu"
-    return _HINTS.get(named[-2:], "")
+    key = (named[-2], named[-1]) if len(named) >= 2 else ("", "")
+    return _HINTS.get(key, "")
 
 
 def _clean_message(error: Any) -> str:
@@ -429,7 +430,9 @@ def _clean_message(error: Any) -> str:
     for prefix in ("Value error, ", "Assertion failed, "):
         message = message.removeprefix(prefix)
     if error["type"] == "literal_error":
-        message = f"{error['input']!r} is not allowed; " + message.replace("Input should", "it must")
+        message = f"{error['input']!r} is not allowed; " + message.replace(
+            "Input should", "it must"
+        )
     elif error["type"] == "missing":
         message = "this key is required"
     return message
@@ -444,8 +447,10 @@ def problems_from_validation(error: ValidationError) -> list[Problem]:
             model = _model_at(loc)
             choices = list(model.model_fields) if model else []
             close = difflib.get_close_matches(key, choices, n=1, cutoff=0.6)
-            hint = f"did you mean {close[0]!r}?" if close else (
-                f"known keys here: {', '.join(choices)}" if choices else ""
+            hint = (
+                f"did you mean {close[0]!r}?"
+                if close
+                else (f"known keys here: {', '.join(choices)}" if choices else "")
             )
             problems.append(Problem(loc, f"unknown key {key!r}", hint))
             continue
@@ -468,7 +473,8 @@ def _duplicates(
             first_index, first = seen[value]
             yield Problem(
                 ("machines", index, field),
-                f"{what} {value} is already used by machine {first.name!r} (machines[{first_index}])",
+                f"{what} {value} is already used by machine {first.name!r} "
+                f"(machines[{first_index}])",
                 f"each machine needs its own {what}",
             )
         else:
@@ -490,16 +496,22 @@ def consistency_problems(
     if images is not None:
         known = ", ".join(sorted(images)) or "none"
         if boot is not None and boot.image not in images:
-            problems.append(Problem(
-                ("boot", "image"), f"no image named {boot.image!r}",
-                f"define [images.{boot.image}] or pick one of: {known}",
-            ))
+            problems.append(
+                Problem(
+                    ("boot", "image"),
+                    f"no image named {boot.image!r}",
+                    f"define [images.{boot.image}] or pick one of: {known}",
+                )
+            )
         for index, machine in machines:
             if machine.image is not None and machine.image not in images:
-                problems.append(Problem(
-                    ("machines", index, "image"), f"no image named {machine.image!r}",
-                    f"define [images.{machine.image}] or pick one of: {known}",
-                ))
+                problems.append(
+                    Problem(
+                        ("machines", index, "image"),
+                        f"no image named {machine.image!r}",
+                        f"define [images.{machine.image}] or pick one of: {known}",
+                    )
+                )
     if network is None:
         return problems
     subnet = network.subnet
@@ -507,58 +519,80 @@ def consistency_problems(
     if subnet is not None:
         for key, address in (("gateway", network.gateway), ("server_ip", network.server_ip)):
             if address is not None and address not in subnet:
-                problems.append(Problem(
-                    ("network", key), f"{address} is outside the subnet {subnet}",
-                    "fix the address or [network] subnet",
-                ))
+                problems.append(
+                    Problem(
+                        ("network", key),
+                        f"{address} is outside the subnet {subnet}",
+                        "fix the address or [network] subnet",
+                    )
+                )
         for index, machine in machines:
             if machine.ip is None:
                 continue
             if machine.ip not in subnet:
-                problems.append(Problem(
-                    ("machines", index, "ip"),
-                    f"{machine.ip} (machine {machine.name!r}) is outside the subnet {subnet}",
-                    f"pick an address in {subnet} or fix [network] subnet",
-                ))
+                problems.append(
+                    Problem(
+                        ("machines", index, "ip"),
+                        f"{machine.ip} (machine {machine.name!r}) is outside the subnet {subnet}",
+                        f"pick an address in {subnet} or fix [network] subnet",
+                    )
+                )
             elif machine.ip in (subnet.network_address, subnet.broadcast_address):
-                problems.append(Problem(
-                    ("machines", index, "ip"),
-                    f"{machine.ip} is the {'network' if machine.ip == subnet.network_address else 'broadcast'} address of {subnet}",
-                    "pick a host address",
-                ))
+                problems.append(
+                    Problem(
+                        ("machines", index, "ip"),
+                        f"{machine.ip} is the "
+                        f"{'network' if machine.ip == subnet.network_address else 'broadcast'} "
+                        f"address of {subnet}",
+                        "pick a host address",
+                    )
+                )
     for index, machine in machines:
         if machine.ip is not None and machine.ip in infra:
-            problems.append(Problem(
-                ("machines", index, "ip"),
-                f"{machine.ip} (machine {machine.name!r}) is the {infra[machine.ip]} address",
-                "pick a free address",
-            ))
+            problems.append(
+                Problem(
+                    ("machines", index, "ip"),
+                    f"{machine.ip} (machine {machine.name!r}) is the {infra[machine.ip]} address",
+                    "pick a free address",
+                )
+            )
     pool = network.pool
     if pool is not None:
         if subnet is not None and (pool.first not in subnet or pool.last not in subnet):
-            problems.append(Problem(
-                ("network", "pool"), f"the pool {pool} is not inside the subnet {subnet}",
-                f"choose a range inside {subnet}",
-            ))
+            problems.append(
+                Problem(
+                    ("network", "pool"),
+                    f"the pool {pool} is not inside the subnet {subnet}",
+                    f"choose a range inside {subnet}",
+                )
+            )
         for address, key in infra.items():
             if address in pool:
-                problems.append(Problem(
-                    ("network", "pool"), f"the pool {pool} contains the {key} {address}",
-                    "start or end the pool so that it leaves that address out",
-                ))
+                problems.append(
+                    Problem(
+                        ("network", "pool"),
+                        f"the pool {pool} contains the {key} {address}",
+                        "start or end the pool so that it leaves that address out",
+                    )
+                )
         for index, machine in machines:
             if machine.ip is not None and machine.ip in pool:
-                problems.append(Problem(
-                    ("network", "pool"),
-                    f"the pool {pool} overlaps the reservation of machine {machine.name!r} "
-                    f"({machine.ip}, machines[{index}])",
-                    "move the reservation out of the pool or shrink the pool",
-                ))
+                problems.append(
+                    Problem(
+                        ("network", "pool"),
+                        f"the pool {pool} overlaps the reservation of machine {machine.name!r} "
+                        f"({machine.ip}, machines[{index}])",
+                        "move the reservation out of the pool or shrink the pool",
+                    )
+                )
     elif network.dhcp_mode == "full":
-        problems.append(Problem(
-            ("network", "pool"), "full mode hands out addresses but no pool is set",
-            'add pool = "first-last" in [network], or use dhcp_mode = "reservation"',
-        ))
+        problems.append(
+            Problem(
+                ("network", "pool"),
+                "full mode hands out addresses but no pool is set",
+                'add pool = "first-last" in [network], or use dhcp_mode = "reservation"',
+            )
+        )
     return problems
 
 
@@ -571,8 +605,12 @@ def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
     return Path(os.environ.get(CONFIG_PATH_ENV, DEFAULT_CONFIG_PATH))
 
 
-def _validated_parts(data: dict[str, Any]) -> tuple[
-    NetworkSection | None, BootSection | None, dict[str, ImageSection] | None,
+def _validated_parts(
+    data: dict[str, Any],
+) -> tuple[
+    NetworkSection | None,
+    BootSection | None,
+    dict[str, ImageSection] | None,
     list[tuple[int, MachineSection]],
 ]:
     """Each section validated on its own, skipping those that do not, so that cross-key checks
@@ -646,23 +684,31 @@ def load_config(path: str | os.PathLike[str] | None = None) -> LabConfig:
     return config
 
 
-def check_config(path: str | os.PathLike[str] | None = None) -> tuple[LabConfig | None, list[Problem]]:
+def check_config(
+    path: str | os.PathLike[str] | None = None,
+) -> tuple[LabConfig | None, list[Problem]]:
     """Validate lab.toml: the config (None if unusable) and every problem with its line."""
     file = config_path(path)
     try:
         text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
-        return None, [Problem((), f"no such file: {file}", "pass --config PATH or set PIXIEBOX_CONFIG")]
+        return None, [
+            Problem((), f"no such file: {file}", "pass --config PATH or set PIXIEBOX_CONFIG")
+        ]
     except (OSError, UnicodeDecodeError) as exc:
         return None, [Problem((), f"cannot read {file}: {exc}")]
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         match = re.search(r"at line (\d+)", str(exc))
-        return None, [Problem(
-            (), f"not valid TOML: {exc}", 'check quotes and brackets, e.g. name = "c1"',
-            line=int(match.group(1)) if match else None,
-        )]
+        return None, [
+            Problem(
+                (),
+                f"not valid TOML: {exc}",
+                'check quotes and brackets, e.g. name = "c1"',
+                line=int(match.group(1)) if match else None,
+            )
+        ]
     lines = key_lines(text)
     problems: list[Problem] = []
     config: LabConfig | None = None

@@ -34,7 +34,9 @@ class BootVerdict:
     @property
     def who(self) -> str:
         """How log lines name the machine: by its name when enrolled, else by its MAC."""
-        return f"{self.machine.name} ({self.mac})" if self.machine else f"unknown machine {self.mac}"
+        return (
+            f"{self.machine.name} ({self.mac})" if self.machine else f"unknown machine {self.mac}"
+        )
 
 
 class Inventory:
@@ -70,14 +72,19 @@ class Inventory:
             if first_time:
                 log.info(
                     "unknown machine %s (%s) asked to boot; not answering it because "
-                    "[boot] unknown = \"ignore\"; enroll it with: pixiebox enroll %s --name NAME",
-                    mac, arch.label, mac,
+                    '[boot] unknown = "ignore"; enroll it with: pixiebox enroll %s --name NAME',
+                    mac,
+                    arch.label,
+                    mac,
                 )
             return BootVerdict(mac, None, "ignore", None)
         if first_time:
             log.info(
                 "unknown machine %s (%s) asked to boot; recorded as discovered; booting the "
                 "default image %r; enroll it with: pixiebox enroll %s --name NAME",
-                mac, arch.label, self.config.boot.image, mac,
+                mac,
+                arch.label,
+                self.config.boot.image,
+                mac,
             )
         return BootVerdict(mac, None, "boot", self.config.boot.image)

@@ -12,7 +12,7 @@ from .reservation import ReservationHandler
 
 
 class FullHandler(ReservationHandler):
-    mode = "full"
+    mode: str = "full"
 
     def serves(self, mac: str, machine: MachineSection | None) -> bool:
         return True

@@ -35,12 +35,16 @@ def _checksum(header: bytes) -> int:
     total = sum(struct.unpack(f"!{len(header) // 2}H", header))
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
+    checksum: int = ~total & 0xFFFF
+    return checksum
 
 
 def _discover_frame(mac: bytes, xid: int) -> bytes:
     packet = Packet(
-        op=BOOTREQUEST, xid=xid, chaddr=mac, flags=0x8000,
+        op=BOOTREQUEST,
+        xid=xid,
+        chaddr=mac,
+        flags=0x8000,
         options={
             Opt.MESSAGE_TYPE: bytes((MessageType.DISCOVER,)),
             Opt.PARAMETER_REQUEST_LIST: bytes((1, 3, 6, 54)),

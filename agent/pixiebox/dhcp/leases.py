@@ -55,9 +55,13 @@ class AddressBook:
         if self.pool is None or ip not in self.pool or ip in self._reserved:
             return False
         lease = self._by_ip.get(ip)
-        if lease is not None and lease.mac != mac and lease.expires > now:
-            if lease.state in ("bound", "declined"):
-                return False
+        if (
+            lease is not None
+            and lease.mac != mac
+            and lease.expires > now
+            and lease.state in ("bound", "declined")
+        ):
+            return False
         offer = self._offers.get(ip)
         return offer is None or offer.mac == mac or offer.until <= now
 
@@ -72,13 +76,14 @@ class AddressBook:
             del self._fresh[ip]
             if self._available(ip, mac, now):
                 return ip
-        reusable = [
-            lease for lease in self._by_ip.values() if self._available(lease.ip, mac, now)
-        ]
+        reusable = [lease for lease in self._by_ip.values() if self._available(lease.ip, mac, now)]
         return min(reusable, key=lambda lease: lease.expires).ip if reusable else None
 
     def offer(
-        self, mac: str, machine: MachineSection | None, requested: IPv4Address | None,
+        self,
+        mac: str,
+        machine: MachineSection | None,
+        requested: IPv4Address | None,
         now: float | None = None,
     ) -> IPv4Address | None:
         """The address to offer `mac`: its reservation, else (with a pool) its previous

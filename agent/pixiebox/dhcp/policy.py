@@ -108,13 +108,20 @@ class BootPolicy:
                 log.warning(
                     "%s (%s) asked to boot, but %s is missing; not answering it so that it "
                     "moves on to its next boot device; to boot it, %s",
-                    who, info.label, loader, self.assets.missing_loader_hint(info),
+                    who,
+                    info.label,
+                    loader,
+                    self.assets.missing_loader_hint(info),
                 )
                 return None
             log.info(
                 "%s reports %s; %s is not in the assets, so it gets %s (most machines that "
                 "report this are x86-64 UEFI); add %s for genuine 32-bit UEFI",
-                who, info.label, loader, fallback, loader,
+                who,
+                info.label,
+                loader,
+                fallback,
+                loader,
             )
             loader = fallback
         if client.http_boot:

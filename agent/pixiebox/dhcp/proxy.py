@@ -21,8 +21,8 @@ PXE_PORT = 4011
 
 
 class ProxyHandler:
-    mode = "proxy"
-    ports = (67, PXE_PORT)
+    mode: str = "proxy"
+    ports: tuple[int, ...] = (67, PXE_PORT)
 
     def __init__(self, inventory: Inventory, policy: BootPolicy) -> None:
         self.inventory = inventory
@@ -66,6 +66,10 @@ class ProxyHandler:
         how = "script URL" if client.ipxe else "boot file"
         log.info(
             "%s (%s) asked to boot; sent proxy %s with %s %s; next it should fetch it",
-            verdict.who, client.arch.label, answer.name, how, boot_file.name,
+            verdict.who,
+            client.arch.label,
+            answer.name,
+            how,
+            boot_file.name,
         )
         return reply

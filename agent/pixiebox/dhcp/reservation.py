@@ -47,8 +47,8 @@ _LOGGED_ONCE_LIMIT = 4096
 
 
 class ReservationHandler:
-    mode = "reservation"
-    ports = (67,)
+    mode: str = "reservation"
+    ports: tuple[int, ...] = (67,)
 
     def __init__(
         self, inventory: Inventory, policy: BootPolicy, book: AddressBook, subnet: IPv4Network
@@ -75,14 +75,15 @@ class ReservationHandler:
             self._tell_once(
                 mac,
                 f"unknown machine {mac} asked for an address; reservation mode answers only "
-                f"machines in lab.toml; enroll it with: pixiebox enroll {mac} --name NAME --ip ADDRESS",
+                f"machines in lab.toml; enroll it with: "
+                f"pixiebox enroll {mac} --name NAME --ip ADDRESS",
             )
             return False
         if machine.ip is None:
             self._tell_once(
                 mac,
                 f"{machine.name} ({mac}) asked for an address but has no ip in lab.toml; "
-                f"reservation mode cannot answer it; add ip = \"...\" to its [[machines]] entry",
+                f'reservation mode cannot answer it; add ip = "..." to its [[machines]] entry',
             )
             return False
         return True
@@ -118,7 +119,8 @@ class ReservationHandler:
                 log.warning(
                     "%s declined %s: another host on the LAN is using that address; it is "
                     "taken out of use for 10 minutes; find that host",
-                    self._who(mac, machine), declined,
+                    self._who(mac, machine),
+                    declined,
                 )
             return None
         if kind is MessageType.INFORM:
@@ -135,7 +137,9 @@ class ReservationHandler:
         if ip is None:
             log.warning(
                 "%s asked for an address but the pool %s is exhausted; it gets no answer; "
-                "enlarge [network] pool", self._who(mac, machine), self.book.pool,
+                "enlarge [network] pool",
+                self._who(mac, machine),
+                self.book.pool,
             )
             return None
         reply = self._lease_reply(request, MessageType.OFFER, ip, machine)
@@ -153,7 +157,11 @@ class ReservationHandler:
         if not self.serves(mac, machine):
             # RFC 2131 4.3.2: no record of this client, so stay silent (unless the address is
             # plainly on the wrong network, which any authoritative server must NAK).
-            return self._nak(request, f"{ip} is not on this network") if ip not in self.subnet else None
+            return (
+                self._nak(request, f"{ip} is not on this network")
+                if ip not in self.subnet
+                else None
+            )
         if ip not in self.subnet or not self.book.may_hold(mac, machine, ip):
             return self._nak(request, f"{ip} is not yours; ask again (DHCPDISCOVER)")
         boot = self._boot(request)
@@ -180,7 +188,9 @@ class ReservationHandler:
         reply.options[Opt.MESSAGE] = why.encode()
         if request.giaddr != _ZERO:
             reply.flags |= 0x8000  # RFC 2131 4.3.2: relays must broadcast a NAK
-        log.info("%s: sent NAK: %s", self._who(request.mac, self.inventory.who_is(request.mac)), why)
+        log.info(
+            "%s: sent NAK: %s", self._who(request.mac, self.inventory.who_is(request.mac)), why
+        )
         return reply
 
     # -- building replies

@@ -7,6 +7,7 @@ hostile packet is counted and logged at debug level and never stops the server.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 from collections import Counter
@@ -24,13 +25,17 @@ _ZERO = IPv4Address(0)
 
 
 class Handler(Protocol):
-    mode: str
-    ports: tuple[int, ...]
+    @property
+    def mode(self) -> str: ...
+    @property
+    def ports(self) -> tuple[int, ...]: ...
 
     def handle(self, request: Packet, port: int) -> Packet | None: ...
 
 
-def reply_destination(request: Packet, reply: Packet, port: int, source: tuple[str, int]) -> tuple[str, int]:
+def reply_destination(
+    request: Packet, reply: Packet, port: int, source: tuple[str, int]
+) -> tuple[str, int]:
     """Where a reply goes (RFC 2131 4.1).
 
     Relayed requests go back to the relay's server port. Otherwise a client that has an address
@@ -95,12 +100,14 @@ class DhcpServer:
         for port in self.handler.ports:
             sock = open_socket(self.interface, port)
             transport, _ = await loop.create_datagram_endpoint(
-                lambda port=port: _Endpoint(self, port), sock=sock  # type: ignore[misc]
+                functools.partial(_Endpoint, self, port), sock=sock
             )
             self._transports.append(transport)
         log.info(
             "DHCP (%s mode) listening on %s, UDP %s",
-            self.handler.mode, self.interface, ", ".join(map(str, self.handler.ports)),
+            self.handler.mode,
+            self.interface,
+            ", ".join(map(str, self.handler.ports)),
         )
 
     def close(self) -> None:
@@ -108,7 +115,9 @@ class DhcpServer:
             transport.close()
         self._transports.clear()
 
-    def answer(self, data: bytes, port: int, source: tuple[str, int]) -> tuple[bytes, tuple[str, int]] | None:
+    def answer(
+        self, data: bytes, port: int, source: tuple[str, int]
+    ) -> tuple[bytes, tuple[str, int]] | None:
         """The encoded reply to one datagram and where to send it, or None."""
         try:
             request = decode(data)
