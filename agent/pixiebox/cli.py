@@ -61,6 +61,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                 ),
             )
         )
+        problems.sort(key=lambda p: p.line or 0)  # the warning joins the errors in file order
     for problem in problems:
         print(lab.format_problem(path, problem), file=sys.stderr)
     errors = [p for p in problems if p.severity == "error"]

@@ -14,7 +14,7 @@ import os
 import re
 import tomllib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -354,6 +354,8 @@ def key_lines(text: str) -> dict[Loc, int]:
             if header.group(1) == "[[":
                 index = array_counts.get(path, 0)
                 array_counts[path] = index + 1
+                # The array itself is at its first block: "[[machine]]" (unknown key) has a line.
+                lines.setdefault(path, number)
                 table = (*path, index)
             else:
                 table = path
@@ -668,6 +670,21 @@ def _env_overrides(data: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def _blame_environment(problems: Iterable[Problem]) -> list[Problem]:
+    """Say so when the bad value came from a PIXIEBOX_* variable: the file's line shows another."""
+    names: dict[Loc, str] = {}
+    for name in os.environ:
+        if name.startswith(ENV_PREFIX) and name != CONFIG_PATH_ENV and "__" in name:
+            section, _, key = name.removeprefix(ENV_PREFIX).lower().partition("__")
+            names[(section, key)] = name
+    return [
+        replace(p, message=f"{p.message} (set by ${names[p.loc[:2]]}, which overrides the file)")
+        if p.loc[:2] in names
+        else p
+        for p in problems
+    ]
+
+
 def _with_lines(problems: Iterable[Problem], lines: dict[Loc, int]) -> list[Problem]:
     located = [
         Problem(p.loc, p.message, p.hint, p.severity, line_for(lines, p.loc)) for p in problems
@@ -721,4 +738,4 @@ def check_config(
         problems += consistency_problems(config.network, config.boot, config.images, machines)
     else:
         problems += consistency_problems(*_validated_parts(_env_overrides(data)))
-    return config, _with_lines(problems, lines)
+    return config, _with_lines(_blame_environment(problems), lines)
