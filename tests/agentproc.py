@@ -100,9 +100,9 @@ class RunningAgent:
 
 
 def start_agent(
-    host: netlab.Host, config_text: str, workdir: Path, **kwargs: object
+    host: netlab.Host, config_text: str, workdir: Path, ready: str | None = READY
 ) -> RunningAgent:
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / f"lab-{host.role}.toml"
     config.write_text(config_text)
-    return RunningAgent(host, config).start(**kwargs)  # type: ignore[arg-type]
+    return RunningAgent(host, config).start(ready)
