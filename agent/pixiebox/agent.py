@@ -130,6 +130,12 @@ class Agent:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, self._stop.set)
             loop.add_signal_handler(signal.SIGHUP, lambda: self.reload(inventory, handler))
+            if config.boot.unknown == "enroll":
+                log.warning(
+                    '[boot] unknown = "enroll": this version cannot write lab.toml yet, so '
+                    "unknown machines are recorded as discovered and boot the default image, "
+                    'as with "discover"'
+                )
             log.info(
                 "Pixiebox serving lab %r on %s (%s, %s) in %s mode with %d machines",
                 config.lab.name,
