@@ -20,6 +20,7 @@ from pixiebox.dhcp.server import DhcpServer, reply_destination
 from pixiebox.firmware import Assets
 from pixiebox.inventory import Inventory
 from pixiebox.state import StateStore
+from pixiebox.urls import BootUrls
 
 SERVER = IPv4Address("10.0.0.2")
 SUBNET = IPv4Network("10.0.0.0/24")
@@ -50,7 +51,7 @@ def assets(tmp_path: Path) -> Assets:
 def make(kind: type, tmp_path: Path, assets: Assets, **boot: object) -> object:
     store = StateStore(tmp_path / "state")
     inventory = Inventory(config(**boot), store)
-    policy = BootPolicy(assets, SERVER)
+    policy = BootPolicy(assets, BootUrls(SERVER))
     if kind is ProxyHandler:
         return ProxyHandler(inventory, policy)
     pool = inventory.config.network.pool if kind is FullHandler else None

@@ -21,6 +21,7 @@ from .firmware import Assets
 from .inventory import Inventory
 from .netif import interface_info, interface_names
 from .state import StateStore
+from .urls import BootUrls
 
 log = logging.getLogger("pixiebox")
 
@@ -72,7 +73,7 @@ def build_handler(
     config: LabConfig, segment: Segment, inventory: Inventory, store: StateStore
 ) -> Handler:
     _, http_port = split_listen(config.http.listen)
-    policy = BootPolicy(Assets(config.boot.assets), segment.server_ip, http_port)
+    policy = BootPolicy(Assets(config.boot.assets), BootUrls(segment.server_ip, http_port))
     mode = config.network.dhcp_mode
     if mode == "proxy":
         return ProxyHandler(inventory, policy)

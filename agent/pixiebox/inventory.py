@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from ipaddress import IPv4Address
 from typing import Literal
 
 from .config import LabConfig, MachineSection
@@ -43,6 +44,9 @@ class Inventory:
     def __init__(self, config: LabConfig, store: StateStore) -> None:
         self._store = store
         self._by_mac: dict[str, MachineSection] = {}
+        # Learned at run time: in proxy mode the router hands out addresses, so the first
+        # request that names a MAC (the iPXE script URL) is where we learn a machine's IP.
+        self._mac_by_ip: dict[IPv4Address, str] = {}
         self.config = config
         self.reload(config)
 
@@ -53,6 +57,25 @@ class Inventory:
 
     def who_is(self, mac: str) -> MachineSection | None:
         return self._by_mac.get(mac)
+
+    def note_address(self, mac: str, ip: IPv4Address) -> None:
+        """Remember that `mac` currently uses `ip` (seen in a lease or a request)."""
+        self._mac_by_ip[ip] = mac
+
+    def mac_at(self, ip: IPv4Address) -> str | None:
+        """The MAC last seen at `ip`: reserved addresses first, then what was learned."""
+        for machine in self.config.machines:
+            if machine.ip == ip:
+                return machine.mac
+        return self._mac_by_ip.get(ip)
+
+    def describe_address(self, ip: IPv4Address) -> str:
+        """How log lines name whoever is at `ip`: "c1 (mac, 10.0.0.5)" or just the address."""
+        mac = self.mac_at(ip)
+        if mac is None:
+            return str(ip)
+        machine = self._by_mac.get(mac)
+        return f"{machine.name} ({mac}, {ip})" if machine else f"unknown machine {mac} ({ip})"
 
     def machines(self) -> list[MachineSection]:
         return list(self.config.machines)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 
 from ..firmware import ArchInfo, Assets, Firmware, arch_info
+from ..urls import BootUrls
 from .codec import DecodeError, Opt, Packet, encode_suboptions
 
 log = logging.getLogger("pixiebox.dhcp")
@@ -81,23 +82,18 @@ class BootFile:
 @dataclass(frozen=True, slots=True)
 class BootPolicy:
     assets: Assets
-    server_ip: IPv4Address
-    http_port: int = 80
+    urls: BootUrls
 
     @property
-    def http_base(self) -> str:
-        port = "" if self.http_port == 80 else f":{self.http_port}"
-        return f"http://{self.server_ip}{port}"
-
-    def script_url(self, mac: str) -> str:
-        return f"{self.http_base}/boot/{mac}.ipxe"
+    def server_ip(self) -> IPv4Address:
+        return self.urls.server_ip
 
     def boot_file(self, client: BootClient, who: str) -> BootFile | None:
         """The file for this client, or None (with a log line naming the file to add) when the
         loader it needs is not on this appliance."""
         if client.ipxe:
             # iPXE is already running: sending it iPXE again would loop, so it gets its script.
-            return BootFile(self.script_url(client.mac), PXE_CLIENT)
+            return BootFile(self.urls.script(client.mac), PXE_CLIENT)
         info = client.arch
         if info.firmware is Firmware.UBOOT:
             return BootFile(info.loader, PXE_CLIENT)
@@ -125,7 +121,7 @@ class BootPolicy:
             )
             loader = fallback
         if client.http_boot:
-            return BootFile(f"{self.http_base}/ipxe/{loader}", HTTP_CLIENT)
+            return BootFile(self.urls.ipxe_binary(loader), HTTP_CLIENT)
         return BootFile(loader, PXE_CLIENT)
 
 

@@ -167,6 +167,7 @@ class ReservationHandler:
         boot = self._boot(request)
         lease_time = self.inventory.config.network.lease_time
         self.book.bind(mac, ip, lease_time)
+        self.inventory.note_address(mac, ip)
         reply = self._lease_reply(request, MessageType.ACK, ip, machine)
         self._add_boot(reply, boot)
         state = "renewed" if request.ciaddr != _ZERO else "bound"
