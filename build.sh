@@ -17,7 +17,7 @@ VENV="$ROOT/.venv"
 # the home router, dig, tftp-hpa, curl), tcpdump for debugging, and Debian's iPXE builds.
 APT_PACKAGES=(
     python3 python3-venv python3-dev gcc
-    iproute2 isc-dhcp-client busybox dnsmasq-base dnsutils curl tcpdump procps
+    iproute2 isc-dhcp-client busybox dnsmasq-base dnsutils curl tftp-hpa tcpdump procps
     ipxe
 )
 

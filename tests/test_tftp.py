@@ -1,0 +1,544 @@
+"""The TFTP server against real peers: tftp-hpa's ``tftp``, curl's ``tftp://`` and a raw client.
+
+The server runs in its own namespace (tests/tftp_serve.py), the clients in another, on one
+bridge. The raw client at the bottom of this file (``python tests/test_tftp.py raw ...``) does
+what the packaged clients cannot: ask for options tftp-hpa never sends, stop mid-transfer, abort
+an OACK the way EDK2 does, send malformed requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import netlab
+import pytest
+
+TESTS_DIR = Path(__file__).resolve().parent
+TFTP_SERVE = TESTS_DIR / "tftp_serve.py"
+THIS = Path(__file__).resolve()
+
+SERVER_IP = "10.69.0.2"
+CLIENT_IP = "10.69.0.10"
+MIB = 1024 * 1024
+GENERATED = "pxelinux.cfg/default"
+SECRET = b"not for TFTP clients\n"
+#: A log line at warning level or above (tftp_serve.py's format: time level logger: message).
+LOUD = re.compile(r"^\S+ \S+ (?:WARNING|ERROR|CRITICAL) ", re.MULTILINE)
+
+
+# --------------------------------------------------------------------------- the lab
+
+
+@dataclass
+class TftpLab:
+    server_host: netlab.Host
+    client: netlab.Host
+    proc: subprocess.Popen[bytes]
+    log: Path
+    events_path: Path
+    root: Path
+    fallback: Path
+    outside: Path
+    out: Path
+
+    def events(self) -> list[dict[str, Any]]:
+        if not self.events_path.exists():
+            return []
+        lines = self.events_path.read_text().split("\n")[:-1]  # the last may be incomplete
+        return [json.loads(line) for line in lines if line.strip()]
+
+    def wait_event(
+        self, kind: str, path: str, *, after: int = 0, timeout: float = 10.0
+    ) -> dict[str, Any]:
+        def find() -> dict[str, Any] | None:
+            for event in self.events()[after:]:
+                if event["kind"] == kind and event["path"] == path:
+                    return event
+            assert self.proc.poll() is None, f"TFTP server exited:\n{self.log_text()[-3000:]}"
+            return None
+
+        return netlab.wait_until(find, timeout, 0.05, f"{kind} event for {path}")
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def tftp_hpa(self, command: str, *args: str) -> str:
+        """tftp-hpa 5.2 sends no options (plain RFC 1350, 512-byte blocks), exits 0 even on an
+        error and prints errors ("Error code 2: ...") on stdout: its output is returned."""
+        argv = ["tftp", "-m", "binary", SERVER_IP, "-c", command, *args]
+        result = self.client.run(argv, timeout=60.0, check=False)
+        return result.stdout + result.stderr
+
+    def curl(self, name: str, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+        """curl asks blksize (default 512) and tsize; exit 68 = not found, 69 = access violation."""
+        argv = ["curl", "-sS", "--max-time", "30", *extra, f"tftp://{SERVER_IP}/{name}", "-o", out]
+        return self.client.run([str(a) for a in argv], timeout=60.0, check=False)
+
+    def raw(self, name: str, *args: str, timeout: float = 60.0) -> dict[str, Any]:
+        argv = [sys.executable, str(THIS), "raw", SERVER_IP, name, *args]
+        result = self.client.run(argv, timeout=timeout)
+        return dict(json.loads(result.stdout))
+
+    def output(self, stem: str) -> Path:
+        path = self.out / stem
+        path.unlink(missing_ok=True)
+        return path
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def prerequisites() -> None:
+    problem = netlab.prerequisite_problem(("tftp", "curl"))
+    if problem:
+        if os.environ.get("CI", "").lower() in {"true", "1", "yes"}:
+            pytest.fail(f"CI=true but a TFTP test prerequisite is missing: {problem}")
+        pytest.skip(problem)
+
+
+def start_server(
+    host: netlab.Host, root: Path, events: Path, *extra: str
+) -> tuple[subprocess.Popen[bytes], Path]:
+    log = host.log_path("tftp")
+    argv = [sys.executable, str(TFTP_SERVE), "--root", str(root), "--interface", host.iface,
+            "--events", str(events), *extra]  # fmt: skip
+    proc = host.popen(argv, log)
+
+    def ready() -> bool:
+        text = log.read_text(errors="replace") if log.exists() else ""
+        if proc.poll() is not None:
+            raise AssertionError(f"tftp_serve.py exited ({proc.returncode}):\n{text[-3000:]}")
+        return "TFTP serving" in text
+
+    netlab.wait_until(ready, 15.0, 0.05, "tftp_serve.py ready")
+    return proc, log
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TftpLab]:
+    prerequisites()
+    work = tmp_path_factory.mktemp("tftp")
+    root, fallback, outside, out = (work / d for d in ("root", "fallback", "outside", "out"))
+    for directory in (root / "sub" / "dir", fallback, outside, out):
+        directory.mkdir(parents=True)
+    (root / "big.bin").write_bytes(os.urandom(MIB))
+    (root / "ipxe.efi").write_bytes(b"root ipxe.efi\n" * 500)
+    (root / "sub" / "dir" / "file.txt").write_bytes(b"deep file\n")
+    for name in ("stall-close.bin", "stall-silent.bin", "stall-stop.bin"):
+        (root / name).write_bytes(os.urandom(64 * 1024))
+    (outside / "secret.txt").write_bytes(SECRET)
+    (root / "escape").symlink_to(outside / "secret.txt")  # a link leaving the root
+    (root / "escape-dir").symlink_to(outside)
+    (root / "alias.bin").symlink_to("big.bin")  # a link inside the root is fine
+    (fallback / "undionly.kpxe").write_bytes(os.urandom(74213))
+    (fallback / "ipxe.efi").write_bytes(b"fallback ipxe.efi\n")
+    # Like Debian's /usr/lib/ipxe/ipxe.efi -> /boot/ipxe.efi: a package's own link.
+    (outside / "packaged.efi").write_bytes(b"packaged build\n")
+    (fallback / "linked.efi").symlink_to(outside / "packaged.efi")
+    with netlab.Segment(work / "segment") as segment:
+        server_host = segment.add_host("tftpd", ip=f"{SERVER_IP}/24")
+        client = segment.add_host("client", ip=f"{CLIENT_IP}/24")
+        events = work / "events.jsonl"
+        proc, log = start_server(
+            server_host, root, events, "--fallback", f"ipxe/={fallback}",
+            "--generate", f"{GENERATED}=label generated",
+        )  # fmt: skip
+        yield TftpLab(server_host, client, proc, log, events, root, fallback, outside, out)
+        assert proc.poll() is None, f"the TFTP server died:\n{log.read_text()[-3000:]}"
+
+
+@pytest.fixture(autouse=True)
+def _bounded() -> Iterator[None]:
+    started = time.monotonic()
+    yield
+    assert time.monotonic() - started < 90, "a TFTP test took over 90 s"
+
+
+# --------------------------------------------------------------------------- whole files
+
+
+@pytest.mark.parametrize("blksize", [512, 1468])
+def test_curl_gets_whole_file_with_blksize(lab: TftpLab, blksize: int) -> None:
+    out = lab.output(f"curl-{blksize}.bin")
+    before = len(lab.events())
+    result = lab.curl("big.bin", out, "--tftp-blksize", str(blksize))
+    assert result.returncode == 0, result.stderr
+    assert sha256(out) == sha256(lab.root / "big.bin")
+    event = lab.wait_event("sent", "big.bin", after=before)
+    assert event["client_ip"] == CLIENT_IP
+    assert event["size"] == MIB
+    assert f"{CLIENT_IP} fetched big.bin (1.0 MB) over TFTP" in lab.log_text()
+    assert f"acknowledged {{'blksize': '{blksize}', 'tsize': '{MIB}'" in lab.log_text()
+
+
+def test_tftp_hpa_gets_whole_file_without_options(lab: TftpLab) -> None:
+    out = lab.output("hpa.bin")
+    said = lab.tftp_hpa("get", "big.bin", str(out))
+    assert "Error" not in said, said
+    assert sha256(out) == sha256(lab.root / "big.bin")
+
+
+def test_oack_reports_tsize_and_caps_blksize_at_the_path_mtu(lab: TftpLab) -> None:
+    out = lab.output("raw-8192.bin")
+    got = lab.raw("big.bin", "--opt", "tsize=0", "--opt", "BLKSIZE=8192", "--out", str(out))
+    # Option names are case-insensitive (RFC 2347); 8192 would fragment on a 1500-byte MTU.
+    assert got["oack"] == {"tsize": str(MIB), "blksize": "1468"}
+    assert got["error"] is None
+    assert sha256(out) == sha256(lab.root / "big.bin")
+
+
+def test_timeout_option_is_acknowledged(lab: TftpLab) -> None:
+    got = lab.raw("ipxe.efi", "--opt", "timeout=3", "--opt", "windowsize=8")
+    assert got["oack"] == {"timeout": "3"}  # windowsize (RFC 7440) is not offered
+    assert got["size"] == (lab.root / "ipxe.efi").stat().st_size
+
+
+def test_unusable_options_fall_back_to_plain_rfc1350(lab: TftpLab) -> None:
+    out = lab.output("raw-plain.bin")
+    got = lab.raw("big.bin", "--opt", "blksize=abc", "--out", str(out))
+    assert got["oack"] is None  # nothing acceptable: DATA 1 straight away
+    assert sha256(out) == sha256(lab.root / "big.bin")
+
+
+def test_edk2_size_query_then_download_is_not_a_failure(lab: TftpLab) -> None:
+    """FIRMWARE-QUIRKS #17: RRQ tsize=0, ERROR 8 on the OACK, then the real request."""
+    before = len(lab.events())
+    loud = len(LOUD.findall(lab.log_text()))
+    probe = lab.raw("big.bin", "--opt", "tsize=0", "--opt", "blksize=1468", "--probe")
+    assert probe["oack"] == {"tsize": str(MIB), "blksize": "1468"}
+    event = lab.wait_event("aborted", "big.bin", after=before)
+    assert "ERROR 8" in event["reason"]
+    out = lab.output("after-probe.bin")
+    lab.raw("big.bin", "--opt", "blksize=1468", "--out", str(out))
+    assert sha256(out) == sha256(lab.root / "big.bin")
+    lab.wait_event("sent", "big.bin", after=before)
+    lines = [line for line in lab.log_text().splitlines() if "asked for the size of" in line]
+    assert lines and all(" DEBUG pixiebox.tftp: " in line for line in lines), lines
+    assert len(LOUD.findall(lab.log_text())) == loud  # no warning or error about it
+
+
+# --------------------------------------------------------------------------- names
+
+
+@pytest.mark.parametrize(
+    ("name", "code"),
+    [
+        ("../outside/secret.txt", 2),
+        ("..\\outside\\secret.txt", 2),
+        ("sub/../../outside/secret.txt", 2),
+        ("escape", 2),
+        ("escape-dir/secret.txt", 2),
+        ("ipxe/../outside/secret.txt", 2),  # a name leaving a fallback dir
+        (f"/{'../' * 12}etc/passwd", 2),
+        ("/etc/passwd", 1),  # the root's /etc/passwd: there is none
+    ],
+)
+def test_names_leaving_the_root_are_refused(lab: TftpLab, name: str, code: int) -> None:
+    before = len(lab.events())
+    out = lab.output("traversal.out")
+    said = lab.tftp_hpa("get", name, str(out))
+    assert f"Error code {code}:" in said, said
+    assert not out.exists() or out.read_bytes() == b""
+    kind = "refused" if code == 2 else "not_found"
+    event = netlab.wait_until(
+        lambda: [e for e in lab.events()[before:] if e["kind"] == kind], 10.0, 0.05, kind
+    )[0]
+    assert event["client_ip"] == CLIENT_IP
+    if code == 2:
+        assert f"{CLIENT_IP} asked for" in lab.log_text()
+        assert "refused" in lab.log_text()
+
+
+def test_curl_traversal_is_an_access_violation(lab: TftpLab) -> None:
+    out = lab.output("curl-traversal.out")
+    result = lab.curl("../outside/secret.txt", out, "--path-as-is")
+    assert result.returncode == 69, (result.returncode, result.stderr)  # access violation
+    assert not out.exists() or SECRET not in out.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("/ipxe.efi", "ipxe.efi"),  # firmware's leading slash means the root
+        ("sub\\dir\\file.txt", "sub/dir/file.txt"),  # FIRMWARE-QUIRKS #18
+        ("alias.bin", "big.bin"),  # a symlink that stays inside the root
+    ],
+)
+def test_firmware_spellings_of_names_are_served(lab: TftpLab, name: str, expected: str) -> None:
+    out = lab.output("spelling.out")
+    said = lab.tftp_hpa("get", name, str(out))
+    assert "Error" not in said, said
+    assert out.read_bytes() == (lab.root / expected).read_bytes()
+
+
+def test_upload_is_refused(lab: TftpLab) -> None:
+    before = len(lab.events())
+    local = lab.output("upload.bin")
+    local.write_bytes(b"should not land\n")
+    said = lab.tftp_hpa("put", str(local), "uploaded.bin")
+    assert "Error code 2:" in said, said
+    assert not (lab.root / "uploaded.bin").exists()
+    event = lab.wait_event("refused", "uploaded.bin", after=before)
+    assert "read-only" in event["reason"]
+    assert f"{CLIENT_IP} tried to upload uploaded.bin over TFTP: refused" in lab.log_text()
+
+
+def test_fallback_dir_serves_what_the_root_lacks(lab: TftpLab) -> None:
+    wanted = (lab.fallback / "undionly.kpxe").read_bytes()
+    for name in ("undionly.kpxe", "ipxe/undionly.kpxe"):
+        out = lab.output("fallback.out")
+        assert lab.curl(name, out).returncode == 0
+        assert out.read_bytes() == wanted
+    assert "fetched undionly.kpxe (72 KB) over TFTP" in lab.log_text()
+    assert "next it should ask DHCP again as iPXE" in lab.log_text()
+    out = lab.output("linked.out")
+    assert lab.curl("linked.efi", out).returncode == 0  # links in a package dir are followed
+    assert out.read_bytes() == b"packaged build\n"
+    out = lab.output("root-first.out")
+    assert lab.curl("ipxe.efi", out).returncode == 0
+    assert out.read_bytes() == (lab.root / "ipxe.efi").read_bytes()  # the root comes first
+
+
+def test_not_found_names_where_it_looked(lab: TftpLab) -> None:
+    before = len(lab.events())
+    out = lab.output("missing.out")
+    result = lab.curl("missing.efi", out)
+    assert result.returncode == 68, result.stderr  # TFTP file not found
+    event = lab.wait_event("not_found", "missing.efi", after=before)
+    assert str(lab.root / "missing.efi") in event["reason"]
+    assert str(lab.fallback / "missing.efi") in event["reason"]
+    line = next(line for line in lab.log_text().splitlines() if "asked for missing.efi" in line)
+    assert " WARNING " in line and CLIENT_IP in line and str(lab.root / "missing.efi") in line
+
+
+@pytest.mark.parametrize("name", ["autoexec.ipxe", "0123abcd/bootsig.bin"])
+def test_expected_misses_are_answered_fast_and_quietly(lab: TftpLab, name: str) -> None:
+    """FIRMWARE-QUIRKS #25 (iPXE's autoexec.ipxe) and #27 (the Raspberry Pi's bootsig.bin)."""
+    before = len(lab.events())
+    started = time.monotonic()
+    result = lab.curl(name, lab.output("expected-miss.out"))
+    assert result.returncode == 68, result.stderr
+    assert time.monotonic() - started < 5
+    lab.wait_event("not_found", name, after=before)
+    lines = [line for line in lab.log_text().splitlines() if f"asked for {name}" in line]
+    assert lines and all(" DEBUG " in line for line in lines), lines
+
+
+# --------------------------------------------------------------------------- robustness
+
+
+def test_generated_file_twice_then_a_real_file(lab: TftpLab) -> None:
+    """tftpy 0.8.6/0.8.7's TftpServer died after serving a BytesIO (flock on end()); ours not."""
+    before = len(lab.events())
+    for attempt in range(2):
+        out = lab.output(f"generated-{attempt}.out")
+        result = lab.curl(GENERATED, out)
+        assert result.returncode == 0, result.stderr
+        assert out.read_text() == f"label generated for {CLIENT_IP}\n"
+    out = lab.output("after-generated.bin")
+    assert lab.curl("big.bin", out, "--tftp-blksize", "1468").returncode == 0
+    assert sha256(out) == sha256(lab.root / "big.bin")
+    sent = [e for e in lab.events()[before:] if e["kind"] == "sent" and e["path"] == GENERATED]
+    assert len(sent) == 2
+    assert "Traceback" not in lab.log_text()
+    assert "next it should fetch the kernel and initrd" in lab.log_text()
+
+
+def test_vanished_clients_do_not_stop_the_server(lab: TftpLab) -> None:
+    before = len(lab.events())
+    silent_log = lab.client.log_path("silent-client")
+    # Stops ACKing after two blocks but keeps its port open: only resends and a timeout tell.
+    silent = lab.client.popen(
+        [sys.executable, str(THIS), "raw", SERVER_IP, "stall-silent.bin", "--opt", "timeout=1",
+         "--ack-blocks", "2", "--hold", "15"],
+        silent_log,
+    )  # fmt: skip
+    # Takes two blocks and exits: the next resend meets a closed port.
+    gone = lab.raw("stall-close.bin", "--opt", "timeout=1", "--ack-blocks", "2")
+    assert gone["blocks"] == 3  # the third arrived and was never acknowledged
+    # Meanwhile everybody else is served.
+    out = lab.output("while-stalled.bin")
+    assert lab.curl("big.bin", out, "--tftp-blksize", "1468").returncode == 0
+    assert sha256(out) == sha256(lab.root / "big.bin")
+    out = lab.output("while-stalled-hpa.bin")
+    lab.tftp_hpa("get", "big.bin", str(out))
+    assert sha256(out) == sha256(lab.root / "big.bin")
+    assert silent.poll() is None, "the silent client should still hold its port"
+
+    closed = lab.wait_event("aborted", "stall-close.bin", after=before, timeout=15.0)
+    assert "port is closed" in closed["reason"], closed
+    quiet = lab.wait_event("aborted", "stall-silent.bin", after=before, timeout=20.0)
+    assert "no ACK" in quiet["reason"], quiet
+    assert f"{CLIENT_IP} stopped fetching stall-silent.bin over TFTP" in lab.log_text()
+    lab.client.segment.stop(silent)
+    out = lab.output("after-stalled.bin")
+    assert lab.curl("big.bin", out).returncode == 0
+    assert sha256(out) == sha256(lab.root / "big.bin")
+
+
+def test_malformed_requests_do_not_stop_the_server(lab: TftpLab) -> None:
+    """Each of these stopped tftpy 0.8.7's own listen() loop, or would have confused it."""
+    junk = [
+        b"\x00\x01\xff\xfe\x00octet\x00",  # a non-ASCII name (UnicodeDecodeError in tftpy)
+        b"\x00\x01",  # truncated
+        b"\x00\x01big.bin",  # not NUL-terminated
+        b"\x00\x04\x00\x01",  # an ACK on the request port
+        b"\x00\x09whatever\x00",  # no such opcode
+        b"\x00\x01big.bin\x00octet\x00blksize\x00",  # an option without a value
+    ]
+    lab.client.run([sys.executable, str(THIS), "junk", SERVER_IP, *(j.hex() for j in junk)])
+    lab.wait_event("not_found", "\\xff\\xfe")
+    out = lab.output("after-junk.bin")
+    assert lab.curl("big.bin", out, "--tftp-blksize", "1468").returncode == 0
+    assert sha256(out) == sha256(lab.root / "big.bin")
+    assert "Traceback" not in lab.log_text()
+
+
+def test_stop_ends_transfers_and_leaves_no_thread_or_socket(segment: netlab.Segment) -> None:
+    prerequisites()
+    work = segment.workdir
+    root = work / "root"
+    root.mkdir()
+    (root / "stall-stop.bin").write_bytes(os.urandom(64 * 1024))
+    server = segment.add_host("tftpd", ip=f"{SERVER_IP}/24")
+    client = segment.add_host("client", ip=f"{CLIENT_IP}/24")
+    events = work / "events.jsonl"
+    proc, log = start_server(server, root, events)
+    # A second server on the same port must fail loudly, not share the port.
+    second_log = server.log_path("tftp-second")
+    second = server.popen(
+        [sys.executable, str(TFTP_SERVE), "--root", str(root), "--events", str(work / "x")],
+        second_log,
+    )
+    assert second.wait(15) != 0
+    assert "TFTP cannot listen on 0.0.0.0:69" in second_log.read_text()
+    assert "another TFTP server" in second_log.read_text()
+
+    holder = client.popen(
+        [sys.executable, str(THIS), "raw", SERVER_IP, "stall-stop.bin", "--ack-blocks", "2",
+         "--hold", "20"],
+        client.log_path("holder"),
+    )  # fmt: skip
+    netlab.wait_until(
+        lambda: "asked for stall-stop.bin" in log.read_text(), 10.0, 0.05, "transfer started"
+    )
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(15) == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "TFTP stopped: threads left 0 [], sockets left 0" in text, text[-3000:]
+    assert "stopped fetching stall-stop.bin over TFTP" in text
+    stopped = [json.loads(line) for line in events.read_text().splitlines()]
+    assert [e["reason"] for e in stopped if e["kind"] == "aborted"] == [
+        "the TFTP server is stopping"
+    ]
+    segment.stop(holder)
+
+
+# --------------------------------------------------------------------------- raw client
+
+
+def _packet(opcode: int, *fields: bytes) -> bytes:
+    return struct.pack("!H", opcode) + b"".join(f + b"\0" for f in fields)
+
+
+def _raw(args: argparse.Namespace) -> dict[str, Any]:
+    """One download, packet by packet; see the options in main()."""
+    server = (args.server, args.port)
+    options: list[bytes] = []
+    for item in args.opt:
+        key, value = item.split("=", 1)
+        options += [key.encode(), value.encode()]
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("0.0.0.0", 0))
+    sock.settimeout(5.0)
+    result: dict[str, Any] = {"port": sock.getsockname()[1], "oack": None, "error": None}
+    sock.sendto(_packet(1, os.fsencode(args.name), b"octet", *options), server)
+    data = bytearray()
+    blocks, expected, blksize = 0, 1, 512
+    peer: tuple[str, int] | None = None
+    deadline = time.monotonic() + 45.0
+    while time.monotonic() < deadline:
+        packet, source = sock.recvfrom(70000)
+        if peer is None:
+            peer = source  # the server's TID (RFC 1350)
+        elif source != peer:
+            continue
+        opcode = int.from_bytes(packet[:2], "big")
+        if opcode == 6:  # OACK
+            fields = packet[2:].split(b"\0")[:-1]
+            oack = {k.decode(): v.decode() for k, v in zip(fields[0::2], fields[1::2], strict=True)}
+            result["oack"] = oack
+            if args.probe:  # EDK2: learn the size, then abort (FIRMWARE-QUIRKS #17)
+                sock.sendto(struct.pack("!HH", 5, 8) + b"tsize query\0", peer)
+                break
+            blksize = int(oack.get("blksize", 512))
+            sock.sendto(struct.pack("!HH", 4, 0), peer)
+        elif opcode == 5:  # ERROR
+            code = int.from_bytes(packet[2:4], "big")
+            result["error"] = [code, packet[4:].rstrip(b"\0").decode(errors="replace")]
+            break
+        elif opcode == 3:  # DATA
+            block = int.from_bytes(packet[2:4], "big")
+            if block != expected & 0xFFFF:
+                continue
+            blocks += 1
+            expected += 1
+            data += packet[4:]
+            if args.ack_blocks is not None and blocks > args.ack_blocks:
+                break  # vanish: this block is never acknowledged
+            sock.sendto(struct.pack("!HH", 4, block), peer)
+            if len(packet) - 4 < blksize:
+                break
+    result.update(blocks=blocks, size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    if args.out:
+        Path(args.out).write_bytes(data)
+    print(json.dumps(result), flush=True)
+    if args.hold:
+        time.sleep(args.hold)  # keep the port open and say nothing
+    sock.close()
+    return result
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description="a raw TFTP client for these tests")
+    commands = parser.add_subparsers(dest="command", required=True)
+    raw = commands.add_parser("raw", help="download NAME packet by packet, print JSON")
+    raw.add_argument("server")
+    raw.add_argument("name")
+    raw.add_argument("--port", type=int, default=69)
+    raw.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE")
+    raw.add_argument("--out")
+    raw.add_argument("--probe", action="store_true", help="abort the OACK with ERROR 8")
+    raw.add_argument("--ack-blocks", type=int, help="acknowledge this many blocks, then stop")
+    raw.add_argument("--hold", type=float, default=0.0, help="then keep the port open for S s")
+    junk = commands.add_parser("junk", help="send datagrams (hex) to the request port")
+    junk.add_argument("server")
+    junk.add_argument("packets", nargs="+")
+    args = parser.parse_args(argv)
+    if args.command == "raw":
+        _raw(args)
+    else:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            for packet in args.packets:
+                sock.sendto(bytes.fromhex(packet), (args.server, 69))
+                time.sleep(0.05)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
