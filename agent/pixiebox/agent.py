@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from dataclasses import dataclass
@@ -17,10 +18,11 @@ from .dhcp.policy import BootPolicy
 from .dhcp.proxy import ProxyHandler
 from .dhcp.reservation import ReservationHandler
 from .dhcp.server import DhcpServer, Handler
-from .firmware import Assets
+from .firmware import Assets, Firmware, known_arches
 from .inventory import Inventory
 from .netif import interface_info, interface_names
 from .state import StateStore
+from .tftp import TftpServer
 from .urls import BootUrls
 
 log = logging.getLogger("pixiebox")
@@ -112,6 +114,42 @@ async def guard_segment(config: LabConfig, segment: Segment) -> None:
         )
 
 
+def prepare_assets(root: Path) -> Assets:
+    """The assets directory, created empty on first start (a fresh appliance has none yet)."""
+    if not root.is_dir():
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StartupError(
+                f"[boot] assets = {str(root)!r} does not exist and cannot be created: "
+                f"{exc.strerror}; create it or point assets at a directory"
+            ) from None
+        log.info("created the empty assets directory %s (kernels, initrds, iPXE builds)", root)
+    return Assets(root)
+
+
+def check_loaders(assets: Assets) -> None:
+    """Every iPXE build Debian's ipxe package provides must be there, or x86 machines cannot
+    boot at all; builds for other CPUs are the user's to add, so their absence is only noted."""
+    missing = sorted({info.loader for info in known_arches() if info.in_debian_package
+                      and assets.ipxe_binary(info.loader) is None})  # fmt: skip
+    if missing:
+        raise StartupError(
+            f"iPXE build(s) {', '.join(missing)} not found in {assets.root / 'ipxe'} nor "
+            f"{assets.system_ipxe}: install Debian's ipxe package (apt-get install ipxe) or copy "
+            f"them to {assets.root / 'ipxe'}"
+        )
+    extra = sorted({f"{info.loader} ({info.cpu} {info.firmware})" for info in known_arches()
+                    if not info.in_debian_package and info.firmware is not Firmware.UBOOT
+                    and assets.ipxe_binary(info.loader) is None})  # fmt: skip
+    if extra:
+        log.info(
+            "not in %s, so those machines will not be answered: %s",
+            assets.root / "ipxe",
+            ", ".join(extra),
+        )
+
+
 class Agent:
     def __init__(self, config_path: Path) -> None:
         self.config_path = config_path
@@ -125,8 +163,20 @@ class Agent:
             inventory = Inventory(config, store)
             handler = build_handler(config, segment, inventory, store)
             await guard_segment(config, segment)
+            assets = prepare_assets(config.boot.assets)
+            check_loaders(assets)
+            services = contextlib.AsyncExitStack()
             dhcp = DhcpServer(handler, segment.interface)
             await dhcp.start()
+            services.callback(dhcp.close)
+            tftp = TftpServer(
+                assets.root,
+                interface=segment.interface,
+                fallback_dirs=[("ipxe/", assets.root / "ipxe"), ("ipxe/", assets.system_ipxe)],
+                describe=lambda ip: inventory.describe_address(IPv4Address(ip)),
+            )
+            await tftp.start()
+            services.callback(tftp.close)
             loop = asyncio.get_running_loop()
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, self._stop.set)
@@ -149,7 +199,7 @@ class Agent:
             try:
                 await self._stop.wait()
             finally:
-                dhcp.close()
+                await services.aclose()
                 log.info("Pixiebox stopped")
         finally:
             store.close()

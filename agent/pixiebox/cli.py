@@ -94,6 +94,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    except OSError as exc:
+        # A port taken by another server (dnsmasq, tftpd-hpa, nginx) is the usual cause.
+        print(f"cannot start: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         pass
     return 0

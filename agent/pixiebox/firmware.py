@@ -70,6 +70,10 @@ def arch_info(code: int | None) -> ArchInfo | None:
     return _ARCHES.get(code)
 
 
+def known_arches() -> list[ArchInfo]:
+    return list(_ARCHES.values())
+
+
 def describe_arch(code: int | None) -> str:
     info = arch_info(code)
     return info.label if info else f"unsupported architecture {code}"

@@ -14,6 +14,7 @@ from typing import Literal
 
 from .config import LabConfig, MachineSection
 from .firmware import ArchInfo
+from .netif import neighbour_mac
 from .state import StateStore
 
 log = logging.getLogger("pixiebox.inventory")
@@ -67,7 +68,12 @@ class Inventory:
         for machine in self.config.machines:
             if machine.ip == ip:
                 return machine.mac
-        return self._mac_by_ip.get(ip)
+        learned = self._mac_by_ip.get(ip)
+        if learned is None:
+            learned = neighbour_mac(str(ip))
+            if learned is not None:
+                self._mac_by_ip[ip] = learned
+        return learned
 
     def describe_address(self, ip: IPv4Address) -> str:
         """How log lines name whoever is at `ip`: "c1 (mac, 10.0.0.5)" or just the address."""

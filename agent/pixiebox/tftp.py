@@ -277,8 +277,11 @@ class TftpServer:
         fallback_dirs: Sequence[tuple[str, Path]] = (),
         on_event: Callable[[TftpEvent], None] | None = None,
         generate: Callable[[str, str], bytes | None] | None = None,
+        describe: Callable[[str], str] = str,
     ) -> None:
         self.root = Path(root)
+        # Names the client in log lines ("c1 (f4:4d:…, 10.0.0.5)" rather than a bare address).
+        self.describe = describe
         self.listen_ip = listen_ip
         self.port = port
         self.interface = interface
@@ -476,7 +479,8 @@ class TftpServer:
         """Open `path` under the root, else a fallback directory, else generate it."""
         looked: list[str] = []
         for base, relative in self._candidates(path):
-            source = self._open(base, relative, follow_links=base != self.root)
+            follow = not _inside(os.path.realpath(base), os.path.realpath(self.root))
+            source = self._open(base, relative, follow_links=follow)
             if source is not None:
                 return source
             looked.append(printable(str(base / relative)))
@@ -581,7 +585,14 @@ class TftpServer:
         text = f"Access violation: {why}" if code == ERR_ACCESS else f"Illegal operation: {why}"
         self._send_error(ip, port, local_ip, code, text)
         action = "tried to upload" if upload else "asked for"
-        log.warning("%s %s %s over TFTP: refused, %s; it got ERROR %d", ip, action, path, why, code)
+        log.warning(
+            "%s %s %s over TFTP: refused, %s; it got ERROR %d",
+            self.describe(ip),
+            action,
+            path,
+            why,
+            code,
+        )
         self._emit(TftpEvent("refused", ip, port, path, None, why))
 
     def _not_found(self, ip: str, port: int, local_ip: str, path: str, looked: list[str]) -> None:
@@ -596,7 +607,7 @@ class TftpServer:
         log.warning(
             "%s asked for %s over TFTP: not found (looked in %s); it got 'file not found' and "
             "will try its next boot option or give up",
-            ip,
+            self.describe(ip),
             path,
             where,
         )
@@ -793,7 +804,7 @@ class TftpServer:
     def _log_outcome(
         self, transfer: _Transfer, kind: EventKind, reason: str, level: int, probe: bool
     ) -> None:
-        ip = transfer.client[0]
+        ip = self.describe(transfer.client[0])
         size = human_size(transfer.size)
         if kind == "sent":
             seconds = time.monotonic() - transfer.started

@@ -1,0 +1,550 @@
+"""Boot HTTP: the URLs a machine fetches between DHCP and a running kernel.
+
+- `/boot/{mac}.ipxe`: the machine's iPXE script (which image, or "move on" for ignored ones);
+- `/assets/{path}`: kernels and initrds under [boot] assets, with Range and conditional GETs;
+- `/ipxe/{name}`: iPXE builds for UEFI HTTP boot clients (arch 16 and 19);
+- `/ssh.keys`: [boot] ssh_keys, for the OSIE;
+- `/pxelinux.cfg/{01-mac | default}`: the same decision for U-Boot boards.
+
+The decision itself is the inventory's (`Inventory.boot_verdict`): this module only turns it
+into text and files. Every step is logged in one line that names the machine and says what comes
+next, and reported to `on_event(kind, who, detail)`, where `who` is the machine's MAC when known,
+else the client's address, and `kind` is one of EVENT_KINDS.
+
+No boot URL ever redirects (FIRMWARE-QUIRKS #23: UEFI HTTP boot fails on a 301), so the router's
+trailing-slash redirects are off and `//` inside an asset path is accepted as `/`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import stat
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC
+from email.utils import parsedate_to_datetime
+from ipaddress import IPv4Address
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, PlainTextResponse, Response
+from starlette.routing import Route
+from starlette.types import Message, Receive, Scope, Send
+
+from ..bootscript import ignore_script, ipxe_script, pxelinux_config
+from ..config import ImageSection, LabConfig, normalize_mac
+from ..firmware import DEFAULT_ARCH, ArchInfo, Assets, arch_info
+from ..inventory import BootVerdict, Inventory
+from ..urls import BootUrls
+from .server import PATHSEND
+
+log = logging.getLogger("pixiebox.http")
+
+EventSink = Callable[[str, str, str], None]
+
+#: ipxe-script: a script that boots an image was served; ignored: the "move on" script;
+#: kernel / initrd: that file was sent completely; transfer-broken: a kernel or initrd download
+#: ended early; pxelinux: a U-Boot config was served; missing: a boot file the machine needs is
+#: not on this appliance.
+EVENT_KINDS = (
+    "ipxe-script",
+    "ignored",
+    "kernel",
+    "initrd",
+    "transfer-broken",
+    "pxelinux",
+    "missing",
+)
+
+#: U-Boot fetches pxelinux.cfg without saying its architecture; DHCP recorded the exact option-93
+#: code a moment earlier (FIRMWARE-QUIRKS #30: 21 armv7, 22 armv8), most boards are armv8.
+UBOOT_ARCH = arch_info(22) or DEFAULT_ARCH
+
+# ${buildarch} and ${platform} of the running iPXE build to the option-93 code of the firmware
+# that runs it (RFC 4578 2.1): BIOS iPXE (undionly.kpxe) is an i386 build even on x86-64.
+_BUILDARCH_CODES: dict[tuple[str, str | None], int] = {
+    ("i386", "pcbios"): 0,
+    ("x86_64", "pcbios"): 0,
+    ("i386", "efi"): 6,
+    ("x86_64", "efi"): 7,
+    ("arm32", "efi"): 10,
+    ("arm64", "efi"): 11,
+    ("i386", None): 0,
+    ("x86_64", None): 7,
+    ("arm32", None): 10,
+    ("arm64", None): 11,
+}
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+_PXELINUX_MAC = re.compile(r"01-([0-9a-fA-F]{2}(?:-[0-9a-fA-F]{2}){5})")
+
+
+def _no_events(kind: str, who: str, detail: str) -> None:
+    return None
+
+
+@dataclass
+class BootHttpState:
+    """What the boot HTTP app needs from the agent."""
+
+    inventory: Inventory
+    urls: BootUrls
+    assets: Assets
+    on_event: EventSink = _no_events
+
+    def emit(self, kind: str, who: str, detail: str) -> None:
+        try:
+            self.on_event(kind, who, detail)
+        except Exception:
+            # A broken event consumer must not stop a machine from booting.
+            log.exception("recording the %s event for %s failed", kind, who)
+
+
+def arch_from_query(arch: str | None, platform: str | None = None) -> ArchInfo | None:
+    """The firmware behind `?arch=` (iPXE's ${buildarch}, or an option-93 code) and
+    `?platform=` (${platform}: pcbios or efi); DEFAULT_ARCH when absent, None when unknown."""
+    if arch is None or not arch.strip():
+        return DEFAULT_ARCH
+    text = arch.strip().lower()
+    if text.isdigit():
+        return arch_info(int(text))
+    key = (text, platform.strip().lower() if platform else None)
+    code = _BUILDARCH_CODES.get(key)
+    if code is None:
+        code = _BUILDARCH_CODES.get((text, None))
+    return None if code is None else arch_info(code)
+
+
+def client_ip(request: Request) -> IPv4Address | None:
+    client = request.client
+    if client is None:
+        return None
+    try:
+        return IPv4Address(client.host)
+    except ValueError:
+        return None
+
+
+def _size(count: int) -> str:
+    if count >= 1_000_000:
+        return f"{count / 1_000_000:.1f} MB"
+    if count >= 1000:
+        return f"{count / 1000:.1f} kB"
+    return f"{count} bytes"
+
+
+def _path_parts(path: str) -> list[str]:
+    """An asset path's segments; empty and "." segments dropped, as a file system would."""
+    return [part for part in path.split("/") if part not in ("", ".")]
+
+
+class Refused(Exception):
+    """An asset request that names no servable file: `status` and a reason for the log."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def resolve_asset(root: Path, requested: str) -> tuple[Path, os.stat_result]:
+    """The real path and stat of `requested` under `root`, or Refused.
+
+    The check is on the fully resolved path, so neither `..` (also when sent as %2e%2e, which
+    the server decodes before routing) nor a symlink can reach outside the root."""
+    parts = _path_parts(requested)
+    if not parts:
+        raise Refused(404, "names no file")
+    if ".." in parts or any("\0" in part for part in parts):
+        raise Refused(403, "climbs out of the assets directory")
+    base = os.path.realpath(root)
+    target = os.path.realpath(os.path.join(base, *parts))
+    if os.path.commonpath([base, target]) != base:
+        raise Refused(403, f"leads outside the assets directory (to {target})")
+    try:
+        result = os.stat(target)
+    except (FileNotFoundError, NotADirectoryError):
+        raise Refused(404, f"does not exist ({target})") from None
+    except OSError as exc:
+        raise Refused(403, f"cannot be read: {exc.strerror}") from None
+    if not stat.S_ISREG(result.st_mode):
+        raise Refused(404, f"is not a file ({target})")
+    return Path(target), result
+
+
+def _not_modified(headers: Mapping[str, str], etag: str, mtime: float) -> bool:
+    """RFC 9110 13.1.2/13.1.3: If-None-Match wins over If-Modified-Since."""
+    if_none_match = headers.get("if-none-match")
+    if if_none_match is not None:
+        tags = {tag.strip().removeprefix("W/") for tag in if_none_match.split(",")}
+        return "*" in tags or etag in tags
+    if_modified_since = headers.get("if-modified-since")
+    if if_modified_since is None:
+        return False
+    try:
+        since = parsedate_to_datetime(if_modified_since)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return False
+    if since.tzinfo is None:
+        since = since.replace(tzinfo=UTC)
+    return int(mtime) <= since.timestamp()
+
+
+TransferDone = Callable[[int, bool, int, BaseException | None], None]
+
+
+class _TrackedFile(FileResponse):
+    """A FileResponse that reports how it ended: (status, complete, bytes sent, error).
+
+    With the pathsend extension the server sends the whole file in one message and raises an
+    OSError from send() when the client is gone; streamed (Range) responses end either with the
+    final body message or, when the client disconnects, without it."""
+
+    def __init__(self, path: Path, stat_result: os.stat_result, on_done: TransferDone) -> None:
+        super().__init__(path, stat_result=stat_result)
+        self._on_done = on_done
+        self._size = stat_result.st_size
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        status = 0
+        complete = False
+        sent = 0
+
+        async def tracked(message: Message) -> None:
+            nonlocal status, complete, sent
+            await send(message)
+            kind = message["type"]
+            if kind == "http.response.start":
+                status = int(message["status"])
+            elif kind == PATHSEND:
+                sent, complete = self._size, True
+            elif kind == "http.response.body":
+                sent += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
+
+        error: BaseException | None = None
+        try:
+            await super().__call__(scope, receive, tracked)
+        except OSError as exc:
+            # The client went away mid-file (ClientGone) or the file could not be read: the
+            # response cannot be finished either way, and the log says which.
+            error = exc
+            complete = False
+        self._on_done(status, complete, sent, error)
+
+
+def _file_role(config: LabConfig, path: str) -> tuple[str, str] | None:
+    """("kernel" | "initrd", what comes next) when some image boots the asset at `path`."""
+    wanted = _path_parts(path)
+    for image in config.images.values():
+        files = [image.kernel, *image.initrd]
+        for index, candidate in enumerate(files):
+            if _path_parts(candidate) != wanted:
+                continue
+            role = "kernel" if index == 0 else "initrd"
+            following = files[index + 1 :]
+            return role, f"initrd {following[0]}" if following else "starting the kernel"
+    return None
+
+
+def _script(text: str, status_code: int = 200) -> Response:
+    # A script is a decision made now (enrollment, policy): never reuse an old one.
+    return PlainTextResponse(text, status_code, headers={"Cache-Control": "no-store"})
+
+
+class _Handlers:
+    def __init__(self, state: BootHttpState) -> None:
+        self.state = state
+
+    @property
+    def inventory(self) -> Inventory:
+        return self.state.inventory
+
+    def _describe(self, ip: IPv4Address | None) -> str:
+        return self.inventory.describe_address(ip) if ip is not None else "a client"
+
+    def _who_id(self, ip: IPv4Address | None) -> str:
+        if ip is None:
+            return "unknown"
+        return self.inventory.mac_at(ip) or str(ip)
+
+    def _image(self, verdict: BootVerdict) -> tuple[str, ImageSection | None]:
+        name = verdict.image or self.inventory.config.boot.image
+        return name, self.inventory.config.images.get(name)
+
+    # /boot/{mac}.ipxe
+
+    async def boot_script(self, request: Request) -> Response:
+        raw = str(request.path_params["mac"])
+        ip = client_ip(request)
+        try:
+            mac = normalize_mac(raw)
+        except ValueError:
+            log.info("%s asked for /boot/%s.ipxe, which names no MAC address", ip, raw)
+            return PlainTextResponse(
+                f"{raw!r} is not a MAC address: ask for /boot/<mac>.ipxe, "
+                "e.g. /boot/f4:4d:30:64:7a:3a.ipxe\n",
+                400,
+            )
+        query = request.query_params
+        arch = arch_from_query(query.get("arch"), query.get("platform"))
+        if arch is None:
+            log.warning(
+                "%s sent arch=%r, which Pixiebox does not know; treating it as %s",
+                mac,
+                query.get("arch"),
+                DEFAULT_ARCH.label,
+            )
+            arch = DEFAULT_ARCH
+        if ip is not None:
+            self.inventory.note_address(mac, ip)
+        verdict = self.inventory.boot_verdict(mac, arch)
+        if verdict.action == "ignore":
+            reason = (
+                f"unknown machine {mac} is not booted ([boot] unknown = ignore); "
+                f"enroll it with: pixiebox enroll {mac} --name NAME"
+            )
+            log.info(
+                "%s fetched its iPXE script; told it to move on to its next boot device "
+                "([boot] unknown = ignore); enroll it with: pixiebox enroll %s --name NAME",
+                verdict.who,
+                mac,
+            )
+            self.state.emit("ignored", mac, reason)
+            return _script(ignore_script(mac, reason))
+        image_name, image = self._image(verdict)
+        if image is None:
+            reason = (
+                f"{verdict.who} should boot image {image_name}, but lab.toml has no "
+                f"[images.{image_name}]; add it, or give the machine another image"
+            )
+            log.error("%s", reason)
+            self.state.emit("missing", mac, reason)
+            return _script(ignore_script(mac, reason))
+        name = verdict.machine.name if verdict.machine else None
+        text = ipxe_script(self.state.urls, image, mac=mac, name=name, image_name=image_name)
+        default = "" if verdict.known else f" (default image {image_name})"
+        log.info(
+            "%s fetched its iPXE script%s; next: kernel %s", verdict.who, default, image.kernel
+        )
+        self.state.emit(
+            "ipxe-script",
+            mac,
+            f"fetched its iPXE script for image {image_name}; next: kernel {image.kernel}",
+        )
+        return _script(text)
+
+    # /assets/{path}
+
+    async def asset(self, request: Request) -> Response:
+        requested = str(request.path_params["path"])
+        ip = client_ip(request)
+        root = self.state.assets.root
+        try:
+            path, stat_result = resolve_asset(root, requested)
+        except Refused as refused:
+            role = _file_role(self.inventory.config, requested)
+            what = f"the {role[0]} {requested}" if role else f"assets/{requested}"
+            if refused.status == 404:
+                log.warning(
+                    "%s asked for %s, which %s; put the file in %s or fix lab.toml",
+                    self._describe(ip),
+                    what,
+                    refused.reason,
+                    root,
+                )
+                if role:
+                    self.state.emit("missing", self._who_id(ip), f"{what} {refused.reason}")
+            else:
+                log.warning(
+                    "refused %s's request for %s: the path %s",
+                    self._describe(ip),
+                    what,
+                    refused.reason,
+                )
+            # The reason (with server paths) goes to the log, not to the client.
+            text = "not found\n" if refused.status == 404 else "refused\n"
+            return PlainTextResponse(text, refused.status)
+        role = _file_role(self.inventory.config, requested)
+        label = f"the {role[0]} {requested}" if role else f"assets/{requested}"
+
+        def done(status: int, complete: bool, sent: int, error: BaseException | None) -> None:
+            self._transfer_done(
+                request, ip, label, role, stat_result.st_size, status, complete, sent, error
+            )
+
+        return self._file(request, path, stat_result, done)
+
+    def _file(
+        self, request: Request, path: Path, stat_result: os.stat_result, done: TransferDone
+    ) -> Response:
+        response = _TrackedFile(path, stat_result, done)
+        etag = response.headers.get("etag", "")
+        if request.method in ("GET", "HEAD") and _not_modified(
+            request.headers, etag, stat_result.st_mtime
+        ):
+            headers = {"etag": etag, "last-modified": response.headers["last-modified"]}
+            return Response(status_code=304, headers=headers)
+        return response
+
+    def _transfer_done(
+        self,
+        request: Request,
+        ip: IPv4Address | None,
+        label: str,
+        role: tuple[str, str] | None,
+        size: int,
+        status: int,
+        complete: bool,
+        sent: int,
+        error: BaseException | None,
+    ) -> None:
+        if request.method == "HEAD":
+            return
+        who = self._describe(ip)
+        if status != 200:
+            # Range requests (206) are pieces by design; errors were answered by FileResponse.
+            log.debug("%s: %s for %s, %d bytes", who, status, label, sent)
+            return
+        if complete:
+            if role is None:
+                log.debug("%s received %s (%s)", who, label, _size(size))
+                return
+            log.info("%s received %s (%s); next: %s", who, label, _size(size), role[1])
+            self.state.emit(role[0], self._who_id(ip), f"received {label} ({_size(size)})")
+            return
+        how = f": {error}" if error is not None else ""
+        # A failed sendfile does not say how far it got: then only "before the end" is known.
+        part = f"after {_size(sent)} of {_size(size)}" if 0 < sent < size else "before the end"
+        log.warning("%s broke off the download of %s %s%s", who, label, part, how)
+        if role is not None:
+            self.state.emit(
+                "transfer-broken", self._who_id(ip), f"broke off the download of {label} {part}"
+            )
+
+    # /ipxe/{name}
+
+    async def ipxe_binary(self, request: Request) -> Response:
+        name = str(request.path_params["name"])
+        ip = client_ip(request)
+        found = self.state.assets.ipxe_binary(name) if _SAFE_NAME.fullmatch(name) else None
+        if found is None:
+            hint = f"copy it to {self.state.assets.root / 'ipxe' / name}"
+            log.warning(
+                "%s asked for the iPXE build %s, which this appliance does not have; %s",
+                self._describe(ip),
+                name,
+                hint,
+            )
+            return PlainTextResponse(f"no iPXE build named {name!r} here; {hint}\n", 404)
+        real = Path(os.path.realpath(found))
+        stat_result = real.stat()
+        label = f"the iPXE build {name}"
+
+        def done(status: int, complete: bool, sent: int, error: BaseException | None) -> None:
+            if request.method != "HEAD" and status == 200 and complete:
+                log.info("%s received %s; next: its iPXE script", self._describe(ip), label)
+            elif request.method != "HEAD" and status == 200:
+                log.warning("%s broke off the download of %s", self._describe(ip), label)
+
+        return self._file(request, real, stat_result, done)
+
+    # /ssh.keys
+
+    async def ssh_keys(self, request: Request) -> Response:
+        keys = [key.strip() for key in self.inventory.config.boot.ssh_keys if key.strip()]
+        log.info("%s fetched the SSH keys (%d)", self._describe(client_ip(request)), len(keys))
+        return PlainTextResponse("".join(f"{key}\n" for key in keys))
+
+    # /pxelinux.cfg/{name}
+
+    async def pxelinux(self, request: Request) -> Response:
+        file = str(request.path_params["name"])
+        ip = client_ip(request)
+        config = self.inventory.config
+        match = _PXELINUX_MAC.fullmatch(file)
+        if match:
+            mac: str | None = normalize_mac(match.group(1))
+        elif file == "default":
+            mac = self.inventory.mac_at(ip) if ip is not None else None
+        else:
+            # U-Boot tries pxelinux.cfg/<uuid> and /<hex IP> before the MAC: not found, fast.
+            log.debug("%s asked for pxelinux.cfg/%s: not served", self._describe(ip), file)
+            return PlainTextResponse("not found\n", 404)
+        if mac is None:
+            if config.boot.unknown == "ignore":
+                log.info(
+                    "%s asked for pxelinux.cfg/default; not answered ([boot] unknown = ignore)",
+                    self._describe(ip),
+                )
+                return PlainTextResponse("not found\n", 404)
+            image = config.images.get(config.boot.image)
+            if image is None:
+                return PlainTextResponse("not found\n", 404)
+            log.info(
+                "%s fetched pxelinux.cfg/default; next: kernel %s of the default image %s",
+                self._describe(ip),
+                image.kernel,
+                config.boot.image,
+            )
+            text = pxelinux_config(
+                self.state.urls, image, mac=None, name=None, image_name=config.boot.image
+            )
+            return _script(text)
+        if ip is not None:
+            self.inventory.note_address(mac, ip)
+        verdict = self.inventory.boot_verdict(mac, UBOOT_ARCH)
+        if verdict.action == "ignore":
+            log.info(
+                "%s fetched pxelinux.cfg/%s; not answered ([boot] unknown = ignore); "
+                "enroll it with: pixiebox enroll %s --name NAME",
+                verdict.who,
+                file,
+                mac,
+            )
+            self.state.emit("ignored", mac, "not booted ([boot] unknown = ignore)")
+            return PlainTextResponse("not found\n", 404)
+        image_name, found = self._image(verdict)
+        if found is None:
+            log.error(
+                "%s should boot image %s, but lab.toml has no [images.%s]",
+                verdict.who,
+                image_name,
+                image_name,
+            )
+            return PlainTextResponse("not found\n", 404)
+        if len(found.initrd) > 1:
+            log.warning(
+                "[images.%s] has %d initrds, but U-Boot loads one: concatenate them into one "
+                "file for %s",
+                image_name,
+                len(found.initrd),
+                verdict.who,
+            )
+        name = verdict.machine.name if verdict.machine else None
+        text = pxelinux_config(self.state.urls, found, mac=mac, name=name, image_name=image_name)
+        log.info(
+            "%s fetched pxelinux.cfg/%s; next: kernel %s over TFTP", verdict.who, file, found.kernel
+        )
+        self.state.emit("pxelinux", mac, f"fetched its pxelinux.cfg for image {image_name}")
+        return _script(text)
+
+
+def boot_app(state: BootHttpState) -> Starlette:
+    """The boot HTTP application (served by `BootHttpServer`)."""
+    handlers = _Handlers(state)
+    routes = [
+        Route("/boot/{mac}.ipxe", handlers.boot_script, methods=["GET"]),
+        Route("/assets/{path:path}", handlers.asset, methods=["GET", "HEAD"]),
+        Route("/ipxe/{name}", handlers.ipxe_binary, methods=["GET", "HEAD"]),
+        Route("/ssh.keys", handlers.ssh_keys, methods=["GET"]),
+        Route("/pxelinux.cfg/{name}", handlers.pxelinux, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes)
+    # FIRMWARE-QUIRKS #23: a redirect (here: the router's trailing-slash one) fails UEFI HTTP boot.
+    app.router.redirect_slashes = False
+    app.state.boot = state
+    return app

@@ -1,0 +1,257 @@
+"""The boot HTTP server: uvicorn inside the agent's asyncio loop, with zero-copy file sends.
+
+Kernels and initrds are tens to hundreds of megabytes and a lab boots many machines at once, so
+they must not pass through Python buffers. Starlette's FileResponse sends the ASGI message
+`http.response.pathsend` (ASGI "Path Send" extension) instead of body chunks when the server
+lists that extension in `scope["extensions"]`; uvicorn does not, so this module adds it:
+
+- `PathsendProtocol` is uvicorn's httptools protocol that advertises the extension in every
+  HTTP scope;
+- `_PathsendCycle` answers the message with `loop.sendfile(transport, file)`, which on the stdlib
+  selector loop is os.sendfile(2) straight from the page cache to the socket. Everything else
+  (status line, headers, keep-alive, HEAD, 304, Range responses, which FileResponse streams as
+  ordinary body chunks) stays uvicorn's own code.
+
+uvloop (present in the venv as uvicorn's optional speed-up) does not implement loop.sendfile at
+all (uvloop 0.23 inherits AbstractEventLoop.sendfile, which raises NotImplementedError), so the
+extension is advertised only on the stdlib selector loop, which the agent runs (asyncio.run);
+on any other loop FileResponse streams in chunks as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Mapping
+from typing import Any, cast
+
+import uvicorn
+from uvicorn._types import ASGIApplication, ASGISendEvent
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+from uvicorn.server import ServerState
+
+log = logging.getLogger("pixiebox.http")
+
+PATHSEND = "http.response.pathsend"
+#: How long stop() lets transfers in flight finish before cutting them off (and then waits for
+#: the cut ones to wind up).
+GRACEFUL_STOP_SECONDS = 3.0
+
+
+class ClientGone(ConnectionError):
+    """The client went away before a file was fully sent (an OSError, as ASGI asks servers to
+    raise from send() on a closed connection)."""
+
+
+def sendfile_supported(loop: asyncio.AbstractEventLoop) -> bool:
+    """True when `loop.sendfile` is os.sendfile, not a copy or NotImplementedError."""
+    return isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop) and hasattr(
+        os, "sendfile"
+    )
+
+
+class _PathsendCycle(RequestResponseCycle):
+    """uvicorn's request/response cycle, plus the `http.response.pathsend` message."""
+
+    async def send(self, message: ASGISendEvent) -> None:
+        if message["type"] != PATHSEND:
+            await super().send(message)
+            return
+        await self._send_path(str(cast(Mapping[str, Any], message)["path"]))
+
+    async def _send_path(self, path: str) -> None:
+        if not self.response_started or self.response_complete:
+            raise RuntimeError(f"unexpected ASGI message {PATHSEND!r} outside a response body")
+        if self.flow.write_paused and not self.disconnected:
+            await self.flow.drain()
+        if self.disconnected or self.transport.is_closing():
+            raise ClientGone(f"the client closed the connection before {path} was sent")
+        if self.chunked_encoding:
+            # FileResponse always sets Content-Length; chunk framing around sendfile is not
+            # worth having for a case that does not occur.
+            raise RuntimeError(f"{PATHSEND} needs a Content-Length response")
+        length = 0 if self.scope["method"] == "HEAD" else self.expected_content_length
+        if length:
+            with open(path, "rb") as file:
+                try:
+                    sent = await asyncio.get_running_loop().sendfile(
+                        self.transport, file, 0, length
+                    )
+                except (OSError, RuntimeError) as exc:
+                    # Reset or broken pipe mid-file: the transport does not notice by itself
+                    # (it stopped reading while the kernel sent), so close it here, and mark the
+                    # cycle now: connection_lost only runs on the next loop iteration, after the
+                    # app has already returned.
+                    self.disconnected = True
+                    self.transport.abort()
+                    raise ClientGone(f"sending {path} failed: {exc}") from exc
+            if sent != length:
+                self.transport.abort()
+                raise RuntimeError(f"{path} shrank while being sent ({sent} of {length} bytes)")
+        self.expected_content_length = 0
+        # The empty final body runs uvicorn's own completion: keep-alive or close, pipelining.
+        await super().send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+class PathsendProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol whose HTTP scopes carry the pathsend extension."""
+
+    def connection_made(  # type: ignore[override]
+        self, transport: asyncio.Transport
+    ) -> None:
+        super().connection_made(transport)
+        self._pathsend = (
+            sendfile_supported(self.loop) and transport.get_extra_info("sslcontext") is None
+        )
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._pathsend:
+            self.scope["extensions"] = {PATHSEND: {}}
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        # uvicorn builds the cycle inline here and only schedules its task, which has not run
+        # yet; giving the new cycle our class before it starts is the one hook it offers
+        # without copying this method.
+        cycle = self.cycle
+        if type(cycle) is RequestResponseCycle:
+            cycle.__class__ = _PathsendCycle
+
+
+class _PlainProtocol(HttpToolsProtocol):
+    """Without the extension: FileResponse streams files in chunks (for comparison)."""
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(socket.SOMAXCONN)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class BootHttpServer:
+    """uvicorn serving `app` on host:port inside the running loop.
+
+    Not `uvicorn.Server.serve()`: that installs SIGINT/SIGTERM handlers and owns the loop, and the
+    agent owns both, and not `Server.shutdown()` either: after its grace period it cancels the
+    request tasks, which uvicorn logs as "Exception in ASGI application" for every transfer cut
+    short. start() binds and returns; stop() lets transfers finish for a few seconds, then cuts
+    them off at the socket."""
+
+    def __init__(self, app: ASGIApplication, host: str, port: int, *, pathsend: bool = True):
+        self.app = app
+        self.host = host
+        self.port = port
+        self.pathsend = pathsend
+        self._server: uvicorn.Server | None = None
+        self._sockets: list[socket.socket] = []
+        self._ticker: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        config = uvicorn.Config(
+            self.app,
+            host=self.host,
+            port=self.port,
+            http=PathsendProtocol if self.pathsend else _PlainProtocol,
+            ws="none",
+            lifespan="off",
+            interface="asgi3",
+            log_config=None,
+            access_log=False,
+            proxy_headers=False,
+            server_header=False,
+        )
+        config.load()
+        server = uvicorn.Server(config)
+        server.lifespan = config.lifespan_class(config)
+        # Our own socket: a port in use or port 80 without privileges becomes an OSError for
+        # the agent to explain, instead of uvicorn's sys.exit().
+        sock = listening_socket(self.host, self.port)
+        self._sockets = [sock]
+        try:
+            await server.startup(sockets=self._sockets)
+        except BaseException:
+            sock.close()
+            raise
+        self._server = server
+        # main_loop refreshes the Date header once a second and returns on should_exit.
+        self._ticker = asyncio.create_task(server.main_loop(), name="boot-http-ticker")
+        if self.pathsend and not sendfile_supported(asyncio.get_running_loop()):
+            log.warning(
+                "this event loop has no native sendfile; boot files are copied through Python"
+            )
+        log.info("boot HTTP listening on %s:%d", self.host, self.bound_port)
+
+    @property
+    def bound_port(self) -> int:
+        if not self._sockets:
+            return self.port
+        return int(self._sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        """Stop listening, let transfers in flight finish for GRACEFUL_STOP_SECONDS, then cut
+        them off (the machines' iPXE scripts retry)."""
+        server = self._server
+        if server is None:
+            return
+        self._server = None
+        server.should_exit = True
+        if self._ticker is not None:
+            await self._ticker
+            self._ticker = None
+        for listener in server.servers:
+            listener.close()
+        state = server.server_state
+        for connection in list(state.connections):
+            connection.shutdown()  # idle keep-alive connections close now, busy ones when done
+        if not await _settled(state, GRACEFUL_STOP_SECONDS):
+            log.info("stopping: cutting off %d unfinished transfer(s)", len(state.tasks))
+            for connection in list(state.connections):
+                _cut(connection.transport)
+            if not await _settled(state, GRACEFUL_STOP_SECONDS):
+                for task in list(state.tasks):
+                    task.cancel()
+        for connection in list(state.connections):
+            connection.transport.abort()
+        for listener in server.servers:
+            await listener.wait_closed()
+        for sock in self._sockets:
+            sock.close()
+        self._sockets = []
+        log.info("boot HTTP stopped")
+
+
+async def _settled(state: ServerState, timeout: float) -> bool:
+    """Wait until no request is running and no connection is open; False on timeout."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while state.tasks or state.connections:
+        if loop.time() >= deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+def _cut(transport: asyncio.Transport) -> None:
+    """End a connection mid-transfer without leaving a sendfile waiting forever.
+
+    shutdown(2) makes the kernel fail the next send with EPIPE, which ends an os.sendfile in
+    progress through its normal error path (ClientGone) and a streamed response through
+    uvicorn's; closing the socket instead would leave the sendfile's writer callback registered
+    on a dead descriptor (selector_events: the transport does not own the socket meanwhile)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        transport.abort()
+        return
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
