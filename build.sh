@@ -19,6 +19,7 @@ APT_PACKAGES=(
     python3 python3-venv python3-dev gcc
     iproute2 isc-dhcp-client busybox dnsmasq-base dnsutils curl tftp-hpa tcpdump procps
     ipxe
+    qemu-system-x86 ovmf ipxe-qemu kmod cpio  # VM tests; depmod + cpio build the test OS
 )
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }

@@ -1,0 +1,301 @@
+#!/usr/bin/env bash
+# Build the Pixiebox test OS: a kernel and a busybox initrd that PXE-booted lab machines (and the
+# VM tests) run until the real OSIE image exists.
+#
+#   scripts/build-testos.sh OUTDIR      writes OUTDIR/vmlinuz and OUTDIR/initrd (gzip, newc cpio)
+#
+# Inputs are Debian bookworm packages, fetched with `apt-get download` (never installed here):
+# linux-image-amd64 (resolved to the versioned kernel package it depends on) and busybox-static.
+# The .debs are cached in OUTDIR/debs (PIXIEBOX_TESTOS_CACHE overrides). OUTDIR/stamp records the
+# package versions and this script's hash: re-running with the same inputs does nothing.
+# Needs: apt-get (with current package lists), dpkg-deb, depmod (kmod), cpio, gzip, flock.
+set -euo pipefail
+
+SELF=$(readlink -f "$0")
+# Drivers for QEMU's virtio-net-pci and e1000 NICs; their dependencies come from modules.dep.
+NIC_MODULES=(virtio_pci virtio_net e1000)
+
+step="arguments"
+fail() {
+    # One line: the step that failed and what to do about it.
+    printf 'build-testos: %s failed: %s\n' "$step" "$*" >&2
+    exit 1
+}
+
+[ $# -eq 1 ] || { echo "usage: $0 OUTDIR" >&2; exit 2; }
+mkdir -p "$1" || fail "cannot create output directory $1"
+OUT=$(readlink -f "$1")
+CACHE=${PIXIEBOX_TESTOS_CACHE:-$OUT/debs}
+LOG=$OUT/build.log
+
+step="locking $OUT"
+# Two test runs building at once would race on the same files.
+exec 9>"$OUT/.lock"
+flock -w 900 9 || fail "another build-testos holds $OUT/.lock for 15 min; is one stuck?"
+
+# -- which versions: these (and this script) are the stamp --------------------------------------
+step="apt-cache lookup"
+candidate() { # PACKAGE -> the version apt would install, empty if unknown
+    apt-cache policy "$1" 2>/dev/null | sed -n 's/^ *Candidate: //p' | grep -v '(none)' || true
+}
+meta_version=$(candidate linux-image-amd64)
+[ -n "$meta_version" ] || fail "apt knows no linux-image-amd64: run 'apt-get update' (as root)"
+# The metapackage depends on exactly one versioned kernel package, e.g. linux-image-6.1.0-56-amd64.
+kernel_pkg=$(apt-cache show --no-all-versions "linux-image-amd64=$meta_version" 2>/dev/null |
+    sed -n 's/^Depends: //p' | tr ',' '\n' | sed -n 's/^ *\(linux-image-[0-9][^ ]*\).*/\1/p' |
+    head -n1)
+[ -n "$kernel_pkg" ] || fail "cannot find the kernel package linux-image-amd64 depends on: run 'apt-get update'"
+kernel_version=$(candidate "$kernel_pkg")
+busybox_version=$(candidate busybox-static)
+[ -n "$kernel_version" ] && [ -n "$busybox_version" ] ||
+    fail "apt knows no $kernel_pkg or busybox-static: run 'apt-get update' (as root)"
+
+stamp="kernel=$kernel_pkg=$kernel_version
+busybox=busybox-static=$busybox_version
+script=$(sha256sum "$SELF" | cut -d' ' -f1)"
+if [ -f "$OUT/vmlinuz" ] && [ -f "$OUT/initrd" ] && [ "$(cat "$OUT/stamp" 2>/dev/null)" = "$stamp" ]; then
+    echo "build-testos: $OUT is up to date ($kernel_pkg $kernel_version)" >&2
+    exit 0
+fi
+rm -f "$OUT/stamp"
+: >"$LOG"
+
+# -- fetch --------------------------------------------------------------------------------------
+fetch() { # PACKAGE VERSION -> path of the cached .deb
+    local dir=$CACHE/$1_$2
+    if ! compgen -G "$dir/*.deb" >/dev/null; then
+        step="apt-get download $1=$2"
+        rm -rf "$dir.part" && mkdir -p "$dir.part" || fail "cannot write the cache $CACHE"
+        # Sandbox::User=root: the _apt user cannot write into a root-only cache directory.
+        (cd "$dir.part" && apt-get download -o APT::Sandbox::User=root "$1=$2") >>"$LOG" 2>&1 ||
+            fail "no network, or stale package lists? try 'apt-get update' (output: $LOG)"
+        mv "$dir.part" "$dir"
+    fi
+    compgen -G "$dir/*.deb" | head -n1
+}
+kernel_deb=$(fetch "$kernel_pkg" "$kernel_version")
+busybox_deb=$(fetch busybox-static "$busybox_version")
+# Drop debs of versions no longer wanted, so the cache does not grow with every kernel update.
+for old in "$CACHE"/linux-image-*_* "$CACHE"/busybox-static_*; do
+    case "$old" in "$CACHE/${kernel_pkg}_$kernel_version" | "$CACHE/busybox-static_$busybox_version") ;;
+    *) rm -rf "$old" ;;
+    esac
+done
+
+WORK=$(mktemp -d "$OUT/.work.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+
+# -- extract ------------------------------------------------------------------------------------
+step="dpkg-deb -x $(basename "$kernel_deb")"
+dpkg-deb -x "$kernel_deb" "$WORK/kernel" >>"$LOG" 2>&1 || fail "corrupt download? delete $CACHE and retry (output: $LOG)"
+step="dpkg-deb -x $(basename "$busybox_deb")"
+dpkg-deb -x "$busybox_deb" "$WORK/busybox" >>"$LOG" 2>&1 || fail "corrupt download? delete $CACHE and retry (output: $LOG)"
+
+step="finding the kernel"
+# bookworm ships modules under /lib/modules; newer releases under /usr/lib/modules.
+moddir=$(compgen -G "$WORK/kernel/lib/modules/*" || compgen -G "$WORK/kernel/usr/lib/modules/*" || true)
+moddir=$(head -n1 <<<"$moddir")
+[ -n "$moddir" ] && [ -d "$moddir" ] || fail "no lib/modules/VERSION in $kernel_deb"
+kver=$(basename "$moddir")
+[ -f "$WORK/kernel/boot/vmlinuz-$kver" ] || fail "no boot/vmlinuz-$kver in $kernel_deb"
+
+# -- modules ------------------------------------------------------------------------------------
+step="depmod"
+# The .deb has no modules.dep (its postinst runs depmod), so generate one for the extracted tree.
+command -v depmod >/dev/null || PATH=$PATH:/usr/sbin:/sbin
+command -v depmod >/dev/null || fail "depmod not found: apt-get install kmod"
+depmod -b "${moddir%/lib/modules/*}" "$kver" >>"$LOG" 2>&1 || fail "see $LOG"
+
+step="resolving NIC modules"
+ROOT=$WORK/root
+mkdir -p "$ROOT"/{bin,dev,etc,proc,sys,run,tmp,lib/modules}
+# modules.dep lists a module's dependencies so that loading them last-to-first works (as
+# modprobe does); collect that order, each module once, into lib/modules/load.order.
+declare -A seen=()
+order=()
+for name in "${NIC_MODULES[@]}"; do
+    line=$(grep -E "(^|/)${name}\.ko(\.[a-z]+)?:" "$moddir/modules.dep" || true)
+    [ -n "$line" ] || fail "module $name is not in $kver's modules.dep; is it built in? drop it from NIC_MODULES"
+    read -r -a deps <<<"${line#*:}"
+    chain=()
+    for ((i = ${#deps[@]} - 1; i >= 0; i--)); do chain+=("${deps[i]}"); done
+    chain+=("${line%%:*}")
+    for rel in "${chain[@]}"; do
+        [ -z "${seen[$rel]:-}" ] || continue
+        seen[$rel]=1
+        base=$(basename "$rel")
+        # bookworm's modules are uncompressed (CONFIG_MODULE_COMPRESS_NONE). Later kernels
+        # compress them, and busybox insmod only reads compressed modules if built to, so
+        # decompress here: the initrd is gzipped as a whole anyway.
+        case "$base" in
+        *.ko) cp "$moddir/$rel" "$ROOT/lib/modules/$base" ;;
+        *.ko.xz) xz -dc "$moddir/$rel" >"$ROOT/lib/modules/${base%.xz}" ;;
+        *.ko.zst) zstd -qdc "$moddir/$rel" >"$ROOT/lib/modules/${base%.zst}" ;;
+        *.ko.gz) gzip -dc "$moddir/$rel" >"$ROOT/lib/modules/${base%.gz}" ;;
+        *) fail "unexpected module file $rel" ;;
+        esac || fail "cannot decompress $rel (install xz-utils/zstd)"
+        order+=("${base%.ko*}.ko")
+    done
+done
+printf '%s\n' "${order[@]}" >"$ROOT/lib/modules/load.order"
+
+# -- busybox ------------------------------------------------------------------------------------
+step="installing busybox"
+cp "$WORK/busybox/bin/busybox" "$ROOT/bin/busybox"
+# One symlink per applet, from the static binary's own list (it runs on the amd64 build host).
+applets=$("$ROOT/bin/busybox" --list) || fail "cannot run the extracted busybox (not an amd64 host?)"
+for applet in $applets; do
+    [ "$applet" = busybox ] || ln -s busybox "$ROOT/bin/$applet"
+done
+ln -s bin "$ROOT/sbin"
+
+# -- /init and the udhcpc script ----------------------------------------------------------------
+step="writing /init"
+cat >"$ROOT/etc/udhcpc.script" <<'EOF'
+#!/bin/sh
+# Called by udhcpc with $1 = deconfig | bound | renew | leasefail | nak and the lease in the
+# environment ($ip, $mask as a prefix length, $router, $dns, $interface).
+case "$1" in
+deconfig)
+    ip -4 addr flush dev "$interface"
+    ip link set "$interface" up
+    ;;
+bound | renew)
+    ip -4 addr flush dev "$interface"
+    ip addr add "$ip/${mask:-24}" dev "$interface"
+    # Only the first router: one default route is all this OS needs.
+    [ -z "$router" ] || ip route replace default via "${router%% *}" dev "$interface"
+    : >/etc/resolv.conf
+    for server in $dns; do echo "nameserver $server" >>/etc/resolv.conf; done
+    ;;
+esac
+exit 0
+EOF
+
+cat >"$ROOT/init" <<'EOF'
+#!/bin/sh
+# Pixiebox test OS: get an address, fetch the SSH keys from the appliance, say "up", stay up.
+# Every line for the tests (and people) reading the serial console starts with PIXIEBOX-TESTOS:.
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+# The kernel opened /dev/console for us only if the initramfs had one; after devtmpfs it exists.
+exec </dev/console >/dev/console 2>&1
+# Console loglevel 4 (as with "quiet"): driver chatter would otherwise split our lines.
+echo 4 >/proc/sys/kernel/printk
+
+say() { echo "PIXIEBOX-TESTOS: $*"; }
+uptime_s() { read -r up _ </proc/uptime && echo "${up%.*}"; }
+stay_up() {
+    # PID 1 must never exit (the kernel would panic); keep the console readable instead.
+    if [ "$poweroff" = 1 ]; then
+        say "powering off (pixiebox.poweroff=1)"
+        poweroff -f
+    fi
+    while :; do sleep 3600; done
+}
+
+say started
+set -f # the command line is data: no globbing
+url="" name="" mac="" bootif="" poweroff=""
+read -r cmdline </proc/cmdline
+for arg in $cmdline; do
+    case "$arg" in
+    pixiebox.url=*) url=${arg#*=} ;;
+    pixiebox.name=*) name=${arg#*=} ;;
+    pixiebox.mac=*) mac=${arg#*=} ;;
+    pixiebox.poweroff=*) poweroff=${arg#*=} ;;
+    BOOTIF=*) bootif=${arg#*=} ;; # pxelinux/iPXE style: 01-aa-bb-cc-dd-ee-ff (01 = Ethernet)
+    esac
+done
+set +f
+url=${url%/}
+[ -n "$mac" ] || [ -z "$bootif" ] || mac=$(echo "${bootif#01-}" | tr - :)
+mac=$(echo "$mac" | tr A-F a-f)
+[ -z "$name" ] || hostname "$name"
+
+# NIC drivers, dependencies first (order computed from modules.dep at build time).
+while read -r module; do
+    insmod "/lib/modules/$module" || say "insmod $module failed"
+done </lib/modules/load.order
+
+# Drivers probe asynchronously: wait (bounded) for the wanted interface to appear.
+find_iface() {
+    for dev in /sys/class/net/*; do
+        i=${dev##*/}
+        [ "$i" != lo ] || continue
+        if [ -z "$mac" ] || [ "$(cat "$dev/address")" = "$mac" ]; then
+            echo "$i"
+            return 0
+        fi
+    done
+    return 1
+}
+iface=""
+tries=0
+while [ -z "$iface" ] && [ $tries -lt 100 ]; do
+    iface=$(find_iface) || { sleep 0.1; tries=$((tries + 1)); }
+done
+if [ -z "$iface" ]; then
+    say "no network interface${mac:+ with MAC $mac} after 10 s; staying up without network"
+    stay_up
+fi
+
+ip link set lo up
+ip link set "$iface" up
+if ! udhcpc -i "$iface" -q -n -t 10 -T 2 -s /etc/udhcpc.script; then
+    say "no DHCP lease on $iface after 10 tries; staying up without network"
+    stay_up
+fi
+say "address $(ip -o -4 addr show dev "$iface" | awk '{print $4; exit}') via $iface"
+
+if [ -z "$url" ]; then
+    say "no pixiebox.url on the kernel command line; not fetching ssh.keys"
+else
+    # Retry with back-off (1, 2, 4, 8, then 15 s) for at most 60 s: the appliance may still be
+    # starting. busybox 1.35's `wget -T SEC` segfaults (Debian's static and dynamic builds
+    # alike), so the timeout applet bounds each try.
+    got="" delay=1
+    deadline=$(($(uptime_s) + 60))
+    while :; do
+        if timeout 10 wget -q -O /run/ssh.keys "$url/ssh.keys"; then
+            got=1
+            break
+        fi
+        left=$((deadline - $(uptime_s)))
+        [ "$left" -gt 0 ] || break
+        [ "$delay" -le "$left" ] || delay=$left
+        sleep "$delay"
+        delay=$((delay * 2))
+        [ "$delay" -le 15 ] || delay=15
+    done
+    if [ -n "$got" ]; then
+        while IFS= read -r line || [ -n "$line" ]; do
+            [ -z "$line" ] || say "key $line"
+        done </run/ssh.keys
+    else
+        say "could not fetch $url/ssh.keys for 60 s; no SSH keys"
+    fi
+fi
+say "up ${name:-$(hostname)}"
+# For the appliance to mark the machine up; it may not have this endpoint yet.
+[ -z "$url" ] || timeout 10 wget -q -O /dev/null --post-data '' "$url/api/v1/phone-home" 2>/dev/null || true
+stay_up
+EOF
+chmod 0755 "$ROOT/init" "$ROOT/etc/udhcpc.script"
+
+# -- pack ---------------------------------------------------------------------------------------
+step="packing the initrd"
+cp "$WORK/kernel/boot/vmlinuz-$kver" "$WORK/vmlinuz"
+# Fixed owner and mtimes, sorted names, gzip -n: the same inputs give the same bytes.
+find "$ROOT" -exec touch -h -d @0 {} + || fail "touch (see $LOG)"
+(cd "$ROOT" && find . -mindepth 1 -print0 | LC_ALL=C sort -z |
+    cpio --null --create --format=newc --owner=0:0 --quiet | gzip -9n) >"$WORK/initrd" 2>>"$LOG" ||
+    fail "cpio or gzip missing? apt-get install cpio (output: $LOG)"
+
+step="installing into $OUT"
+mv "$WORK/vmlinuz" "$OUT/vmlinuz"
+mv "$WORK/initrd" "$OUT/initrd"
+printf '%s\n' "$stamp" >"$OUT/stamp.part" && mv "$OUT/stamp.part" "$OUT/stamp"
+echo "build-testos: built $OUT/vmlinuz ($kver) and $OUT/initrd ($(du -k "$OUT/initrd" | cut -f1) KiB)" >&2
