@@ -475,6 +475,9 @@ class _Handlers:
             log.debug("%s asked for pxelinux.cfg/%s: not served", self._describe(ip), file)
             return PlainTextResponse("not found\n", 404)
         if mac is None:
+            # `default` from an address no MAC is known for. U-Boot asks for 01-<mac> first,
+            # which is where an unknown machine is recorded and decided; this is the fallback
+            # for a board whose MAC file was not answered, and it cannot be recorded.
             if config.boot.unknown == "ignore":
                 log.info(
                     "%s asked for pxelinux.cfg/default; not answered ([boot] unknown = ignore)",

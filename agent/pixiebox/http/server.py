@@ -42,8 +42,9 @@ GRACEFUL_STOP_SECONDS = 3.0
 
 
 class ClientGone(ConnectionError):
-    """The client went away before a file was fully sent (an OSError, as ASGI asks servers to
-    raise from send() on a closed connection)."""
+    """The client went away before a file was fully sent. An OSError, which is what the ASGI
+    HTTP spec (2.4) has send() raise on a closed connection; the app catches it to log the
+    broken-off download."""
 
 
 def sendfile_supported(loop: asyncio.AbstractEventLoop) -> bool:
@@ -122,10 +123,6 @@ class PathsendProtocol(HttpToolsProtocol):
             cycle.__class__ = _PathsendCycle
 
 
-class _PlainProtocol(HttpToolsProtocol):
-    """Without the extension: FileResponse streams files in chunks (for comparison)."""
-
-
 def listening_socket(host: str, port: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
@@ -148,7 +145,11 @@ class BootHttpServer:
     short. start() binds and returns; stop() lets transfers finish for a few seconds, then cuts
     them off at the socket."""
 
-    def __init__(self, app: ASGIApplication, host: str, port: int, *, pathsend: bool = True):
+    def __init__(
+        self, app: ASGIApplication, host: str, port: int, *, pathsend: bool = True
+    ) -> None:
+        """`pathsend=False` leaves the extension out (files are then copied through Python),
+        for comparisons."""
         self.app = app
         self.host = host
         self.port = port
@@ -162,7 +163,7 @@ class BootHttpServer:
             self.app,
             host=self.host,
             port=self.port,
-            http=PathsendProtocol if self.pathsend else _PlainProtocol,
+            http=PathsendProtocol if self.pathsend else HttpToolsProtocol,
             ws="none",
             lifespan="off",
             interface="asgi3",
