@@ -86,14 +86,22 @@ class Inventory:
     def machines(self) -> list[MachineSection]:
         return list(self.config.machines)
 
-    def boot_verdict(self, mac: str, arch: ArchInfo) -> BootVerdict:
+    def boot_verdict(self, mac: str, arch: ArchInfo | None) -> BootVerdict:
         """Decide for a machine that asked to boot, recording it as seen.
+
+        `arch` is None when the asking protocol cannot tell (an HTTP script fetch): what DHCP
+        recorded from option 93 then stands.
 
         Unknown machines follow [boot] unknown; the first time one shows up, one log line says
         what it is, what happens next and how to enroll it (the user should never have to dig a
         MAC out of "unexpected end of JSON input")."""
         machine = self._by_mac.get(mac)
-        first_time = self._store.record_seen(mac, arch.cpu, str(arch.firmware))
+        if arch is None:
+            first_time = self._store.record_seen(mac, None, None)
+            label = "firmware not reported"
+        else:
+            first_time = self._store.record_seen(mac, arch.cpu, str(arch.firmware))
+            label = arch.label
         policy = self.config.boot.unknown
         if machine is not None:
             return BootVerdict(mac, machine, "boot", machine.image or self.config.boot.image)
@@ -103,7 +111,7 @@ class Inventory:
                     "unknown machine %s (%s) asked to boot; not answering it because "
                     '[boot] unknown = "ignore"; enroll it with: pixiebox enroll %s --name NAME',
                     mac,
-                    arch.label,
+                    label,
                     mac,
                 )
             return BootVerdict(mac, None, "ignore", None)
@@ -112,7 +120,7 @@ class Inventory:
                 "unknown machine %s (%s) asked to boot; recorded as discovered; booting the "
                 "default image %r; enroll it with: pixiebox enroll %s --name NAME",
                 mac,
-                arch.label,
+                label,
                 self.config.boot.image,
                 mac,
             )

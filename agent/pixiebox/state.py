@@ -69,18 +69,22 @@ class StateStore:
 
     # machines seen on the wire
 
-    def record_seen(self, mac: str, arch: str, firmware: str, now: float | None = None) -> bool:
-        """Note that `mac` asked to boot; True when it was never seen before."""
+    def record_seen(
+        self, mac: str, arch: str | None, firmware: str | None, now: float | None = None
+    ) -> bool:
+        """Note that `mac` asked to boot; True when it was never seen before. An arch or
+        firmware of None keeps what was recorded (the asking protocol could not tell)."""
         now = time.time() if now is None else now
         cursor = self._db.execute(
             "INSERT INTO machines (mac, arch, firmware, first_seen, last_seen) "
             "VALUES (?, ?, ?, ?, ?) ON CONFLICT (mac) DO NOTHING",
-            (mac, arch, firmware, now, now),
+            (mac, arch or "", firmware or "", now, now),
         )
         if cursor.rowcount:
             return True
         self._db.execute(
-            "UPDATE machines SET arch = ?, firmware = ?, last_seen = ? WHERE mac = ?",
+            "UPDATE machines SET arch = coalesce(?, arch), firmware = coalesce(?, firmware), "
+            "last_seen = ? WHERE mac = ?",
             (arch, firmware, now, mac),
         )
         return False

@@ -290,8 +290,11 @@ class _Handlers:
                 400,
             )
         query = request.query_params
+        # No ?arch=: DHCP already recorded the firmware (option 93), keep that (None below).
         arch = arch_from_query(query.get("arch"), query.get("platform"))
-        if arch is None:
+        if "arch" not in query:
+            arch = None
+        elif arch is None:
             log.warning(
                 "%s sent arch=%r, which Pixiebox does not know; treating it as %s",
                 mac,

@@ -1,0 +1,51 @@
+"""The inventory: one answer to "who is this MAC and what should it boot?"."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address
+from pathlib import Path
+
+from pixiebox.config import LabConfig
+from pixiebox.firmware import arch_info
+from pixiebox.inventory import Inventory
+from pixiebox.state import StateStore
+
+C1 = "02:00:00:00:00:01"
+STRANGER = "02:00:00:00:00:99"
+
+
+def inventory(tmp_path: Path, **boot: object) -> tuple[Inventory, StateStore]:
+    config = LabConfig.model_validate({
+        "boot": boot, "machines": [{"name": "c1", "mac": C1, "ip": "10.0.0.31"}],
+    })  # fmt: skip
+    store = StateStore(tmp_path)
+    return Inventory(config, store), store
+
+
+def test_a_script_fetch_keeps_the_firmware_dhcp_recorded(tmp_path: Path) -> None:
+    lab, store = inventory(tmp_path)
+    uefi = arch_info(7)
+    assert uefi is not None
+    lab.boot_verdict(STRANGER, uefi)  # DHCP saw option 93 = 7
+    lab.boot_verdict(STRANGER, None)  # the iPXE script fetch cannot tell
+    (seen,) = store.seen_machines()
+    assert (seen.mac, seen.arch, seen.firmware) == (STRANGER, "x86_64", "UEFI")
+    assert seen.last_seen >= seen.first_seen
+
+
+def test_enrolled_machine_boots_its_image_and_unknown_follows_policy(tmp_path: Path) -> None:
+    lab, _ = inventory(tmp_path, unknown="ignore")
+    known = lab.boot_verdict(C1, None)
+    assert (known.action, known.image, known.who) == ("boot", "osie", f"c1 ({C1})")
+    stranger = lab.boot_verdict(STRANGER, None)
+    assert (stranger.action, stranger.known) == ("ignore", False)
+
+
+def test_addresses_name_the_machine(tmp_path: Path) -> None:
+    lab, _ = inventory(tmp_path)
+    assert lab.describe_address(IPv4Address("10.0.0.31")) == f"c1 ({C1}, 10.0.0.31)"
+    lab.note_address(STRANGER, IPv4Address("10.0.0.77"))
+    assert (
+        lab.describe_address(IPv4Address("10.0.0.77")) == f"unknown machine {STRANGER} (10.0.0.77)"
+    )
+    assert lab.describe_address(IPv4Address("10.0.0.78")) == "10.0.0.78"
