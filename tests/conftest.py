@@ -6,6 +6,7 @@ import functools
 import os
 import shutil
 import signal
+import subprocess
 import threading
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
@@ -13,6 +14,7 @@ from types import FrameType
 
 import netlab
 import pytest
+import vmlab
 
 _REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
 
@@ -103,3 +105,28 @@ def segment(
         if any(r.failed for r in reports.values()):
             print(f"netlab logs of {request.node.nodeid}:\n{seg.log_summary()}")
         seg.close()
+
+
+REPO = Path(__file__).resolve().parent.parent
+BUILD_TESTOS = REPO / "scripts" / "build-testos.sh"
+TESTOS_DIR = REPO / "out" / "testos"
+
+
+@pytest.fixture(scope="session")
+def testos() -> tuple[Path, Path]:
+    """(vmlinuz, initrd) of the test OS, built (or found up to date) in out/testos."""
+    problem = vmlab.prerequisite_problem()
+    if problem:
+        _skip_or_fail(problem)
+    try:
+        result = subprocess.run(
+            ["bash", str(BUILD_TESTOS), str(TESTOS_DIR)],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{BUILD_TESTOS} did not finish in 900 s", pytrace=False)
+    if result.returncode != 0:
+        pytest.fail(f"{BUILD_TESTOS} failed:\n{result.stderr.strip()}", pytrace=False)
+    return TESTOS_DIR / "vmlinuz", TESTOS_DIR / "initrd"

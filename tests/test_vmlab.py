@@ -12,7 +12,6 @@ import ipaddress
 import os
 import re
 import shutil
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,9 +20,6 @@ import netlab
 import pytest
 import vmlab
 
-REPO = Path(__file__).resolve().parent.parent
-BUILD_TESTOS = REPO / "scripts" / "build-testos.sh"
-TESTOS_DIR = REPO / "out" / "testos"
 IPXE_EFI = Path("/usr/lib/ipxe/ipxe.efi")
 
 ROUTER_IP = "10.79.0.1"
@@ -41,26 +37,6 @@ def _skip_or_fail(problem: str) -> None:
     if os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}:
         pytest.fail(f"CI=true but VM prerequisite missing: {problem}", pytrace=False)
     pytest.skip(problem)
-
-
-@pytest.fixture(scope="session")
-def testos() -> tuple[Path, Path]:
-    """(vmlinuz, initrd) of the test OS, built (or found up to date) in out/testos."""
-    problem = vmlab.prerequisite_problem()
-    if problem:
-        _skip_or_fail(problem)
-    try:
-        result = subprocess.run(
-            ["bash", str(BUILD_TESTOS), str(TESTOS_DIR)],
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"{BUILD_TESTOS} did not finish in 900 s", pytrace=False)
-    if result.returncode != 0:
-        pytest.fail(f"{BUILD_TESTOS} failed:\n{result.stderr.strip()}", pytrace=False)
-    return TESTOS_DIR / "vmlinuz", TESTOS_DIR / "initrd"
 
 
 @pytest.fixture

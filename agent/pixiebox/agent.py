@@ -19,10 +19,13 @@ from .dhcp.proxy import ProxyHandler
 from .dhcp.reservation import ReservationHandler
 from .dhcp.server import DhcpServer, Handler
 from .firmware import Assets, Firmware, known_arches
+from .http.boot import BootHttpState, boot_app
+from .http.server import BootHttpServer
 from .inventory import Inventory
 from .netif import interface_info, interface_names
 from .state import StateStore
 from .tftp import TftpServer
+from .uboot import tftp_generator
 from .urls import BootUrls
 
 log = logging.getLogger("pixiebox")
@@ -71,11 +74,15 @@ def resolve_segment(config: LabConfig) -> Segment:
     return Segment(name, info.mac or "00:00:00:00:00:00", server_ip, subnet)
 
 
+def boot_urls(config: LabConfig, segment: Segment) -> BootUrls:
+    _, http_port = split_listen(config.http.listen)
+    return BootUrls(segment.server_ip, http_port)
+
+
 def build_handler(
     config: LabConfig, segment: Segment, inventory: Inventory, store: StateStore
 ) -> Handler:
-    _, http_port = split_listen(config.http.listen)
-    policy = BootPolicy(Assets(config.boot.assets), BootUrls(segment.server_ip, http_port))
+    policy = BootPolicy(Assets(config.boot.assets), boot_urls(config, segment))
     mode = config.network.dhcp_mode
     if mode == "proxy":
         return ProxyHandler(inventory, policy)
@@ -174,9 +181,16 @@ class Agent:
                 interface=segment.interface,
                 fallback_dirs=[("ipxe/", assets.root / "ipxe"), ("ipxe/", assets.system_ipxe)],
                 describe=lambda ip: inventory.describe_address(IPv4Address(ip)),
+                generate=tftp_generator(inventory, urls := boot_urls(config, segment)),
             )
             await tftp.start()
             services.callback(tftp.close)
+            http_host, http_port = split_listen(config.http.listen)
+            http = BootHttpServer(
+                boot_app(BootHttpState(inventory, urls, assets)), http_host, http_port
+            )
+            await http.start()
+            services.push_async_callback(http.stop)
             loop = asyncio.get_running_loop()
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, self._stop.set)

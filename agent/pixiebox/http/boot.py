@@ -34,10 +34,11 @@ from starlette.responses import FileResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
-from ..bootscript import ignore_script, ipxe_script, pxelinux_config
+from ..bootscript import ignore_script, ipxe_script
 from ..config import ImageSection, LabConfig, normalize_mac
 from ..firmware import DEFAULT_ARCH, ArchInfo, Assets, arch_info
 from ..inventory import BootVerdict, Inventory
+from ..uboot import pxelinux_for
 from ..urls import BootUrls
 from .server import PATHSEND
 
@@ -61,7 +62,6 @@ EVENT_KINDS = (
 
 #: U-Boot fetches pxelinux.cfg without saying its architecture; DHCP recorded the exact option-93
 #: code a moment earlier (FIRMWARE-QUIRKS #30: 21 armv7, 22 armv8), most boards are armv8.
-UBOOT_ARCH = arch_info(22) or DEFAULT_ARCH
 
 # ${buildarch} and ${platform} of the running iPXE build to the option-93 code of the firmware
 # that runs it (RFC 4578 2.1): BIOS iPXE (undionly.kpxe) is an i386 build even on x86-64.
@@ -79,7 +79,6 @@ _BUILDARCH_CODES: dict[tuple[str, str | None], int] = {
 }
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
-_PXELINUX_MAC = re.compile(r"01-([0-9a-fA-F]{2}(?:-[0-9a-fA-F]{2}){5})")
 
 
 def _no_events(kind: str, who: str, detail: str) -> None:
@@ -465,78 +464,11 @@ class _Handlers:
     # /pxelinux.cfg/{name}
 
     async def pxelinux(self, request: Request) -> Response:
-        file = str(request.path_params["name"])
-        ip = client_ip(request)
-        config = self.inventory.config
-        match = _PXELINUX_MAC.fullmatch(file)
-        if match:
-            mac: str | None = normalize_mac(match.group(1))
-        elif file == "default":
-            mac = self.inventory.mac_at(ip) if ip is not None else None
-        else:
-            # U-Boot tries pxelinux.cfg/<uuid> and /<hex IP> before the MAC: not found, fast.
-            log.debug("%s asked for pxelinux.cfg/%s: not served", self._describe(ip), file)
-            return PlainTextResponse("not found\n", 404)
-        if mac is None:
-            # `default` from an address no MAC is known for. U-Boot asks for 01-<mac> first,
-            # which is where an unknown machine is recorded and decided; this is the fallback
-            # for a board whose MAC file was not answered, and it cannot be recorded.
-            if config.boot.unknown == "ignore":
-                log.info(
-                    "%s asked for pxelinux.cfg/default; not answered ([boot] unknown = ignore)",
-                    self._describe(ip),
-                )
-                return PlainTextResponse("not found\n", 404)
-            image = config.images.get(config.boot.image)
-            if image is None:
-                return PlainTextResponse("not found\n", 404)
-            log.info(
-                "%s fetched pxelinux.cfg/default; next: kernel %s of the default image %s",
-                self._describe(ip),
-                image.kernel,
-                config.boot.image,
-            )
-            text = pxelinux_config(
-                self.state.urls, image, mac=None, name=None, image_name=config.boot.image
-            )
-            return _script(text)
-        if ip is not None:
-            self.inventory.note_address(mac, ip)
-        verdict = self.inventory.boot_verdict(mac, UBOOT_ARCH)
-        if verdict.action == "ignore":
-            log.info(
-                "%s fetched pxelinux.cfg/%s; not answered ([boot] unknown = ignore); "
-                "enroll it with: pixiebox enroll %s --name NAME",
-                verdict.who,
-                file,
-                mac,
-            )
-            self.state.emit("ignored", mac, "not booted ([boot] unknown = ignore)")
-            return PlainTextResponse("not found\n", 404)
-        image_name, found = self._image(verdict)
-        if found is None:
-            log.error(
-                "%s should boot image %s, but lab.toml has no [images.%s]",
-                verdict.who,
-                image_name,
-                image_name,
-            )
-            return PlainTextResponse("not found\n", 404)
-        if len(found.initrd) > 1:
-            log.warning(
-                "[images.%s] has %d initrds, but U-Boot loads one: concatenate them into one "
-                "file for %s",
-                image_name,
-                len(found.initrd),
-                verdict.who,
-            )
-        name = verdict.machine.name if verdict.machine else None
-        text = pxelinux_config(self.state.urls, found, mac=mac, name=name, image_name=image_name)
-        log.info(
-            "%s fetched pxelinux.cfg/%s; next: kernel %s over TFTP", verdict.who, file, found.kernel
-        )
-        self.state.emit("pxelinux", mac, f"fetched its pxelinux.cfg for image {image_name}")
-        return _script(text)
+        text = pxelinux_for(
+            self.inventory, self.state.urls, str(request.path_params["name"]),
+            client_ip(request), self.state.emit,
+        )  # fmt: skip
+        return PlainTextResponse("not found\n", 404) if text is None else _script(text)
 
 
 def boot_app(state: BootHttpState) -> Starlette:

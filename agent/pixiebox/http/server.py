@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from typing import Any, cast
 
 import uvicorn
+from starlette.types import ASGIApp
 from uvicorn._types import ASGIApplication, ASGISendEvent
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
@@ -145,9 +146,7 @@ class BootHttpServer:
     short. start() binds and returns; stop() lets transfers finish for a few seconds, then cuts
     them off at the socket."""
 
-    def __init__(
-        self, app: ASGIApplication, host: str, port: int, *, pathsend: bool = True
-    ) -> None:
+    def __init__(self, app: ASGIApp, host: str, port: int, *, pathsend: bool = True) -> None:
         """`pathsend=False` leaves the extension out (files are then copied through Python),
         for comparisons."""
         self.app = app
@@ -160,7 +159,7 @@ class BootHttpServer:
 
     async def start(self) -> None:
         config = uvicorn.Config(
-            self.app,
+            cast(ASGIApplication, self.app),
             host=self.host,
             port=self.port,
             http=PathsendProtocol if self.pathsend else HttpToolsProtocol,

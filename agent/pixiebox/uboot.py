@@ -1,0 +1,106 @@
+"""pxelinux.cfg files for U-Boot boards, answered the same way over TFTP and HTTP.
+
+U-Boot's `pxe get` (FIRMWARE-QUIRKS #30: U-Boot ignores proxy offers, so these boards run in
+reservation or full mode) asks for pxelinux.cfg/<uuid>, then 01-<mac>, then the address in hex
+ever shorter, then `default`. The MAC file is where a board is recognised and recorded; the others
+are answered "not found" at once so the board gets there quickly.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from ipaddress import IPv4Address
+
+from .bootscript import pxelinux_config
+from .config import normalize_mac
+from .firmware import DEFAULT_ARCH, arch_info
+from .inventory import Inventory
+from .urls import BootUrls
+
+log = logging.getLogger("pixiebox.uboot")
+
+#: What U-Boot on an armv8 board reports in option 93 (Debian's u-boot-qemu sends 22).
+UBOOT_ARCH = arch_info(22) or DEFAULT_ARCH
+PXELINUX_DIR = "pxelinux.cfg/"
+_MAC_FILE = re.compile(r"01-([0-9a-fA-F]{2}(?:-[0-9a-fA-F]{2}){5})")
+
+
+def pxelinux_for(
+    inventory: Inventory,
+    urls: BootUrls,
+    file: str,
+    ip: IPv4Address | None,
+    emit: Callable[[str, str, str], None] | None = None,
+) -> str | None:
+    """The pxelinux.cfg/`file` a board at `ip` should get, or None for "not found"."""
+    config = inventory.config
+    describe = inventory.describe_address(ip) if ip is not None else "a U-Boot board"
+    match = _MAC_FILE.fullmatch(file)
+    if match:
+        mac: str | None = normalize_mac(match.group(1))
+    elif file == "default":
+        mac = inventory.mac_at(ip) if ip is not None else None
+    else:
+        log.debug("%s asked for pxelinux.cfg/%s: not served", describe, file)
+        return None
+    if mac is None:
+        # `default` from an address no MAC is known for: the fallback for a board whose MAC file
+        # was not answered; it cannot be recorded.
+        image = config.images.get(config.boot.image)
+        if config.boot.unknown == "ignore" or image is None:
+            log.info("%s asked for pxelinux.cfg/default; not answered", describe)
+            return None
+        log.info(
+            "%s fetched pxelinux.cfg/default; next: kernel %s of the default image %s",
+            describe, image.kernel, config.boot.image,
+        )  # fmt: skip
+        return pxelinux_config(urls, image, mac=None, name=None, image_name=config.boot.image)
+    if ip is not None:
+        inventory.note_address(mac, ip)
+    verdict = inventory.boot_verdict(mac, UBOOT_ARCH)
+    if verdict.action == "ignore":
+        log.info(
+            "%s fetched pxelinux.cfg/%s; not answered ([boot] unknown = ignore); "
+            "enroll it with: pixiebox enroll %s --name NAME",
+            verdict.who, file, mac,
+        )  # fmt: skip
+        if emit is not None:
+            emit("ignored", mac, "not booted ([boot] unknown = ignore)")
+        return None
+    image_name = verdict.image or config.boot.image
+    found = config.images.get(image_name)
+    if found is None:
+        log.error(
+            "%s should boot image %s, but lab.toml has no [images.%s]",
+            verdict.who, image_name, image_name,
+        )  # fmt: skip
+        return None
+    if len(found.initrd) > 1:
+        log.warning(
+            "[images.%s] has %d initrds, but U-Boot loads one: concatenate them into one file "
+            "for %s", image_name, len(found.initrd), verdict.who,
+        )  # fmt: skip
+    name = verdict.machine.name if verdict.machine else None
+    log.info("%s fetched pxelinux.cfg/%s; next: kernel %s over TFTP", verdict.who, file,
+             found.kernel)  # fmt: skip
+    if emit is not None:
+        emit("pxelinux", mac, f"fetched its pxelinux.cfg for image {image_name}")
+    return pxelinux_config(urls, found, mac=mac, name=name, image_name=image_name)
+
+
+def tftp_generator(inventory: Inventory, urls: BootUrls) -> Callable[[str, str], bytes | None]:
+    """The TFTP server's hook for files on no disk: pxelinux.cfg/* for U-Boot."""
+
+    def generate(path: str, client_ip: str) -> bytes | None:
+        if not path.startswith(PXELINUX_DIR):
+            return None
+        try:
+            ip: IPv4Address | None = IPv4Address(client_ip)
+        except ValueError:
+            ip = None
+        text = pxelinux_for(inventory, urls, path.removeprefix(PXELINUX_DIR), ip)
+        return None if text is None else text.encode()
+
+    return generate
