@@ -1,0 +1,1 @@
+"""The virtual lab: namespaces, a home router, QEMU machines, and the demo."""

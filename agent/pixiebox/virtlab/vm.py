@@ -1,0 +1,259 @@
+"""QEMU machines on a virtual-lab segment, for real PXE boots (BIOS and UEFI).
+
+A VM is a ``qemu-system-x86_64`` process started in the segment's switch namespace through
+:meth:`netns.Host.popen`, so the segment tracks it and kills it on close.  Its NIC is a tap
+device created in that namespace and enslaved to the bridge: it needs no link in the root
+namespace and disappears with the switch namespace.  The serial console goes to a file that
+:meth:`VM.wait_console` polls.
+
+Firmware: ``bios`` is SeaBIOS; ``uefi`` is OVMF (Debian's ``ovmf`` package, with a private copy
+of the variable store).  PXE: ``ipxe-rom`` uses QEMU's default option ROM for virtio-net-pci
+(iPXE's ``efi-virtio.rom``, which holds both the legacy PXE and the EFI driver);
+``native`` (UEFI only) gives the NIC no ROM so EDK2's own PXE stack boots, which fetches its
+boot file by TFTP.  With ``kernel``/``initrd`` the VM boots them directly (no PXE).
+
+TCG by default (``PIXIEBOX_QEMU_ACCEL`` overrides, e.g. ``kvm`` on real hardware): KVM guests
+hang on these machines (nested virtualisation).  One vCPU per VM: the machines have 2 cores.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from . import netns
+
+QEMU = "qemu-system-x86_64"
+ACCEL_ENV = "PIXIEBOX_QEMU_ACCEL"
+# Debian bookworm's ovmf: the 4 MiB build without Secure Boot, as its QEMU firmware descriptor
+# (/usr/share/qemu/firmware/60-edk2-x86_64.json) names; the 2 MiB build as a fallback.
+OVMF_PAIRS = (
+    (Path("/usr/share/OVMF/OVMF_CODE_4M.fd"), Path("/usr/share/OVMF/OVMF_VARS_4M.fd")),
+    (Path("/usr/share/OVMF/OVMF_CODE.fd"), Path("/usr/share/OVMF/OVMF_VARS.fd")),
+)
+# The combined legacy+EFI iPXE ROM QEMU loads for virtio-net-pci by default (ipxe-qemu).
+IPXE_VIRTIO_ROM = Path("/usr/lib/ipxe/qemu/efi-virtio.rom")
+
+Firmware = Literal["bios", "uefi"]
+Pxe = Literal["ipxe-rom", "native"]
+
+_TAP_IDS = itertools.count(1)
+_MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+
+
+def ovmf_files() -> tuple[Path, Path]:
+    """(OVMF_CODE, OVMF_VARS template) of the installed ovmf package."""
+    for code, vars_template in OVMF_PAIRS:
+        if code.is_file() and vars_template.is_file():
+            return code, vars_template
+    raise FileNotFoundError("OVMF not found in /usr/share/OVMF: apt-get install ovmf")
+
+
+def prerequisite_problem(firmware: Firmware | None = None) -> str | None:
+    """Why a VM cannot run here (None if it can): netlab's needs, QEMU, firmware files."""
+    problem = netns.prerequisite_problem((QEMU,))
+    if problem:
+        return problem
+    if not os.access("/dev/net/tun", os.R_OK | os.W_OK):
+        return "vmlab needs /dev/net/tun (tap devices)"
+    if firmware in (None, "uefi"):
+        try:
+            ovmf_files()
+        except FileNotFoundError as exc:
+            return str(exc)
+    if not IPXE_VIRTIO_ROM.is_file():
+        return f"vmlab needs {IPXE_VIRTIO_ROM}: apt-get install ipxe-qemu"
+    return None
+
+
+@dataclass(eq=False)
+class VM:
+    """A running QEMU machine; stopped by :meth:`stop` or when its segment closes."""
+
+    name: str
+    mac: str
+    firmware: Firmware
+    pxe: Pxe | None  # None: direct kernel boot
+    proc: subprocess.Popen[bytes]
+    console: Path  # the serial console (ttyS0), as written by QEMU
+    log: Path  # QEMU's own stdout/stderr
+    tap: str  # the tap device on the bridge, in the switch namespace
+    segment: netns.Segment
+    argv: list[str]
+    started: float  # time.monotonic() when QEMU was started ("power-on")
+
+    def console_text(self) -> str:
+        """Everything on the serial console so far (CRs dropped, bad UTF-8 replaced)."""
+        try:
+            data = self.console.read_bytes()
+        except FileNotFoundError:
+            return ""
+        return data.decode("utf-8", "replace").replace("\r", "")
+
+    def elapsed(self) -> float:
+        """Seconds since power-on."""
+        return time.monotonic() - self.started
+
+    def wait_console(self, needle: str, timeout: float) -> str:
+        """Wait (at most ``timeout`` s) until ``needle`` is on the console; return the text.
+
+        Raises AssertionError with the console's tail and QEMU's log if the time runs out or
+        QEMU exits first.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.console_text()
+            if needle in text:
+                return text
+            if self.proc.poll() is not None:
+                problem = f"QEMU exited ({self.proc.returncode})"
+                break
+            if time.monotonic() >= deadline:
+                problem = f"timed out after {timeout:g}s"
+                break
+            time.sleep(0.25)
+        raise AssertionError(
+            f"{self.name}: {problem} waiting for {needle!r} on the console "
+            f"({self.elapsed():.0f}s after power-on)\n{self.tails()}"
+        )
+
+    def tails(self) -> str:
+        """The console's tail and QEMU's log, for failure messages."""
+        console = self.console_text()[-3000:]
+        try:
+            qemu_log = self.log.read_bytes()[-1500:].decode("utf-8", "replace")
+        except OSError as exc:
+            qemu_log = f"<{exc}>"
+        return (
+            f"----- {self.name} console tail ({self.console}) -----\n{console}\n"
+            f"----- {self.name} QEMU log ({self.log}) -----\n{qemu_log}"
+        )
+
+    def stop(self) -> None:
+        """Power off (kill QEMU) and remove the tap device."""
+        self.segment.stop(self.proc)
+        netns.run_command(
+            ["ip", "-n", self.segment.switch.name, "link", "del", self.tap], check=False
+        )
+
+
+def _accel() -> str:
+    return os.environ.get(ACCEL_ENV, "").strip() or "tcg"
+
+
+def _add_tap(segment: netns.Segment) -> str:
+    """A persistent tap on the bridge, in the switch namespace (dies with it)."""
+    ns = segment.switch.name
+    tap = f"tap{next(_TAP_IDS)}"
+    netns.run_command(["ip", "-n", ns, "tuntap", "add", "dev", tap, "mode", "tap"])
+    netns.run_command(["ip", "-n", ns, "link", "set", tap, "master", netns.BRIDGE, "up"])
+    return tap
+
+
+def start_vm(
+    segment: netns.Segment,
+    name: str,
+    mac: str,
+    *,
+    firmware: Firmware,
+    pxe: Pxe = "ipxe-rom",
+    memory_mb: int = 512,
+    kernel: Path | None = None,
+    initrd: Path | None = None,
+    append: str = "",
+    workdir: Path,
+) -> VM:
+    """Power on a VM whose one NIC (virtio-net-pci, ``mac``) is on ``segment``.
+
+    Without ``kernel`` it network-boots (``pxe``); with it QEMU loads ``kernel``, ``initrd``
+    and ``append`` directly (the firmware still runs).  Files go to ``workdir``:
+    ``NAME-console.log``, ``NAME-qemu.log`` and, for UEFI, ``NAME-OVMF_VARS.fd``.
+    """
+    mac = mac.lower()
+    if not _MAC_RE.fullmatch(mac):
+        raise ValueError(f"bad MAC {mac!r}")
+    if firmware not in ("bios", "uefi"):
+        raise ValueError(f"firmware must be 'bios' or 'uefi': {firmware!r}")
+    if pxe not in ("ipxe-rom", "native"):
+        raise ValueError(f"pxe must be 'ipxe-rom' or 'native': {pxe!r}")
+    if pxe == "native" and firmware == "bios":
+        raise ValueError("SeaBIOS has no PXE stack of its own: use pxe='ipxe-rom' for BIOS")
+    if kernel is None and (initrd is not None or append):
+        raise ValueError("initrd and append need kernel (direct boot)")
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    console = workdir / f"{name}-console.log"
+    console.unlink(missing_ok=True)
+
+    tap = _add_tap(segment)
+    nic = f"virtio-net-pci,netdev=net0,mac={mac}"
+    if pxe == "native":
+        nic += ",romfile="  # no option ROM: OVMF's VirtioNetDxe + its own PXE client
+    argv: list[str] = [
+        shutil.which(QEMU) or QEMU,
+        "-name", name,
+        "-machine", "q35",
+        "-accel", _accel(),
+        "-smp", "1",
+        "-m", str(memory_mb),
+        "-nodefaults",  # no default NIC, VGA, floppy, CD-ROM: only what is listed here
+        "-display", "none",
+        "-serial", f"file:{console}",
+        "-monitor", "none",
+        "-no-reboot",  # a crash or reboot ends QEMU, so waiting stops early
+        "-netdev", f"tap,id=net0,ifname={tap},script=no,downscript=no",
+    ]  # fmt: skip
+    if firmware == "bios":
+        # SeaBIOS's serial console (its "sercon", enabled by this fw_cfg file holding the port
+        # as a little-endian integer): with no VGA, SeaBIOS and the iPXE ROM print to ttyS0 too.
+        # QEMU warns that the name lacks the "opt/" prefix; SeaBIOS wants exactly this name.
+        sercon = workdir / "seabios-sercon-port"
+        sercon.write_bytes((0x3F8).to_bytes(2, "little"))
+        argv += ["-fw_cfg", f"name=etc/sercon-port,file={sercon}"]
+    if firmware == "uefi":
+        code, vars_template = ovmf_files()
+        vars_copy = workdir / f"{name}-OVMF_VARS.fd"
+        shutil.copyfile(vars_template, vars_copy)  # OVMF writes its variables here
+        argv += [
+            "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
+            "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}",
+        ]  # fmt: skip
+    if kernel is not None:
+        argv += ["-device", nic, "-kernel", str(kernel)]
+        if initrd is not None:
+            argv += ["-initrd", str(initrd)]
+        if append:
+            argv += ["-append", append]
+    else:
+        # bootindex is what OVMF builds its boot order from; SeaBIOS also takes -boot n.
+        argv += ["-device", f"{nic},bootindex=1", "-boot", "n"]
+
+    log = workdir / f"{name}-qemu.log"
+    try:
+        proc = segment.switch.popen(argv, log)
+    except BaseException:
+        netns.run_command(["ip", "-n", segment.switch.name, "link", "del", tap], check=False)
+        raise
+    return VM(
+        name=name,
+        mac=mac,
+        firmware=firmware,
+        pxe=None if kernel is not None else pxe,
+        proc=proc,
+        console=console,
+        log=log,
+        tap=tap,
+        segment=segment,
+        argv=argv,
+        started=time.monotonic(),
+    )
+
+
+__all__ = ["QEMU", "VM", "Firmware", "Pxe", "ovmf_files", "prerequisite_problem", "start_vm"]
