@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Pixiebox build pipeline.
 #
+#   sudo ./build.sh demo     set up, then run the virtual lab: QEMU machines PXE-boot from Pixiebox
+#                            (--machines N, --timeout S, --keep; Ctrl-C removes everything)
 #   sudo ./build.sh serve    set up, then run the agent on config/lab.toml (PIXIEBOX_CONFIG overrides)
 #   sudo ./build.sh test     set up, then run linters and the whole test suite (what CI runs)
 #   sudo ./build.sh setup    install system packages and the Python environment only
@@ -18,7 +20,7 @@ VENV="$ROOT/.venv"
 APT_PACKAGES=(
     python3 python3-venv python3-dev gcc
     iproute2 isc-dhcp-client busybox dnsmasq-base dnsutils curl tftp-hpa tcpdump procps
-    ipxe
+    ipxe strace
     qemu-system-x86 ovmf ipxe-qemu kmod cpio  # VM tests; depmod + cpio build the test OS
 )
 
@@ -66,6 +68,19 @@ cmd_serve() {
     exec "$VENV/bin/pixiebox" serve ${PIXIEBOX_CONFIG:+--config "$PIXIEBOX_CONFIG"} "$@"
 }
 
+build_testos() {
+    say "building the test OS (Debian kernel + busybox initrd) in out/testos"
+    bash scripts/build-testos.sh "$ROOT/out/testos" || die "the test OS did not build (see above)"
+}
+
+cmd_demo() {
+    need_root demo "the virtual lab builds network namespaces and runs QEMU"
+    setup_system
+    setup_python ""
+    build_testos
+    exec "$VENV/bin/pixiebox" demo --testos "$ROOT/out/testos" "$@"
+}
+
 cmd_test() {
     need_root test "the tests build network namespaces"
     setup_system
@@ -82,6 +97,7 @@ cmd_test() {
 case "${1:-}" in
     setup) shift; cmd_setup "$@" ;;
     serve) shift; cmd_serve "$@" ;;
+    demo) shift; cmd_demo "$@" ;;
     test) shift; cmd_test "$@" ;;
-    *) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+    *) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

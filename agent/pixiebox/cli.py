@@ -11,6 +11,7 @@ from pathlib import Path
 from . import config as lab
 from .agent import Agent, StartupError
 from .netif import interface_info, interface_names
+from .virtlab import demo as virtlab_demo
 
 
 def _config_argument(parser: argparse.ArgumentParser) -> None:
@@ -113,7 +114,20 @@ def build_parser() -> argparse.ArgumentParser:
     _config_argument(serve)
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=cmd_serve)
+    demo = commands.add_parser(
+        "demo", help="run the virtual lab: a router, the agent and QEMU machines that PXE-boot"
+    )
+    virtlab_demo.add_arguments(demo)
+    demo.set_defaults(func=cmd_demo)
     return parser
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    try:
+        return virtlab_demo.run(args)
+    except virtlab_demo.DemoError as exc:
+        print(f"cannot run the demo: {exc}", file=sys.stderr)
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:

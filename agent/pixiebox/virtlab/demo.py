@@ -1,0 +1,301 @@
+"""`pixiebox demo`: the virtual lab, for anyone without a rack of NUCs.
+
+On this one machine: a private bridge in network namespaces, a "home router" (dnsmasq handing
+out addresses only), the Pixiebox agent in proxy mode, and QEMU machines (BIOS and UEFI) that
+PXE-boot from it, shown live until they are all up, Ctrl-C, or the timeout; then everything the
+demo made is removed (unless --keep). It is the same machinery the VM tests use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+from . import netns, vm
+
+SUBNET = "10.88.0.0/24"
+ROUTER_IP = "10.88.0.1"
+AGENT_IP = "10.88.0.2"
+ROUTER_RANGE = ("10.88.0.100", "10.88.0.199")
+READY = "Pixiebox serving"
+UP = "PIXIEBOX-TESTOS: up"
+DEMO_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPixieboxDemoKeyReplaceMe demo@pixiebox"
+
+#: The stages a machine goes through, each with how it is recognised: (source, text). "agent"
+#: lines are the agent's log lines that name the machine; "console" is the VM's serial console.
+#: Read from the agent's log for now; the events API replaces this once it exists.
+STAGES: tuple[tuple[str, str, str], ...] = (
+    ("DHCP", "agent", "asked to boot; sent proxy"),
+    ("TFTP", "agent", "over TFTP in"),  # UEFI's own PXE client fetching ipxe.efi
+    ("script", "agent", "fetched its iPXE script"),
+    ("kernel", "agent", "received the kernel"),
+    ("initrd", "agent", "received the initrd"),
+    ("OS", "console", "PIXIEBOX-TESTOS: started"),
+    ("address", "console", "PIXIEBOX-TESTOS: address"),
+    ("up", "console", UP),
+)
+
+
+class DemoError(Exception):
+    """The demo cannot run here; the message says why and what to do."""
+
+
+@dataclass
+class Machine:
+    name: str
+    mac: str
+    firmware: vm.Firmware
+    pxe: vm.Pxe
+    vm: vm.VM | None = None
+    stage: str = "off"
+    seconds: dict[str, float] = field(default_factory=dict)
+    address: str = ""
+
+    @property
+    def label(self) -> str:
+        how = "UEFI, native PXE" if self.pxe == "native" else f"{self.firmware.upper()}, iPXE ROM"
+        return f"{self.name} ({how})"
+
+
+def plan(count: int) -> list[Machine]:
+    """BIOS and UEFI machines alternately; UEFI ones use the firmware's own PXE client, so the
+    demo shows both chains: iPXE ROM → script, and UEFI PXE → TFTP ipxe.efi → script."""
+    machines = []
+    for index in range(1, count + 1):
+        bios = index % 2 == 1
+        machines.append(Machine(
+            name=f"node{index}", mac=f"52:54:00:88:00:{index:02x}",
+            firmware="bios" if bios else "uefi", pxe="ipxe-rom" if bios else "native",
+        ))  # fmt: skip
+    return machines
+
+
+def user_keys() -> list[str]:
+    """The invoking user's SSH public keys (so the demo's machines would let them in), or a
+    placeholder."""
+    home = Path((os.environ.get("SUDO_USER") and f"~{os.environ['SUDO_USER']}") or "~").expanduser()
+    keys = []
+    for path in sorted((home / ".ssh").glob("*.pub")):
+        try:
+            line = path.read_text().strip()
+        except OSError:
+            continue
+        if line.startswith(("ssh-", "ecdsa-")):
+            keys.append(line)
+    return keys or [DEMO_KEY]
+
+
+def lab_toml(workdir: Path, testos: Path, machines: list[Machine], keys: list[str]) -> str:
+    assets = workdir / "assets"
+    (assets / "testos").mkdir(parents=True)
+    for name in ("vmlinuz", "initrd"):
+        shutil.copyfile(testos / name, assets / "testos" / name)
+    blocks = "".join(f'\n[[machines]]\nname = "{m.name}"\nmac = "{m.mac}"\n' for m in machines)
+    quoted = ", ".join(f'"{key}"' for key in keys)
+    return f"""# The virtual lab's lab.toml, written by `pixiebox demo`.
+[lab]
+name = "demo"
+domain = "demo.internal"
+
+[network]
+interface = "eth0"
+subnet = "{SUBNET}"
+gateway = "{ROUTER_IP}"
+dhcp_mode = "proxy"
+
+[boot]
+unknown = "discover"
+assets = "{assets}"
+ssh_keys = [{quoted}]
+
+[images.osie]
+# The demo's test OS until the real OSIE image is built.
+kernel = "testos/vmlinuz"
+initrd = ["testos/initrd"]
+cmdline = "console=ttyS0"
+
+[http]
+listen = ":80"
+
+[state]
+dir = "{workdir / "state"}"
+{blocks}"""
+
+
+class Display:
+    """Live progress: a redrawn table on a terminal, one line per change otherwise."""
+
+    def __init__(self, machines: list[Machine], stream: object = sys.stdout) -> None:
+        self.machines = machines
+        self.stream = stream
+        self.tty = bool(getattr(stream, "isatty", lambda: False)())
+        self._drawn = 0
+
+    def _write(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)  # type: ignore[call-overload]
+
+    def change(self, machine: Machine, stage: str, seconds: float) -> None:
+        if not self.tty:
+            self._write(f"[{seconds:5.1f}s] {machine.label}: {stage}")
+
+    def redraw(self, started: float) -> None:
+        if not self.tty:
+            return
+        names = [s[0] for s in STAGES]
+        lines = [
+            f"Pixiebox virtual lab, {time.monotonic() - started:5.1f}s",
+            f"{'machine':<28} {'stage':<8} " + " ".join(f"{n:>7}" for n in names),
+        ]
+        for m in self.machines:
+            cells = " ".join(
+                f"{m.seconds[n]:>6.1f}s" if n in m.seconds else f"{'.':>7}" for n in names
+            )
+            lines.append(f"{m.label:<28} {m.stage:<8} {cells}")
+        if self._drawn:
+            self._write(f"\033[{self._drawn}F\033[J" + "\n".join(lines))
+        else:
+            self._write("\n".join(lines))
+        self._drawn = len(lines)
+
+
+def follow(machines: list[Machine], agent_log: Path, display: Display) -> None:
+    """Advance each machine's stage from the agent's log and its console."""
+    try:
+        agent_text = agent_log.read_text(errors="replace")
+    except OSError:
+        agent_text = ""
+    for machine in machines:
+        if machine.vm is None:
+            continue
+        console = machine.vm.console_text()
+        mine = "\n".join(line for line in agent_text.splitlines() if machine.mac in line)
+        for stage, source, needle in STAGES:
+            if stage in machine.seconds:
+                continue
+            if needle in (mine if source == "agent" else console):
+                seconds = machine.vm.elapsed()
+                machine.seconds[stage] = seconds
+                machine.stage = stage
+                display.change(machine, stage, seconds)
+        if not machine.address and "address" in machine.seconds:
+            for line in console.splitlines():
+                if line.startswith("PIXIEBOX-TESTOS: address "):
+                    machine.address = line.split()[2]
+
+
+def summary(machines: list[Machine]) -> str:
+    lines = ["", f"{'machine':<28} {'MAC':<18} {'address':<18} power-on to up"]
+    for m in machines:
+        up = f"{m.seconds['up']:.1f} s" if "up" in m.seconds else f"not up (last: {m.stage})"
+        lines.append(f"{m.label:<28} {m.mac:<18} {m.address or '-':<18} {up}")
+    return "\n".join(lines)
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def check_prerequisites(testos: Path) -> None:
+    if os.geteuid() != 0:
+        raise DemoError("the virtual lab builds network namespaces: run it as root (sudo)")
+    problem = netns.prerequisite_problem(("dnsmasq",)) or vm.prerequisite_problem()
+    if problem:
+        raise DemoError(f"{problem} (sudo ./build.sh demo installs what it needs)")
+    for name in ("vmlinuz", "initrd"):
+        if not (testos / name).is_file():
+            raise DemoError(
+                f"no test OS at {testos / name}: build it with scripts/build-testos.sh {testos} "
+                "(sudo ./build.sh demo does)"
+            )
+
+
+def run(args: argparse.Namespace) -> int:
+    testos = Path(args.testos)
+    check_prerequisites(testos)
+    machines = plan(args.machines)
+    workdir = Path(tempfile.mkdtemp(prefix="pixiebox-demo-"))
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    display = Display(machines)
+    segment: netns.Segment | None = None
+    booted = False
+    try:
+        segment = netns.Segment(workdir / "segment")
+        router = segment.add_host("router", ip=f"{ROUTER_IP}/24")
+        netns.start_dnsmasq_router(router, *ROUTER_RANGE, ping_check=False)
+        print(f"home router (dnsmasq) at {ROUTER_IP}, handing out {'-'.join(ROUTER_RANGE)}")
+        agent_host = segment.add_host("agent", ip=f"{AGENT_IP}/24")
+        config = workdir / "lab.toml"
+        config.write_text(lab_toml(workdir, testos, machines, user_keys()))
+        agent_log = workdir / "agent.log"
+        agent = agent_host.popen(
+            [sys.executable, "-m", "pixiebox.cli", "serve", "--config", str(config)], agent_log
+        )
+        netns.wait_until(
+            lambda: READY in agent_log.read_text(errors="replace") or agent.poll() is not None,
+            20, 0.1, f"the agent did not start; see {agent_log}",
+        )  # fmt: skip
+        if agent.poll() is not None:
+            raise DemoError(f"the agent exited:\n{agent_log.read_text(errors='replace')[-2000:]}")
+        print(f"Pixiebox agent at {AGENT_IP} in proxy mode (log: {agent_log})")
+        started = time.monotonic()
+        for machine in machines:
+            machine.vm = vm.start_vm(
+                segment, machine.name, machine.mac, firmware=machine.firmware, pxe=machine.pxe,
+                workdir=workdir,
+            )  # fmt: skip
+            machine.stage = "on"
+            print(f"powered on {machine.label}, MAC {machine.mac}")
+        deadline = started + args.timeout
+        while time.monotonic() < deadline:
+            follow(machines, agent_log, display)
+            display.redraw(started)
+            if all("up" in m.seconds for m in machines):
+                booted = True
+                break
+            time.sleep(0.5)
+        print(summary(machines))
+        if not booted:
+            print(f"\nnot every machine was up within {args.timeout:g} s; consoles and logs: "
+                  f"{workdir} (kept)")  # fmt: skip
+            args.keep_files = True
+        elif args.keep:
+            print(f"\nthe lab keeps running (--keep). Its agent: ip netns exec {agent_host.name} "
+                  f"...; consoles in {workdir}. Ctrl-C removes everything.")  # fmt: skip
+            while True:
+                follow(machines, agent_log, display)
+                time.sleep(1)
+        else:
+            print("\nall machines booted; removing the lab")
+    except KeyboardInterrupt:
+        print("\ninterrupted; removing the lab")
+    except (DemoError, OSError, AssertionError, netns.CommandError) as exc:
+        print(f"demo failed: {exc}", file=sys.stderr)
+        args.keep_files = True
+    finally:
+        if segment is not None:
+            segment.close()
+        signal.signal(signal.SIGTERM, previous)
+        if getattr(args, "keep_files", False):
+            print(f"files kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 0 if booted else 1
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--machines", type=int, default=2, choices=range(1, 11),
+                        metavar="N", help="how many QEMU machines (1-10, default 2)")  # fmt: skip
+    parser.add_argument("--timeout", type=float, default=300.0,
+                        help="seconds until every machine must be up (default 300)")  # fmt: skip
+    parser.add_argument("--keep", action="store_true",
+                        help="leave the lab running after it booted, until Ctrl-C")  # fmt: skip
+    parser.add_argument("--testos", default="out/testos",
+                        help="directory with the test OS's vmlinuz and initrd")  # fmt: skip
