@@ -1,0 +1,49 @@
+"""The agent's services together, as a U-Boot board and a PXE ROM see them: one `pixiebox serve`
+answering DHCP, TFTP and HTTP on the same interface."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import netlab
+from agentproc import lab_toml, start_agent
+
+SUBNET = "10.81.0.0/24"
+AGENT_IP = "10.81.0.2"
+BOARD_MAC, BOARD_IP = "02:00:00:00:81:01", "10.81.0.41"
+
+
+def test_uboot_board_gets_pxelinux_over_tftp_and_http_and_x86_gets_ipxe_over_tftp(
+    netlab_require: object, segment: netlab.Segment, workdir: Path
+) -> None:
+    netlab_require("curl")  # type: ignore[operator]
+    agent_host = segment.add_host("agent", ip=f"{AGENT_IP}/24")
+    config = lab_toml(
+        mode="reservation", subnet=SUBNET, assets=workdir / "assets", state=workdir / "state",
+        machines=[("tk1", BOARD_MAC, BOARD_IP)],
+    )  # fmt: skip  (boots the default image: osie/vmlinuz + osie/initrd)
+    agent = start_agent(agent_host, config, workdir)
+    board = segment.add_host("board", mac=BOARD_MAC, ip=f"{BOARD_IP}/24")
+    # U-Boot (arch 22) is offered pxelinux.0's directory, then asks for pxelinux.cfg/01-<mac>.
+    replies = netlab.pxe_discover(board, arch=22, uuid=None, vendor_class="U-Boot.armv8")
+    (offer,) = [r for r in replies if r.src_ip == AGENT_IP]
+    assert (offer.yiaddr, offer.file) == (BOARD_IP, "pxelinux.0")
+    wanted = f"pxelinux.cfg/01-{BOARD_MAC.replace(':', '-')}"
+    over_tftp = board.run(["curl", "-sS", "--max-time", "10", f"tftp://{AGENT_IP}/{wanted}"])
+    over_http = board.run(["curl", "-sS", "--max-time", "10", f"http://{AGENT_IP}/{wanted}"])
+    assert over_tftp.stdout == over_http.stdout
+    text = over_tftp.stdout
+    assert "KERNEL osie/vmlinuz" in text and "INITRD osie/initrd" in text
+    assert "pixiebox.name=tk1" in text and f"pixiebox.url=http://{AGENT_IP}" in text
+    assert "tk1 (02:00:00:00:81:01) fetched pxelinux.cfg/01-" in agent.text()
+    # U-Boot's earlier guesses (UUID, hex IP) are a fast "not found", not a hang.
+    miss = board.run(["curl", "-sS", "--max-time", "10", f"tftp://{AGENT_IP}/pxelinux.cfg/0A51"],
+                     check=False)  # fmt: skip
+    assert miss.returncode == 68  # TFTP file not found
+    # Debian's x86 iPXE builds come from /usr/lib/ipxe (ipxe.efi is a link into /boot there).
+    for name in ("undionly.kpxe", "ipxe.efi"):
+        fetched = workdir / name
+        board.run(
+            ["curl", "-sS", "--max-time", "20", "-o", str(fetched), f"tftp://{AGENT_IP}/{name}"]
+        )
+        assert fetched.read_bytes() == Path("/usr/lib/ipxe", name).read_bytes()
