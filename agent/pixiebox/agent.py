@@ -6,11 +6,12 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
-from .config import ConfigError, LabConfig, load_config, split_listen
+from .config import ConfigError, LabConfig, format_problem, load_config, split_listen
 from .dhcp.full import FullHandler
 from .dhcp.guard import find_other_dhcp_servers
 from .dhcp.leases import AddressBook
@@ -19,12 +20,16 @@ from .dhcp.proxy import ProxyHandler
 from .dhcp.reservation import ReservationHandler
 from .dhcp.server import DhcpServer, Handler
 from .firmware import Assets, Firmware, known_arches
+from .http.api import ApiState, api_app, ensure_token, machine_views
 from .http.boot import BootHttpState, boot_app
 from .http.server import BootHttpServer
 from .inventory import Inventory
+from .labfile import EnrollError, enroll
+from .lifecycle import MachineState
+from .metrics import PixieboxCollector, metrics_renderer
 from .netif import interface_info, interface_names
 from .state import StateStore
-from .tftp import TftpServer
+from .tftp import TftpEvent, TftpServer
 from .uboot import tftp_generator
 from .urls import BootUrls
 
@@ -121,6 +126,44 @@ async def guard_segment(config: LabConfig, segment: Segment) -> None:
         )
 
 
+def _mac_for(inventory: Inventory, who: str) -> tuple[str | None, IPv4Address | None]:
+    """(MAC, IP) for a protocol's `who`: a MAC already, or an address to look up."""
+    try:
+        ip = IPv4Address(who)
+    except ValueError:
+        return who, None
+    return inventory.mac_at(ip), ip
+
+
+def tftp_recorder(inventory: Inventory) -> Callable[[TftpEvent], None]:
+    """TFTP outcomes as events of the machine at the client's address."""
+
+    def record(event: TftpEvent) -> None:
+        mac, ip = _mac_for(inventory, event.client_ip)
+        if mac is None:
+            return
+        if event.kind == "sent":
+            inventory.record(mac, "tftp", f"fetched {event.path} over TFTP", ip)
+        else:
+            inventory.record(mac, "tftp-error", f"TFTP {event.path}: {event.reason}", ip)
+
+    return record
+
+
+#: The boot HTTP server's event kinds, as lifecycle kinds (see lifecycle._TRANSITIONS).
+_HTTP_KINDS = {"ipxe-script": "script", "kernel": "kernel", "initrd": "initrd",
+               "pxelinux": "pxelinux", "ignored": "ignored"}  # fmt: skip
+
+
+def http_recorder(inventory: Inventory) -> Callable[[str, str, str], None]:
+    def record(kind: str, who: str, detail: str) -> None:
+        mac, ip = _mac_for(inventory, who)
+        if mac is not None:
+            inventory.record(mac, _HTTP_KINDS.get(kind, "http-error"), detail, ip)
+
+    return record
+
+
 def prepare_assets(root: Path) -> Assets:
     """The assets directory, created empty on first start (a fresh appliance has none yet)."""
     if not root.is_dir():
@@ -161,65 +204,114 @@ class Agent:
     def __init__(self, config_path: Path) -> None:
         self.config_path = config_path
         self._stop = asyncio.Event()
+        self._inventory: Inventory | None = None
+        self._handler: Handler | None = None
 
     async def run(self) -> None:
         config = load_config(self.config_path)
         segment = resolve_segment(config)
         store = StateStore(config.state.dir)
         try:
-            inventory = Inventory(config, store)
-            handler = build_handler(config, segment, inventory, store)
+            inventory = self._inventory = Inventory(config, store)
+            handler = self._handler = build_handler(config, segment, inventory, store)
             await guard_segment(config, segment)
             assets = prepare_assets(config.boot.assets)
             check_loaders(assets)
-            services = contextlib.AsyncExitStack()
-            dhcp = DhcpServer(handler, segment.interface)
-            await dhcp.start()
-            services.callback(dhcp.close)
-            tftp = TftpServer(
-                assets.root,
-                interface=segment.interface,
-                fallback_dirs=[("ipxe/", assets.root / "ipxe"), ("ipxe/", assets.system_ipxe)],
-                describe=lambda ip: inventory.describe_address(IPv4Address(ip)),
-                generate=tftp_generator(inventory, urls := boot_urls(config, segment)),
-            )
-            await tftp.start()
-            services.callback(tftp.close)
-            http_host, http_port = split_listen(config.http.listen)
-            http = BootHttpServer(
-                boot_app(BootHttpState(inventory, urls, assets)), http_host, http_port
-            )
-            await http.start()
-            services.push_async_callback(http.stop)
-            loop = asyncio.get_running_loop()
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(signum, self._stop.set)
-            loop.add_signal_handler(signal.SIGHUP, lambda: self.reload(inventory, handler))
-            if config.boot.unknown == "enroll":
-                log.warning(
-                    '[boot] unknown = "enroll": this version cannot write lab.toml yet, so '
-                    "unknown machines are recorded as discovered and boot the default image, "
-                    'as with "discover"'
-                )
-            log.info(
-                "Pixiebox serving lab %r on %s (%s, %s) in %s mode with %d machines",
-                config.lab.name,
-                segment.interface,
-                segment.server_ip,
-                segment.subnet,
-                config.network.dhcp_mode,
-                len(config.machines),
-            )
-            try:
+            async with contextlib.AsyncExitStack() as services:
+                await self._start_services(services, config, segment, inventory, handler, assets)
+                loop = asyncio.get_running_loop()
+                for signum in (signal.SIGTERM, signal.SIGINT):
+                    loop.add_signal_handler(signum, self._stop.set)
+                loop.add_signal_handler(signal.SIGHUP, self.reload)
+                if config.boot.unknown == "enroll":
+                    log.warning(
+                        '[boot] unknown = "enroll": this version cannot write lab.toml from '
+                        "DHCP yet, so unknown machines are recorded as discovered and boot the "
+                        'default image, as with "discover"'
+                    )
+                log.info(
+                    "Pixiebox serving lab %r on %s (%s, %s) in %s mode with %d machines",
+                    config.lab.name, segment.interface, segment.server_ip, segment.subnet,
+                    config.network.dhcp_mode, len(config.machines),
+                )  # fmt: skip
                 await self._stop.wait()
-            finally:
-                await services.aclose()
-                log.info("Pixiebox stopped")
+            log.info("Pixiebox stopped")
         finally:
             store.close()
 
-    def reload(self, inventory: Inventory, handler: Handler) -> None:
-        """SIGHUP: re-read lab.toml; keep the running config if the new one is invalid."""
+    async def _start_services(
+        self,
+        services: contextlib.AsyncExitStack,
+        config: LabConfig,
+        segment: Segment,
+        inventory: Inventory,
+        handler: Handler,
+        assets: Assets,
+    ) -> None:
+        """Every service, each closed by `services` (also when a later one fails to start)."""
+        dhcp = DhcpServer(handler, segment.interface)
+        await dhcp.start()
+        services.callback(dhcp.close)
+        urls = boot_urls(config, segment)
+        tftp = TftpServer(
+            assets.root,
+            interface=segment.interface,
+            fallback_dirs=[("ipxe/", assets.root / "ipxe"), ("ipxe/", assets.system_ipxe)],
+            describe=lambda ip: inventory.describe_address(IPv4Address(ip)),
+            generate=tftp_generator(inventory, urls),
+            on_event=tftp_recorder(inventory),
+        )
+        await tftp.start()
+        services.callback(tftp.close)
+        http_host, http_port = split_listen(config.http.listen)
+        http = BootHttpServer(
+            boot_app(BootHttpState(inventory, urls, assets, http_recorder(inventory))),
+            http_host,
+            http_port,
+        )
+        await http.start()
+        services.push_async_callback(http.stop)
+        collector = PixieboxCollector(
+            {
+                "dhcp_packets": ("DHCP packets by outcome", dhcp.stats),
+                "tftp_requests": ("TFTP requests by outcome", tftp.stats),
+            },
+            lambda: machine_state_counts(inventory),
+        )
+        api_state = ApiState(
+            inventory,
+            ensure_token(config.api.token_file),
+            self.enroll,
+            metrics_renderer(collector),
+        )
+        api_host, api_port = split_listen(config.api.listen)
+        api = BootHttpServer(api_app(api_state), api_host, api_port, pathsend=False)
+        await api.start()
+        services.push_async_callback(api.stop)
+        watcher = asyncio.create_task(
+            inventory.lifecycle.watch_silence(
+                lambda: float(inventory.config.lab.off_after), inventory.name_of
+            )
+        )
+        services.callback(watcher.cancel)
+
+    def enroll(self, mac: str, name: str | None, ip: IPv4Address | None) -> str:
+        """Add `mac` to lab.toml (comments kept, validated, atomic) and reload it."""
+        try:
+            done = enroll(self.config_path, mac, name, str(ip) if ip is not None else None)
+        except EnrollError as exc:
+            raise ValueError(
+                "\n".join(format_problem(self.config_path, p) for p in exc.problems)
+            ) from None
+        self.reload()
+        return done.name
+
+    def reload(self) -> None:
+        """SIGHUP or an enrollment: re-read lab.toml; keep the running config if the new one is
+        invalid."""
+        inventory, handler = self._inventory, self._handler
+        if inventory is None or handler is None:
+            return
         try:
             config = load_config(self.config_path)
         except ConfigError as exc:
@@ -235,3 +327,10 @@ class Agent:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def machine_state_counts(inventory: Inventory) -> dict[MachineState, int]:
+    counts: dict[MachineState, int] = {}
+    for view in machine_views(inventory):
+        counts[view.state] = counts.get(view.state, 0) + 1
+    return counts

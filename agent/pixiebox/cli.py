@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote
 
 from . import config as lab
+from . import labfile
 from .agent import Agent, StartupError
+from .client import ApiClient, ApiRefused, ApiUnreachable
 from .netif import interface_info, interface_names
 from .virtlab import demo as virtlab_demo
 
@@ -104,6 +111,116 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _client(args: argparse.Namespace) -> ApiClient:
+    config = lab.load_config(lab.config_path(args.config))
+    return ApiClient.for_config(config, args.api)
+
+
+def _when(timestamp: float | None) -> str:
+    if not timestamp:
+        return "-"
+    ago = time.time() - timestamp
+    if ago < 120:
+        return f"{ago:.0f}s ago"
+    if ago < 7200:
+        return f"{ago / 60:.0f}m ago"
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(timestamp))
+
+
+def machines_table(machines: list[dict[str, Any]]) -> str:
+    rows = [("NAME", "MAC", "IP", "ARCH", "STATE", "LAST SEEN")]
+    for m in machines:
+        arch = " ".join(x for x in (m.get("arch"), m.get("firmware")) if x) or "-"
+        rows.append((m.get("name") or "(unknown)", m["mac"], m.get("ip") or "-", arch,
+                     m["state"], _when(m.get("last_seen"))))  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+                     for row in rows)  # fmt: skip
+
+
+def _event_line(event: dict[str, Any]) -> str:
+    stamp = time.strftime("%H:%M:%S", time.localtime(event["time"]))
+    who = event.get("name") or event["mac"]
+    return f"{stamp} {who:<17} {event['kind']:<10} {event['message']}"
+
+
+def _api_command(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Turns an unreachable agent, a refusal or a bad lab.toml into one clear line."""
+
+    def wrapped(args: argparse.Namespace) -> int:
+        try:
+            return run(args)
+        except (ApiUnreachable, ApiRefused) as exc:
+            print(f"pixiebox: {exc}", file=sys.stderr)
+            return 1
+        except lab.ConfigError as exc:
+            print(f"pixiebox: {exc.path} has errors:\n{exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return 130
+
+    return wrapped
+
+
+@_api_command
+def cmd_machines(args: argparse.Namespace) -> int:
+    machines = _client(args).call("GET", "/api/v1/machines")
+    print(json.dumps(machines, indent=2) if args.json else machines_table(machines))
+    return 0
+
+
+@_api_command
+def cmd_events(args: argparse.Namespace) -> int:
+    client = _client(args)
+    if args.machine:
+        events = client.call("GET", f"/api/v1/machines/{quote(args.machine)}/events")
+    else:
+        events = []
+    for event in events[-args.last :]:
+        print(_event_line(event), flush=True)
+    if args.follow:
+        query = f"?after={events[-1]['id']}" if events else ""
+        if args.machine:
+            mac = client.call("GET", f"/api/v1/machines/{quote(args.machine)}")["mac"]
+            query += ("&" if query else "?") + f"mac={quote(mac)}"
+        for event in client.stream(f"/api/v1/events{query}"):
+            print(_event_line(event), flush=True)
+    return 0
+
+
+@_api_command
+def cmd_enroll(args: argparse.Namespace) -> int:
+    body: dict[str, str] = {}
+    if args.name:
+        body["name"] = args.name
+    if args.ip:
+        body["ip"] = args.ip
+    client = _client(args)
+    try:
+        machine = client.call("POST", f"/api/v1/machines/{quote(args.mac)}/enroll", body)
+    except ApiUnreachable:
+        # No agent running: edit lab.toml directly (the agent reads it when it starts).
+        path = lab.config_path(args.config)
+        try:
+            done = labfile.enroll(path, args.mac, args.name, args.ip)
+        except labfile.EnrollError as exc:
+            for problem in exc.problems:
+                print(lab.format_problem(path, problem), file=sys.stderr)
+            return 1
+        print(f"enrolled {done.mac} as {done.name} in {path} (line {done.line}); "
+              "no agent is running: it takes effect when it starts")  # fmt: skip
+        return 0
+    print(f"enrolled {machine['mac']} as {machine['name']}"
+          + (f" at {machine['ip']}" if machine.get("ip") else "")
+          + "; the running agent uses it now")  # fmt: skip
+    return 0
+
+
+def _api_arguments(parser: argparse.ArgumentParser) -> None:
+    _config_argument(parser)
+    parser.add_argument("--api", default=None, help="the agent's API URL (default: from lab.toml)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pixiebox", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -114,6 +231,22 @@ def build_parser() -> argparse.ArgumentParser:
     _config_argument(serve)
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=cmd_serve)
+    machines = commands.add_parser("machines", help="every machine and its state (a table)")
+    _api_arguments(machines)
+    machines.add_argument("--json", action="store_true", help="print JSON instead")
+    machines.set_defaults(func=cmd_machines)
+    events = commands.add_parser("events", help="a machine's event log; --follow for live events")
+    _api_arguments(events)
+    events.add_argument("machine", nargs="?", help="a name or MAC (default: every machine)")
+    events.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
+    events.add_argument("--last", type=int, default=50, help="how many past events (default 50)")
+    events.set_defaults(func=cmd_events)
+    enroll = commands.add_parser("enroll", help="add a machine to lab.toml (comments kept)")
+    _api_arguments(enroll)
+    enroll.add_argument("mac", help="its MAC, in any usual spelling")
+    enroll.add_argument("--name", help="its name (default: the next free nodeN)")
+    enroll.add_argument("--ip", help="its fixed address (reservation and full mode)")
+    enroll.set_defaults(func=cmd_enroll)
     demo = commands.add_parser(
         "demo", help="run the virtual lab: a router, the agent and QEMU machines that PXE-boot"
     )

@@ -147,6 +147,9 @@ class Section(BaseModel):
 class LabSection(Section):
     name: str = "homelab"
     domain: str = "lab.internal"
+    # A machine that was booting or up and has not been heard from for this long is shown as
+    # off (powered off, or crashed).
+    off_after: Duration = 600
 
 
 DhcpMode = Literal["proxy", "reservation", "full"]

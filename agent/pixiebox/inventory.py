@@ -14,6 +14,7 @@ from typing import Literal
 
 from .config import LabConfig, MachineSection
 from .firmware import ArchInfo
+from .lifecycle import Lifecycle
 from .netif import neighbour_mac
 from .state import StateStore
 
@@ -44,6 +45,7 @@ class BootVerdict:
 class Inventory:
     def __init__(self, config: LabConfig, store: StateStore) -> None:
         self._store = store
+        self.lifecycle = Lifecycle(store)
         self._by_mac: dict[str, MachineSection] = {}
         # Learned at run time: in proxy mode the router hands out addresses, so the first
         # request that names a MAC (the iPXE script URL) is where we learn a machine's IP.
@@ -55,6 +57,15 @@ class Inventory:
         """Swap in a newly validated lab.toml (enrollment, SIGHUP)."""
         self.config = config
         self._by_mac = {machine.mac: machine for machine in config.machines}
+
+    def record(self, mac: str, kind: str, message: str, ip: IPv4Address | None = None) -> None:
+        """An event in `mac`'s log (see lifecycle): what happened, as a sentence."""
+        self.lifecycle.record(mac, kind, message, ip=str(ip) if ip is not None else None)
+
+    def name_of(self, mac: str) -> str:
+        """How a log line names `mac`: "c1 (mac)" when enrolled, else "unknown machine mac"."""
+        machine = self._by_mac.get(mac)
+        return f"{machine.name} ({mac})" if machine else f"unknown machine {mac}"
 
     def who_is(self, mac: str) -> MachineSection | None:
         return self._by_mac.get(mac)
@@ -107,21 +118,19 @@ class Inventory:
             return BootVerdict(mac, machine, "boot", machine.image or self.config.boot.image)
         if policy == "ignore":
             if first_time:
-                log.info(
-                    "unknown machine %s (%s) asked to boot; not answering it because "
-                    '[boot] unknown = "ignore"; enroll it with: pixiebox enroll %s --name NAME',
-                    mac,
-                    label,
-                    mac,
+                message = (
+                    f"unknown machine {mac} ({label}) asked to boot; not answering it because "
+                    f'[boot] unknown = "ignore"; enroll it with: pixiebox enroll {mac} --name NAME'
                 )
+                log.info("%s", message)
+                self.lifecycle.discovered(mac, message)
             return BootVerdict(mac, None, "ignore", None)
         if first_time:
-            log.info(
-                "unknown machine %s (%s) asked to boot; recorded as discovered; booting the "
-                "default image %r; enroll it with: pixiebox enroll %s --name NAME",
-                mac,
-                label,
-                self.config.boot.image,
-                mac,
+            message = (
+                f"unknown machine {mac} ({label}) asked to boot; recorded as discovered; booting "
+                f"the default image {self.config.boot.image!r}; enroll it with: "
+                f"pixiebox enroll {mac} --name NAME"
             )
+            log.info("%s", message)
+            self.lifecycle.discovered(mac, message)
         return BootVerdict(mac, None, "boot", self.config.boot.image)

@@ -1,4 +1,5 @@
-"""What the agent learns at run time: machines that asked to boot, and DHCP leases.
+"""What the agent learns at run time: machines that asked to boot, their state and event log,
+and DHCP leases.
 
 lab.toml stays the source of truth for enrolled machines; this store keeps what must survive a
 restart or a power cut (a lease handed out must never be handed to another MAC after a crash).
@@ -30,7 +31,49 @@ CREATE TABLE IF NOT EXISTS leases (
     state TEXT NOT NULL  -- 'bound' (ACKed), 'released', 'declined'
 );
 CREATE INDEX IF NOT EXISTS leases_by_mac ON leases (mac);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    mac TEXT NOT NULL,
+    time REAL NOT NULL,
+    kind TEXT NOT NULL,
+    message TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_mac ON events (mac, id);
 """
+
+#: Columns added after the first release of a table: (table, column, declaration).
+_ADDED_COLUMNS = (
+    ("machines", "state", "TEXT NOT NULL DEFAULT ''"),
+    ("machines", "state_since", "REAL NOT NULL DEFAULT 0"),
+    ("machines", "ip", "TEXT NOT NULL DEFAULT ''"),
+)
+
+#: Events kept per machine: enough for many boots' timelines, bounded so that a machine that
+#: logs in a loop cannot fill the appliance's USB stick.
+EVENTS_PER_MACHINE = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    id: int
+    mac: str
+    time: float
+    kind: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class MachineRecord:
+    """What the store knows of a machine (lab.toml knows the rest)."""
+
+    mac: str
+    arch: str
+    firmware: str
+    first_seen: float
+    last_seen: float
+    state: str
+    state_since: float
+    ip: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +106,10 @@ class StateStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        for table, column, declaration in _ADDED_COLUMNS:
+            have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
     def close(self) -> None:
         self._db.close()
@@ -94,6 +141,67 @@ class StateStore:
             "SELECT mac, arch, firmware, first_seen, last_seen FROM machines ORDER BY first_seen"
         )
         return [SeenMachine(*row) for row in rows]
+
+    def machine_records(self) -> dict[str, MachineRecord]:
+        rows = self._db.execute(
+            "SELECT mac, arch, firmware, first_seen, last_seen, state, state_since, ip "
+            "FROM machines"
+        )
+        return {row[0]: MachineRecord(*row) for row in rows}
+
+    def machine_record(self, mac: str) -> MachineRecord | None:
+        row = self._db.execute(
+            "SELECT mac, arch, firmware, first_seen, last_seen, state, state_since, ip "
+            "FROM machines WHERE mac = ?", (mac,),
+        ).fetchone()  # fmt: skip
+        return None if row is None else MachineRecord(*row)
+
+    def set_state(self, mac: str, state: str, now: float) -> None:
+        self._db.execute(
+            "INSERT INTO machines (mac, first_seen, last_seen, state, state_since) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (mac) DO UPDATE SET state = excluded.state, "
+            "state_since = excluded.state_since",
+            (mac, now, now, state, now),
+        )
+
+    def touch(self, mac: str, now: float, ip: str | None = None) -> None:
+        """`mac` was heard from (at `ip`, when known)."""
+        self._db.execute(
+            "INSERT INTO machines (mac, first_seen, last_seen, ip) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (mac) DO UPDATE SET last_seen = excluded.last_seen, "
+            "ip = CASE WHEN excluded.ip = '' THEN ip ELSE excluded.ip END",
+            (mac, now, now, ip or ""),
+        )
+
+    # events
+
+    def add_event(self, mac: str, kind: str, message: str, now: float) -> Event:
+        cursor = self._db.execute(
+            "INSERT INTO events (mac, time, kind, message) VALUES (?, ?, ?, ?)",
+            (mac, now, kind, message),
+        )
+        event_id = int(cursor.lastrowid or 0)
+        if event_id % 100 == 0:  # trim now and then, not on every insert
+            self._db.execute(
+                "DELETE FROM events WHERE mac = ? AND id < (SELECT id FROM events WHERE mac = ? "
+                "ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                (mac, mac, EVENTS_PER_MACHINE - 1),
+            )
+        return Event(event_id, mac, now, kind, message)
+
+    def events(self, mac: str | None = None, after: int = 0, limit: int = 500) -> list[Event]:
+        """Events (oldest first) after id `after`: of one machine, or of all."""
+        if mac is None:
+            rows = self._db.execute(
+                "SELECT id, mac, time, kind, message FROM events WHERE id > ? "
+                "ORDER BY id DESC LIMIT ?", (after, limit),
+            )  # fmt: skip
+        else:
+            rows = self._db.execute(
+                "SELECT id, mac, time, kind, message FROM events WHERE mac = ? AND id > ? "
+                "ORDER BY id DESC LIMIT ?", (mac, after, limit),
+            )  # fmt: skip
+        return [Event(*row) for row in reversed(rows.fetchall())]
 
     # leases
 

@@ -64,12 +64,13 @@ class ProxyHandler:
             reply.ciaddr = request.ciaddr
         add_boot_options(reply, client, boot_file, self.server_ip, proxy=True)
         how = "script URL" if client.ipxe else "boot file"
+        firmware = "iPXE" if client.ipxe else client.arch.label
         log.info(
             "%s (%s) asked to boot; sent proxy %s with %s %s; next it should fetch it",
-            verdict.who,
-            client.arch.label,
-            answer.name,
-            how,
-            boot_file.name,
-        )
+            verdict.who, firmware, answer.name, how, boot_file.name,
+        )  # fmt: skip
+        self.inventory.record(
+            client.mac, "dhcp", f"{firmware} asked to boot (port {port}); sent a proxy "
+            f"{answer.name} with {how} {boot_file.name}",
+        )  # fmt: skip
         return reply

@@ -145,6 +145,7 @@ class ReservationHandler:
         reply = self._lease_reply(request, MessageType.OFFER, ip, machine)
         self._add_boot(reply, boot)
         log.info("%s asked for an address; offered %s%s", self._who(mac, machine), ip, boot.note)
+        self._record(mac, boot, f"asked for an address; offered {ip}{boot.note}")
         return reply
 
     def _request(self, request: Packet, mac: str, machine: MachineSection | None) -> Packet | None:
@@ -172,6 +173,7 @@ class ReservationHandler:
         self._add_boot(reply, boot)
         state = "renewed" if request.ciaddr != _ZERO else "bound"
         log.info("%s %s %s for %ss%s", self._who(mac, machine), state, ip, lease_time, boot.note)
+        self._record(mac, boot, f"{state} {ip} for {lease_time}s{boot.note}", ip)
         return reply
 
     def _inform(self, request: Packet, mac: str, machine: MachineSection | None) -> Packet | None:
@@ -235,6 +237,14 @@ class ReservationHandler:
         if verdict.action == "ignore":
             return BootAnswer(silent=True)
         return BootAnswer(client, self.policy.boot_file(client, verdict.who))
+
+    def _record(
+        self, mac: str, boot: BootAnswer, message: str, ip: IPv4Address | None = None
+    ) -> None:
+        # A boot client's request is a step of the boot chain; a plain lease (the booted OS
+        # renewing) must not make an `up` machine look like it is booting again.
+        kind = "dhcp" if boot.file is not None else "lease"
+        self.inventory.record(mac, kind, message, ip)
 
     def _add_boot(self, reply: Packet, boot: BootAnswer) -> None:
         if boot.client is not None and boot.file is not None:

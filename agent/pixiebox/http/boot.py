@@ -461,6 +461,29 @@ class _Handlers:
         log.info("%s fetched the SSH keys (%d)", self._describe(client_ip(request)), len(keys))
         return PlainTextResponse("".join(f"{key}\n" for key in keys))
 
+    # /api/v1/phone-home: the booted OS says it is up
+
+    async def phone_home(self, request: Request) -> Response:
+        """The OS (OSIE, or the demo's test OS) reports that it is up. It is known by its
+        source address (its lease, the address its script was fetched from, or the ARP cache);
+        `?mac=` helps only when the address tells nothing."""
+        ip = client_ip(request)
+        mac = self.inventory.mac_at(ip) if ip is not None else None
+        if mac is None and request.query_params.get("mac"):
+            try:
+                mac = normalize_mac(request.query_params["mac"])
+            except ValueError:
+                return PlainTextResponse("mac is not a MAC address\n", 400)
+        if mac is None:
+            log.warning("%s phoned home, but no machine is known at that address", ip)
+            return PlainTextResponse("unknown machine: boot it through Pixiebox first\n", 404)
+        if ip is not None:
+            self.inventory.note_address(mac, ip)
+        self.inventory.record(mac, "phone-home", f"the OS is up at {ip}", ip)
+        log.info("%s phoned home: the OS is up", self.inventory.describe_address(ip) if ip
+                 else self.inventory.name_of(mac))  # fmt: skip
+        return PlainTextResponse("ok\n")
+
     # /pxelinux.cfg/{name}
 
     async def pxelinux(self, request: Request) -> Response:
@@ -480,6 +503,7 @@ def boot_app(state: BootHttpState) -> Starlette:
         Route("/ipxe/{name}", handlers.ipxe_binary, methods=["GET", "HEAD"]),
         Route("/ssh.keys", handlers.ssh_keys, methods=["GET"]),
         Route("/pxelinux.cfg/{name}", handlers.pxelinux, methods=["GET"]),
+        Route("/api/v1/phone-home", handlers.phone_home, methods=["POST"]),
     ]
     app = Starlette(routes=routes)
     # FIRMWARE-QUIRKS #23: a redirect (here: the router's trailing-slash one) fails UEFI HTTP boot.

@@ -1,0 +1,345 @@
+"""The local API under /api/v1 (JSON, with an OpenAPI document) and /metrics.
+
+Reading is open to the LAN (it is the lab's own dashboard data); anything that changes the lab
+needs the bearer token from [api] token_file, created with mode 0600 on first start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import os
+import secrets
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from ..config import normalize_mac
+from ..inventory import Inventory
+from ..lifecycle import MachineState
+from ..state import Event
+
+log = logging.getLogger("pixiebox.api")
+
+#: How often an idle server-sent-events stream sends a comment, so proxies and clients notice
+#: a dead connection (and the server notices a gone client).
+SSE_KEEPALIVE = 15.0
+
+
+def ensure_token(path: Path) -> str:
+    """The API token, created (random, mode 0600) when the file does not exist yet."""
+    try:
+        token = path.read_text().strip()
+        if token:
+            return token
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(token + "\n")
+    os.chmod(path, 0o600)
+    log.info("created the API token in %s (mode 0600)", path)
+    return token
+
+
+class MachineView(BaseModel):
+    name: str | None
+    mac: str
+    ip: str | None
+    arch: str | None
+    firmware: str | None
+    state: MachineState
+    enrolled: bool
+    image: str | None
+    first_seen: float | None
+    last_seen: float | None
+
+
+class EventView(BaseModel):
+    id: int
+    mac: str
+    name: str | None
+    time: float
+    kind: str
+    message: str
+
+
+class EnrollRequest(BaseModel):
+    name: str | None = None
+    ip: IPv4Address | None = None
+
+
+class ErrorView(BaseModel):
+    error: str
+    problems: list[str] = []
+
+
+@dataclass
+class ApiState:
+    inventory: Inventory
+    token: str
+    #: Adds a machine to lab.toml and reloads; returns its name. Raises ValueError with the
+    #: problems (one per line) when the enrollment is refused.
+    enroll: Callable[[str, str | None, IPv4Address | None], str]
+    metrics: Callable[[], bytes] | None = None
+
+
+def machine_views(inventory: Inventory) -> list[MachineView]:
+    """Every machine: enrolled ones from lab.toml, then those only seen on the wire."""
+    records = inventory.lifecycle.records()
+    config = inventory.config
+    views: list[MachineView] = []
+    for machine in config.machines:
+        record = records.get(machine.mac)
+        views.append(MachineView(
+            name=machine.name, mac=machine.mac,
+            ip=str(machine.ip) if machine.ip else (record.ip or None if record else None),
+            arch=record.arch or None if record else None,
+            firmware=record.firmware or None if record else None,
+            state=inventory.lifecycle.state_of(record, enrolled=True), enrolled=True,
+            image=machine.image or config.boot.image,
+            first_seen=record.first_seen if record else None,
+            last_seen=record.last_seen if record else None,
+        ))  # fmt: skip
+    enrolled = {m.mac for m in config.machines}
+    for mac, record in sorted(records.items(), key=lambda item: item[1].first_seen):
+        if mac in enrolled:
+            continue
+        views.append(MachineView(
+            name=None, mac=mac, ip=record.ip or None, arch=record.arch or None,
+            firmware=record.firmware or None,
+            state=inventory.lifecycle.state_of(record, enrolled=False), enrolled=False,
+            image=config.boot.image if config.boot.unknown != "ignore" else None,
+            first_seen=record.first_seen, last_seen=record.last_seen,
+        ))  # fmt: skip
+    return views
+
+
+def find_machine(inventory: Inventory, key: str) -> MachineView | None:
+    """A machine by name or MAC (any spelling)."""
+    try:
+        mac: str | None = normalize_mac(key)
+    except ValueError:
+        mac = None
+    for view in machine_views(inventory):
+        if view.mac == mac or (view.name is not None and view.name == key.lower()):
+            return view
+    return None
+
+
+def event_view(inventory: Inventory, event: Event) -> EventView:
+    machine = inventory.who_is(event.mac)
+    return EventView(id=event.id, mac=event.mac, name=machine.name if machine else None,
+                     time=event.time, kind=event.kind, message=event.message)  # fmt: skip
+
+
+def _json(model: BaseModel | list[Any], status: int = 200) -> Response:
+    if isinstance(model, list):
+        body = [item.model_dump(mode="json") for item in model]
+        return JSONResponse(body, status)
+    return JSONResponse(model.model_dump(mode="json"), status)
+
+
+def _error(status: int, message: str, problems: list[str] | None = None) -> Response:
+    return _json(ErrorView(error=message, problems=problems or []), status)
+
+
+class _Handlers:
+    def __init__(self, state: ApiState) -> None:
+        self.state = state
+
+    @property
+    def inventory(self) -> Inventory:
+        return self.state.inventory
+
+    def _authorized(self, request: Request) -> bool:
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            given.strip().encode(), self.state.token.encode()
+        )
+
+    async def machines(self, request: Request) -> Response:
+        return _json(machine_views(self.inventory))
+
+    async def machine(self, request: Request) -> Response:
+        key = str(request.path_params["key"])
+        view = find_machine(self.inventory, key)
+        if view is None:
+            return _error(404, f"no machine named or with MAC {key!r}")
+        return _json(view)
+
+    async def machine_events(self, request: Request) -> Response:
+        key = str(request.path_params["key"])
+        view = find_machine(self.inventory, key)
+        if view is None:
+            return _error(404, f"no machine named or with MAC {key!r}")
+        after = int(request.query_params.get("after", "0") or 0)
+        events = self.inventory.lifecycle.events(view.mac, after=after)
+        return _json([event_view(self.inventory, e) for e in events])
+
+    async def enroll(self, request: Request) -> Response:
+        if not self._authorized(request):
+            return _error(401, "this call changes the lab: send Authorization: Bearer <token> "
+                          "(the token is in [api] token_file)")  # fmt: skip
+        raw = str(request.path_params["mac"])
+        try:
+            mac = normalize_mac(raw)
+        except ValueError:
+            return _error(400, f"{raw!r} is not a MAC address")
+        try:
+            body = await request.body()
+            wanted = EnrollRequest.model_validate_json(body or b"{}")
+        except ValidationError as exc:
+            return _error(400, "the body must be JSON like {\"name\": \"c3\", \"ip\": \"…\"}",
+                          [str(e["msg"]) for e in exc.errors()])  # fmt: skip
+        try:
+            name = await asyncio.to_thread(self.state.enroll, mac, wanted.name, wanted.ip)
+        except ValueError as exc:
+            return _error(409, f"{mac} was not enrolled", str(exc).splitlines())
+        view = find_machine(self.inventory, mac)
+        log.info("enrolled %s as %s through the API", mac, name)
+        return _json(view, 201) if view else _error(500, "enrolled but not found after reload")
+
+    async def events(self, request: Request) -> Response:
+        """Server-sent events: every event as it happens (`?mac=` for one machine), after
+        replaying those after `Last-Event-ID` (or `?after=`), so a reconnecting client misses
+        nothing."""
+        only = request.query_params.get("mac")
+        with contextlib.suppress(ValueError):
+            only = normalize_mac(only) if only else None
+        after = request.headers.get("last-event-id") or request.query_params.get("after") or "0"
+        start = int(after) if after.isdigit() else 0
+        lifecycle = self.inventory.lifecycle
+
+        def frame(event: Event) -> str:
+            data = json.dumps(event_view(self.inventory, event).model_dump(mode="json"))
+            return f"id: {event.id}\nevent: {event.kind}\ndata: {data}\n\n"
+
+        async def stream() -> AsyncIterator[str]:
+            async with lifecycle.subscription() as queue:
+                last = start
+                if start:
+                    for event in lifecycle.events(only, after=start, limit=10_000):
+                        last = event.id
+                        yield frame(event)
+                yield ": connected\n\n"
+                while True:
+                    try:
+                        event = await asyncio.wait_for(queue.get(), SSE_KEEPALIVE)
+                    except TimeoutError:
+                        yield ": keep-alive\n\n"
+                        continue
+                    if event.id <= last or (only and event.mac != only):
+                        continue
+                    last = event.id
+                    yield frame(event)
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store"})  # fmt: skip
+
+    async def openapi(self, request: Request) -> Response:
+        return JSONResponse(openapi_document())
+
+    async def metrics(self, request: Request) -> Response:
+        if self.state.metrics is None:
+            return Response("", media_type="text/plain")
+        return Response(self.state.metrics(), media_type="text/plain; version=0.0.4")
+
+
+def openapi_document() -> dict[str, Any]:
+    """The API's OpenAPI 3.1 document, its schemas taken from the pydantic models."""
+
+    def ref(name: str) -> dict[str, str]:
+        return {"$ref": f"#/components/schemas/{name}"}
+
+    def ok(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
+        return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+    key = {"name": "key", "in": "path", "required": True, "schema": {"type": "string"},
+           "description": "a machine's name or MAC"}  # fmt: skip
+    missing = ok(ref("ErrorView"), "no such machine")
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Pixiebox local API", "version": "1"},
+        "components": {
+            "schemas": {
+                m.__name__: m.model_json_schema(ref_template="#/components/schemas/{model}")
+                for m in (MachineView, EventView, EnrollRequest, ErrorView)
+            },
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        "paths": {
+            "/api/v1/machines": {
+                "get": {
+                    "summary": "every machine, enrolled or discovered",
+                    "responses": {"200": ok({"type": "array", "items": ref("MachineView")})},
+                }
+            },
+            "/api/v1/machines/{key}": {
+                "get": {
+                    "summary": "one machine",
+                    "parameters": [key],
+                    "responses": {"200": ok(ref("MachineView")), "404": missing},
+                }
+            },
+            "/api/v1/machines/{key}/events": {
+                "get": {
+                    "summary": "a machine's event log, oldest first",
+                    "parameters": [key],
+                    "responses": {
+                        "200": ok({"type": "array", "items": ref("EventView")}),
+                        "404": missing,
+                    },
+                }
+            },
+            "/api/v1/machines/{mac}/enroll": {
+                "post": {
+                    "summary": "add a discovered machine to lab.toml",
+                    "security": [{"bearer": []}],
+                    "parameters": [{**key, "name": "mac", "description": "the machine's MAC"}],
+                    "requestBody": {
+                        "content": {"application/json": {"schema": ref("EnrollRequest")}}
+                    },
+                    "responses": {
+                        "201": ok(ref("MachineView"), "enrolled"),
+                        "401": ok(ref("ErrorView"), "no or wrong token"),
+                        "409": ok(ref("ErrorView"), "refused: the problems say why"),
+                    },
+                }
+            },
+            "/api/v1/events": {
+                "get": {
+                    "summary": "server-sent events: each event as it happens",
+                    "responses": {"200": {"description": "text/event-stream of EventView"}},
+                }
+            },
+        },
+    }
+
+
+def api_app(state: ApiState) -> Starlette:
+    handlers = _Handlers(state)
+    routes = [
+        Route("/api/v1/machines", handlers.machines, methods=["GET"]),
+        Route("/api/v1/machines/{key}", handlers.machine, methods=["GET"]),
+        Route("/api/v1/machines/{key}/events", handlers.machine_events, methods=["GET"]),
+        Route("/api/v1/machines/{mac}/enroll", handlers.enroll, methods=["POST"]),
+        Route("/api/v1/events", handlers.events, methods=["GET"]),
+        Route("/api/v1/openapi.json", handlers.openapi, methods=["GET"]),
+        Route("/metrics", handlers.metrics, methods=["GET"]),
+    ]
+    return Starlette(routes=routes)

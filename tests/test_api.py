@@ -1,0 +1,124 @@
+"""The local API and the CLI against a running agent: discovery, enrollment without a restart,
+the event stream, the token, OpenAPI and /metrics."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import netlab
+from agentproc import lab_toml, start_agent
+
+SUBNET = "10.82.0.0/24"
+AGENT_IP = "10.82.0.2"
+C1_MAC, C1_IP = "02:00:00:00:82:01", "10.82.0.31"
+STRANGER = "02:00:00:00:82:99"
+UUID = bytes(range(16))
+
+
+def pixiebox(host: netlab.Host, config: Path, *args: str, check: bool = True) -> str:
+    result = host.run([sys.executable, "-m", "pixiebox.cli", *args, "--config", str(config)],
+                      timeout=30, check=check)  # fmt: skip
+    assert "Traceback" not in result.stderr, result.stderr
+    return result.stdout + result.stderr
+
+
+def curl(host: netlab.Host, *args: str) -> str:
+    return host.run(["curl", "-sS", "--max-time", "10", *args]).stdout
+
+
+def test_discover_enroll_and_boot_without_restart(
+    netlab_require: object, segment: netlab.Segment, workdir: Path
+) -> None:
+    netlab_require("dhclient", "curl")  # type: ignore[operator]
+    token_file = workdir / "api-token"
+    config_text = lab_toml(
+        mode="reservation",
+        subnet=SUBNET,
+        assets=workdir / "assets",
+        state=workdir / "state",
+        machines=[("c1", C1_MAC, C1_IP)],
+    ).replace("[http]", f'[api]\nlisten = "0.0.0.0:8080"\ntoken_file = "{token_file}"\n[http]')
+    agent_host = segment.add_host("agent", ip=f"{AGENT_IP}/24")
+    agent = start_agent(agent_host, config_text, workdir)
+    config = agent.config
+    assert oct(token_file.stat().st_mode & 0o777) == "0o600"
+    # A machine nobody told Pixiebox about asks to boot: it is recorded, with its firmware.
+    stranger = segment.add_host("stranger", mac=STRANGER)
+    netlab.pxe_discover(stranger, arch=7, uuid=UUID)
+    table = pixiebox(agent_host, config, "machines")
+    row = next(line for line in table.splitlines() if STRANGER in line)
+    assert "(unknown)" in row and "x86_64 UEFI" in row and "discovered" in row, table
+    assert any(line.startswith("c1 ") and "enrolled" in line for line in table.splitlines())
+    # Changing the lab needs the token.
+    url = f"http://{AGENT_IP}:8080/api/v1/machines/{STRANGER}/enroll"
+    refused = agent_host.run(
+        ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", url]
+    )
+    assert refused.stdout == "401"
+    # Enroll it with the CLI: lab.toml keeps everything it had, and the running agent uses it.
+    before = config.read_text()
+    said = pixiebox(agent_host, config, "enroll", STRANGER.upper().replace(":", "-"),
+                    "--name", "c9", "--ip", "10.82.0.39")  # fmt: skip
+    assert f"enrolled {STRANGER} as c9 at 10.82.0.39" in said, said
+    after = config.read_text()
+    assert after.startswith(before) and 'name = "c9"' in after[len(before) :]
+    lease = netlab.run_dhclient(stranger, workdir / "stranger")
+    assert lease.ip == "10.82.0.39" and lease.hostname == "c9"
+    # Its timeline over the API, oldest first, names it now.
+    events = json.loads(curl(agent_host, "http://127.0.0.1:8080/api/v1/machines/c9/events"))
+    kinds = [e["kind"] for e in events]
+    assert kinds[0] == "discovered" and "lease" in kinds, kinds
+    assert events[-1]["name"] == "c9"
+    # A bad enrollment is refused with pixiebox check's words, nothing written.
+    refused_text = pixiebox(agent_host, config, "enroll", "02:00:00:00:82:98", "--name", "c9",
+                            check=False)  # fmt: skip
+    assert "name c9 is already used" in refused_text
+    assert config.read_text() == after
+
+
+def test_event_stream_delivers_a_boot_in_order(
+    netlab_require: object, segment: netlab.Segment, workdir: Path
+) -> None:
+    netlab_require("curl")  # type: ignore[operator]
+    config_text = lab_toml(
+        mode="proxy",
+        subnet=SUBNET,
+        assets=workdir / "assets",
+        state=workdir / "state",
+        machines=[("c1", C1_MAC, None)],
+    ).replace("[http]", f'[api]\nlisten = "0.0.0.0:8080"\ntoken_file = "{workdir / "t"}"\n[http]')
+    agent_host = segment.add_host("agent", ip=f"{AGENT_IP}/24")
+    start_agent(agent_host, config_text, workdir)
+    stream_out = workdir / "sse.txt"
+    follower = agent_host.popen(["curl", "-sN", "http://127.0.0.1:8080/api/v1/events"], stream_out)
+    netlab.wait_until(lambda: ": connected" in stream_out.read_text(), 10, message="SSE")
+    c1 = segment.add_host("c1", mac=C1_MAC, ip="10.82.0.50/24")
+    netlab.pxe_discover(c1, arch=0, uuid=UUID, user_class="iPXE")
+    curl(c1, f"http://{AGENT_IP}/boot/{C1_MAC}.ipxe")
+    curl(c1, "-X", "POST", f"http://{AGENT_IP}/api/v1/phone-home")
+
+    def kinds() -> list[str] | None:
+        data = [json.loads(line[6:]) for line in stream_out.read_text().splitlines()
+                if line.startswith("data: ")]  # fmt: skip
+        found = [e["kind"] for e in data if e["mac"] == C1_MAC]
+        return found if "phone-home" in found else None
+
+    assert netlab.wait_until(kinds, 10, message="events over SSE") == [
+        "dhcp",
+        "script",
+        "phone-home",
+    ]
+    segment.stop(follower)
+    table = pixiebox(agent_host, agent_host_config(workdir), "machines")
+    assert any(line.startswith("c1 ") and " up " in f"{line} " for line in table.splitlines())
+    document = json.loads(curl(agent_host, "http://127.0.0.1:8080/api/v1/openapi.json"))
+    assert "/api/v1/machines/{mac}/enroll" in document["paths"]
+    metrics = curl(agent_host, "http://127.0.0.1:8080/metrics")
+    assert 'pixiebox_machines{state="up"} 1.0' in metrics
+    assert 'pixiebox_dhcp_packets_total{outcome="answered"}' in metrics
+
+
+def agent_host_config(workdir: Path) -> Path:
+    return workdir / "lab-agent.toml"
