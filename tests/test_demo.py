@@ -47,6 +47,13 @@ def test_build_sh_demo_boots_two_machines_and_removes_everything(demo_require: N
         print(f"\n{name} ({label}): power-on to up in {row.group(3)} s")
     # The UEFI machine went through the whole chain, TFTP included.
     assert re.search(r"node2 \(UEFI, native PXE\): TFTP", out), out[-3000:]
+    # The agent knows both as `up`: their OS phoned home (pixiebox machines, over its API).
+    table = out.split("what the agent knows (pixiebox machines):", 1)[1]
+    for name, mac, firmware in (("node1", "52:54:00:88:00:01", "x86_64 BIOS"),
+                                ("node2", "52:54:00:88:00:02", "x86_64 UEFI")):  # fmt: skip
+        assert re.search(rf"^{name}\s+{mac}\s+10\.88\.0\.\d+\s+{firmware}\s+up\s", table, re.M), (
+            table
+        )
     assert "all machines booted; removing the lab" in out
     assert demo_namespaces() == before
 

@@ -125,6 +125,10 @@ cmdline = "console=ttyS0"
 [http]
 listen = ":80"
 
+[api]
+listen = "0.0.0.0:8080"
+token_file = "{workdir / "api-token"}"
+
 [state]
 dir = "{workdir / "state"}"
 {blocks}"""
@@ -262,6 +266,12 @@ def run(args: argparse.Namespace) -> int:
                 break
             time.sleep(0.5)
         print(summary(machines))
+        print("\nwhat the agent knows (pixiebox machines):")
+        table = agent_host.run(
+            [sys.executable, "-m", "pixiebox.cli", "machines", "--config", str(config)],
+            check=False,
+        )
+        print(table.stdout.rstrip() or table.stderr.rstrip())
         if not booted:
             print(f"\nnot every machine was up within {args.timeout:g} s; consoles and logs: "
                   f"{workdir} (kept)")  # fmt: skip
