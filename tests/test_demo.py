@@ -55,7 +55,7 @@ def test_build_sh_demo_boots_two_machines_and_removes_everything(demo_require: N
             table
         )
     assert "all machines booted; removing the lab" in out
-    assert demo_namespaces() == before
+    assert demo_namespaces() - before == set()  # (others may run labs at the same time)
 
 
 def test_demo_that_times_out_fails_and_still_cleans_up(demo_require: None) -> None:
@@ -63,7 +63,7 @@ def test_demo_that_times_out_fails_and_still_cleans_up(demo_require: None) -> No
     result = run_demo("--machines", "1", "--timeout", "3", timeout=300)
     assert result.returncode == 1
     assert "not every machine was up within 3 s" in result.stdout
-    assert demo_namespaces() == before
+    assert demo_namespaces() - before == set()  # (others may run labs at the same time)
     kept = re.search(r"files kept in (\S+)", result.stdout)
     assert kept and Path(kept.group(1)).is_dir()
     subprocess.run(["rm", "-rf", kept.group(1)], check=True)
