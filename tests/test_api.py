@@ -115,6 +115,16 @@ def test_event_stream_delivers_a_boot_in_order(
     assert any(line.startswith("c1 ") and " up " in f"{line} " for line in table.splitlines())
     document = json.loads(curl(agent_host, "http://127.0.0.1:8080/api/v1/openapi.json"))
     assert "/api/v1/machines/{mac}/enroll" in document["paths"]
+    # The machine's syslog lines land in its event log.
+    c1.run(["logger", "-n", AGENT_IP, "-P", "514", "-d", "--rfc3164", "-t", "osie",
+            "kubelet started"])  # fmt: skip
+
+    def syslog_event() -> dict[str, str] | None:
+        events = json.loads(curl(agent_host, "http://127.0.0.1:8080/api/v1/machines/c1/events"))
+        return next((e for e in events if e["kind"] == "syslog"), None)
+
+    logged = netlab.wait_until(syslog_event, 10, message="syslog event")
+    assert logged["message"].endswith("osie: kubelet started"), logged
     metrics = curl(agent_host, "http://127.0.0.1:8080/metrics")
     assert 'pixiebox_machines{state="up"} 1.0' in metrics
     assert 'pixiebox_dhcp_packets_total{outcome="answered"}' in metrics

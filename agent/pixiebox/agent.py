@@ -29,6 +29,7 @@ from .lifecycle import MachineState
 from .metrics import PixieboxCollector, metrics_renderer
 from .netif import interface_info, interface_names
 from .state import StateStore
+from .syslog import SyslogMessage, SyslogReceiver
 from .tftp import TftpEvent, TftpServer
 from .uboot import tftp_generator
 from .urls import BootUrls
@@ -164,6 +165,17 @@ def http_recorder(inventory: Inventory) -> Callable[[str, str, str], None]:
     return record
 
 
+def syslog_recorder(inventory: Inventory) -> Callable[[SyslogMessage], None]:
+    """Syslog lines as events of the machine that sent them (by source address)."""
+
+    def record(message: SyslogMessage) -> None:
+        mac = inventory.mac_at(message.source)
+        if mac is not None:
+            inventory.record(mac, "syslog", message.line, message.source)
+
+    return record
+
+
 def prepare_assets(root: Path) -> Assets:
     """The assets directory, created empty on first start (a fresh appliance has none yet)."""
     if not root.is_dir():
@@ -271,10 +283,18 @@ class Agent:
         )
         await http.start()
         services.push_async_callback(http.stop)
+        syslog = SyslogReceiver(
+            syslog_recorder(inventory),
+            interface=segment.interface,
+            describe=inventory.describe_address,
+        )
+        await syslog.start()
+        services.callback(syslog.close)
         collector = PixieboxCollector(
             {
                 "dhcp_packets": ("DHCP packets by outcome", dhcp.stats),
                 "tftp_requests": ("TFTP requests by outcome", tftp.stats),
+                "syslog_lines": ("syslog datagrams by outcome", syslog.stats),
             },
             lambda: machine_state_counts(inventory),
         )

@@ -167,9 +167,10 @@ _MONTHS = {
 _RFC3339 = re.compile(
     r"(\d{4})-(\d\d)-(\d\d)[Tt](\d\d):(\d\d):(\d\d)(?:\.(\d{1,9}))?([Zz]|[+-]\d\d:\d\d)?"
 )
+#: How far ahead of the receiver's clock an RFC 3164 timestamp may be before it is last year's.
+_FUTURE_TOLERANCE = timedelta(days=31)
 #: RFC 3164 4.1.2 "Mmm dd hh:mm:ss", the day space-padded ("Feb  5"); some senders add
 #: milliseconds or zero-pad the day.
-_FUTURE_TOLERANCE = timedelta(days=31)
 _BSD_TIMESTAMP = re.compile(r"([A-Z][a-z]{2}) {1,2}(\d{1,2}) (\d\d):(\d\d):(\d\d)(?:\.(\d{1,6}))?")
 
 
@@ -506,6 +507,7 @@ class SyslogReceiver:
         self.stats: Counter[str] = Counter()
         self.limiter = SourceLimiter(rate_per_source, burst, describe=describe)
         self._transport: asyncio.DatagramTransport | None = None
+        self._sock: socket.socket | None = None
         self._housekeeping: asyncio.TimerHandle | None = None
         self._started = False
         self._closed = False
@@ -523,7 +525,7 @@ class SyslogReceiver:
         except BaseException:
             sock.close()
             raise
-        self._transport = transport
+        self._transport, self._sock = transport, sock
         self.port = sock.getsockname()[1]
         self._schedule_housekeeping(loop)
         log.info(
@@ -536,7 +538,7 @@ class SyslogReceiver:
         )
 
     def close(self) -> None:
-        """Stop receiving; drops not yet reported are logged now."""
+        """Stop receiving: the port is free when this returns; unreported drops are logged."""
         if self._closed:
             return
         self._closed = True
@@ -546,6 +548,11 @@ class SyslogReceiver:
         if self._transport is not None:
             self._transport.close()
             self._transport = None
+        if self._sock is not None:
+            # The transport closes its socket on the loop's next turn; a caller that restarts
+            # the receiver (a changed config) must find the port free at once.
+            self._sock.close()
+            self._sock = None
         self.limiter.report(final=True)
 
     def handle(self, data: bytes, source: str) -> SyslogMessage | None:
