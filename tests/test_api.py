@@ -132,3 +132,26 @@ def test_event_stream_delivers_a_boot_in_order(
 
 def agent_host_config(workdir: Path) -> Path:
     return workdir / "lab-agent.toml"
+
+
+def test_unknown_enroll_adds_a_new_machine_with_the_next_free_name_and_address(
+    netlab_require: object, segment: netlab.Segment, workdir: Path
+) -> None:
+    netlab_require("dhclient")  # type: ignore[operator]
+    config_text = lab_toml(
+        mode="reservation",
+        subnet=SUBNET,
+        assets=workdir / "assets",
+        state=workdir / "state",
+        machines=[("c1", C1_MAC, C1_IP)],
+        unknown="enroll",
+    ).replace("[http]", f'[api]\nlisten = "0.0.0.0:8080"\ntoken_file = "{workdir / "t"}"\n[http]')
+    agent_host = segment.add_host("agent", ip=f"{AGENT_IP}/24")
+    agent = start_agent(agent_host, config_text, workdir)
+    stranger = segment.add_host("stranger", mac=STRANGER)
+    netlab.pxe_discover(stranger, arch=0, uuid=UUID)  # unknown: recorded and enrolled
+    agent.wait_log(f'{STRANGER}: enrolled as node1 at 10.82.0.1 ([boot] unknown = "enroll")')
+    assert 'name = "node1"' in agent.config.read_text()
+    # The next request is answered with the new reservation, no restart.
+    lease = netlab.run_dhclient(stranger, workdir / "stranger")
+    assert (lease.ip, lease.hostname) == ("10.82.0.1", "node1")

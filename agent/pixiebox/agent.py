@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
@@ -24,7 +25,7 @@ from .http.api import ApiState, api_app, ensure_token, machine_views
 from .http.boot import BootHttpState, boot_app
 from .http.server import BootHttpServer
 from .inventory import Inventory
-from .labfile import EnrollError, enroll
+from .labfile import EnrollError, enroll, next_free_ip
 from .lifecycle import MachineState
 from .metrics import PixieboxCollector, metrics_renderer
 from .netif import interface_info, interface_names
@@ -218,10 +219,12 @@ class Agent:
         self._stop = asyncio.Event()
         self._inventory: Inventory | None = None
         self._handler: Handler | None = None
+        self._reload_lock = threading.Lock()
+        self._segment: Segment | None = None
 
     async def run(self) -> None:
         config = load_config(self.config_path)
-        segment = resolve_segment(config)
+        segment = self._segment = resolve_segment(config)
         store = StateStore(config.state.dir)
         try:
             inventory = self._inventory = Inventory(config, store)
@@ -235,12 +238,8 @@ class Agent:
                 for signum in (signal.SIGTERM, signal.SIGINT):
                     loop.add_signal_handler(signum, self._stop.set)
                 loop.add_signal_handler(signal.SIGHUP, self.reload)
-                if config.boot.unknown == "enroll":
-                    log.warning(
-                        '[boot] unknown = "enroll": this version cannot write lab.toml from '
-                        "DHCP yet, so unknown machines are recorded as discovered and boot the "
-                        'default image, as with "discover"'
-                    )
+                # Off the DHCP path: the file is written and fsynced in a worker thread.
+                inventory.on_unknown = lambda mac: loop.run_in_executor(None, self.auto_enroll, mac)
                 log.info(
                     "Pixiebox serving lab %r on %s (%s, %s) in %s mode with %d machines",
                     config.lab.name, segment.interface, segment.server_ip, segment.subnet,
@@ -326,12 +325,42 @@ class Agent:
         self.reload()
         return done.name
 
+    def auto_enroll(self, mac: str) -> None:
+        """[boot] unknown = "enroll": add a machine that just showed up, with the next free
+        name and, where Pixiebox hands out addresses, the next free address."""
+        inventory, handler = self._inventory, self._handler
+        if inventory is None:
+            return
+        config = inventory.config
+        ip = None
+        if config.network.dhcp_mode != "proxy":
+            book = getattr(handler, "book", None)
+            held = book.held() if book is not None else set()
+            if self._segment is not None:  # the appliance's own address, even when detected
+                held.add(self._segment.server_ip)
+            ip = next_free_ip(config, held)
+        try:
+            name = self.enroll(mac, None, ip)
+        except ValueError as exc:
+            log.error('could not enroll %s ([boot] unknown = "enroll"):\n%s', mac, exc)
+            return
+        except Exception:
+            log.exception('enrolling %s ([boot] unknown = "enroll") failed', mac)
+            return
+        message = f'enrolled as {name}{f" at {ip}" if ip else ""} ([boot] unknown = "enroll")'
+        log.info("%s: %s", mac, message)
+        inventory.record(mac, "enrolled", message)
+
     def reload(self) -> None:
         """SIGHUP or an enrollment: re-read lab.toml; keep the running config if the new one is
         invalid."""
         inventory, handler = self._inventory, self._handler
         if inventory is None or handler is None:
             return
+        with self._reload_lock:  # SIGHUP on the loop, enrollments from worker threads
+            self._reload(inventory, handler)
+
+    def _reload(self, inventory: Inventory, handler: Handler) -> None:
         try:
             config = load_config(self.config_path)
         except ConfigError as exc:

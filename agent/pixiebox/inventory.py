@@ -8,6 +8,7 @@ once in words a person understands, and recorded for `pixiebox machines`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Literal
@@ -46,6 +47,9 @@ class Inventory:
     def __init__(self, config: LabConfig, store: StateStore) -> None:
         self._store = store
         self.lifecycle = Lifecycle(store)
+        #: Called with the MAC of an unknown machine seen for the first time under
+        #: [boot] unknown = "enroll" (the agent adds it to lab.toml).
+        self.on_unknown: Callable[[str], object] | None = None
         self._by_mac: dict[str, MachineSection] = {}
         # Learned at run time: in proxy mode the router hands out addresses, so the first
         # request that names a MAC (the iPXE script URL) is where we learn a machine's IP.
@@ -133,4 +137,6 @@ class Inventory:
             )
             log.info("%s", message)
             self.lifecycle.discovered(mac, message)
+            if policy == "enroll" and self.on_unknown is not None:
+                self.on_unknown(mac)
         return BootVerdict(mac, None, "boot", self.config.boot.image)

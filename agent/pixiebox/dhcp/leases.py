@@ -48,6 +48,11 @@ class AddressBook:
     def set_reservations(self, machines: list[MachineSection]) -> None:
         self._reserved = {m.ip for m in machines if m.ip is not None}
 
+    def held(self) -> set[IPv4Address]:
+        """Addresses bound or quarantined now (not to be reserved for another machine)."""
+        now = time.time()
+        return {ip for ip, lease in self._by_ip.items() if lease.expires > now}
+
     def lease_of(self, mac: str) -> Lease | None:
         return self._by_mac.get(mac)
 
