@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from ipaddress import IPv4Address
 from pathlib import Path
 
+import pytest
 from pixiebox.config import LabConfig
 from pixiebox.firmware import arch_info
 from pixiebox.inventory import Inventory
@@ -49,3 +51,13 @@ def test_addresses_name_the_machine(tmp_path: Path) -> None:
         lab.describe_address(IPv4Address("10.0.0.77")) == f"unknown machine {STRANGER} (10.0.0.77)"
     )
     assert lab.describe_address(IPv4Address("10.0.0.78")) == "10.0.0.78"
+
+
+def test_a_discovered_machine_is_named_by_its_vendor(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    lab, _ = inventory(tmp_path)
+    bios = arch_info(0)
+    with caplog.at_level(logging.INFO, logger="pixiebox"):
+        lab.boot_verdict("00:04:4b:aa:aa:aa", bios)  # the user's Jetson board
+    assert "unknown machine 00:04:4b:aa:aa:aa (x86_64 BIOS, NVIDIA) asked to boot" in caplog.text

@@ -17,6 +17,7 @@ from .config import LabConfig, MachineSection
 from .firmware import ArchInfo
 from .lifecycle import Lifecycle
 from .netif import neighbour_mac
+from .oui import vendor_of
 from .state import StateStore
 
 log = logging.getLogger("pixiebox.inventory")
@@ -117,6 +118,9 @@ class Inventory:
         else:
             first_time = self._store.record_seen(mac, arch.cpu, str(arch.firmware))
             label = arch.label
+        vendor = vendor_of(mac)
+        if vendor:
+            label = f"{label}, {vendor}"
         policy = self.config.boot.unknown
         if machine is not None:
             return BootVerdict(mac, machine, "boot", machine.image or self.config.boot.image)

@@ -28,6 +28,7 @@ from starlette.routing import Route
 from ..config import normalize_mac
 from ..inventory import Inventory
 from ..lifecycle import MachineState
+from ..oui import vendor_of
 from ..state import Event
 
 log = logging.getLogger("pixiebox.api")
@@ -61,6 +62,7 @@ class MachineView(BaseModel):
     ip: str | None
     arch: str | None
     firmware: str | None
+    vendor: str | None
     state: MachineState
     enrolled: bool
     image: str | None
@@ -108,7 +110,7 @@ def machine_views(inventory: Inventory) -> list[MachineView]:
             name=machine.name, mac=machine.mac,
             ip=str(machine.ip) if machine.ip else (record.ip or None if record else None),
             arch=record.arch or None if record else None,
-            firmware=record.firmware or None if record else None,
+            firmware=record.firmware or None if record else None, vendor=vendor_of(machine.mac),
             state=inventory.lifecycle.state_of(record, enrolled=True), enrolled=True,
             image=machine.image or config.boot.image,
             first_seen=record.first_seen if record else None,
@@ -120,7 +122,7 @@ def machine_views(inventory: Inventory) -> list[MachineView]:
             continue
         views.append(MachineView(
             name=None, mac=mac, ip=record.ip or None, arch=record.arch or None,
-            firmware=record.firmware or None,
+            firmware=record.firmware or None, vendor=vendor_of(mac),
             state=inventory.lifecycle.state_of(record, enrolled=False), enrolled=False,
             image=config.boot.image if config.boot.unknown != "ignore" else None,
             first_seen=record.first_seen, last_seen=record.last_seen,
