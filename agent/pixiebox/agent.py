@@ -24,6 +24,7 @@ from .firmware import Assets, Firmware, known_arches
 from .http.api import ApiState, api_app, ensure_token, machine_views
 from .http.boot import BootHttpState, boot_app
 from .http.server import BootHttpServer
+from .identity import IdentityStore
 from .inventory import Inventory
 from .labfile import EnrollError, enroll, next_free_ip
 from .lifecycle import MachineState
@@ -221,6 +222,7 @@ class Agent:
         self._handler: Handler | None = None
         self._reload_lock = threading.Lock()
         self._segment: Segment | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def run(self) -> None:
         config = load_config(self.config_path)
@@ -234,7 +236,7 @@ class Agent:
             check_loaders(assets)
             async with contextlib.AsyncExitStack() as services:
                 await self._start_services(services, config, segment, inventory, handler, assets)
-                loop = asyncio.get_running_loop()
+                loop = self._loop = asyncio.get_running_loop()
                 for signum in (signal.SIGTERM, signal.SIGINT):
                     loop.add_signal_handler(signum, self._stop.set)
                 loop.add_signal_handler(signal.SIGHUP, self.reload)
@@ -275,8 +277,14 @@ class Agent:
         await tftp.start()
         services.callback(tftp.close)
         http_host, http_port = split_listen(config.http.listen)
+        # Per-MAC SSH host keys and join tokens, served to each machine in its /metadata.
+        identities = IdentityStore(config.state.dir / "identity")
         http = BootHttpServer(
-            boot_app(BootHttpState(inventory, urls, assets, http_recorder(inventory))),
+            boot_app(
+                BootHttpState(
+                    inventory, urls, assets, http_recorder(inventory), identities=identities
+                )
+            ),
             http_host,
             http_port,
         )
@@ -349,7 +357,9 @@ class Agent:
             return
         message = f'enrolled as {name}{f" at {ip}" if ip else ""} ([boot] unknown = "enroll")'
         log.info("%s: %s", mac, message)
-        inventory.record(mac, "enrolled", message)
+        # Events reach the API's live streams, which belong to the event loop.
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(inventory.record, mac, "enrolled", message)
 
     def reload(self) -> None:
         """SIGHUP or an enrollment: re-read lab.toml; keep the running config if the new one is

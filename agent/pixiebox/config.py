@@ -232,6 +232,36 @@ class StateSection(Section):
     dir: Path = Path("/var/lib/pixiebox/state")
 
 
+def _url(value: str, schemes: tuple[str, ...]) -> str:
+    """`value` if it is an absolute URL with one of `schemes` and a host."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(value.strip())
+        _ = parts.port  # raises ValueError for a port that is not a number
+    except ValueError:
+        raise ValueError(f"{value!r} is not a URL") from None
+    if parts.scheme not in schemes or not parts.hostname:
+        wanted = " or ".join(f"{scheme}://" for scheme in schemes)
+        raise ValueError(f"{value!r} is not a URL starting with {wanted} and a host")
+    return value.strip()
+
+
+class KubernetesSection(Section):
+    # The API server the lab's nodes join, e.g. "https://192.168.1.64:6443"; each node gets it
+    # in its metadata with its own join token. None: the nodes are not told to join.
+    server: Annotated[str, AfterValidator(lambda v: _url(v, ("https",)))] | None = None
+
+
+class TelemetrySection(Section):
+    # The InfluxDB the nodes' Telegraf ships to; handed to each node in its metadata.
+    url: Annotated[str, AfterValidator(lambda v: _url(v, ("http", "https")))] | None = None
+    org: str | None = None
+    bucket: str | None = None
+    # A file holding the InfluxDB write token (kept out of lab.toml); read on every request.
+    token_file: Path | None = None
+
+
 PowerDriver = Literal["wol", "ssh", "redfish", "ipmi", "tasmota", "shelly", "http", "qemu"]
 
 
@@ -275,6 +305,8 @@ class LabConfig(BaseSettings):
     http: HttpSection = Field(default_factory=HttpSection)
     api: ApiSection = Field(default_factory=ApiSection)
     state: StateSection = Field(default_factory=StateSection)
+    kubernetes: KubernetesSection = Field(default_factory=KubernetesSection)
+    telemetry: TelemetrySection = Field(default_factory=TelemetrySection)
     machines: list[MachineSection] = Field(default_factory=list)
 
     @classmethod

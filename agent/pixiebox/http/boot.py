@@ -37,7 +37,9 @@ from starlette.types import Message, Receive, Scope, Send
 from ..bootscript import ignore_script, ipxe_script
 from ..config import ImageSection, LabConfig, normalize_mac
 from ..firmware import DEFAULT_ARCH, ArchInfo, Assets, arch_info
+from ..identity import IdentityStore
 from ..inventory import BootVerdict, Inventory
+from ..metadata import metadata_response
 from ..uboot import pxelinux_for
 from ..urls import BootUrls
 from .server import PATHSEND
@@ -93,6 +95,8 @@ class BootHttpState:
     urls: BootUrls
     assets: Assets
     on_event: EventSink = _no_events
+    #: SSH host keys and join tokens for /metadata; None: /metadata answers 503.
+    identities: IdentityStore | None = None
 
     def emit(self, kind: str, who: str, detail: str) -> None:
         try:
@@ -484,6 +488,13 @@ class _Handlers:
                  else self.inventory.name_of(mac))  # fmt: skip
         return PlainTextResponse("ok\n")
 
+    # /metadata: the calling machine's own metadata, found by its source address
+
+    async def metadata(self, request: Request) -> Response:
+        return await metadata_response(
+            self.inventory, self.state.urls, self.state.identities, client_ip(request)
+        )
+
     # /pxelinux.cfg/{name}
 
     async def pxelinux(self, request: Request) -> Response:
@@ -504,6 +515,7 @@ def boot_app(state: BootHttpState) -> Starlette:
         Route("/ssh.keys", handlers.ssh_keys, methods=["GET"]),
         Route("/pxelinux.cfg/{name}", handlers.pxelinux, methods=["GET"]),
         Route("/api/v1/phone-home", handlers.phone_home, methods=["POST"]),
+        Route("/metadata", handlers.metadata, methods=["GET"]),
     ]
     app = Starlette(routes=routes)
     # FIRMWARE-QUIRKS #23: a redirect (here: the router's trailing-slash one) fails UEFI HTTP boot.

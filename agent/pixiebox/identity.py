@@ -1,0 +1,241 @@
+"""Stable identities for machines that keep nothing: their SSH host key and Kubernetes join token.
+
+A node that boots from RAM every morning would otherwise make a new SSH host key each time
+(every `ssh` then warns that the host key changed) and join Kubernetes as a stranger. So the
+appliance, the one machine with a disk, makes both once per MAC and hands the same ones back on
+every boot, through the machine's metadata (see metadata.py).
+
+On disk, under [state] dir/identity/<mac>/ (directory 0700, files 0600):
+
+- `ssh_host_ed25519_key`      the host key, OpenSSH private-key format (what sshd reads);
+- `ssh_host_ed25519_key.pub`  its public line (derived from the private key when missing);
+- `kubernetes-join-token`     a bootstrap-token-shaped secret, `[a-z0-9]{6}.[a-z0-9]{16}`.
+
+Each file is written whole to a temporary name, fsynced and then linked into place, so that a
+power cut leaves either no file or a complete one, and two writers cannot both win: the second
+one reads what the first wrote.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import secrets
+import stat
+import string
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from .config import normalize_mac
+
+log = logging.getLogger("pixiebox.identity")
+
+HOST_KEY_FILE = "ssh_host_ed25519_key"
+HOST_PUBLIC_FILE = "ssh_host_ed25519_key.pub"
+JOIN_TOKEN_FILE = "kubernetes-join-token"
+
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+
+#: The shape of a kubeadm / k3s bootstrap token: a public id and a secret.
+JOIN_TOKEN = re.compile(r"[a-z0-9]{6}\.[a-z0-9]{16}")
+_TOKEN_ALPHABET = string.ascii_lowercase + string.digits
+
+
+class IdentityError(Exception):
+    """A stored identity cannot be used; the message names the file and what to do."""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeIdentity:
+    """What one machine needs to come back as itself."""
+
+    mac: str
+    ssh_host_key: str  # OpenSSH private key ("-----BEGIN OPENSSH PRIVATE KEY-----...")
+    ssh_host_public: str  # "ssh-ed25519 AAAA..."
+    join_token: str  # "abcdef.0123456789abcdef"
+
+    def __repr__(self) -> str:
+        # Never put the secrets into a log line or a traceback by accident.
+        return f"NodeIdentity(mac={self.mac!r}, ssh_host_public={self.ssh_host_public!r})"
+
+
+def new_join_token() -> str:
+    """A fresh random secret in the bootstrap-token form `[a-z0-9]{6}.[a-z0-9]{16}`."""
+    token_id = "".join(secrets.choice(_TOKEN_ALPHABET) for _ in range(6))
+    secret = "".join(secrets.choice(_TOKEN_ALPHABET) for _ in range(16))
+    return f"{token_id}.{secret}"
+
+
+def new_host_key() -> str:
+    """A fresh ed25519 host key in OpenSSH private-key format, as sshd reads it."""
+    key = Ed25519PrivateKey.generate()
+    data = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    return data.decode("ascii")
+
+
+def public_line(private_key: str, where: Path | None = None) -> str:
+    """The `ssh-ed25519 AAAA...` line of an OpenSSH ed25519 private key."""
+    try:
+        key = serialization.load_ssh_private_key(private_key.encode("ascii"), password=None)
+    except (ValueError, TypeError, UnicodeEncodeError) as exc:
+        raise IdentityError(
+            f"{where or 'the host key'} is not an unencrypted OpenSSH private key ({exc}); "
+            "move it away and a new host key is made on the next request"
+        ) from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise IdentityError(
+            f"{where or 'the host key'} is not an ed25519 key; move it away and a new host key "
+            "is made on the next request"
+        )
+    data = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    return data.decode("ascii")
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _ensure_mode(path: Path, mode: int) -> None:
+    """Tighten permissions that someone loosened (a copy, a restore from backup)."""
+    current = stat.S_IMODE(path.stat().st_mode)
+    if current != mode:
+        os.chmod(path, mode)
+        log.warning("%s had mode %o; set it back to %o", path, current, mode)
+
+
+def _create_file(path: Path, text: str) -> bool:
+    """Write `text` to `path` unless it exists: whole or not at all, mode 0600.
+
+    True when this call created the file, False when another writer got there first (then
+    theirs stands: an identity handed out once must never change)."""
+    temp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temp, FILE_MODE)  # O_CREAT's mode is filtered by the umask
+        try:
+            os.link(temp, path)  # unlike rename, never replaces an existing file
+        except FileExistsError:
+            return False
+        except OSError:
+            # A file system without hard links: rename, which the store's lock serialises
+            # within this agent (and only one agent owns a state directory).
+            if path.exists():
+                return False
+            os.replace(temp, path)
+        _fsync_dir(path.parent)
+        return True
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="ascii")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise IdentityError(f"cannot read {path}: {exc}") from None
+
+
+class IdentityStore:
+    """Per-MAC SSH host keys and join tokens under `root` (normally [state] dir/identity).
+
+    `for_machine` creates a machine's identity on first use and returns the same one ever
+    after, also across agent restarts. Safe to call from several threads."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self._lock = threading.Lock()
+        self._cache: dict[str, NodeIdentity] = {}
+
+    def directory(self, mac: str) -> Path:
+        """Where `mac`'s identity lives (the MAC is normalised: it is part of a path)."""
+        return self.root / normalize_mac(mac)
+
+    def for_machine(self, mac: str) -> NodeIdentity:
+        """`mac`'s identity, made now if it has none. Raises ValueError for a string that is
+        not a MAC address, IdentityError when a stored file is unusable."""
+        mac = normalize_mac(mac)
+        with self._lock:
+            found = self._cache.get(mac)
+            if found is None:
+                found = self._cache[mac] = self._load_or_create(mac)
+            return found
+
+    def _make_dir(self, path: Path) -> None:
+        try:
+            path.mkdir(mode=DIR_MODE)
+        except FileExistsError:
+            pass
+        else:
+            _fsync_dir(path.parent)
+        _ensure_mode(path, DIR_MODE)
+
+    def _load_or_create(self, mac: str) -> NodeIdentity:
+        self.root.parent.mkdir(parents=True, exist_ok=True)
+        self._make_dir(self.root)
+        directory = self.root / mac
+        self._make_dir(directory)
+        made: list[str] = []
+
+        key_path = directory / HOST_KEY_FILE
+        private = _read(key_path)
+        if private is None:
+            if _create_file(key_path, new_host_key()):
+                made.append("an SSH host key")
+            private = _read(key_path)
+            assert private is not None
+        public = public_line(private, key_path)
+
+        public_path = directory / HOST_PUBLIC_FILE
+        stored_public = _read(public_path)
+        if stored_public is None:
+            _create_file(public_path, public + "\n")
+        elif stored_public.split()[:2] != public.split()[:2]:
+            raise IdentityError(
+                f"{public_path} does not belong to the private key {key_path}; delete the .pub "
+                "file and it is written again from the private key"
+            )
+
+        token_path = directory / JOIN_TOKEN_FILE
+        token = _read(token_path)
+        if token is None:
+            if _create_file(token_path, new_join_token() + "\n"):
+                made.append("a Kubernetes join token")
+            token = _read(token_path)
+            assert token is not None
+        token = token.strip()
+        if not JOIN_TOKEN.fullmatch(token):
+            raise IdentityError(
+                f"{token_path} does not hold a join token of the form abcdef.0123456789abcdef; "
+                "fix it, or delete it and a new one is made on the next request (the machine "
+                "then joins Kubernetes as a new node)"
+            )
+
+        for path in (key_path, public_path, token_path):
+            _ensure_mode(path, FILE_MODE)
+        if made:
+            log.info("made %s for %s in %s", " and ".join(made), mac, directory)
+        return NodeIdentity(mac, private, public, token)

@@ -1,0 +1,161 @@
+"""`GET /metadata`: what a booted node needs to become itself, answered by its source address.
+
+The OSIE fetches it once it is up: its name and hostname, the SSH keys to let in, its own SSH
+host key and Kubernetes join token (the same on every boot, see identity.py), where to join and
+where to ship telemetry. A machine is known by the address it asks from (its reservation, its
+lease, the address it fetched its iPXE script from, or the ARP cache), and where the ARP cache
+knows that address it must name the same MAC (anyone can fetch /boot/<another mac>.ipxe). So a
+machine gets only its own secrets: an address that maps to no machine that booted through
+Pixiebox gets a 404 and nothing else.
+
+The document (JSON):
+
+    {"name": "c1" | null, "mac": "f4:4d:30:64:7a:3a", "hostname": "c1" | "node-f44d30647a3a",
+     "domain": "lab.internal", "fqdn": "c1.lab.internal", "ip": "192.168.1.31",
+     "ssh_authorized_keys": ["ssh-ed25519 AAAA... me@laptop"],
+     "ssh_host_key": {"private": "-----BEGIN OPENSSH PRIVATE KEY-----\\n...", "public": "ssh-..."},
+     "kubernetes": {"server": "https://192.168.1.64:6443" | null, "join_token": "abcdef.0123...",
+                    "node_name": "c1"},
+     "telemetry": {"url": ... | null, "org": ... | null, "bucket": ... | null, "token": ... | null},
+     "appliance": {"url": "http://192.168.1.64", "dns": ["192.168.1.254"]}}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from ipaddress import IPv4Address
+from pathlib import Path
+
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+
+from .config import LabConfig, MachineSection
+from .identity import IdentityError, IdentityStore, NodeIdentity
+from .inventory import Inventory
+from .netif import neighbour_mac
+from .urls import BootUrls
+
+log = logging.getLogger("pixiebox.metadata")
+
+_NO_STORE = {"Cache-Control": "no-store"}
+
+JsonObject = dict[str, object]
+
+
+def hostname_for(mac: str, machine: MachineSection | None) -> str:
+    """The enrolled name, else `node-<mac without colons>` (a valid DNS label either way)."""
+    return machine.name if machine is not None else "node-" + mac.replace(":", "")
+
+
+def read_token(path: Path | None) -> str | None:
+    """The telemetry token from [telemetry] token_file; None when unset or unreadable."""
+    if path is None:
+        return None
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        log.warning(
+            "[telemetry] token_file %s cannot be read (%s); the nodes get no telemetry token",
+            path,
+            getattr(exc, "strerror", None) or exc,
+        )
+        return None
+    return token or None
+
+
+def build_metadata(
+    config: LabConfig,
+    urls: BootUrls,
+    mac: str,
+    ip: IPv4Address,
+    machine: MachineSection | None,
+    identity: NodeIdentity,
+) -> JsonObject:
+    """The metadata document of the machine `mac` at `ip` (see the module docstring)."""
+    hostname = hostname_for(mac, machine)
+    domain = config.lab.domain
+    telemetry = config.telemetry
+    return {
+        "name": machine.name if machine is not None else None,
+        "mac": mac,
+        "hostname": hostname,
+        "domain": domain,
+        "fqdn": f"{hostname}.{domain}" if domain else hostname,
+        "ip": str(ip),
+        "ssh_authorized_keys": [key.strip() for key in config.boot.ssh_keys if key.strip()],
+        "ssh_host_key": {"private": identity.ssh_host_key, "public": identity.ssh_host_public},
+        "kubernetes": {
+            "server": config.kubernetes.server,
+            "join_token": identity.join_token,
+            "node_name": hostname,
+        },
+        "telemetry": {
+            "url": telemetry.url,
+            "org": telemetry.org,
+            "bucket": telemetry.bucket,
+            "token": read_token(telemetry.token_file),
+        },
+        "appliance": {"url": urls.base, "dns": [str(address) for address in config.network.dns]},
+    }
+
+
+def _refuse(status: int, text: str) -> Response:
+    return PlainTextResponse(text + "\n", status, headers=_NO_STORE)
+
+
+def _machine_at(inventory: Inventory, ip: IPv4Address) -> tuple[str | None, str]:
+    """(MAC of the machine asking from `ip`, or None with the reason for the log)."""
+    mac = inventory.mac_at(ip)
+    if mac is None:
+        return None, "no machine is known at that address"
+    # A reservation or a script URL only says which MAC *should* be there, and anyone can fetch
+    # /boot/<another mac>.ipxe; on the lab's own segment the kernel saw who really sent this.
+    seen = neighbour_mac(str(ip))
+    if seen is not None and seen != mac:
+        return None, (
+            f"it is {inventory.name_of(mac)}'s address, yet the ARP cache says {seen} sent "
+            "the request (a spoofed script URL, or a machine on another's address)"
+        )
+    if inventory.who_is(mac) is not None:
+        return mac, ""
+    # Not enrolled: answer only a machine that booted through Pixiebox (any other device on the
+    # LAN has a MAC in the ARP cache too, but no business with a node identity).
+    if mac not in inventory.lifecycle.records():
+        return None, f"{mac} there never booted through Pixiebox"
+    if inventory.config.boot.unknown == "ignore":
+        return None, f'unknown machine {mac} there is not booted ([boot] unknown = "ignore")'
+    return mac, ""
+
+
+async def metadata_response(
+    inventory: Inventory,
+    urls: BootUrls,
+    identities: IdentityStore | None,
+    ip: IPv4Address | None,
+) -> Response:
+    """The answer to `GET /metadata` from `ip`: its own document, 404 or 503."""
+    if identities is None:
+        return _refuse(503, "metadata is not configured")
+    if ip is None:
+        log.warning("a client without an IPv4 address asked for /metadata; answered 404")
+        return _refuse(404, "cannot tell which machine is asking: no IPv4 source address")
+    mac, reason = _machine_at(inventory, ip)
+    if mac is None:
+        log.warning("%s asked for /metadata, but %s; answered 404", ip, reason)
+        return _refuse(
+            404,
+            f"no machine is known at {ip}: metadata is served only to a machine that booted "
+            "through Pixiebox, asking from its own address",
+        )
+    try:
+        # The first request makes a key and fsyncs files: off the event loop.
+        identity = await asyncio.to_thread(identities.for_machine, mac)
+    except IdentityError as exc:
+        log.error("cannot give %s its metadata: %s", inventory.describe_address(ip), exc)
+        return _refuse(500, "this machine's stored identity cannot be read; see the appliance log")
+    config = inventory.config
+    document = build_metadata(config, urls, mac, ip, inventory.who_is(mac), identity)
+    who = inventory.describe_address(ip)
+    log.info("%s fetched its metadata", who)
+    inventory.record(mac, "metadata", "fetched its metadata", ip)
+    return JSONResponse(document, headers=_NO_STORE)
