@@ -11,10 +11,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 from . import config as lab
-from . import labfile
+from . import doctor, labfile
 from .agent import Agent, StartupError
 from .client import ApiClient, ApiRefused, ApiUnreachable
 from .netif import interface_info, interface_names
@@ -216,6 +216,17 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     return 0
 
 
+@_api_command
+def cmd_doctor(args: argparse.Namespace) -> int:
+    options = {"boot_timeout": args.boot_timeout, "settle": args.settle}
+    query = urlencode({key: f"{value:g}" for key, value in options.items() if value is not None})
+    path = f"/api/v1/machines/{quote(args.machine)}/doctor" + (f"?{query}" if query else "")
+    found = _client(args).call("GET", path)
+    print(doctor.render_text(found["machine"], found["state"], found["timeline"],
+                             found["verdict"], found["ok"]))  # fmt: skip
+    return 0 if found["ok"] else 2
+
+
 def _api_arguments(parser: argparse.ArgumentParser) -> None:
     _config_argument(parser)
     parser.add_argument("--api", default=None, help="the agent's API URL (default: from lab.toml)")
@@ -247,6 +258,18 @@ def build_parser() -> argparse.ArgumentParser:
     enroll.add_argument("--name", help="its name (default: the next free nodeN)")
     enroll.add_argument("--ip", help="its fixed address (reservation and full mode)")
     enroll.set_defaults(func=cmd_enroll)
+    diagnose = commands.add_parser(
+        "doctor", help="why did (or didn't) a machine boot: its last boot attempts and a verdict"
+    )
+    _api_arguments(diagnose)
+    diagnose.add_argument("machine", help="a name or MAC")
+    diagnose.add_argument("--boot-timeout", type=float, default=None, metavar="SECONDS",
+                          help="how long after the kernel and initrd the OS must phone home "
+                          f"(default {doctor.DEFAULT_BOOT_TIMEOUT:g})")  # fmt: skip
+    diagnose.add_argument("--settle", type=float, default=None, metavar="SECONDS",
+                          help="how long a boot step may go without the next before it counts "
+                          f"as stalled (default {doctor.DEFAULT_SETTLE:g})")  # fmt: skip
+    diagnose.set_defaults(func=cmd_doctor)
     demo = commands.add_parser(
         "demo", help="run the virtual lab: a router, the agent and QEMU machines that PXE-boot"
     )

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import secrets
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address
@@ -25,7 +26,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ..config import normalize_mac
+from .. import doctor
+from ..config import normalize_mac, split_listen
 from ..inventory import Inventory
 from ..lifecycle import MachineState
 from ..oui import vendor_of
@@ -193,6 +195,27 @@ class _Handlers:
         events = self.inventory.lifecycle.events(view.mac, after=after)
         return _json([event_view(self.inventory, e) for e in events])
 
+    async def machine_doctor(self, request: Request) -> Response:
+        """Why did (or didn't) this machine boot: its last boot attempts and a verdict."""
+        key = str(request.path_params["key"])
+        view = find_machine(self.inventory, key)
+        if view is None:
+            return _error(404, doctor.unknown_machine(key))
+        query = request.query_params
+        try:
+            timeout = doctor.seconds_parameter(query, "boot_timeout", doctor.DEFAULT_BOOT_TIMEOUT)
+            settle = doctor.seconds_parameter(query, "settle", doctor.DEFAULT_SETTLE)
+        except ValueError as exc:
+            return _error(400, str(exc))
+        config = self.inventory.config
+        diagnosis = doctor.diagnose(
+            self.inventory.lifecycle.events(view.mac, limit=doctor.EVENTS),
+            state=view.state, now=time.time(), boot_timeout=timeout,
+            mode=config.network.dhcp_mode, name=view.name or view.mac, settle=settle,
+            enrolled=view.enrolled, http_port=split_listen(config.http.listen)[1],
+        )  # fmt: skip
+        return _json(doctor.report(diagnosis, view.mac))
+
     async def enroll(self, request: Request) -> Response:
         if not self._authorized(request):
             return _error(401, "this call changes the lab: send Authorization: Bearer <token> "
@@ -280,7 +303,7 @@ def openapi_document() -> dict[str, Any]:
         "components": {
             "schemas": {
                 m.__name__: m.model_json_schema(ref_template="#/components/schemas/{model}")
-                for m in (MachineView, EventView, EnrollRequest, ErrorView)
+                for m in (MachineView, EventView, EnrollRequest, ErrorView, doctor.DoctorReport)
             },
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
@@ -304,6 +327,18 @@ def openapi_document() -> dict[str, Any]:
                     "parameters": [key],
                     "responses": {
                         "200": ok({"type": "array", "items": ref("EventView")}),
+                        "404": missing,
+                    },
+                }
+            },
+            "/api/v1/machines/{key}/doctor": {
+                "get": {
+                    "summary": "why did (or didn't) the machine boot: its last boot attempts "
+                    "as a timeline, and a verdict in plain words",
+                    "parameters": [key, *doctor.QUERY_PARAMETERS],
+                    "responses": {
+                        "200": ok(ref("DoctorReport")),
+                        "400": ok(ref("ErrorView"), "a parameter is not a number of seconds"),
                         "404": missing,
                     },
                 }
@@ -339,6 +374,7 @@ def api_app(state: ApiState) -> Starlette:
         Route("/api/v1/machines", handlers.machines, methods=["GET"]),
         Route("/api/v1/machines/{key}", handlers.machine, methods=["GET"]),
         Route("/api/v1/machines/{key}/events", handlers.machine_events, methods=["GET"]),
+        Route("/api/v1/machines/{key}/doctor", handlers.machine_doctor, methods=["GET"]),
         Route("/api/v1/machines/{mac}/enroll", handlers.enroll, methods=["POST"]),
         Route("/api/v1/events", handlers.events, methods=["GET"]),
         Route("/api/v1/openapi.json", handlers.openapi, methods=["GET"]),
