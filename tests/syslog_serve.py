@@ -12,27 +12,16 @@ import argparse
 import asyncio
 import dataclasses
 import json
-import logging
-import os
 import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 from pixiebox.syslog import SyslogMessage, SyslogReceiver
+from servicerunner import open_sockets, run
 
 READY = "SYSLOG listening"
 STOPPED = "SYSLOG stopped"
-
-
-def open_sockets() -> int:
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
-        except OSError:
-            continue
-    return count
 
 
 def as_json(message: SyslogMessage) -> dict[str, Any]:
@@ -96,14 +85,7 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str]) -> int:
-    logging.basicConfig(
-        level=logging.DEBUG,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("asyncio").setLevel(logging.WARNING)
-    asyncio.run(serve(parse_args(argv)))
-    return 0
+    return run(serve(parse_args(argv)))
 
 
 if __name__ == "__main__":

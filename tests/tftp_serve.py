@@ -11,28 +11,16 @@ import argparse
 import asyncio
 import dataclasses
 import json
-import logging
-import os
 import signal
 import sys
 import threading
 from pathlib import Path
 
 from pixiebox.tftp import TftpEvent, TftpServer
+from servicerunner import open_sockets, run
 
 READY = "TFTP serving"
 STOPPED = "TFTP stopped"
-
-
-def open_sockets() -> int:
-    """Sockets this process holds (the event loop has some of its own)."""
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
-        except OSError:
-            continue
-    return count
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -96,14 +84,7 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str]) -> int:
-    logging.basicConfig(
-        level=logging.DEBUG,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("asyncio").setLevel(logging.WARNING)
-    asyncio.run(serve(parse_args(argv)))
-    return 0
+    return run(serve(parse_args(argv)))
 
 
 if __name__ == "__main__":
