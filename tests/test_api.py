@@ -155,3 +155,39 @@ def test_unknown_enroll_adds_a_new_machine_with_the_next_free_name_and_address(
     # The next request is answered with the new reservation, no restart.
     lease = netlab.run_dhclient(stranger, workdir / "stranger")
     assert (lease.ip, lease.hostname) == ("10.82.0.1", "node1")
+
+
+def test_lab_names_resolve_through_the_agent_and_the_rest_is_forwarded(
+    netlab_require: object, segment: netlab.Segment, workdir: Path
+) -> None:
+    netlab_require("dig", "dnsmasq", "dhclient")  # type: ignore[operator]
+    # The home router doubles as the upstream resolver, as on most LANs.
+    router = segment.add_host("router", ip="10.82.0.1/24")
+    router.popen(["dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
+                  "--interface=eth0", "--bind-interfaces", "--port=53",
+                  "--address=/example.test/10.9.9.9"], router.log_path("dns"))  # fmt: skip
+    config_text = lab_toml(
+        mode="reservation",
+        subnet=SUBNET,
+        gateway="10.82.0.1",
+        assets=workdir / "assets",
+        state=workdir / "state",
+        machines=[("c1", C1_MAC, C1_IP)],
+    ).replace("[http]", f'[api]\nlisten = "0.0.0.0:8080"\ntoken_file = "{workdir / "t"}"\n[http]')
+    config_text = config_text.replace('domain = "lab.test"', 'domain = "lab.internal"')
+    agent_host = segment.add_host("agent", ip=f"{AGENT_IP}/24")
+    start_agent(agent_host, config_text, workdir)
+    c1 = segment.add_host("c1", mac=C1_MAC)
+    lease = netlab.run_dhclient(c1, workdir / "c1")
+    assert lease.dns == (AGENT_IP,)  # DHCP points the lab at the appliance's DNS
+
+    def dig(*args: str) -> str:
+        return c1.run(["dig", "+short", "+time=3", "+tries=2", f"@{AGENT_IP}", *args]).stdout
+
+    assert dig("c1.lab.internal").split() == [C1_IP]
+    assert dig("-x", C1_IP).split() == ["c1.lab.internal."]
+    assert dig("pixiebox.lab.internal").split() == [AGENT_IP]
+    netlab.wait_until(lambda: dig("www.example.test").split() == ["10.9.9.9"], 10,
+                      message="forwarded name")  # fmt: skip
+    status = c1.run(["dig", "+time=3", f"@{AGENT_IP}", "nosuch.lab.internal"]).stdout
+    assert "status: NXDOMAIN" in status

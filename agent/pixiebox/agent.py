@@ -20,6 +20,7 @@ from .dhcp.policy import BootPolicy
 from .dhcp.proxy import ProxyHandler
 from .dhcp.reservation import ReservationHandler
 from .dhcp.server import DhcpServer, Handler
+from .dns import DnsServer
 from .firmware import Assets, Firmware, known_arches
 from .http.api import ApiState, api_app, ensure_token, machine_views
 from .http.boot import BootHttpState, boot_app
@@ -37,6 +38,10 @@ from .uboot import tftp_generator
 from .urls import BootUrls
 
 log = logging.getLogger("pixiebox")
+
+
+#: The appliance's own DNS name in the lab domain (pixiebox.lab.internal).
+APPLIANCE_NAME = "pixiebox"
 
 
 class StartupError(Exception):
@@ -290,6 +295,18 @@ class Agent:
         )
         await http.start()
         services.push_async_callback(http.stop)
+        appliance = (APPLIANCE_NAME, segment.server_ip)
+        dns = DnsServer(
+            domain=config.lab.domain,
+            records=lambda: inventory.dns_records(appliance),
+            # No [network] dns: the router is the usual resolver of a home LAN.
+            upstreams=config.network.dns
+            or ([config.network.gateway] if config.network.gateway else []),
+            listen_ip=str(segment.server_ip),
+            interface=segment.interface,
+        )
+        await dns.start()
+        services.push_async_callback(dns.close)
         syslog = SyslogReceiver(
             syslog_recorder(inventory),
             interface=segment.interface,
@@ -302,6 +319,7 @@ class Agent:
                 "dhcp_packets": ("DHCP packets by outcome", dhcp.stats),
                 "tftp_requests": ("TFTP requests by outcome", tftp.stats),
                 "syslog_lines": ("syslog datagrams by outcome", syslog.stats),
+                "dns_queries": ("DNS queries by outcome", dns.stats),
             },
             lambda: machine_state_counts(inventory),
         )

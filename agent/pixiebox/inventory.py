@@ -91,6 +91,24 @@ class Inventory:
                 self._mac_by_ip[ip] = learned
         return learned
 
+    def dns_records(
+        self, appliance: tuple[str, IPv4Address] | None = None
+    ) -> dict[str, IPv4Address]:
+        """Short name → address for DNS: reservations, then addresses learned at run time (in
+        proxy mode the router hands them out: this is how `c1.lab.internal` finds a node
+        without the router's client list), and the appliance itself."""
+        records: dict[str, IPv4Address] = {}
+        for ip, mac in self._mac_by_ip.items():
+            machine = self._by_mac.get(mac)
+            if machine is not None:
+                records[machine.name] = ip
+        for machine in self.config.machines:
+            if machine.ip is not None:
+                records[machine.name] = machine.ip
+        if appliance is not None:
+            records.setdefault(appliance[0], appliance[1])
+        return records
+
     def describe_address(self, ip: IPv4Address) -> str:
         """How log lines name whoever is at `ip`: "c1 (mac, 10.0.0.5)" or just the address."""
         mac = self.mac_at(ip)

@@ -219,8 +219,8 @@ class ReservationHandler:
         reply.options[Opt.BROADCAST_ADDRESS] = self.subnet.broadcast_address.packed
         if config.network.gateway is not None:
             reply.options[Opt.ROUTER] = config.network.gateway.packed
-        if config.network.dns:
-            reply.options[Opt.DNS_SERVERS] = b"".join(a.packed for a in config.network.dns)
+        # The appliance answers the lab's names and forwards the rest to [network] dns.
+        reply.options[Opt.DNS_SERVERS] = self.server_ip.packed
         reply.options[Opt.DOMAIN_NAME] = config.lab.domain.encode()
         if machine is not None:
             reply.options[Opt.HOSTNAME] = machine.name.encode()
