@@ -4,6 +4,7 @@ the event stream, the token, OpenAPI and /metrics."""
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from agentproc import lab_toml, start_agent
 SUBNET = "10.82.0.0/24"
 AGENT_IP = "10.82.0.2"
 C1_MAC, C1_IP = "02:00:00:00:82:01", "10.82.0.31"
-STRANGER = "02:00:00:00:82:99"
+STRANGER = "00:04:4b:00:82:99"  # an NVIDIA OUI, like the user's Jetson boards
 UUID = bytes(range(16))
 
 
@@ -50,6 +51,8 @@ def test_discover_enroll_and_boot_without_restart(
     table = pixiebox(agent_host, config, "machines")
     row = next(line for line in table.splitlines() if STRANGER in line)
     assert "(unknown)" in row and "x86_64 UEFI" in row and "discovered" in row, table
+    listed = json.loads(pixiebox(agent_host, config, "machines", "--json"))
+    assert next(m for m in listed if m["mac"] == STRANGER)["vendor"] == "NVIDIA"
     assert any(line.startswith("c1 ") and "enrolled" in line for line in table.splitlines())
     # Changing the lab needs the token.
     url = f"http://{AGENT_IP}:8080/api/v1/machines/{STRANGER}/enroll"
@@ -191,3 +194,32 @@ def test_lab_names_resolve_through_the_agent_and_the_rest_is_forwarded(
                       message="forwarded name")  # fmt: skip
     status = c1.run(["dig", "+time=3", f"@{AGENT_IP}", "nosuch.lab.internal"]).stdout
     assert "status: NXDOMAIN" in status
+
+
+def test_sighup_reloads_lab_toml_and_an_invalid_file_keeps_the_old_settings(
+    netlab_require: object, segment: netlab.Segment, workdir: Path
+) -> None:
+    netlab_require("dhclient")  # type: ignore[operator]
+    config_text = lab_toml(
+        mode="reservation",
+        subnet=SUBNET,
+        assets=workdir / "assets",
+        state=workdir / "state",
+        machines=[("c1", C1_MAC, C1_IP)],
+    ).replace("[http]", f'[api]\nlisten = "0.0.0.0:8080"\ntoken_file = "{workdir / "t"}"\n[http]')
+    agent_host = segment.add_host("agent", ip=f"{AGENT_IP}/24")
+    agent = start_agent(agent_host, config_text, workdir)
+    # Edited by hand: a new machine, then SIGHUP; it is served without a restart.
+    with agent.config.open("a") as file:
+        file.write('\n[[machines]]\nname = "c5"\nmac = "02:00:00:00:82:05"\nip = "10.82.0.35"\n')
+    agent.proc.send_signal(signal.SIGHUP)
+    agent.wait_log("reloaded")
+    c5 = segment.add_host("c5", mac="02:00:00:00:82:05")
+    assert netlab.run_dhclient(c5, workdir / "c5").ip == "10.82.0.35"
+    # A broken edit is refused with pixiebox check's words; the agent keeps serving.
+    agent.config.write_text(agent.config.read_text().replace('ip = "10.82.0.35"', 'ip = "nope"'))
+    agent.proc.send_signal(signal.SIGHUP)
+    text = agent.wait_log("keeping the previous settings")
+    assert "machines[1].ip" in text and "Traceback" not in text
+    c1 = segment.add_host("c1", mac=C1_MAC)
+    assert netlab.run_dhclient(c1, workdir / "c1").ip == C1_IP
