@@ -131,6 +131,8 @@ def test_event_stream_delivers_a_boot_in_order(
     metrics = curl(agent_host, "http://127.0.0.1:8080/metrics")
     assert 'pixiebox_machines{state="up"} 1.0' in metrics
     assert 'pixiebox_dhcp_packets_total{outcome="answered"}' in metrics
+    assert 'pixiebox_dhcp_requests_by_type_total{type="DISCOVER"} 1.0' in metrics
+    assert "pixiebox_boot_duration_seconds_count 1.0" in metrics  # DHCP to phone-home, once
 
 
 def agent_host_config(workdir: Path) -> Path:

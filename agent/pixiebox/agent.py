@@ -284,15 +284,10 @@ class Agent:
         http_host, http_port = split_listen(config.http.listen)
         # Per-MAC SSH host keys and join tokens, served to each machine in its /metadata.
         identities = IdentityStore(config.state.dir / "identity")
-        http = BootHttpServer(
-            boot_app(
-                BootHttpState(
-                    inventory, urls, assets, http_recorder(inventory), identities=identities
-                )
-            ),
-            http_host,
-            http_port,
+        boot_state = BootHttpState(
+            inventory, urls, assets, http_recorder(inventory), identities=identities
         )
+        http = BootHttpServer(boot_app(boot_state), http_host, http_port)
         await http.start()
         services.push_async_callback(http.stop)
         appliance = (APPLIANCE_NAME, segment.server_ip)
@@ -317,11 +312,17 @@ class Agent:
         collector = PixieboxCollector(
             {
                 "dhcp_packets": ("DHCP packets by outcome", dhcp.stats),
+                "dhcp_requests_by_type": ("DHCP requests by message type", dhcp.by_type),
+                "http_boot_files": (
+                    "boot files sent over HTTP: bytes, complete, broken",
+                    boot_state.stats,
+                ),
                 "tftp_requests": ("TFTP requests by outcome", tftp.stats),
                 "syslog_lines": ("syslog datagrams by outcome", syslog.stats),
                 "dns_queries": ("DNS queries by outcome", dns.stats),
             },
             lambda: machine_state_counts(inventory),
+            lambda: inventory.lifecycle.boot_durations,
         )
         api_state = ApiState(
             inventory,

@@ -9,6 +9,7 @@ as it happens. Silence past `off_after` marks a machine off.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -49,6 +50,9 @@ class Lifecycle:
         self._store = store
         self._clock = clock
         self._subscribers: set[asyncio.Queue[Event]] = set()
+        self._boot_started: dict[str, float] = {}
+        #: Seconds from a machine's first boot request to its OS phoning home (recent boots).
+        self.boot_durations: collections.deque[float] = collections.deque(maxlen=1000)
 
     def record(self, mac: str, kind: str, message: str, *, ip: str | None = None) -> Event:
         """Add an event to `mac`'s log, move its state, and tell the subscribers."""
@@ -59,6 +63,10 @@ class Lifecycle:
             current = self._store.machine_record(mac)
             if current is None or current.state != target:
                 self._store.set_state(mac, target, now)
+                if target is MachineState.BOOTING:
+                    self._boot_started[mac] = now
+                elif target is MachineState.UP and mac in self._boot_started:
+                    self.boot_durations.append(now - self._boot_started.pop(mac))
         event = self._store.add_event(mac, kind, message, now)
         for queue in list(self._subscribers):
             if queue.full():

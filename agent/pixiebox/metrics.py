@@ -7,10 +7,10 @@ collector reads them at scrape time instead of every packet touching a Prometheu
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
 from .lifecycle import MachineState
@@ -21,14 +21,25 @@ class PixieboxCollector(Collector):
         self,
         counters: Mapping[str, tuple[str, Counter[str]]],
         machine_states: Callable[[], Mapping[MachineState, int]],
+        boot_durations: Callable[[], Iterable[float]] = tuple,
     ) -> None:
-        """`counters`: metric name → (help text, the server's outcome counter)."""
+        """`counters`: metric name → (help text, a server's counter); the label is "outcome",
+        or "type" for a name ending in `_by_type`."""
         self.counters = counters
         self.machine_states = machine_states
+        self.boot_durations = boot_durations
 
-    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | SummaryMetricFamily]:
+        durations = list(self.boot_durations())
+        yield SummaryMetricFamily(
+            "pixiebox_boot_duration_seconds",
+            "first boot request to the OS phoning home, recent boots",
+            count_value=len(durations),
+            sum_value=sum(durations),
+        )
         for name, (text, counter) in self.counters.items():
-            family = CounterMetricFamily(f"pixiebox_{name}", text, labels=["outcome"])
+            label = "type" if name.endswith("_by_type") else "outcome"
+            family = CounterMetricFamily(f"pixiebox_{name}", text, labels=[label])
             for outcome, value in sorted(counter.items()):
                 family.add_metric([outcome], value)
             yield family

@@ -93,6 +93,8 @@ class DhcpServer:
         self.handler = handler
         self.interface = interface
         self.stats: Counter[str] = Counter()
+        #: Requests by DHCP message type (DISCOVER, REQUEST, ...), for /metrics.
+        self.by_type: Counter[str] = Counter()
         self._transports: list[asyncio.DatagramTransport] = []
 
     async def start(self) -> None:
@@ -121,9 +123,11 @@ class DhcpServer:
         """The encoded reply to one datagram and where to send it, or None."""
         try:
             request = decode(data)
-            if request.op != BOOTREQUEST or request.message_type is None:
+            kind = request.message_type
+            if request.op != BOOTREQUEST or kind is None:
                 self.stats["ignored"] += 1
                 return None
+            self.by_type[kind.name] += 1
             reply = self.handler.handle(request, port)
             if reply is None:
                 self.stats["unanswered"] += 1

@@ -21,8 +21,9 @@ import logging
 import os
 import re
 import stat
+from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 from ipaddress import IPv4Address
@@ -97,6 +98,8 @@ class BootHttpState:
     on_event: EventSink = _no_events
     #: SSH host keys and join tokens for /metadata; None: /metadata answers 503.
     identities: IdentityStore | None = None
+    #: Boot files sent, for /metrics: "bytes", and transfers by outcome.
+    stats: Counter[str] = field(default_factory=Counter)
 
     def emit(self, kind: str, who: str, detail: str) -> None:
         try:
@@ -410,6 +413,9 @@ class _Handlers:
     ) -> None:
         if request.method == "HEAD":
             return
+        stats = self.state.stats
+        stats["bytes"] += sent if sent else (size if complete else 0)
+        stats["complete" if complete else "broken"] += 1
         who = self._describe(ip)
         if status != 200:
             # Range requests (206) are pieces by design; errors were answered by FileResponse.
