@@ -10,6 +10,7 @@ import pytest
 from pixiebox.config import LabConfig
 from pixiebox.firmware import arch_info
 from pixiebox.inventory import Inventory
+from pixiebox.lifecycle import Lifecycle, MachineState
 from pixiebox.state import StateStore
 
 C1 = "02:00:00:00:00:01"
@@ -61,3 +62,21 @@ def test_a_discovered_machine_is_named_by_its_vendor(
     with caplog.at_level(logging.INFO, logger="pixiebox"):
         lab.boot_verdict("00:04:4b:aa:aa:aa", bios)  # the user's Jetson board
     assert "unknown machine 00:04:4b:aa:aa:aa (x86_64 BIOS, NVIDIA) asked to boot" in caplog.text
+
+
+def test_a_silent_machine_is_shown_off_and_its_boot_time_is_measured(tmp_path: Path) -> None:
+    clock = [1000.0]
+    store = StateStore(tmp_path)
+    life = Lifecycle(store, clock=lambda: clock[0])
+    life.record(C1, "dhcp", "asked to boot")
+    clock[0] += 25
+    life.record(C1, "phone-home", "the OS is up")
+    assert list(life.boot_durations) == [25.0]
+    clock[0] += 60
+    assert life.mark_silent(off_after=120) == []  # not silent long enough
+    clock[0] += 120
+    assert life.mark_silent(off_after=120) == [C1]
+    record = store.machine_record(C1)
+    assert record is not None and record.state == MachineState.OFF
+    assert life.events(C1)[-1].kind == "off"
+    assert life.mark_silent(off_after=120) == []  # already off: said once

@@ -317,7 +317,7 @@ class Agent:
                     "boot files sent over HTTP: bytes, complete, broken",
                     boot_state.stats,
                 ),
-                "tftp_requests": ("TFTP requests by outcome", tftp.stats),
+                "tftp_requests": ("TFTP requests by outcome, and bytes sent", tftp.stats),
                 "syslog_lines": ("syslog datagrams by outcome", syslog.stats),
                 "dns_queries": ("DNS queries by outcome", dns.stats),
             },

@@ -798,6 +798,8 @@ class TftpServer:
             if ctx.fileobj is not None:
                 ctx.fileobj.close()
         self.stats[kind] += 1
+        with contextlib.suppress(AttributeError, TypeError, ValueError):
+            self.stats["bytes"] += int(ctx.metrics.bytes)
         self._log_outcome(transfer, kind, reason, level, probe)
         self._emit(TftpEvent(kind, *transfer.client, transfer.path, transfer.size, reason))
 
