@@ -13,36 +13,17 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import signal
 import sys
 from ipaddress import IPv4Address
 from pathlib import Path
 
 from pixiebox.dns import DnsServer
+from servicerunner import open_sockets, run, write_stats
 
 READY = "DNS serving"
 STOPPED = "DNS stopped"
 RELOADED = "DNS records reloaded"
-
-
-def open_sockets() -> int:
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
-        except OSError:
-            continue
-    return count
-
-
-def write_stats(path: Path | None, stats: dict[str, int]) -> None:
-    """Atomically, so the test never reads half a file."""
-    if path is None:
-        return
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(stats))
-    partial.replace(path)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -112,14 +93,7 @@ async def serve(args: argparse.Namespace) -> None:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.quiet else logging.DEBUG,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("asyncio").setLevel(logging.WARNING)
-    asyncio.run(serve(args))
-    return 0
+    return run(serve(args), logging.INFO if args.quiet else logging.DEBUG)
 
 
 if __name__ == "__main__":

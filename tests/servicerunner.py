@@ -4,10 +4,12 @@ service in a test namespace with debug logging, and count the sockets it leaves 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import sys
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
+from pathlib import Path
 from typing import Any
 
 
@@ -22,9 +24,18 @@ def open_sockets() -> int:
     return count
 
 
-def run(service: Coroutine[Any, Any, None]) -> int:
+def write_stats(path: Path | None, stats: Mapping[str, int]) -> None:
+    """Atomically, so the test never reads half a file."""
+    if path is None:
+        return
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(dict(stats)))
+    partial.replace(path)
+
+
+def run(service: Coroutine[Any, Any, None], level: int = logging.DEBUG) -> int:
     logging.basicConfig(
-        level=logging.DEBUG,
+        level=level,
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )

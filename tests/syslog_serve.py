@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pixiebox.syslog import SyslogMessage, SyslogReceiver
-from servicerunner import open_sockets, run
+from servicerunner import open_sockets, run, write_stats
 
 READY = "SYSLOG listening"
 STOPPED = "SYSLOG stopped"
@@ -30,13 +30,6 @@ def as_json(message: SyslogMessage) -> dict[str, Any]:
     data["timestamp"] = None if message.timestamp is None else message.timestamp.isoformat()
     data["line"] = message.line
     return data
-
-
-def write_stats(path: Path, stats: dict[str, int]) -> None:
-    """Atomically, so the test never reads half a file."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(stats))
-    partial.replace(path)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -7,6 +7,7 @@ import json
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import netlab
 from agentproc import lab_toml, start_agent
@@ -16,6 +17,14 @@ AGENT_IP = "10.82.0.2"
 C1_MAC, C1_IP = "02:00:00:00:82:01", "10.82.0.31"
 STRANGER = "00:04:4b:00:82:99"  # an NVIDIA OUI, like the user's Jetson boards
 UUID = bytes(range(16))
+
+
+def api_lab(workdir: Path, token_file: Path, **kwargs: Any) -> str:
+    """A test lab.toml (agentproc.lab_toml) with the API on port 8080 and its token file."""
+    text = lab_toml(assets=workdir / "assets", state=workdir / "state", **kwargs)
+    return text.replace(
+        "[http]", f'[api]\nlisten = "0.0.0.0:8080"\ntoken_file = "{token_file}"\n[http]'
+    )
 
 
 def pixiebox(host: netlab.Host, config: Path, *args: str, check: bool = True) -> str:
@@ -34,13 +43,13 @@ def test_discover_enroll_and_boot_without_restart(
 ) -> None:
     netlab_require("dhclient", "curl")  # type: ignore[operator]
     token_file = workdir / "api-token"
-    config_text = lab_toml(
+    config_text = api_lab(
+        workdir,
+        token_file,
         mode="reservation",
         subnet=SUBNET,
-        assets=workdir / "assets",
-        state=workdir / "state",
         machines=[("c1", C1_MAC, C1_IP)],
-    ).replace("[http]", f'[api]\nlisten = "0.0.0.0:8080"\ntoken_file = "{token_file}"\n[http]')
+    )
     agent_host = segment.add_host("agent", ip=f"{AGENT_IP}/24")
     agent = start_agent(agent_host, config_text, workdir)
     config = agent.config
@@ -85,13 +94,13 @@ def test_event_stream_delivers_a_boot_in_order(
     netlab_require: object, segment: netlab.Segment, workdir: Path
 ) -> None:
     netlab_require("curl")  # type: ignore[operator]
-    config_text = lab_toml(
+    config_text = api_lab(
+        workdir,
+        workdir / "t",
         mode="proxy",
         subnet=SUBNET,
-        assets=workdir / "assets",
-        state=workdir / "state",
         machines=[("c1", C1_MAC, None)],
-    ).replace("[http]", f'[api]\nlisten = "0.0.0.0:8080"\ntoken_file = "{workdir / "t"}"\n[http]')
+    )
     agent_host = segment.add_host("agent", ip=f"{AGENT_IP}/24")
     start_agent(agent_host, config_text, workdir)
     stream_out = workdir / "sse.txt"
@@ -143,14 +152,14 @@ def test_unknown_enroll_adds_a_new_machine_with_the_next_free_name_and_address(
     netlab_require: object, segment: netlab.Segment, workdir: Path
 ) -> None:
     netlab_require("dhclient")  # type: ignore[operator]
-    config_text = lab_toml(
+    config_text = api_lab(
+        workdir,
+        workdir / "t",
         mode="reservation",
         subnet=SUBNET,
-        assets=workdir / "assets",
-        state=workdir / "state",
         machines=[("c1", C1_MAC, C1_IP)],
         unknown="enroll",
-    ).replace("[http]", f'[api]\nlisten = "0.0.0.0:8080"\ntoken_file = "{workdir / "t"}"\n[http]')
+    )
     agent_host = segment.add_host("agent", ip=f"{AGENT_IP}/24")
     agent = start_agent(agent_host, config_text, workdir)
     stranger = segment.add_host("stranger", mac=STRANGER)
@@ -171,14 +180,14 @@ def test_lab_names_resolve_through_the_agent_and_the_rest_is_forwarded(
     router.popen(["dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
                   "--interface=eth0", "--bind-interfaces", "--port=53",
                   "--address=/example.test/10.9.9.9"], router.log_path("dns"))  # fmt: skip
-    config_text = lab_toml(
+    config_text = api_lab(
+        workdir,
+        workdir / "t",
         mode="reservation",
         subnet=SUBNET,
         gateway="10.82.0.1",
-        assets=workdir / "assets",
-        state=workdir / "state",
         machines=[("c1", C1_MAC, C1_IP)],
-    ).replace("[http]", f'[api]\nlisten = "0.0.0.0:8080"\ntoken_file = "{workdir / "t"}"\n[http]')
+    )
     config_text = config_text.replace('domain = "lab.test"', 'domain = "lab.internal"')
     agent_host = segment.add_host("agent", ip=f"{AGENT_IP}/24")
     start_agent(agent_host, config_text, workdir)
@@ -202,13 +211,13 @@ def test_sighup_reloads_lab_toml_and_an_invalid_file_keeps_the_old_settings(
     netlab_require: object, segment: netlab.Segment, workdir: Path
 ) -> None:
     netlab_require("dhclient")  # type: ignore[operator]
-    config_text = lab_toml(
+    config_text = api_lab(
+        workdir,
+        workdir / "t",
         mode="reservation",
         subnet=SUBNET,
-        assets=workdir / "assets",
-        state=workdir / "state",
         machines=[("c1", C1_MAC, C1_IP)],
-    ).replace("[http]", f'[api]\nlisten = "0.0.0.0:8080"\ntoken_file = "{workdir / "t"}"\n[http]')
+    )
     agent_host = segment.add_host("agent", ip=f"{AGENT_IP}/24")
     agent = start_agent(agent_host, config_text, workdir)
     # Edited by hand: a new machine, then SIGHUP; it is served without a restart.
