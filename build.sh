@@ -20,7 +20,7 @@ VENV="$ROOT/.venv"
 APT_PACKAGES=(
     python3 python3-venv python3-dev gcc
     iproute2 isc-dhcp-client busybox dnsmasq-base dnsutils curl tftp-hpa tcpdump procps
-    ipxe strace nftables  # nftables: tests block ports to break a boot on purpose
+    ipxe strace nftables openssh-client netbase  # nft: tests block ports on purpose
     qemu-system-x86 ovmf ipxe-qemu kmod cpio  # VM tests; depmod + cpio build the test OS
 )
 

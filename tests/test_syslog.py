@@ -749,7 +749,7 @@ def test_logger_lines_from_stdin_are_separate_messages(lab: SyslogLab) -> None:
     marker = unique("stdin")
     lines = [f"{marker} line {i}" for i in range(5)]
     lab.alpha.run(
-        ["logger", "-n", COLLECTOR_IP, "-d", "--rfc5424", "-t", "multi"],
+        ["logger", "-n", COLLECTOR_IP, "-P", "514", "-d", "--rfc5424", "-t", "multi"],
         input="\n".join(lines) + "\n",
     )
     for line in lines:
@@ -810,7 +810,9 @@ def test_busybox_syslogd_remote_logging(lab: SyslogLab) -> None:
 def test_only_the_lab_interface_is_heard(lab: SyslogLab) -> None:
     """SO_BINDTODEVICE: a line sent on the collector's own loopback never arrives."""
     hidden, marker = unique("from loopback"), unique("after loopback")
-    lab.collector.run(["logger", "-n", "127.0.0.1", "-d", "--rfc5424", hidden], timeout=15.0)
+    lab.collector.run(
+        ["logger", "-n", "127.0.0.1", "-P", "514", "-d", "--rfc5424", hidden], timeout=15.0
+    )
     lab.logger("--rfc5424", marker)
     lab.server.wait_text(marker)
     assert not [e for e in lab.server.events() if e["text"] == hidden]
@@ -829,7 +831,7 @@ def test_a_flood_is_limited_and_others_still_get_through(lab: SyslogLab) -> None
     marker = unique("well-behaved")
     lines = [f"{marker} {i}" for i in range(10)]
     lab.alpha.run(
-        ["logger", "-n", COLLECTOR_IP, "-d", "--rfc5424", "-t", "calm"],
+        ["logger", "-n", COLLECTOR_IP, "-P", "514", "-d", "--rfc5424", "-t", "calm"],
         input="\n".join(lines) + "\n",
     )
     assert flooder.wait(30) == 0, last_line(lab.flood.segment.log_of(flooder))
