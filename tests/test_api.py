@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import netlab
-from agentproc import lab_toml, start_agent
+from agentproc import RunningAgent, lab_toml, start_agent
 
 SUBNET = "10.82.0.0/24"
 AGENT_IP = "10.82.0.2"
@@ -25,6 +26,18 @@ def api_lab(workdir: Path, token_file: Path, **kwargs: Any) -> str:
     return text.replace(
         "[http]", f'[api]\nlisten = "0.0.0.0:8080"\ntoken_file = "{token_file}"\n[http]'
     )
+
+
+def api_agent(
+    segment: netlab.Segment,
+    workdir: Path,
+    token_file: Path,
+    edit: Callable[[str], str] = lambda text: text,
+    **kwargs: Any,
+) -> RunningAgent:
+    """The agent on its own host of `segment`, with api_lab's configuration (`edit`ed)."""
+    agent_host = segment.add_host("agent", ip=f"{AGENT_IP}/24")
+    return start_agent(agent_host, edit(api_lab(workdir, token_file, **kwargs)), workdir)
 
 
 def pixiebox(host: netlab.Host, config: Path, *args: str, check: bool = True) -> str:
@@ -43,15 +56,15 @@ def test_discover_enroll_and_boot_without_restart(
 ) -> None:
     netlab_require("dhclient", "curl")  # type: ignore[operator]
     token_file = workdir / "api-token"
-    config_text = api_lab(
+    agent = api_agent(
+        segment,
         workdir,
         token_file,
         mode="reservation",
         subnet=SUBNET,
         machines=[("c1", C1_MAC, C1_IP)],
     )
-    agent_host = segment.add_host("agent", ip=f"{AGENT_IP}/24")
-    agent = start_agent(agent_host, config_text, workdir)
+    agent_host = agent.host
     config = agent.config
     assert oct(token_file.stat().st_mode & 0o777) == "0o600"
     # A machine nobody told Pixiebox about asks to boot: it is recorded, with its firmware.
@@ -94,15 +107,15 @@ def test_event_stream_delivers_a_boot_in_order(
     netlab_require: object, segment: netlab.Segment, workdir: Path
 ) -> None:
     netlab_require("curl")  # type: ignore[operator]
-    config_text = api_lab(
+    agent = api_agent(
+        segment,
         workdir,
         workdir / "t",
         mode="proxy",
         subnet=SUBNET,
         machines=[("c1", C1_MAC, None)],
     )
-    agent_host = segment.add_host("agent", ip=f"{AGENT_IP}/24")
-    start_agent(agent_host, config_text, workdir)
+    agent_host = agent.host
     stream_out = workdir / "sse.txt"
     follower = agent_host.popen(["curl", "-sN", "http://127.0.0.1:8080/api/v1/events"], stream_out)
     netlab.wait_until(lambda: ": connected" in stream_out.read_text(), 10, message="SSE")
@@ -123,7 +136,7 @@ def test_event_stream_delivers_a_boot_in_order(
         "phone-home",
     ]
     segment.stop(follower)
-    table = pixiebox(agent_host, agent_host_config(workdir), "machines")
+    table = pixiebox(agent_host, agent.config, "machines")
     assert any(line.startswith("c1 ") and " up " in f"{line} " for line in table.splitlines())
     document = json.loads(curl(agent_host, "http://127.0.0.1:8080/api/v1/openapi.json"))
     assert "/api/v1/machines/{mac}/enroll" in document["paths"]
@@ -144,15 +157,12 @@ def test_event_stream_delivers_a_boot_in_order(
     assert "pixiebox_boot_duration_seconds_count 1.0" in metrics  # DHCP to phone-home, once
 
 
-def agent_host_config(workdir: Path) -> Path:
-    return workdir / "lab-agent.toml"
-
-
 def test_unknown_enroll_adds_a_new_machine_with_the_next_free_name_and_address(
     netlab_require: object, segment: netlab.Segment, workdir: Path
 ) -> None:
     netlab_require("dhclient")  # type: ignore[operator]
-    config_text = api_lab(
+    agent = api_agent(
+        segment,
         workdir,
         workdir / "t",
         mode="reservation",
@@ -160,8 +170,6 @@ def test_unknown_enroll_adds_a_new_machine_with_the_next_free_name_and_address(
         machines=[("c1", C1_MAC, C1_IP)],
         unknown="enroll",
     )
-    agent_host = segment.add_host("agent", ip=f"{AGENT_IP}/24")
-    agent = start_agent(agent_host, config_text, workdir)
     stranger = segment.add_host("stranger", mac=STRANGER)
     netlab.pxe_discover(stranger, arch=0, uuid=UUID)  # unknown: recorded and enrolled
     agent.wait_log(f'{STRANGER}: enrolled as node1 at 10.82.0.1 ([boot] unknown = "enroll")')
@@ -180,17 +188,16 @@ def test_lab_names_resolve_through_the_agent_and_the_rest_is_forwarded(
     router.popen(["dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
                   "--interface=eth0", "--bind-interfaces", "--port=53",
                   "--address=/example.test/10.9.9.9"], router.log_path("dns"))  # fmt: skip
-    config_text = api_lab(
+    api_agent(
+        segment,
         workdir,
         workdir / "t",
         mode="reservation",
         subnet=SUBNET,
         gateway="10.82.0.1",
         machines=[("c1", C1_MAC, C1_IP)],
+        edit=lambda text: text.replace('domain = "lab.test"', 'domain = "lab.internal"'),
     )
-    config_text = config_text.replace('domain = "lab.test"', 'domain = "lab.internal"')
-    agent_host = segment.add_host("agent", ip=f"{AGENT_IP}/24")
-    start_agent(agent_host, config_text, workdir)
     c1 = segment.add_host("c1", mac=C1_MAC)
     lease = netlab.run_dhclient(c1, workdir / "c1")
     assert lease.dns == (AGENT_IP,)  # DHCP points the lab at the appliance's DNS
@@ -211,15 +218,14 @@ def test_sighup_reloads_lab_toml_and_an_invalid_file_keeps_the_old_settings(
     netlab_require: object, segment: netlab.Segment, workdir: Path
 ) -> None:
     netlab_require("dhclient")  # type: ignore[operator]
-    config_text = api_lab(
+    agent = api_agent(
+        segment,
         workdir,
         workdir / "t",
         mode="reservation",
         subnet=SUBNET,
         machines=[("c1", C1_MAC, C1_IP)],
     )
-    agent_host = segment.add_host("agent", ip=f"{AGENT_IP}/24")
-    agent = start_agent(agent_host, config_text, workdir)
     # Edited by hand: a new machine, then SIGHUP; it is served without a restart.
     with agent.config.open("a") as file:
         file.write('\n[[machines]]\nname = "c5"\nmac = "02:00:00:00:82:05"\nip = "10.82.0.35"\n')
