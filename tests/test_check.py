@@ -461,7 +461,7 @@ adress = "192.168.1.32"
     error = one_error(run)
     assert (error.line, error.key) == (14, "machines[1].adress")
     assert error.message == "unknown key 'adress'"
-    assert error.hint == "known keys here: name, mac, ip, image, power"
+    assert error.hint == "known keys here: name, mac, ip, image, power, disk, format"
 
 
 # --- 7. enumerations ---------------------------------------------------------------------------

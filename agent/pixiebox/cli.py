@@ -44,7 +44,7 @@ def summary(config: lab.LabConfig) -> str:
         f"machines: {len(config.machines)}",
     ]
     for machine in config.machines:
-        power = machine.power.driver if machine.power else "-"
+        power = "+".join(spec.driver for spec in machine.power_chain()) or "-"
         lines.append(
             f"  {machine.name:<16} {machine.mac}  {machine.ip or '-'!s:<15} "
             f"image={machine.image or config.boot.image} power={power}"

@@ -266,11 +266,38 @@ PowerDriver = Literal["wol", "ssh", "redfish", "ipmi", "tasmota", "shelly", "htt
 
 
 class PowerSection(BaseModel):
-    """Driver-specific keys are checked by each driver; only the driver name is fixed here."""
+    """Driver-specific keys are checked by each driver (`pixiebox.power.spec_problems`); only
+    the driver name is fixed here."""
 
     model_config = ConfigDict(extra="allow")
 
     driver: PowerDriver
+
+    def options(self) -> dict[str, Any]:
+        """The driver's own keys (everything but `driver`)."""
+        return dict(self.model_extra or {})
+
+
+class PowerSettings(Section):
+    """[power]: how long a power action may take before it counts as failed (and the next
+    driver of a machine's chain is tried), and the pause between machines in `lab up` so that
+    a rack of NUCs does not draw its inrush current at once."""
+
+    on_timeout: Duration = 300
+    off_timeout: Duration = 120
+    stagger: Duration = 5
+
+
+DiskFormat = Literal["never", "if-blank"]
+
+
+def _disk_path(value: str) -> str:
+    if not value.startswith("/dev/"):
+        raise ValueError(
+            f"{value!r} is not a device path; name the disk by a stable path such as "
+            '"/dev/disk/by-id/nvme-Samsung_SSD_980_S64DNX0R123456"'
+        )
+    return value
 
 
 class MachineSection(Section):
@@ -278,7 +305,19 @@ class MachineSection(Section):
     mac: MacAddress
     ip: IPv4Address | None = None
     image: str | None = None
-    power: PowerSection | None = None
+    # One driver, or a chain tried in order for each action it can do: e.g. `on` by wol, then
+    # a smart plug if the node never came up; `off` by ssh (graceful), then the plug.
+    power: PowerSection | list[PowerSection] | None = None
+    # A local disk for persistent volumes, mounted by the OSIE at the OpenEBS host path. It is
+    # never formatted unless format = "if-blank" and the disk carries no partition table,
+    # filesystem or other signature.
+    disk: Annotated[str, AfterValidator(_disk_path)] | None = None
+    format: DiskFormat = "never"
+
+    def power_chain(self) -> list[PowerSection]:
+        if self.power is None:
+            return []
+        return self.power if isinstance(self.power, list) else [self.power]
 
     @field_validator("name")
     @classmethod
@@ -307,6 +346,7 @@ class LabConfig(BaseSettings):
     state: StateSection = Field(default_factory=StateSection)
     kubernetes: KubernetesSection = Field(default_factory=KubernetesSection)
     telemetry: TelemetrySection = Field(default_factory=TelemetrySection)
+    power: PowerSettings = Field(default_factory=PowerSettings)
     machines: list[MachineSection] = Field(default_factory=list)
 
     @classmethod
@@ -518,6 +558,21 @@ def _duplicates(
             seen[value] = (index, machine)
 
 
+def _power_problems(index: int, machine: MachineSection) -> list[Problem]:
+    """Each power driver checks its own keys (a plug without `host`, ipmi without `user`)."""
+    from .power import spec_problems  # the drivers import this module
+
+    problems = []
+    chain = machine.power_chain()
+    for position, spec in enumerate(chain):
+        base: Loc = ("machines", index, "power")
+        if isinstance(machine.power, list):
+            base = (*base, position)
+        for key, message, hint in spec_problems(spec):
+            problems.append(Problem((*base, key) if key else base, message, hint))
+    return problems
+
+
 def consistency_problems(
     network: NetworkSection | None,
     boot: BootSection | None,
@@ -549,6 +604,16 @@ def consistency_problems(
                         f"define [images.{machine.image}] or pick one of: {known}",
                     )
                 )
+    for index, machine in machines:
+        if machine.format == "if-blank" and machine.disk is None:
+            problems.append(
+                Problem(
+                    ("machines", index, "format"),
+                    'format = "if-blank" but no disk is named',
+                    'add disk = "/dev/disk/by-id/..." for this machine, or remove format',
+                )
+            )
+        problems += _power_problems(index, machine)
     if network is None:
         return problems
     subnet = network.subnet
