@@ -22,6 +22,7 @@ APT_PACKAGES=(
     iproute2 isc-dhcp-client busybox dnsmasq-base dnsutils curl tftp-hpa tcpdump procps
     ipxe strace nftables openssh-client netbase  # nft: tests block ports on purpose
     qemu-system-x86 ovmf ipxe-qemu kmod cpio  # VM tests; depmod + cpio build the test OS
+    openssh-server openipmi  # power tests: a real sshd, and ipmi_sim as the BMC
 )
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
