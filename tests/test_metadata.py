@@ -1,4 +1,4 @@
-"""Stable node identities (SSH host key, Kubernetes join token) and GET /metadata.
+"""Stable node identities (SSH host key, k3s node password) and GET /metadata.
 
 Unit tests for the identity store and the metadata answer; then a real agent in network
 namespaces, asked with curl by the machine itself, by a stranger and by an impostor, before and
@@ -30,11 +30,11 @@ from pixiebox.config import LabConfig, check_config
 from pixiebox.identity import (
     HOST_KEY_FILE,
     HOST_PUBLIC_FILE,
-    JOIN_TOKEN,
-    JOIN_TOKEN_FILE,
+    NODE_PASSWORD,
+    NODE_PASSWORD_FILE,
     IdentityError,
     IdentityStore,
-    new_join_token,
+    new_node_password,
 )
 from pixiebox.inventory import Inventory
 from pixiebox.metadata import metadata_response
@@ -66,7 +66,7 @@ def test_identity_is_made_once_and_kept_across_stores(tmp_path: Path) -> None:
     again = IdentityStore(root).for_machine(MAC_A.upper().replace(":", "-"))
     assert again == first
     assert again.mac == MAC_A
-    assert JOIN_TOKEN.fullmatch(first.join_token)
+    assert NODE_PASSWORD.fullmatch(first.node_password)
     assert first.ssh_host_key.startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
     assert first.ssh_host_public.startswith("ssh-ed25519 ")
 
@@ -78,7 +78,7 @@ def test_files_are_private(tmp_path: Path) -> None:
     assert mode_of(root) == 0o700
     assert mode_of(directory) == 0o700
     names = sorted(p.name for p in directory.iterdir())
-    assert names == sorted([HOST_KEY_FILE, HOST_PUBLIC_FILE, JOIN_TOKEN_FILE])  # no temp files
+    assert names == sorted([HOST_KEY_FILE, HOST_PUBLIC_FILE, NODE_PASSWORD_FILE])  # no temp files
     for name in names:
         assert mode_of(directory / name) == 0o600, name
 
@@ -98,7 +98,7 @@ def test_machines_get_distinct_identities(tmp_path: Path) -> None:
     a, b = store.for_machine(MAC_A), store.for_machine(MAC_B)
     assert a.ssh_host_key != b.ssh_host_key
     assert a.ssh_host_public != b.ssh_host_public
-    assert a.join_token != b.join_token
+    assert a.node_password != b.node_password
 
 
 def test_private_key_parses_and_public_line_matches(tmp_path: Path) -> None:
@@ -129,10 +129,10 @@ def test_ssh_keygen_agrees(tmp_path: Path) -> None:
     assert result.stdout.split()[:2] == identity.ssh_host_public.split()[:2]
 
 
-def test_join_tokens_have_the_bootstrap_token_shape() -> None:
-    tokens = {new_join_token() for _ in range(200)}
-    assert len(tokens) == 200
-    assert all(re.fullmatch(r"[a-z0-9]{6}\.[a-z0-9]{16}", token) for token in tokens)
+def test_node_passwords_are_random_hex() -> None:
+    passwords = {new_node_password() for _ in range(200)}
+    assert len(passwords) == 200
+    assert all(re.fullmatch(r"[0-9a-f]{32}", password) for password in passwords)
 
 
 def test_not_a_mac_is_refused_and_makes_nothing(tmp_path: Path) -> None:
@@ -160,7 +160,7 @@ def test_concurrent_first_use_gives_one_identity(tmp_path: Path) -> None:
     for thread in threads:
         thread.join(10)
     assert len(results) == 8
-    assert len({(r.ssh_host_key, r.join_token) for r in results}) == 1
+    assert len({(r.ssh_host_key, r.node_password) for r in results}) == 1
     assert IdentityStore(root).for_machine(MAC_A) == results[0]
 
 
@@ -182,17 +182,17 @@ def test_a_damaged_key_is_reported_not_replaced(tmp_path: Path) -> None:
     with pytest.raises(IdentityError, match=re.escape(str(key_file))):
         IdentityStore(root).for_machine(MAC_A)
     assert key_file.read_text() == "not a key\n"
-    token_file = root / MAC_B / JOIN_TOKEN_FILE
+    password_file = root / MAC_B / NODE_PASSWORD_FILE
     IdentityStore(root).for_machine(MAC_B)
-    token_file.write_text("nope\n")
-    with pytest.raises(IdentityError, match="join token"):
+    password_file.write_text("nope\n")
+    with pytest.raises(IdentityError, match="node password"):
         IdentityStore(root).for_machine(MAC_B)
 
 
 def test_repr_hides_the_secrets(tmp_path: Path) -> None:
     identity = IdentityStore(tmp_path / "identity").for_machine(MAC_A)
     text = repr(identity)
-    assert identity.join_token not in text and "PRIVATE KEY" not in text
+    assert identity.node_password not in text and "PRIVATE KEY" not in text
 
 
 # --- lab.toml -------------------------------------------------------------------------------
@@ -291,12 +291,15 @@ def test_the_reserved_machine_gets_its_document(lab: Inventory, tmp_path: Path) 
         "domain": "lab.test",
         "fqdn": "c1.lab.test",
         "ip": "10.84.0.31",
+        "lab": "homelab",
         "ssh_authorized_keys": [USER_KEY],
         "ssh_host_key": {"private": identity.ssh_host_key, "public": identity.ssh_host_public},
         "kubernetes": {
             "server": "https://10.84.0.2:6443",
-            "join_token": identity.join_token,
+            "token": identities.agent_token(),
             "node_name": "c1",
+            "node_password": identity.node_password,
+            "node_labels": {"pixiebox.io/lab": "homelab"},
         },
         "telemetry": {
             "url": "http://10.84.0.2:8086",
@@ -304,7 +307,12 @@ def test_the_reserved_machine_gets_its_document(lab: Inventory, tmp_path: Path) 
             "bucket": "lab",
             "token": "influx-secret",
         },
-        "appliance": {"url": "http://10.84.0.2", "dns": ["10.84.0.254"]},
+        "disk": None,
+        "appliance": {
+            "url": "http://10.84.0.2",
+            "dns": ["10.84.0.254"],
+            "syslog": {"host": "10.84.0.2", "port": 514},
+        },
     }
     assert [e.kind for e in lab.lifecycle.events(MAC_A)] == ["metadata"]
 
@@ -371,7 +379,7 @@ def test_an_unreadable_telemetry_token_is_null(lab: Inventory, tmp_path: Path) -
 def test_a_damaged_identity_is_a_500_without_secrets(lab: Inventory, tmp_path: Path) -> None:
     root = tmp_path / "identity"
     IdentityStore(root).for_machine(MAC_A)
-    (root / MAC_A / JOIN_TOKEN_FILE).write_text("garbage\n")
+    (root / MAC_A / NODE_PASSWORD_FILE).write_text("garbage\n")
     status, body, _ = answer(lab, IdentityStore(root), str(RESERVED_IP))
     assert status == 500 and "garbage" not in body and "BEGIN" not in body
 
@@ -430,7 +438,8 @@ def secrets_of(document: dict[str, Any]) -> list[str]:
     return [
         document["ssh_host_key"]["private"],
         document["ssh_host_key"]["private"].splitlines()[1],
-        document["kubernetes"]["join_token"],
+        document["kubernetes"]["node_password"],
+        document["kubernetes"]["token"],
         document["telemetry"]["token"],
     ]
 
@@ -453,10 +462,13 @@ def test_reserved_machine_gets_its_own_metadata_and_keeps_it_across_restarts(
     assert first["ssh_authorized_keys"] == [USER_KEY]
     assert first["kubernetes"]["server"] == f"https://{AGENT_IP}:6443"
     assert first["kubernetes"]["node_name"] == "c1"
-    assert JOIN_TOKEN.fullmatch(first["kubernetes"]["join_token"])
+    assert NODE_PASSWORD.fullmatch(first["kubernetes"]["node_password"])
+    agent_token = (workdir / "state" / "k3s-agent-token").read_text()
+    assert first["kubernetes"]["token"] == agent_token
     assert first["telemetry"] == {"url": f"http://{AGENT_IP}:8086", "org": "home",
                                   "bucket": "lab", "token": INFLUX_TOKEN}  # fmt: skip
-    assert first["appliance"] == {"url": f"http://{AGENT_IP}", "dns": ["10.84.0.254"]}
+    assert first["appliance"] == {"url": f"http://{AGENT_IP}", "dns": ["10.84.0.254"],
+                                  "syslog": {"host": AGENT_IP, "port": 514}}  # fmt: skip
     key = serialization.load_ssh_private_key(
         first["ssh_host_key"]["private"].encode(), password=None
     )
@@ -485,7 +497,7 @@ def test_reserved_machine_gets_its_own_metadata_and_keeps_it_across_restarts(
     agent.wait_log("10.84.0.77 asked for /metadata")
     assert re.search(r"WARNING 10\.84\.0\.77 asked for /metadata", agent.text())
 
-    # After a restart of the agent: the same host key and join token.
+    # After a restart of the agent: the same host key, node password and agent token.
     assert agent.stop() == 0
     agent.start()
     assert metadata_of(c1) == first
@@ -518,7 +530,8 @@ def test_proxy_mode_answers_by_the_address_a_script_was_fetched_from(
     assert (node_data["mac"], node_data["ip"]) == (NODE_MAC, "10.84.0.51")
     assert node_data["hostname"] == node_data["kubernetes"]["node_name"] == "node-020000008407"
     assert node_data["ssh_host_key"] != c1_data["ssh_host_key"]
-    assert node_data["kubernetes"]["join_token"] != c1_data["kubernetes"]["join_token"]
+    assert node_data["kubernetes"]["node_password"] != c1_data["kubernetes"]["node_password"]
+    assert node_data["kubernetes"]["token"] == c1_data["kubernetes"]["token"]  # one per lab
     agent.wait_log(f"unknown machine {NODE_MAC} (10.84.0.51) fetched its metadata")
 
     # Naming another machine's MAC in a script URL does not hand over its secrets: the kernel

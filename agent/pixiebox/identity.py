@@ -1,15 +1,21 @@
-"""Stable identities for machines that keep nothing: their SSH host key and Kubernetes join token.
+"""Stable identities for machines that keep nothing: their SSH host key and k3s node password.
 
 A node that boots from RAM every morning would otherwise make a new SSH host key each time
-(every `ssh` then warns that the host key changed) and join Kubernetes as a stranger. So the
-appliance, the one machine with a disk, makes both once per MAC and hands the same ones back on
-every boot, through the machine's metadata (see metadata.py).
+(every `ssh` then warns that the host key changed) and a new k3s node password, which the k3s
+server refuses for a node name it already knows (it keeps each node's password as a secret and
+asks for the same one when the name registers again), so the node could not come back as itself.
+So the appliance, the one machine with a disk, makes both once per MAC and hands the same ones
+back on every boot, through the machine's metadata (see metadata.py).
 
 On disk, under [state] dir/identity/<mac>/ (directory 0700, files 0600):
 
 - `ssh_host_ed25519_key`      the host key, OpenSSH private-key format (what sshd reads);
 - `ssh_host_ed25519_key.pub`  its public line (derived from the private key when missing);
-- `kubernetes-join-token`     a bootstrap-token-shaped secret, `[a-z0-9]{6}.[a-z0-9]{16}`.
+- `k3s-node-password`         the node's k3s password (the OSIE writes it to
+                              /etc/rancher/node/password, where the k3s agent looks for it).
+
+And one for the whole lab, [state] dir/k3s-agent-token (0600): the token every node's k3s agent
+joins with; the appliance's k3s server reads the same file (`--agent-token-file`).
 
 Each file is written whole to a temporary name, fsynced and then linked into place, so that a
 power cut leaves either no file or a complete one, and two writers cannot both win: the second
@@ -24,7 +30,6 @@ import os
 import re
 import secrets
 import stat
-import string
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,14 +43,18 @@ log = logging.getLogger("pixiebox.identity")
 
 HOST_KEY_FILE = "ssh_host_ed25519_key"
 HOST_PUBLIC_FILE = "ssh_host_ed25519_key.pub"
-JOIN_TOKEN_FILE = "kubernetes-join-token"
+NODE_PASSWORD_FILE = "k3s-node-password"
+AGENT_TOKEN_FILE = "k3s-agent-token"
 
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 
-#: The shape of a kubeadm / k3s bootstrap token: a public id and a secret.
-JOIN_TOKEN = re.compile(r"[a-z0-9]{6}\.[a-z0-9]{16}")
-_TOKEN_ALPHABET = string.ascii_lowercase + string.digits
+#: What a stored node password may look like: k3s compares it as an opaque string; this shape
+#: keeps it one plain word in a file or a YAML line. Made as 32 hex digits.
+NODE_PASSWORD = re.compile(r"[A-Za-z0-9._-]{16,256}")
+#: The lab's k3s agent token: k3s takes any string without "::" (which separates the CA hash
+#: and the credentials of a full token); made as 64 hex digits.
+AGENT_TOKEN = re.compile(r"[A-Za-z0-9._-]{16,256}")
 
 
 class IdentityError(Exception):
@@ -59,18 +68,21 @@ class NodeIdentity:
     mac: str
     ssh_host_key: str  # OpenSSH private key ("-----BEGIN OPENSSH PRIVATE KEY-----...")
     ssh_host_public: str  # "ssh-ed25519 AAAA..."
-    join_token: str  # "abcdef.0123456789abcdef"
+    node_password: str  # 32 hex digits, /etc/rancher/node/password on the node
 
     def __repr__(self) -> str:
         # Never put the secrets into a log line or a traceback by accident.
         return f"NodeIdentity(mac={self.mac!r}, ssh_host_public={self.ssh_host_public!r})"
 
 
-def new_join_token() -> str:
-    """A fresh random secret in the bootstrap-token form `[a-z0-9]{6}.[a-z0-9]{16}`."""
-    token_id = "".join(secrets.choice(_TOKEN_ALPHABET) for _ in range(6))
-    secret = "".join(secrets.choice(_TOKEN_ALPHABET) for _ in range(16))
-    return f"{token_id}.{secret}"
+def new_node_password() -> str:
+    """A fresh k3s node password (128 random bits in hex, as k3s makes its own)."""
+    return secrets.token_hex(16)
+
+
+def new_agent_token() -> str:
+    """A fresh lab-wide k3s agent token (256 random bits in hex)."""
+    return secrets.token_hex(32)
 
 
 def new_host_key() -> str:
@@ -160,15 +172,46 @@ def _read(path: Path) -> str | None:
 
 
 class IdentityStore:
-    """Per-MAC SSH host keys and join tokens under `root` (normally [state] dir/identity).
+    """Per-MAC SSH host keys and k3s node passwords under `root` (normally [state] dir/identity),
+    and the lab's k3s agent token in `agent_token_file` (default: beside `root`).
 
     `for_machine` creates a machine's identity on first use and returns the same one ever
-    after, also across agent restarts. Safe to call from several threads."""
+    after, also across agent restarts; `agent_token` likewise. Safe to call from several
+    threads."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, agent_token_file: Path | None = None) -> None:
         self.root = Path(root)
+        self.agent_token_file = (
+            Path(agent_token_file) if agent_token_file else self.root.parent / AGENT_TOKEN_FILE
+        )
         self._lock = threading.Lock()
         self._cache: dict[str, NodeIdentity] = {}
+        self._agent_token: str | None = None
+
+    def agent_token(self) -> str:
+        """The lab's k3s agent token, made on first use (0600). The appliance's k3s server reads
+        the same file with `--agent-token-file`, so whichever starts first makes it and the
+        other reads it (files are created whole and never replaced, see `_create_file`)."""
+        with self._lock:
+            if self._agent_token is None:
+                path = self.agent_token_file
+                path.parent.mkdir(parents=True, exist_ok=True)
+                token = _read(path)
+                if token is None:
+                    if _create_file(path, new_agent_token()):
+                        log.info("made the lab's k3s agent token in %s", path)
+                    token = _read(path)
+                    assert token is not None
+                token = token.strip()
+                if not AGENT_TOKEN.fullmatch(token):
+                    raise IdentityError(
+                        f"{path} does not hold a k3s agent token (16 to 256 letters, digits, "
+                        "'.', '_' or '-'); fix it, or delete it and restart both the agent and "
+                        "the k3s server so that a new one is made and every node rejoins with it"
+                    )
+                _ensure_mode(path, FILE_MODE)
+                self._agent_token = token
+            return self._agent_token
 
     def directory(self, mac: str) -> Path:
         """Where `mac`'s identity lives (the MAC is normalised: it is part of a path)."""
@@ -219,23 +262,24 @@ class IdentityStore:
                 "file and it is written again from the private key"
             )
 
-        token_path = directory / JOIN_TOKEN_FILE
-        token = _read(token_path)
-        if token is None:
-            if _create_file(token_path, new_join_token() + "\n"):
-                made.append("a Kubernetes join token")
-            token = _read(token_path)
-            assert token is not None
-        token = token.strip()
-        if not JOIN_TOKEN.fullmatch(token):
+        password_path = directory / NODE_PASSWORD_FILE
+        password = _read(password_path)
+        if password is None:
+            if _create_file(password_path, new_node_password() + "\n"):
+                made.append("a k3s node password")
+            password = _read(password_path)
+            assert password is not None
+        password = password.strip()
+        if not NODE_PASSWORD.fullmatch(password):
             raise IdentityError(
-                f"{token_path} does not hold a join token of the form abcdef.0123456789abcdef; "
-                "fix it, or delete it and a new one is made on the next request (the machine "
-                "then joins Kubernetes as a new node)"
+                f"{password_path} does not hold a k3s node password (16 to 256 letters, digits, "
+                "'.', '_' or '-'); fix it, or delete it and a new one is made on the next request "
+                "(then delete the node's <name>.node-password.k3s secret in kube-system, or the "
+                "k3s server refuses the node under its old name)"
             )
 
-        for path in (key_path, public_path, token_path):
+        for path in (key_path, public_path, password_path):
             _ensure_mode(path, FILE_MODE)
         if made:
             log.info("made %s for %s in %s", " and ".join(made), mac, directory)
-        return NodeIdentity(mac, private, public, token)
+        return NodeIdentity(mac, private, public, password)

@@ -1,29 +1,36 @@
 """`GET /metadata`: what a booted node needs to become itself, answered by its source address.
 
-The OSIE fetches it once it is up: its name and hostname, the SSH keys to let in, its own SSH
-host key and Kubernetes join token (the same on every boot, see identity.py), where to join and
-where to ship telemetry. A machine is known by the address it asks from (its reservation, its
-lease, the address it fetched its iPXE script from, or the ARP cache), and where the ARP cache
-knows that address it must name the same MAC (anyone can fetch /boot/<another mac>.ipxe). So a
-machine gets only its own secrets: an address that maps to no machine that booted through
-Pixiebox gets a 404 and nothing else.
+The OSIE fetches it once it is up (overlays/osie/usr/lib/pixiebox/pixiebox-osie): its name and
+hostname, the SSH keys to let in, its own SSH host key and k3s node password (the same on every
+boot, see identity.py), the k3s server to join and the lab's agent token, where to ship
+telemetry and its journal, and which local disk to mount for persistent volumes. A machine is
+known by the address it asks from (its reservation, its lease, the address it fetched its iPXE
+script from, or the ARP cache), and where the ARP cache knows that address it must name the same
+MAC (anyone can fetch /boot/<another mac>.ipxe). So a machine gets only its own secrets: an
+address that maps to no machine that booted through Pixiebox gets a 404 and nothing else.
 
 The document (JSON):
 
     {"name": "c1" | null, "mac": "f4:4d:30:64:7a:3a", "hostname": "c1" | "node-f44d30647a3a",
-     "domain": "lab.internal", "fqdn": "c1.lab.internal", "ip": "192.168.1.31",
+     "domain": "lab.internal", "fqdn": "c1.lab.internal", "ip": "192.168.1.31", "lab": "homelab",
      "ssh_authorized_keys": ["ssh-ed25519 AAAA... me@laptop"],
      "ssh_host_key": {"private": "-----BEGIN OPENSSH PRIVATE KEY-----\\n...", "public": "ssh-..."},
-     "kubernetes": {"server": "https://192.168.1.64:6443" | null, "join_token": "abcdef.0123...",
-                    "node_name": "c1"},
+     "kubernetes": {"server": "https://192.168.1.64:6443" | null,
+                    "token": "<the lab's k3s agent token>" | null (null when server is null),
+                    "node_name": "c1", "node_password": "<32 hex digits>",
+                    "node_labels": {"pixiebox.io/lab": "homelab"}},
      "telemetry": {"url": ... | null, "org": ... | null, "bucket": ... | null, "token": ... | null},
-     "appliance": {"url": "http://192.168.1.64", "dns": ["192.168.1.254"]}}
+     "disk": {"path": "/dev/disk/by-id/...", "format": "never" | "if-blank",
+              "mount": "/var/openebs/local"} | null,
+     "appliance": {"url": "http://192.168.1.64", "dns": ["192.168.1.254"],
+                   "syslog": {"host": "192.168.1.64", "port": 514}}}
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from ipaddress import IPv4Address
 from pathlib import Path
 
@@ -33,6 +40,7 @@ from .config import LabConfig, MachineSection
 from .identity import IdentityError, IdentityStore, NodeIdentity
 from .inventory import Inventory
 from .netif import neighbour_mac
+from .syslog import SYSLOG_PORT
 from .urls import BootUrls
 
 log = logging.getLogger("pixiebox.metadata")
@@ -40,6 +48,22 @@ log = logging.getLogger("pixiebox.metadata")
 _NO_STORE = {"Cache-Control": "no-store"}
 
 JsonObject = dict[str, object]
+
+#: Where the OSIE mounts a machine's data disk: the default base path of OpenEBS LocalPV
+#: hostpath volumes, so a StorageClass needs no extra setting.
+OPENEBS_HOSTPATH = "/var/openebs/local"
+#: The node label that names the lab a node belongs to.
+LAB_LABEL = "pixiebox.io/lab"
+
+_LABEL_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def label_value(text: str) -> str:
+    """`text` as a Kubernetes label value: at most 63 of [A-Za-z0-9_.-], starting and ending
+    alphanumeric (a lab named "My Lab" is labelled "My-Lab"); "" when nothing is left."""
+    value = _LABEL_UNSAFE.sub("-", text.strip())
+    value = re.sub(r"^[^A-Za-z0-9]+", "", value)[:63]
+    return re.sub(r"[^A-Za-z0-9]+$", "", value)
 
 
 def hostname_for(mac: str, machine: MachineSection | None) -> str:
@@ -70,11 +94,18 @@ def build_metadata(
     ip: IPv4Address,
     machine: MachineSection | None,
     identity: NodeIdentity,
+    agent_token: str | None = None,
 ) -> JsonObject:
-    """The metadata document of the machine `mac` at `ip` (see the module docstring)."""
+    """The metadata document of the machine `mac` at `ip` (see the module docstring).
+    `agent_token` is the lab's k3s agent token, given when [kubernetes] server is set."""
     hostname = hostname_for(mac, machine)
     domain = config.lab.domain
     telemetry = config.telemetry
+    server = config.kubernetes.server
+    lab = label_value(config.lab.name)
+    disk: JsonObject | None = None
+    if machine is not None and machine.disk is not None:
+        disk = {"path": machine.disk, "format": machine.format, "mount": OPENEBS_HOSTPATH}
     return {
         "name": machine.name if machine is not None else None,
         "mac": mac,
@@ -82,12 +113,15 @@ def build_metadata(
         "domain": domain,
         "fqdn": f"{hostname}.{domain}" if domain else hostname,
         "ip": str(ip),
+        "lab": config.lab.name,
         "ssh_authorized_keys": [key.strip() for key in config.boot.ssh_keys if key.strip()],
         "ssh_host_key": {"private": identity.ssh_host_key, "public": identity.ssh_host_public},
         "kubernetes": {
-            "server": config.kubernetes.server,
-            "join_token": identity.join_token,
+            "server": server,
+            "token": agent_token if server is not None else None,
             "node_name": hostname,
+            "node_password": identity.node_password,
+            "node_labels": {LAB_LABEL: lab} if lab else {},
         },
         "telemetry": {
             "url": telemetry.url,
@@ -95,7 +129,12 @@ def build_metadata(
             "bucket": telemetry.bucket,
             "token": read_token(telemetry.token_file),
         },
-        "appliance": {"url": urls.base, "dns": [str(address) for address in config.network.dns]},
+        "disk": disk,
+        "appliance": {
+            "url": urls.base,
+            "dns": [str(address) for address in config.network.dns],
+            "syslog": {"host": str(urls.server_ip), "port": SYSLOG_PORT},
+        },
     }
 
 
@@ -147,14 +186,19 @@ async def metadata_response(
             f"no machine is known at {ip}: metadata is served only to a machine that booted "
             "through Pixiebox, asking from its own address",
         )
+    config = inventory.config
+    joins = config.kubernetes.server is not None
+
+    def identity_and_token() -> tuple[NodeIdentity, str | None]:
+        return identities.for_machine(mac), identities.agent_token() if joins else None
+
     try:
         # The first request makes a key and fsyncs files: off the event loop.
-        identity = await asyncio.to_thread(identities.for_machine, mac)
+        identity, agent_token = await asyncio.to_thread(identity_and_token)
     except IdentityError as exc:
         log.error("cannot give %s its metadata: %s", inventory.describe_address(ip), exc)
         return _refuse(500, "this machine's stored identity cannot be read; see the appliance log")
-    config = inventory.config
-    document = build_metadata(config, urls, mac, ip, inventory.who_is(mac), identity)
+    document = build_metadata(config, urls, mac, ip, inventory.who_is(mac), identity, agent_token)
     who = inventory.describe_address(ip)
     log.info("%s fetched its metadata", who)
     inventory.record(mac, "metadata", "fetched its metadata", ip)
