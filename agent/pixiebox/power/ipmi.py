@@ -1,0 +1,128 @@
+"""Machines with an IPMI BMC (IPMI 2.0 over LAN, RMCP+), through pyghmi.
+
+Before powering on, the driver sets the boot device to the network for the next boot only
+(Set System Boot Options, boot flags valid for one boot), like Redfish's override Once.
+
+pyghmi is synchronous and keeps its own session machinery; each call runs in a worker thread
+and is bounded, and its "timeout" exceptions are turned into a sentence naming the BMC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pyghmi.exceptions
+from pydantic import Field, model_validator
+from pyghmi.ipmi import command
+
+from .base import NETWORK_TIMEOUT, BaseDriver, Options, PowerState, PowerTarget, read_secret
+from .plugs import Host
+
+T = TypeVar("T")
+
+
+class IpmiOptions(Options):
+    host: Host
+    port: int = Field(default=623, ge=1, le=65535)
+    user: str
+    password: str | None = None
+    password_file: Path | None = None
+    # Boot from the network once before `on` and `cycle`.
+    pxe_once: bool = True
+    timeout: float = Field(default=NETWORK_TIMEOUT * 3, gt=0, le=300)
+
+    @model_validator(mode="after")
+    def _has_password(self) -> IpmiOptions:
+        if self.password is None and self.password_file is None:
+            raise ValueError(
+                "password or password_file is needed (password_file keeps it out of lab.toml)"
+            )
+        return self
+
+
+class IpmiDriver(BaseDriver):
+    name = "ipmi"
+    graceful = False
+
+    def __init__(self, target: PowerTarget, options: IpmiOptions) -> None:
+        super().__init__(target)
+        self.options = options
+        self.where = f"IPMI BMC at {options.host}:{options.port}"
+
+    def _session(self) -> command.Command:
+        options = self.options
+        password = read_secret(options.password, options.password_file, self.where)
+        return command.Command(
+            bmc=options.host,
+            userid=options.user,
+            password=password or "",
+            port=options.port,
+            keepalive=False,
+        )
+
+    async def _call(self, what: str, function: Callable[[command.Command], T]) -> T:
+        def work() -> T:
+            session = self._session()
+            try:
+                return function(session)
+            finally:
+                logout = getattr(session, "ipmi_session", None)
+                if logout is not None:
+                    with contextlib.suppress(Exception):  # best effort: the BMC may be gone
+                        logout.logout()
+
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(work), self.options.timeout)
+        except TimeoutError:
+            raise self.error(
+                f"unreachable {self.where}: no answer within {self.options.timeout:g} s ({what})"
+            ) from None
+        except pyghmi.exceptions.PyghmiException as exc:
+            raise self.error(f"{self.where}: {what} failed: {_reason(exc)}") from None
+        except OSError as exc:
+            raise self.error(f"unreachable {self.where}: {exc.strerror or exc}") from None
+
+    async def on(self) -> None:
+        def work(session: command.Command) -> None:
+            if self.options.pxe_once:
+                session.set_bootdev("network", persist=False)
+            session.set_power("on")
+
+        await self._call("power on", work)
+
+    async def off(self) -> None:
+        await self._call("power off", lambda session: session.set_power("off"))
+
+    async def cycle(self) -> None:
+        def work(session: command.Command) -> None:
+            if self.options.pxe_once:
+                session.set_bootdev("network", persist=False)
+            # "boot": a reset when on, a power-on when off (pyghmi's own mapping).
+            session.set_power("boot")
+
+        await self._call("power cycle", work)
+
+    async def status(self) -> PowerState:
+        answer: Any = await self._call("power status", lambda session: session.get_power())
+        state = answer.get("powerstate") if isinstance(answer, dict) else None
+        if state in ("on", "off"):
+            return PowerState(state)
+        return PowerState.UNKNOWN
+
+    async def boot_device(self) -> dict[str, Any]:
+        """The BMC's next-boot device as pyghmi reads it ({"bootdev": "network", ...})."""
+        answer: Any = await self._call("boot device", lambda session: session.get_bootdev())
+        return dict(answer) if isinstance(answer, dict) else {}
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    if "timeout" in text.lower():
+        return "no answer (timeout): is it on the network, and is IPMI over LAN enabled?"
+    if "password" in text.lower() or "unauthorized" in text.lower():
+        return f"{text}; check user and password for this machine in lab.toml"
+    return text

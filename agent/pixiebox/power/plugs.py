@@ -1,0 +1,111 @@
+"""What the smart-plug drivers share: one bounded HTTP exchange with a plug, and its errors.
+
+Smart plugs are how people power BMC-less NUCs: the NUC's BIOS is set to "power on after AC
+loss", so cutting and restoring the plug's relay is a power button. The drivers speak each
+vendor's documented local HTTP API (no cloud), through httpx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from typing import Annotated, Any
+
+import httpx
+from pydantic import AfterValidator, Field
+
+from .base import NETWORK_TIMEOUT, BaseDriver, Options, PowerTarget, describe
+
+_HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.\-]*[A-Za-z0-9])?(:\d{1,5})?$")
+
+
+def check_host(value: str) -> str:
+    """A plug's host name or address, optionally with a port: no scheme, no path."""
+    text = value.strip()
+    if "://" in text or "/" in text:
+        raise ValueError(
+            f"{value!r} is not a host: write only the plug's name or address, e.g. "
+            '"192.168.1.50" or "plug-c1.lan"'
+        )
+    if not _HOST.match(text):
+        raise ValueError(f"{value!r} is not a host name or address")
+    return text
+
+
+Host = Annotated[str, AfterValidator(check_host)]
+
+
+class PlugOptions(Options):
+    host: Host
+    # Seconds the relay stays open in `cycle`, long enough for the NUC's capacitors to drain
+    # (a shorter blip may not reset it).
+    cycle_wait: float = Field(default=5.0, ge=0, le=300)
+    timeout: float = Field(default=NETWORK_TIMEOUT, gt=0, le=120)
+
+
+class HttpDriverBase(BaseDriver):
+    """One request per call, with a bounded timeout and errors that name the plug."""
+
+    def __init__(self, target: PowerTarget, timeout: float, verify_tls: bool = True) -> None:
+        super().__init__(target)
+        self.timeout = timeout
+        self.verify_tls = verify_tls
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        where: str,
+        auth: httpx.Auth | None = None,
+        content: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> httpx.Response:
+        """The plug's answer to `method url`; PowerError unless it is a 2xx.
+
+        `where` names the peer in errors ("plug at 10.0.0.5"); credentials in the URL's query
+        (Tasmota puts them there) never appear in an error."""
+        try:
+            async with httpx.AsyncClient(
+                timeout=self.timeout, verify=self.verify_tls, follow_redirects=False
+            ) as client:
+                response = await asyncio.wait_for(
+                    client.request(method, url, auth=auth, content=content, headers=headers),
+                    self.timeout + 1,
+                )
+        except (httpx.TimeoutException, TimeoutError):
+            raise self.error(f"unreachable {where}: no answer within {self.timeout:g} s") from None
+        except httpx.HTTPError as exc:
+            cause = exc.__cause__ or exc.__context__ or exc
+            raise self.error(f"unreachable {where}: {describe(cause)}") from None
+        if response.status_code in (401, 403):
+            raise self.error(
+                f"{where} refused the credentials (HTTP {response.status_code}); "
+                "check user and password for this machine in lab.toml"
+            )
+        if not 200 <= response.status_code < 300:
+            raise self.error(
+                f"{where} answered HTTP {response.status_code} to {method} "
+                f"{_without_query(url)}: {response.text.strip()[:200]}"
+            )
+        return response
+
+    def json_of(self, response: httpx.Response, where: str) -> Any:
+        try:
+            return response.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise self.error(
+                f"{where} did not answer JSON: {response.text.strip()[:200]!r}"
+            ) from None
+
+
+def _without_query(url: str) -> str:
+    return url.split("?", 1)[0]
+
+
+async def cycle_by_off_on(driver: BaseDriver, wait: float) -> None:
+    """Power cycle as a person does it at the plug: off, wait, on."""
+    await driver.off()
+    await asyncio.sleep(wait)
+    await driver.on()
