@@ -31,6 +31,7 @@ from .labfile import EnrollError, enroll, next_free_ip
 from .lifecycle import MachineState
 from .metrics import PixieboxCollector, metrics_renderer
 from .netif import interface_info, interface_names
+from .power.controller import PowerController
 from .state import StateStore
 from .syslog import SyslogMessage, SyslogReceiver
 from .tftp import TftpEvent, TftpServer
@@ -324,11 +325,16 @@ class Agent:
             lambda: machine_state_counts(inventory),
             lambda: inventory.lifecycle.boot_durations,
         )
+        # Verified power actions (power/controller.py); actions still running when the agent
+        # stops are cancelled, their events saying how far they got.
+        power = PowerController(inventory, subnet=segment.subnet, identities=identities)
+        services.push_async_callback(power.close)
         api_state = ApiState(
             inventory,
             ensure_token(config.api.token_file),
             self.enroll,
             metrics_renderer(collector),
+            power=power,
         )
         api_host, api_port = split_listen(config.api.listen)
         api = BootHttpServer(api_app(api_state), api_host, api_port, pathsend=False)

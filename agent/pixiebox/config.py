@@ -286,6 +286,12 @@ class PowerSettings(Section):
     on_timeout: Duration = 300
     off_timeout: Duration = 120
     stagger: Duration = 5
+    # How `on` is seen: the OS phoning home (the OSIE does), or the machine answering ping
+    # (an OS that does not phone home, e.g. one installed on the machine's own disk).
+    verify_on: Literal["phone-home", "ping"] = "phone-home"
+    # `off` without a driver that can read the power: this long with no DHCP, boot request,
+    # phone-home, syslog line or ping answer from the machine counts as off.
+    off_settle: Duration = 15
 
 
 DiskFormat = Literal["never", "if-blank"]

@@ -20,7 +20,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -31,7 +31,17 @@ from ..config import normalize_mac, split_listen
 from ..inventory import Inventory
 from ..lifecycle import MachineState
 from ..oui import vendor_of
-from ..state import Event
+from ..power.base import PowerAction, PowerState
+from ..power.controller import (
+    NoPowerControl,
+    PowerBusy,
+    PowerController,
+    PowerOutcome,
+    PowerView,
+    derived_power,
+)
+from ..power.lab import LabReport, LabRequest, lab_down, lab_up
+from ..state import Event, MachineRecord
 
 log = logging.getLogger("pixiebox.api")
 
@@ -70,6 +80,12 @@ class MachineView(BaseModel):
     image: str | None
     first_seen: float | None
     last_seen: float | None
+    #: Last known power state: read by a driver, seen by a verified action, or from events.
+    power: PowerState = PowerState.UNKNOWN
+    power_since: float | None = None
+    power_detail: str = ""
+    #: The drivers of its power chain in lab.toml (empty: no power control).
+    power_control: list[str] = []
 
 
 class EventView(BaseModel):
@@ -86,6 +102,12 @@ class EnrollRequest(BaseModel):
     ip: IPv4Address | None = None
 
 
+class PowerRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    action: PowerAction
+
+
 class ErrorView(BaseModel):
     error: str
     problems: list[str] = []
@@ -99,16 +121,28 @@ class ApiState:
     #: problems (one per line) when the enrollment is refused.
     enroll: Callable[[str, str | None, IPv4Address | None], str]
     metrics: Callable[[], bytes] | None = None
+    #: Runs verified power actions; None: power control is not available.
+    power: PowerController | None = None
 
 
-def machine_views(inventory: Inventory) -> list[MachineView]:
+PowerOf = Callable[[str, MachineRecord | None], PowerView]
+
+
+def machine_views(inventory: Inventory, power_of: PowerOf | None = None) -> list[MachineView]:
     """Every machine: enrolled ones from lab.toml, then those only seen on the wire."""
     records = inventory.lifecycle.records()
     config = inventory.config
     views: list[MachineView] = []
+
+    def power(mac: str, record: MachineRecord | None) -> dict[str, Any]:
+        view = power_of(mac, record) if power_of is not None else derived_power(record)
+        return {"power": view.state, "power_since": view.since, "power_detail": view.detail}
+
     for machine in config.machines:
         record = records.get(machine.mac)
         views.append(MachineView(
+            **power(machine.mac, record),
+            power_control=[spec.driver for spec in machine.power_chain()],
             name=machine.name, mac=machine.mac,
             ip=str(machine.ip) if machine.ip else (record.ip or None if record else None),
             arch=record.arch or None if record else None,
@@ -123,6 +157,7 @@ def machine_views(inventory: Inventory) -> list[MachineView]:
         if mac in enrolled:
             continue
         views.append(MachineView(
+            **power(mac, record),
             name=None, mac=mac, ip=record.ip or None, arch=record.arch or None,
             firmware=record.firmware or None, vendor=vendor_of(mac),
             state=inventory.lifecycle.state_of(record, enrolled=False), enrolled=False,
@@ -132,13 +167,15 @@ def machine_views(inventory: Inventory) -> list[MachineView]:
     return views
 
 
-def find_machine(inventory: Inventory, key: str) -> MachineView | None:
+def find_machine(
+    inventory: Inventory, key: str, power_of: PowerOf | None = None
+) -> MachineView | None:
     """A machine by name or MAC (any spelling)."""
     try:
         mac: str | None = normalize_mac(key)
     except ValueError:
         mac = None
-    for view in machine_views(inventory):
+    for view in machine_views(inventory, power_of):
         if view.mac == mac or (view.name is not None and view.name == key.lower()):
             return view
     return None
@@ -169,6 +206,10 @@ class _Handlers:
     def inventory(self) -> Inventory:
         return self.state.inventory
 
+    @property
+    def power_of(self) -> PowerOf | None:
+        return self.state.power.power_of if self.state.power is not None else None
+
     def _authorized(self, request: Request) -> bool:
         header = request.headers.get("authorization", "")
         scheme, _, given = header.partition(" ")
@@ -177,11 +218,11 @@ class _Handlers:
         )
 
     async def machines(self, request: Request) -> Response:
-        return _json(machine_views(self.inventory))
+        return _json(machine_views(self.inventory, self.power_of))
 
     async def machine(self, request: Request) -> Response:
         key = str(request.path_params["key"])
-        view = find_machine(self.inventory, key)
+        view = find_machine(self.inventory, key, self.power_of)
         if view is None:
             return _error(404, f"no machine named or with MAC {key!r}")
         return _json(view)
@@ -238,6 +279,66 @@ class _Handlers:
         view = find_machine(self.inventory, mac)
         log.info("enrolled %s as %s through the API", mac, name)
         return _json(view, 201) if view else _error(500, "enrolled but not found after reload")
+
+    def _refused(self, request: Request) -> Response | None:
+        if self._authorized(request):
+            return None
+        return _error(401, "this call changes the lab: send Authorization: Bearer <token> "
+                      "(the token is in [api] token_file)")  # fmt: skip
+
+    async def power(self, request: Request) -> Response:
+        """A verified power action; answers when it is seen done (or not) with the outcome.
+        A second action on a machine that is busy is refused (409), not queued."""
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
+        key = str(request.path_params["key"])
+        view = find_machine(self.inventory, key)
+        if view is None:
+            return _error(404, doctor.unknown_machine(key))
+        try:
+            wanted = PowerRequest.model_validate_json(await request.body() or b"{}")
+        except ValidationError:
+            return _error(400, 'the body must be JSON like {"action": "on"}, with on, off, '
+                          "cycle or status")  # fmt: skip
+        machine = self.inventory.who_is(view.mac)
+        if machine is None:
+            return _error(409, f"{view.mac} is not in lab.toml, so it has no power control: "
+                          f"enroll it (pixiebox enroll {view.mac} --name NAME), then add "
+                          "power = { driver = \"...\" } to its entry")  # fmt: skip
+        if self.state.power is None:
+            return _error(503, "power control is not running in this agent")
+        try:
+            outcome = await self.state.power.act(machine, wanted.action)
+        except (NoPowerControl, PowerBusy) as exc:
+            return _error(409, str(exc))
+        return _json(outcome)
+
+    async def _lab(self, request: Request, up: bool) -> Response:
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
+        try:
+            wanted = LabRequest.model_validate_json(await request.body() or b"{}")
+        except ValidationError as exc:
+            problems = [str(e["msg"]) for e in exc.errors()]
+            return _error(400, 'the body must be JSON like {"stagger": 5, "timeout": 300} '
+                          "(seconds, both optional)", problems)  # fmt: skip
+        if self.state.power is None:
+            return _error(503, "power control is not running in this agent")
+        power = self.state.power
+        if up:
+            job = asyncio.ensure_future(lab_up(power, wanted.stagger, wanted.timeout))
+        else:
+            job = asyncio.ensure_future(lab_down(power, wanted.timeout))
+        # Like a single action, the whole-lab one finishes even if the caller stops waiting.
+        return _json(await asyncio.shield(job))
+
+    async def lab_up(self, request: Request) -> Response:
+        return await self._lab(request, up=True)
+
+    async def lab_down(self, request: Request) -> Response:
+        return await self._lab(request, up=False)
 
     async def events(self, request: Request) -> Response:
         """Server-sent events: every event as it happens (`?mac=` for one machine), after
@@ -303,7 +404,8 @@ def openapi_document() -> dict[str, Any]:
         "components": {
             "schemas": {
                 m.__name__: m.model_json_schema(ref_template="#/components/schemas/{model}")
-                for m in (MachineView, EventView, EnrollRequest, ErrorView, doctor.DoctorReport)
+                for m in (MachineView, EventView, EnrollRequest, ErrorView, doctor.DoctorReport,
+                          PowerRequest, PowerOutcome, LabRequest, LabReport)
             },
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
@@ -358,6 +460,55 @@ def openapi_document() -> dict[str, Any]:
                     },
                 }
             },
+            "/api/v1/machines/{key}/power": {
+                "post": {
+                    "summary": "switch a machine on, off, power-cycle it, or read its power; "
+                    "answers when the result is seen (phone-home, power reading, silence), "
+                    "trying the next driver of its chain when one does not work",
+                    "security": [{"bearer": []}],
+                    "parameters": [key],
+                    "requestBody": {
+                        "content": {"application/json": {"schema": ref("PowerRequest")}}
+                    },
+                    "responses": {
+                        "200": ok(ref("PowerOutcome"), "the outcome: `outcome` is ok or failed"),
+                        "400": ok(ref("ErrorView"), "the body is not {\"action\": ...}"),
+                        "401": ok(ref("ErrorView"), "no or wrong token"),
+                        "404": missing,
+                        "409": ok(ref("ErrorView"), "no power control in lab.toml, or "
+                                  "another power action on it is in progress"),
+                    },
+                }
+            },
+            "/api/v1/lab/up": {
+                "post": {
+                    "summary": "power on every machine with power control, staggered, and "
+                    "report each one's time to up (and joined), with the boot doctor's verdict "
+                    "for stragglers",
+                    "security": [{"bearer": []}],
+                    "requestBody": {
+                        "content": {"application/json": {"schema": ref("LabRequest")}}
+                    },
+                    "responses": {
+                        "200": ok(ref("LabReport")),
+                        "401": ok(ref("ErrorView"), "no or wrong token"),
+                    },
+                }
+            },
+            "/api/v1/lab/down": {
+                "post": {
+                    "summary": "power off every machine with power control, graceful drivers "
+                    "first, and report what is off",
+                    "security": [{"bearer": []}],
+                    "requestBody": {
+                        "content": {"application/json": {"schema": ref("LabRequest")}}
+                    },
+                    "responses": {
+                        "200": ok(ref("LabReport")),
+                        "401": ok(ref("ErrorView"), "no or wrong token"),
+                    },
+                }
+            },
             "/api/v1/events": {
                 "get": {
                     "summary": "server-sent events: each event as it happens",
@@ -376,6 +527,9 @@ def api_app(state: ApiState) -> Starlette:
         Route("/api/v1/machines/{key}/events", handlers.machine_events, methods=["GET"]),
         Route("/api/v1/machines/{key}/doctor", handlers.machine_doctor, methods=["GET"]),
         Route("/api/v1/machines/{mac}/enroll", handlers.enroll, methods=["POST"]),
+        Route("/api/v1/machines/{key}/power", handlers.power, methods=["POST"]),
+        Route("/api/v1/lab/up", handlers.lab_up, methods=["POST"]),
+        Route("/api/v1/lab/down", handlers.lab_down, methods=["POST"]),
         Route("/api/v1/events", handlers.events, methods=["GET"]),
         Route("/api/v1/openapi.json", handlers.openapi, methods=["GET"]),
         Route("/metrics", handlers.metrics, methods=["GET"]),
