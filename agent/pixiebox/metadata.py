@@ -40,6 +40,7 @@ from .config import LabConfig, MachineSection
 from .identity import IdentityError, IdentityStore, NodeIdentity
 from .inventory import Inventory
 from .netif import neighbour_mac
+from .power.ssh import power_public_key
 from .syslog import SYSLOG_PORT
 from .urls import BootUrls
 
@@ -95,9 +96,11 @@ def build_metadata(
     machine: MachineSection | None,
     identity: NodeIdentity,
     agent_token: str | None = None,
+    power_key: str | None = None,
 ) -> JsonObject:
     """The metadata document of the machine `mac` at `ip` (see the module docstring).
-    `agent_token` is the lab's k3s agent token, given when [kubernetes] server is set."""
+    `agent_token` is the lab's k3s agent token, given when [kubernetes] server is set;
+    `power_key` the appliance's power SSH key (the ssh power driver logs in with it)."""
     hostname = hostname_for(mac, machine)
     domain = config.lab.domain
     telemetry = config.telemetry
@@ -114,7 +117,8 @@ def build_metadata(
         "fqdn": f"{hostname}.{domain}" if domain else hostname,
         "ip": str(ip),
         "lab": config.lab.name,
-        "ssh_authorized_keys": [key.strip() for key in config.boot.ssh_keys if key.strip()],
+        "ssh_authorized_keys": [key.strip() for key in config.boot.ssh_keys if key.strip()]
+        + ([power_key] if power_key else []),
         "ssh_host_key": {"private": identity.ssh_host_key, "public": identity.ssh_host_public},
         "kubernetes": {
             "server": server,
@@ -192,13 +196,24 @@ async def metadata_response(
     def identity_and_token() -> tuple[NodeIdentity, str | None]:
         return identities.for_machine(mac), identities.agent_token() if joins else None
 
+    def power_key() -> str | None:
+        # Beside the identities, in [state] dir: made on first use, like the host keys.
+        try:
+            return power_public_key(identities.root.parent)
+        except OSError as exc:
+            log.error("the nodes cannot be powered off over SSH: %s", exc)
+            return None
+
     try:
         # The first request makes a key and fsyncs files: off the event loop.
         identity, agent_token = await asyncio.to_thread(identity_and_token)
+        ssh_power_key = await asyncio.to_thread(power_key)
     except IdentityError as exc:
         log.error("cannot give %s its metadata: %s", inventory.describe_address(ip), exc)
         return _refuse(500, "this machine's stored identity cannot be read; see the appliance log")
-    document = build_metadata(config, urls, mac, ip, inventory.who_is(mac), identity, agent_token)
+    document = build_metadata(
+        config, urls, mac, ip, inventory.who_is(mac), identity, agent_token, ssh_power_key
+    )
     who = inventory.describe_address(ip)
     log.info("%s fetched its metadata", who)
     inventory.record(mac, "metadata", "fetched its metadata", ip)

@@ -14,15 +14,24 @@ boot file by TFTP.  With ``kernel``/``initrd`` the VM boots them directly (no PX
 
 TCG by default (``PIXIEBOX_QEMU_ACCEL`` overrides, e.g. ``kvm`` on real hardware): KVM guests
 hang on these machines (nested virtualisation).  One vCPU per VM: the machines have 2 cores.
+
+Power: every VM has a QMP socket (``NAME.qmp`` in the workdir), which the ``qemu`` power
+driver and the Wake-on-LAN responder (wake.py) speak.  ``-no-shutdown`` keeps QEMU alive when
+the guest powers off (run state ``shutdown``), so the VM can be powered on again like a
+machine whose PSU is still plugged in; and a guest reboot resets the VM like real hardware
+(no ``-no-reboot``, which would turn QMP's ``system_reset`` into a shutdown too).  With
+``powered_on=False`` the VM starts off (``-S``: QEMU waits in ``prelaunch`` for QMP ``cont``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import re
 import shutil
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +55,8 @@ Pxe = Literal["ipxe-rom", "native"]
 
 _TAP_IDS = itertools.count(1)
 _MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+#: sun_path holds 108 bytes; a deeper workdir gets its QMP socket in a short temporary dir.
+_SOCKET_PATH_MAX = 100
 
 
 def ovmf_files() -> tuple[Path, Path]:
@@ -88,6 +99,7 @@ class VM:
     segment: netns.Segment
     argv: list[str]
     started: float  # time.monotonic() when QEMU was started ("power-on")
+    qmp: Path | None = None  # the QMP unix socket (the qemu power driver's `qmp` key)
 
     def console_text(self) -> str:
         """Everything on the serial console so far (CRs dropped, bad UTF-8 replaced)."""
@@ -137,11 +149,16 @@ class VM:
         )
 
     def stop(self) -> None:
-        """Power off (kill QEMU) and remove the tap device."""
+        """Kill QEMU, remove the tap device and the QMP socket."""
         self.segment.stop(self.proc)
         netns.run_command(
             ["ip", "-n", self.segment.switch.name, "link", "del", self.tap], check=False
         )
+        if self.qmp is not None:
+            self.qmp.unlink(missing_ok=True)
+            if self.qmp.parent.name.startswith("pxbqmp-"):
+                with contextlib.suppress(OSError):
+                    self.qmp.parent.rmdir()
 
 
 def _accel() -> str:
@@ -157,6 +174,13 @@ def _add_tap(segment: netns.Segment) -> str:
     return tap
 
 
+def _qmp_path(workdir: Path, name: str) -> Path:
+    path = workdir.absolute() / f"{name}.qmp"
+    if len(os.fsencode(str(path))) <= _SOCKET_PATH_MAX:
+        return path
+    return Path(tempfile.mkdtemp(prefix="pxbqmp-")) / f"{name}.qmp"
+
+
 def start_vm(
     segment: netns.Segment,
     name: str,
@@ -169,12 +193,16 @@ def start_vm(
     initrd: Path | None = None,
     append: str = "",
     workdir: Path,
+    powered_on: bool = True,
 ) -> VM:
-    """Power on a VM whose one NIC (virtio-net-pci, ``mac``) is on ``segment``.
+    """Start a VM whose one NIC (virtio-net-pci, ``mac``) is on ``segment``, powered on
+    unless ``powered_on`` is False (then QMP ``cont``, the qemu power driver's ``on``, or a
+    Wake-on-LAN packet through wake.py starts it).
 
     Without ``kernel`` it network-boots (``pxe``); with it QEMU loads ``kernel``, ``initrd``
     and ``append`` directly (the firmware still runs).  Files go to ``workdir``:
-    ``NAME-console.log``, ``NAME-qemu.log`` and, for UEFI, ``NAME-OVMF_VARS.fd``.
+    ``NAME-console.log``, ``NAME-qemu.log``, the QMP socket ``NAME.qmp`` and, for UEFI,
+    ``NAME-OVMF_VARS.fd``.
     """
     mac = mac.lower()
     if not _MAC_RE.fullmatch(mac):
@@ -192,6 +220,8 @@ def start_vm(
     console = workdir / f"{name}-console.log"
     console.unlink(missing_ok=True)
 
+    qmp = _qmp_path(workdir, name)
+    qmp.unlink(missing_ok=True)
     tap = _add_tap(segment)
     nic = f"virtio-net-pci,netdev=net0,mac={mac}"
     if pxe == "native":
@@ -207,9 +237,12 @@ def start_vm(
         "-display", "none",
         "-serial", f"file:{console}",
         "-monitor", "none",
-        "-no-reboot",  # a crash or reboot ends QEMU, so waiting stops early
+        "-qmp", f"unix:{qmp},server=on,wait=off",
+        "-no-shutdown",  # a guest poweroff leaves the VM off, not gone: it can be powered on
         "-netdev", f"tap,id=net0,ifname={tap},script=no,downscript=no",
     ]  # fmt: skip
+    if not powered_on:
+        argv.append("-S")
     if firmware == "bios":
         # SeaBIOS's serial console (its "sercon", enabled by this fw_cfg file holding the port
         # as a little-endian integer): with no VGA, SeaBIOS and the iPXE ROM print to ttyS0 too.
@@ -253,6 +286,7 @@ def start_vm(
         segment=segment,
         argv=argv,
         started=time.monotonic(),
+        qmp=qmp,
     )
 
 
