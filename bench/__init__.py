@@ -1,0 +1,1 @@
+"""Pixiebox benchmarks against Kea, dnsmasq, tftpd-hpa and nginx (`sudo ./build.sh bench`)."""
