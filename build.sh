@@ -6,6 +6,8 @@
 #   sudo ./build.sh serve    set up, then run the agent on config/lab.toml (PIXIEBOX_CONFIG overrides)
 #   sudo ./build.sh test     set up, then run linters and the whole test suite (what CI runs)
 #   sudo ./build.sh setup    install system packages and the Python environment only
+#   sudo ./build.sh bench    set up, then benchmark Pixiebox against Kea, dnsmasq, tftpd-hpa and
+#                            nginx (--quick, --only/--skip dhcp tftp http dns startup vm, --profile)
 #
 # Needs Debian bookworm (or newer) and root: the agent binds DHCP ports, and the tests build
 # network namespaces.
@@ -95,10 +97,55 @@ cmd_test() {
     "$VENV/bin/pytest" "$@"
 }
 
+# The benchmark's peers (bench/): the established servers Pixiebox is measured against and the
+# load generators. Installed only by `bench`, never started as system services.
+BENCH_PACKAGES=(
+    kea-dhcp4-server kea-admin  # kea-dhcp4 (memfile) and perfdhcp (shipped in kea-admin)
+    dnsmasq-base tftpd-hpa nginx-light
+    wrk dnsperf curl tftp-hpa
+)
+
+cmd_bench() {
+    need_root bench "the benchmark builds network namespaces"
+    setup_system
+    setup_python ""
+    local missing=()
+    for pkg in "${BENCH_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+    done
+    if [ "${#missing[@]}" -gt 0 ]; then
+        say "installing the benchmark's peers: ${missing[*]}"
+        # The servers must not start as system services (tftpd-hpa and nginx would listen on
+        # this machine's own network): policy-rc.d says no while they are installed.
+        local policy=/usr/sbin/policy-rc.d made_policy=""
+        if [ ! -e "$policy" ]; then
+            printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 755 "$policy" && made_policy=1
+        fi
+        export DEBIAN_FRONTEND=noninteractive
+        local status=0
+        apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
+            || status=1
+        if [ -n "$made_policy" ]; then rm -f "$policy"; fi
+        [ "$status" -eq 0 ] || die "apt-get install ${missing[*]} failed"
+        # Nor at the next boot: only the services of the packages installed just now.
+        if command -v systemctl >/dev/null; then
+            local unit
+            for unit in kea-dhcp4-server tftpd-hpa nginx; do
+                case " ${missing[*]} " in
+                    *" $unit "*|*" $unit-light "*) systemctl disable --now "$unit" >/dev/null 2>&1 || true ;;
+                esac
+            done
+        fi
+    fi
+    say "benchmark (results in out/bench/; Ctrl-C removes its namespaces)"
+    exec "$VENV/bin/python" -m bench "$@"
+}
+
 case "${1:-}" in
     setup) shift; cmd_setup "$@" ;;
     serve) shift; cmd_serve "$@" ;;
     demo) shift; cmd_demo "$@" ;;
     test) shift; cmd_test "$@" ;;
-    *) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+    bench) shift; cmd_bench "$@" ;;
+    *) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac
