@@ -17,6 +17,7 @@ trailing-slash redirects are off and `//` inside an asset path is accepted as `/
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -476,7 +477,14 @@ class _Handlers:
     async def phone_home(self, request: Request) -> Response:
         """The OS (OSIE, or the demo's test OS) reports that it is up. It is known by its
         source address (its lease, the address its script was fetched from, or the ARP cache);
-        `?mac=` helps only when the address tells nothing."""
+        `?mac=` helps only when the address tells nothing.
+
+        An empty body (or `{"state": "up"}`) says the OS is up; the OSIE sends
+        `{"state": "joined"}` once its k3s agent's kubelet answers healthy, which moves the
+        machine to `joined`."""
+        report = await _phone_home_state(request)
+        if report not in _PHONE_HOME_STATES:
+            return PlainTextResponse(report, 400)
         ip = client_ip(request)
         mac = self.inventory.mac_at(ip) if ip is not None else None
         if mac is None and request.query_params.get("mac"):
@@ -489,6 +497,13 @@ class _Handlers:
             return PlainTextResponse("unknown machine: boot it through Pixiebox first\n", 404)
         if ip is not None:
             self.inventory.note_address(mac, ip)
+        if report == "joined":
+            self.inventory.record(
+                mac, "joined", f"its Kubernetes node is running (kubelet healthy) at {ip}", ip
+            )
+            log.info("%s phoned home: joined Kubernetes", self.inventory.describe_address(ip)
+                     if ip else self.inventory.name_of(mac))  # fmt: skip
+            return PlainTextResponse("ok\n")
         self.inventory.record(mac, "phone-home", f"the OS is up at {ip}", ip)
         log.info("%s phoned home: the OS is up", self.inventory.describe_address(ip) if ip
                  else self.inventory.name_of(mac))  # fmt: skip
@@ -509,6 +524,31 @@ class _Handlers:
             client_ip(request), self.state.emit,
         )  # fmt: skip
         return PlainTextResponse("not found\n", 404) if text is None else _script(text)
+
+
+#: What a phone-home may report; the empty body of older clients means "up".
+_PHONE_HOME_STATES = ("up", "joined")
+#: Bytes of a phone-home body read at most: it is one small JSON object.
+_PHONE_HOME_MAX = 4096
+
+
+async def _phone_home_state(request: Request) -> str:
+    """The state a phone-home reports ("up" or "joined"), else the sentence that refuses it."""
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > _PHONE_HOME_MAX:
+            return f"the phone-home body is over {_PHONE_HOME_MAX} bytes\n"
+    if not body.strip():
+        return "up"
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return 'the phone-home body is not JSON; send nothing, or {"state": "up" | "joined"}\n'
+    state = document.get("state", "up") if isinstance(document, dict) else None
+    if state not in _PHONE_HOME_STATES:
+        return f'unknown phone-home state {state!r}; send {{"state": "up" | "joined"}}\n'
+    return str(state)
 
 
 def boot_app(state: BootHttpState) -> Starlette:
