@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import sys
@@ -18,6 +19,7 @@ from . import doctor, labfile
 from .agent import Agent, StartupError
 from .client import ApiClient, ApiRefused, ApiUnreachable
 from .netif import interface_info, interface_names
+from .power import follow as power_follow
 from .virtlab import demo as virtlab_demo
 
 
@@ -128,11 +130,13 @@ def _when(timestamp: float | None) -> str:
 
 
 def machines_table(machines: list[dict[str, Any]]) -> str:
-    rows = [("NAME", "MAC", "IP", "ARCH", "STATE", "LAST SEEN")]
+    rows = [("NAME", "MAC", "IP", "ARCH", "STATE", "LAST SEEN", "POWER")]
     for m in machines:
         arch = " ".join(x for x in (m.get("arch"), m.get("firmware")) if x) or "-"
+        control = "+".join(m.get("power_control") or []) or "no control"
+        power = f"{m.get('power', 'unknown')} ({control})"
         rows.append((m.get("name") or "(unknown)", m["mac"], m.get("ip") or "-", arch,
-                     m["state"], _when(m.get("last_seen"))))  # fmt: skip
+                     m["state"], _when(m.get("last_seen")), power))  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
                      for row in rows)  # fmt: skip
@@ -227,6 +231,67 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if found["ok"] else 2
 
 
+def _power_timeout(config: lab.LabConfig, links: int) -> float:
+    """How long the CLI waits for the agent's answer to a power action: every link of a chain
+    may take its full timeout (a cycle: off and on), plus room for the agent's own pauses."""
+    per_link = float(config.power.on_timeout + config.power.off_timeout)
+    return per_link * 3 * max(links, 1) + 120.0
+
+
+@_api_command
+def cmd_power(args: argparse.Namespace) -> int:
+    config = lab.load_config(lab.config_path(args.config))
+    client = ApiClient.for_config(config, args.api)
+    machine = client.call("GET", f"/api/v1/machines/{quote(args.machine)}")
+    chain = len(machine.get("power_control") or [])
+    client = dataclasses.replace(client, timeout=_power_timeout(config, chain))
+    path = f"/api/v1/machines/{quote(args.machine)}/power"
+
+    def call() -> dict[str, Any]:
+        answer: dict[str, Any] = client.call("POST", path, {"action": args.action})
+        return answer
+
+    if args.action == "status" or not chain:
+        outcome = call()
+    else:
+        follower = power_follow.Follower(client, machine["mac"]).start()
+        shown = {"power", "off", "phone-home"}
+
+        def show(event: dict[str, Any]) -> None:
+            if event["kind"] in shown:
+                print(power_follow.event_line(event), flush=True)
+
+        outcome = follower.run_while(call, show)
+    print(f"{outcome['machine']}: {outcome['message']}"
+          + ("" if args.action == "status" else f" ({outcome['seconds']:.0f} s)"))  # fmt: skip
+    return 0 if outcome["outcome"] == "ok" else 2
+
+
+@_api_command
+def cmd_lab(args: argparse.Namespace) -> int:
+    config = lab.load_config(lab.config_path(args.config))
+    client = ApiClient.for_config(config, args.api)
+    machines = [m for m in client.call("GET", "/api/v1/machines") if m.get("enrolled")]
+    body: dict[str, float] = {}
+    if args.timeout is not None:
+        body["timeout"] = args.timeout
+    stagger = config.power.stagger
+    if args.direction == "up" and args.stagger is not None:
+        body["stagger"] = stagger = args.stagger
+    each = max(args.timeout or 0.0, _power_timeout(config, max(
+        (len(m.get("power_control") or []) for m in machines), default=1)))  # fmt: skip
+    client = dataclasses.replace(client, timeout=each + stagger * len(machines))
+    table = power_follow.LiveTable(machines, args.direction)
+    follower = power_follow.Follower(client).start()
+    report: dict[str, Any] = follower.run_while(
+        lambda: client.call("POST", f"/api/v1/lab/{args.direction}", body), table.event, table.draw
+    )
+    table.draw()
+    print()
+    print(power_follow.render_report(report))
+    return 0 if report["ok"] else 2
+
+
 def _api_arguments(parser: argparse.ArgumentParser) -> None:
     _config_argument(parser)
     parser.add_argument("--api", default=None, help="the agent's API URL (default: from lab.toml)")
@@ -270,6 +335,34 @@ def build_parser() -> argparse.ArgumentParser:
                           help="how long a boot step may go without the next before it counts "
                           f"as stalled (default {doctor.DEFAULT_SETTLE:g})")  # fmt: skip
     diagnose.set_defaults(func=cmd_doctor)
+    power = commands.add_parser(
+        "power", help="switch a machine on or off, power-cycle it, or read its power",
+        description="Through the running agent; the action counts only when its result is seen "
+        "(the OS phoning home, the power read off, or silence). Exit status: 0 done and seen, "
+        "2 tried but not seen, 1 refused (unknown machine, no power control, busy, token).",
+    )  # fmt: skip
+    _api_arguments(power)
+    power.add_argument("machine", help="a name or MAC")
+    power.add_argument("action", choices=["on", "off", "cycle", "status"])
+    power.set_defaults(func=cmd_power)
+    lab_parser = commands.add_parser(
+        "lab", help="lab up: power on every machine and report when each is up; lab down: "
+        "power them all off",
+    )  # fmt: skip
+    lab_commands = lab_parser.add_subparsers(dest="direction", required=True)
+    up = lab_commands.add_parser("up", help="power on every machine with power control, "
+                                 "staggered, and report each one's time to up")  # fmt: skip
+    down = lab_commands.add_parser("down", help="power off every machine with power control "
+                                   "(graceful drivers first) and report what is off")  # fmt: skip
+    for sub in (up, down):
+        _api_arguments(sub)
+        sub.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                         help="how long each power attempt may take (default: [power] "
+                         "on_timeout / off_timeout)")  # fmt: skip
+        sub.set_defaults(func=cmd_lab)
+    up.add_argument("--stagger", type=float, default=None, metavar="SECONDS",
+                    help="pause between two machines' power-on (default: [power] "
+                    "stagger)")  # fmt: skip
     demo = commands.add_parser(
         "demo", help="run the virtual lab: a router, the agent and QEMU machines that PXE-boot"
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -19,6 +20,10 @@ class ApiUnreachable(Exception):
 
 class ApiRefused(Exception):
     """The agent answered with an error; the message is its explanation."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,15 +70,22 @@ class ApiClient:
                 problems = detail.get("problems") or []
             except (ValueError, AttributeError):
                 message, problems = str(exc), []
-            raise ApiRefused("\n".join([message, *problems])) from None
+            if exc.code == 401 and self.token_file is not None:
+                problems = [f"(the token sent was read from {self.token_file}: it is not the "
+                            "running agent's; use the lab.toml the agent runs with, or restart "
+                            "the agent after replacing the file)"]  # fmt: skip
+            raise ApiRefused("\n".join([message, *problems]), exc.code) from None
         except (urllib.error.URLError, OSError) as exc:
             raise ApiUnreachable(
                 f"no Pixiebox agent answers at {self.base} ({getattr(exc, 'reason', exc)}); "
                 "is `pixiebox serve` running?"
             ) from None
 
-    def stream(self, path: str) -> Iterator[dict[str, Any]]:
-        """Server-sent events from `path`, as decoded JSON objects, until the stream ends."""
+    def stream(
+        self, path: str, connected: threading.Event | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """Server-sent events from `path`, as decoded JSON objects, until the stream ends.
+        `connected` is set once the agent says the stream is live (nothing is missed after)."""
         request = urllib.request.Request(self.base + path, headers={"Accept": "text/event-stream"})
         try:
             response = urllib.request.urlopen(request, timeout=None)
@@ -82,5 +94,7 @@ class ApiClient:
         with response:
             for raw in response:
                 line = raw.decode("utf-8", "replace").rstrip("\n")
+                if line.startswith(": connected") and connected is not None:
+                    connected.set()
                 if line.startswith("data: "):
                     yield json.loads(line[6:])

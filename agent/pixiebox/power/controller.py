@@ -108,12 +108,15 @@ def minutes(seconds: float) -> str:
 def describe_spec(spec: PowerSection) -> str:
     """How events name a link of a chain: "tasmota at 10.0.0.5", "qemu at /run/vm1.qmp"."""
     options = spec.options()
-    for key in ("host", "address", "qmp", "url"):
+    for key in ("host", "address", "qmp"):
         value = options.get(key)
         if isinstance(value, str) and value:
-            if key == "url":
-                value = urlsplit(value).hostname or value  # never a password in the URL
             return f"{spec.driver} at {value}"
+    for request in options.values():  # the http driver: on = { url = "..." }, ...
+        if isinstance(request, dict) and isinstance(request.get("url"), str):
+            host = urlsplit(request["url"]).hostname  # never a password from the URL
+            if host:
+                return f"{spec.driver} at {host}"
     return spec.driver
 
 
@@ -378,6 +381,17 @@ class PowerController:
             log.info("reading the power of %s through %s: %s", link.driver, link.label, exc)
             return PowerState.UNKNOWN
 
+    async def _watts(self, link: _Link) -> str:
+        """", 0.0 W" from a plug with an energy sensor (the drivers' optional power_watts)."""
+        reader = getattr(link.driver, "power_watts", None)
+        if reader is None:
+            return ""
+        try:
+            watts = await asyncio.wait_for(reader(), CALL_TIMEOUT)
+        except (PowerError, TimeoutError):
+            return ""
+        return f", {watts:.1f} W" if isinstance(watts, int | float) else ""
+
     async def _reading(self, run: _Run) -> tuple[PowerState, str]:
         """The first definite reading of the chain: (state, "tasmota at 10.0.0.5 reads on")."""
         for link in run.links:
@@ -590,7 +604,7 @@ class PowerController:
                 return await self._read(link) is PowerState.OFF
 
             if await self._wait(run, deadline, lambda e: False, reads_off):
-                return f"{link.label} reads off"
+                return f"{link.label} reads off{await self._watts(link)}"
             return None
         where = f" and no ping answer at {run.target.ip}" if run.target.ip else ""
         self._event(run, f"power off by {link.label} sent; waiting up to {minutes(timeout)} for "
