@@ -4,14 +4,21 @@ On this one machine: a private bridge in network namespaces, a "home router" (dn
 out addresses only), the Pixiebox agent in proxy mode, and QEMU machines (BIOS and UEFI) that
 PXE-boot from it, shown live until they are all up, Ctrl-C, or the timeout; then everything the
 demo made is removed (unless --keep). It is the same machinery the VM tests use.
+
+Every VM is under power control, as a NUC with a smart plug would be: `on` by Wake-on-LAN (a
+responder on the lab bridge plays the VMs' NICs and powers them on through QMP), `off` by the
+qemu driver on their QMP sockets. With --power-cycle, once all are up the demo runs
+`pixiebox lab down` and then `pixiebox lab up`, and the whole lab boots a second time.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -19,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-from . import netns, vm
+from . import netns, vm, wake
 
 SUBNET = "10.88.0.0/24"
 ROUTER_IP = "10.88.0.1"
@@ -93,12 +100,23 @@ def user_keys() -> list[str]:
     return keys or [DEMO_KEY]
 
 
+def qmp_socket(workdir: Path, machine: Machine) -> Path:
+    """Where vm.start_vm puts the VM's QMP socket (the demo's short workdir keeps it within a
+    socket path's length); lab.toml names it before the VMs start."""
+    return workdir.absolute() / f"{machine.name}.qmp"
+
+
 def lab_toml(workdir: Path, testos: Path, machines: list[Machine], keys: list[str]) -> str:
     assets = workdir / "assets"
     (assets / "testos").mkdir(parents=True)
     for name in ("vmlinuz", "initrd"):
         shutil.copyfile(testos / name, assets / "testos" / name)
-    blocks = "".join(f'\n[[machines]]\nname = "{m.name}"\nmac = "{m.mac}"\n' for m in machines)
+    # on: Wake-on-LAN (answered by the wake responder); off (and on, should WoL fail): QMP.
+    blocks = "".join(
+        f'\n[[machines]]\nname = "{m.name}"\nmac = "{m.mac}"\npower = [{{ driver = "wol" }}, '
+        f'{{ driver = "qemu", qmp = "{qmp_socket(workdir, m)}" }}]\n'
+        for m in machines
+    )
     quoted = ", ".join(f'"{key}"' for key in keys)
     return f"""# The virtual lab's lab.toml, written by `pixiebox demo`.
 [lab]
@@ -131,6 +149,10 @@ token_file = "{workdir / "api-token"}"
 
 [state]
 dir = "{workdir / "state"}"
+
+[power]
+stagger = "2s"
+off_timeout = "60s"
 {blocks}"""
 
 
@@ -203,6 +225,44 @@ def summary(machines: list[Machine]) -> str:
     return "\n".join(lines)
 
 
+def start_wake_responder(segment: netns.Segment, machines: list[Machine], workdir: Path) -> None:
+    """The VMs' "NICs" for Wake-on-LAN: a packet socket on the lab bridge (wake.py) that powers
+    a VM on through QMP when the wol driver's magic packet for its MAC goes by."""
+    vms = {m.mac: str(m.vm.qmp) for m in machines if m.vm is not None and m.vm.qmp is not None}
+    vm_map = workdir / "wake-vms.json"
+    vm_map.write_text(json.dumps(vms))
+    log = workdir / "wake.log"
+    proc = segment.switch.popen(
+        [sys.executable, "-m", "pixiebox.virtlab.wake", "--interface", netns.BRIDGE,
+         "--map", str(vm_map)], log,
+    )  # fmt: skip
+    netns.wait_until(
+        lambda: wake.READY in log.read_text(errors="replace") or proc.poll() is not None,
+        20, 0.1, f"the Wake-on-LAN responder did not start; see {log}",
+    )  # fmt: skip
+    if proc.poll() is not None:
+        raise DemoError(f"the Wake-on-LAN responder exited:\n{log.read_text(errors='replace')}")
+
+
+def power_cycle(agent_host: netns.Host, config: Path, timeout: float) -> bool:
+    """`pixiebox lab down`, then `pixiebox lab up`, as a user would type them (output shown
+    as it comes); True when both did all they should."""
+    ok = True
+    for direction in ("down", "up"):
+        print(f"\n$ pixiebox lab {direction}", flush=True)
+        argv = ["ip", "netns", "exec", agent_host.name, sys.executable, "-m", "pixiebox.cli",
+                "lab", direction, "--config", str(config)]  # fmt: skip
+        if direction == "up":
+            argv += ["--timeout", f"{timeout:g}"]
+        try:
+            done = subprocess.run(argv, stdin=subprocess.DEVNULL, timeout=2 * timeout + 300)
+        except subprocess.TimeoutExpired:
+            print(f"pixiebox lab {direction} did not finish", flush=True)
+            return False
+        ok = ok and done.returncode == 0
+    return ok
+
+
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
@@ -230,6 +290,7 @@ def run(args: argparse.Namespace) -> int:
     display = Display(machines)
     segment: netns.Segment | None = None
     booted = False
+    cycled = True
     try:
         segment = netns.Segment(workdir / "segment")
         router = segment.add_host("router", ip=f"{ROUTER_IP}/24")
@@ -256,7 +317,11 @@ def run(args: argparse.Namespace) -> int:
                 workdir=workdir,
             )  # fmt: skip
             machine.stage = "on"
+            if machine.vm.qmp != qmp_socket(workdir, machine):
+                raise DemoError(f"{machine.name}'s QMP socket is {machine.vm.qmp}, not where "
+                                "lab.toml says; run the demo from a shorter TMPDIR")  # fmt: skip
             print(f"powered on {machine.label}, MAC {machine.mac}")
+        start_wake_responder(segment, machines, workdir)
         deadline = started + args.timeout
         while time.monotonic() < deadline:
             follow(machines, agent_log, display)
@@ -266,6 +331,11 @@ def run(args: argparse.Namespace) -> int:
                 break
             time.sleep(0.5)
         print(summary(machines))
+        if booted and args.power_cycle and not power_cycle(agent_host, config, args.timeout):
+            print("\nlab down / lab up did not do all it should (see above); consoles and logs: "
+                  f"{workdir} (kept)")  # fmt: skip
+            args.keep_files = True
+            cycled = False
         print("\nwhat the agent knows (pixiebox machines):")
         table = agent_host.run(
             [sys.executable, "-m", "pixiebox.cli", "machines", "--config", str(config)],
@@ -297,7 +367,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"files kept in {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-    return 0 if booted else 1
+    return 0 if booted and cycled else 1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -307,5 +377,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds until every machine must be up (default 300)")  # fmt: skip
     parser.add_argument("--keep", action="store_true",
                         help="leave the lab running after it booted, until Ctrl-C")  # fmt: skip
+    parser.add_argument("--power-cycle", action="store_true",
+                        help="once all are up, run pixiebox lab down, then lab up (the lab "
+                        "boots a second time, powered on by Wake-on-LAN)")  # fmt: skip
     parser.add_argument("--testos", default="out/testos",
                         help="directory with the test OS's vmlinuz and initrd")  # fmt: skip
