@@ -3,13 +3,24 @@ and DHCP leases.
 
 lab.toml stays the source of truth for enrolled machines; this store keeps what must survive a
 restart or a power cut (a lease handed out must never be handed to another MAC after a crash).
-SQLite in WAL mode with synchronous=NORMAL: a committed lease survives an agent crash, and one
-commit per ACK stays far below the DHCP hot path's budget.
+SQLite in WAL mode with synchronous=NORMAL: a committed lease survives an agent crash.
+
+Writes made on a running event loop are grouped: the first one opens a transaction and the loop
+commits it on its next turn (`flush`, also called by the DHCP server before it sends the replies
+of a batch, so an ACK never leaves before its lease is committed). A boot storm then costs one
+commit per loop turn instead of one per statement (each an append to the WAL and an update of
+its index); readers in other processes see the writes a loop turn later. Without a running loop
+(the CLI, tests) every statement commits at once, as before; close() commits what is pending,
+so a clean stop never loses an acknowledged lease.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -47,6 +58,11 @@ _ADDED_COLUMNS = (
     ("machines", "state_since", "REAL NOT NULL DEFAULT 0"),
     ("machines", "ip", "TEXT NOT NULL DEFAULT ''"),
 )
+
+log = logging.getLogger("pixiebox.state")
+
+#: Seconds before a commit that failed (the database busy) is tried again.
+RETRY_COMMIT = 0.5
 
 #: Events kept per machine: enough for many boots' timelines, bounded so that a machine that
 #: logs in a loop cannot fill the appliance's USB stick.
@@ -110,9 +126,42 @@ class StateStore:
             have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
             if column not in have:
                 self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+        # The open transaction of a loop turn (see the module's doc); the lock keeps a worker
+        # thread's write from interleaving with opening or committing it.
+        self._lock = threading.Lock()
+        self._pending = False
 
     def close(self) -> None:
+        self.flush()
         self._db.close()
+
+    def _write(self, sql: str, params: tuple[object, ...]) -> sqlite3.Cursor:
+        with self._lock:
+            if not self._pending:
+                try:
+                    loop = asyncio.get_running_loop()
+                except RuntimeError:
+                    return self._db.execute(sql, params)  # no loop here: autocommit
+                self._db.execute("BEGIN")
+                self._pending = True
+                loop.call_soon(self.flush)
+            return self._db.execute(sql, params)
+
+    def flush(self) -> None:
+        """Commit the writes of this loop turn (a no-op when none are pending)."""
+        with self._lock:
+            if not self._pending:
+                return
+            try:
+                self._db.execute("COMMIT")
+            except sqlite3.OperationalError as exc:
+                # Another program holds the database past the busy timeout (a backup, the
+                # sqlite3 shell): keep the writes and try again shortly.
+                log.warning("could not save to %s (%s); trying again", self.path, exc)
+                with contextlib.suppress(RuntimeError):
+                    asyncio.get_running_loop().call_later(RETRY_COMMIT, self.flush)
+                raise
+            self._pending = False
 
     # machines seen on the wire
 
@@ -122,14 +171,14 @@ class StateStore:
         """Note that `mac` asked to boot; True when it was never seen before. An arch or
         firmware of None keeps what was recorded (the asking protocol could not tell)."""
         now = time.time() if now is None else now
-        cursor = self._db.execute(
+        cursor = self._write(
             "INSERT INTO machines (mac, arch, firmware, first_seen, last_seen) "
             "VALUES (?, ?, ?, ?, ?) ON CONFLICT (mac) DO NOTHING",
             (mac, arch or "", firmware or "", now, now),
         )
         if cursor.rowcount:
             return True
-        self._db.execute(
+        self._write(
             "UPDATE machines SET arch = coalesce(?, arch), firmware = coalesce(?, firmware), "
             "last_seen = ? WHERE mac = ?",
             (arch, firmware, now, mac),
@@ -157,7 +206,7 @@ class StateStore:
         return None if row is None else MachineRecord(*row)
 
     def set_state(self, mac: str, state: str, now: float) -> None:
-        self._db.execute(
+        self._write(
             "INSERT INTO machines (mac, first_seen, last_seen, state, state_since) "
             "VALUES (?, ?, ?, ?, ?) ON CONFLICT (mac) DO UPDATE SET state = excluded.state, "
             "state_since = excluded.state_since",
@@ -166,7 +215,7 @@ class StateStore:
 
     def touch(self, mac: str, now: float, ip: str | None = None) -> None:
         """`mac` was heard from (at `ip`, when known)."""
-        self._db.execute(
+        self._write(
             "INSERT INTO machines (mac, first_seen, last_seen, ip) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (mac) DO UPDATE SET last_seen = excluded.last_seen, "
             "ip = CASE WHEN excluded.ip = '' THEN ip ELSE excluded.ip END",
@@ -176,13 +225,13 @@ class StateStore:
     # events
 
     def add_event(self, mac: str, kind: str, message: str, now: float) -> Event:
-        cursor = self._db.execute(
+        cursor = self._write(
             "INSERT INTO events (mac, time, kind, message) VALUES (?, ?, ?, ?)",
             (mac, now, kind, message),
         )
         event_id = int(cursor.lastrowid or 0)
         if event_id % 100 == 0:  # trim now and then, not on every insert
-            self._db.execute(
+            self._write(
                 "DELETE FROM events WHERE mac = ? AND id < (SELECT id FROM events WHERE mac = ? "
                 "ORDER BY id DESC LIMIT 1 OFFSET ?)",
                 (mac, mac, EVENTS_PER_MACHINE - 1),
@@ -212,7 +261,7 @@ class StateStore:
             yield Lease(IPv4Address(ip), mac, expires, state)
 
     def save_lease(self, lease: Lease) -> None:
-        self._db.execute(
+        self._write(
             "INSERT INTO leases (ip, mac, expires, state) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (ip) DO UPDATE SET mac = excluded.mac, expires = excluded.expires, "
             "state = excluded.state",

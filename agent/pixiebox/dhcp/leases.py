@@ -1,7 +1,8 @@
 """Who holds which address: reservations from lab.toml, leases on disk, and an optional pool.
 
 Kept in memory for the hot path and written through to the state store on every change, so a
-restarted agent knows every address it handed out and never gives a leased one to another MAC.
+restarted agent knows every address it handed out and never gives a leased one to another MAC
+(the DHCP server commits them, `flush`, before it sends the ACKs).
 """
 
 from __future__ import annotations
@@ -130,6 +131,10 @@ class AddressBook:
         self._fresh.pop(ip, None)
         self._save(Lease(ip, "", time.time() + DECLINE_QUARANTINE, "declined"))
         self._by_mac.pop(mac, None)
+
+    def flush(self) -> None:
+        """Commit the leases saved in this loop turn (see state.StateStore)."""
+        self._store.flush()
 
     def _save(self, lease: Lease) -> None:
         self._store.save_lease(lease)

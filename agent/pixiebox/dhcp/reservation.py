@@ -67,6 +67,10 @@ class ReservationHandler:
     def reload(self) -> None:
         self.book.set_reservations(self.inventory.machines())
 
+    def flush(self) -> None:
+        """Commit the leases bound since the last call: the server calls it before it sends."""
+        self.book.flush()
+
     # -- what differs between reservation and full mode
 
     def serves(self, mac: str, machine: MachineSection | None) -> bool:

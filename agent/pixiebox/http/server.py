@@ -55,14 +55,77 @@ def sendfile_supported(loop: asyncio.AbstractEventLoop) -> bool:
     )
 
 
+class _HeadFirst:
+    """Stands in for the transport while uvicorn writes a response: holds the status line and
+    headers and sends them with the first piece of body, in one send(2) and one TCP segment
+    instead of two. An iPXE script is one small body, so this halves the system calls of the
+    hot path (a benchmark of script requests spent 29 % of the agent's time in those writes).
+    Everything else goes to the real transport."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self.head = b""
+
+    def write(self, data: bytes) -> None:
+        if self.head:
+            data, self.head = self.head + data, b""
+        self.transport.write(data)
+
+    def release(self) -> None:
+        """Send the held head now (before a sendfile, a close, or when no body came)."""
+        if self.head:
+            data, self.head = self.head, b""
+            self.transport.write(data)
+
+    def close(self) -> None:
+        self.release()
+        self.transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
+
+
 class _PathsendCycle(RequestResponseCycle):
-    """uvicorn's request/response cycle, plus the `http.response.pathsend` message."""
+    """uvicorn's request/response cycle, plus the `http.response.pathsend` message, and the
+    head of each response sent together with its body (see _HeadFirst)."""
+
+    _held: _HeadFirst | None = None
 
     async def send(self, message: ASGISendEvent) -> None:
-        if message["type"] != PATHSEND:
+        if message["type"] == PATHSEND:
+            self._release()
+            await self._send_path(str(cast(Mapping[str, Any], message)["path"]))
+            return
+        if message["type"] == "http.response.start" and not self.response_started:
+            real = self.transport
+            head = _HeadFirst(real)
+            self.transport = cast(asyncio.Transport, _Capture(head))
+            try:
+                await super().send(message)
+            finally:
+                self.transport = real
+            self._held = head
+            return
+        held = self._held
+        if held is None:
             await super().send(message)
             return
-        await self._send_path(str(cast(Mapping[str, Any], message)["path"]))
+        # The first body message: uvicorn's own code writes it (Content-Length accounting,
+        # chunk framing, HEAD, keep-alive or close) through the held head.
+        self._held = None
+        real = self.transport
+        self.transport = cast(asyncio.Transport, held)
+        try:
+            await super().send(message)
+        finally:
+            self.transport = real
+            held.release()
+
+    def _release(self) -> None:
+        held = self._held
+        self._held = None
+        if held is not None:
+            held.release()
 
     async def _send_path(self, path: str) -> None:
         if not self.response_started or self.response_complete:
@@ -96,6 +159,19 @@ class _PathsendCycle(RequestResponseCycle):
         self.expected_content_length = 0
         # The empty final body runs uvicorn's own completion: keep-alive or close, pipelining.
         await super().send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+class _Capture:
+    """The transport as uvicorn's `http.response.start` sees it: the head it writes is held."""
+
+    def __init__(self, held: _HeadFirst) -> None:
+        self.held = held
+
+    def write(self, data: bytes) -> None:
+        self.held.head += data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.held.transport, name)
 
 
 class PathsendProtocol(HttpToolsProtocol):
