@@ -33,7 +33,11 @@ READY = "Pixiebox serving"
 
 def machine(index: int) -> tuple[str, str, str]:
     """(name, MAC, IP) of enrolled machine `index` (1-based)."""
-    return f"c{index:03d}", f"02:be:00:00:{index >> 8:02x}:{index & 0xFF:02x}", f"10.77.0.{100 + index}"
+    return (
+        f"c{index:03d}",
+        f"02:be:00:00:{index >> 8:02x}:{index & 0xFF:02x}",
+        f"10.77.0.{100 + index}",
+    )
 
 
 class BenchError(Exception):
@@ -42,7 +46,11 @@ class BenchError(Exception):
 
 def tool(name: str) -> str:
     for base in ("", "/usr/sbin/", "/sbin/"):
-        path = shutil.which(name) if not base else (base + name if Path(base + name).exists() else None)
+        path = (
+            shutil.which(name)
+            if not base
+            else (base + name if Path(base + name).exists() else None)
+        )
         if path:
             return path
     raise BenchError(f"{name} is not installed: run sudo ./build.sh bench (it installs it)")
@@ -59,10 +67,6 @@ class Lab:
         try:
             self.server = self.segment.add_host("srv", ip=f"{SERVER_IP}/16")
             self.client = self.segment.add_host("cli", ip=f"{CLIENT_IP}/16")
-            for host in (self.server, self.client):
-                # Big socket buffers allowed (each server still picks its own SO_RCVBUF).
-                host.run(["sysctl", "-q", "-w", "net.core.rmem_max=8388608",
-                          "net.core.wmem_max=8388608"], check=False)  # fmt: skip
         except BaseException:
             self.segment.close()
             raise
@@ -102,8 +106,14 @@ class Lab:
             self.segment.stop(self._proc)
             self._proc = None
 
-    def _start(self, argv: Sequence[str], name: str, ports: Sequence[str],
-               env: dict[str, str] | None = None, timeout: float = 30.0) -> subprocess.Popen[bytes]:  # fmt: skip
+    def _start(
+        self,
+        argv: Sequence[str],
+        name: str,
+        ports: Sequence[str],
+        env: dict[str, str] | None = None,
+        timeout: float = 30.0,
+    ) -> subprocess.Popen[bytes]:
         """Start `argv` in the server namespace; return once it listens on every `ports`
         entry ("udp:67", "tcp:80")."""
         self.stop()
@@ -113,7 +123,8 @@ class Lab:
 
         def listening() -> bool:
             if proc.poll() is not None:
-                raise BenchError(f"{name} exited with {proc.returncode}: {log.read_text(errors='replace')[-2000:]}")
+                tail = log.read_text(errors="replace")[-2000:]
+                raise BenchError(f"{name} exited with {proc.returncode}: {tail}")
             udp = self.server.run(["ss", "-H", "-uln"], timeout=5.0).stdout
             tcp = self.server.run(["ss", "-H", "-tln"], timeout=5.0).stdout
             for port in ports:
@@ -126,25 +137,42 @@ class Lab:
         try:
             netns.wait_until(listening, timeout, 0.05, f"{name} listening on {', '.join(ports)}")
         except AssertionError as exc:
-            raise BenchError(f"{name} did not start: {exc}\n{log.read_text(errors='replace')[-2000:]}") from None
+            raise BenchError(
+                f"{name} did not start: {exc}\n{log.read_text(errors='replace')[-2000:]}"
+            ) from None
         return proc
 
     def pixiebox_config(self, mode: str = "full", state: Path | None = None) -> Path:
         state = state or self.fresh_dir("pixiebox-state")
         lines = [
             "# Written by the benchmark (bench/lab.py): full mode with a big pool.",
-            "[lab]", 'name = "bench"', f'domain = "{DOMAIN}"',
-            "[network]", 'interface = "eth0"', f'server_ip = "{SERVER_IP}"',
-            f'subnet = "{SUBNET}"', f'gateway = "{GATEWAY}"', f'dhcp_mode = "{mode}"',
-            'lease_time = "1h"', "allow_other_dhcp_servers = true",
+            "[lab]",
+            'name = "bench"',
+            f'domain = "{DOMAIN}"',
+            "[network]",
+            'interface = "eth0"',
+            f'server_ip = "{SERVER_IP}"',
+            f'subnet = "{SUBNET}"',
+            f'gateway = "{GATEWAY}"',
+            f'dhcp_mode = "{mode}"',
+            'lease_time = "1h"',
+            "allow_other_dhcp_servers = true",
             *([f'pool = "{POOL[0]}-{POOL[1]}"'] if mode == "full" else []),
-            "[boot]", 'unknown = "discover"', f'assets = "{self.assets}"',
-            "[images.osie]", 'kernel = "vmlinuz"', 'initrd = ["initrd-100m.img"]',
+            "[boot]",
+            'unknown = "discover"',
+            f'assets = "{self.assets}"',
+            "[images.osie]",
+            'kernel = "vmlinuz"',
+            'initrd = ["initrd-100m.img"]',
             'cmdline = "console=ttyS0"',
-            "[http]", 'listen = ":80"',
-            "[api]", f'listen = "{SERVER_IP}:8080"', f'token_file = "{state / "api-token"}"',
-            "[state]", f'dir = "{state}"',
-        ]  # fmt: skip
+            "[http]",
+            'listen = ":80"',
+            "[api]",
+            f'listen = "{SERVER_IP}:8080"',
+            f'token_file = "{state / "api-token"}"',
+            "[state]",
+            f'dir = "{state}"',
+        ]
         for index in range(1, MACHINES + 1):
             name, mac, ip = machine(index)
             lines += ["[[machines]]", f'name = "{name}"', f'mac = "{mac}"', f'ip = "{ip}"']
@@ -157,24 +185,37 @@ class Lab:
 
     def start_pixiebox(self, mode: str = "full") -> subprocess.Popen[bytes]:
         config = self.pixiebox_config(mode)
-        return self._start(self.pixiebox_argv(config), "pixiebox",
-                           ["udp:67", "udp:69", "udp:53", "tcp:80"])  # fmt: skip
+        return self._start(
+            self.pixiebox_argv(config), "pixiebox", ["udp:67", "udp:69", "udp:53", "tcp:80"]
+        )
 
     def start_kea(self) -> subprocess.Popen[bytes]:
         run = self.fresh_dir("kea")
         config = {
             "Dhcp4": {
                 "interfaces-config": {"interfaces": ["eth0"], "dhcp-socket-type": "udp"},
-                "lease-database": {"type": "memfile", "persist": True, "lfc-interval": 0,
-                                   "name": str(run / "leases4.csv")},  # fmt: skip
+                "lease-database": {
+                    "type": "memfile",
+                    "persist": True,
+                    "lfc-interval": 0,
+                    "name": str(run / "leases4.csv"),
+                },
                 "valid-lifetime": 3600,
-                "subnet4": [{
-                    "id": 1, "subnet": SUBNET,
-                    "pools": [{"pool": f"{POOL[0]} - {POOL[1]}"}],
-                    "option-data": [{"name": "routers", "data": GATEWAY}],
-                }],
-                "loggers": [{"name": "kea-dhcp4", "severity": "WARN",
-                             "output_options": [{"output": "stdout"}]}],  # fmt: skip
+                "subnet4": [
+                    {
+                        "id": 1,
+                        "subnet": SUBNET,
+                        "pools": [{"pool": f"{POOL[0]} - {POOL[1]}"}],
+                        "option-data": [{"name": "routers", "data": GATEWAY}],
+                    }
+                ],
+                "loggers": [
+                    {
+                        "name": "kea-dhcp4",
+                        "severity": "WARN",
+                        "output_options": [{"output": "stdout"}],
+                    }
+                ],
             }
         }
         path = run / "kea-dhcp4.conf"
@@ -182,36 +223,71 @@ class Lab:
         env = {**os.environ, "KEA_LOCKFILE_DIR": str(run), "KEA_PIDFILE_DIR": str(run)}
         return self._start([tool("kea-dhcp4"), "-c", str(path)], "kea", ["udp:67"], env=env)
 
-    def _dnsmasq(self, name: str, extra: Sequence[str], ports: Sequence[str]) -> subprocess.Popen[bytes]:
+    def _dnsmasq(
+        self, name: str, extra: Sequence[str], ports: Sequence[str]
+    ) -> subprocess.Popen[bytes]:
         run = self.fresh_dir(name)
         argv = [
-            tool("dnsmasq"), "--no-daemon", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
-            "--interface=eth0", "--bind-interfaces", "--user=root", "--group=root",
-            f"--pid-file={run / 'pid'}", f"--log-facility={run / 'log'}", *extra,
-        ]  # fmt: skip
+            tool("dnsmasq"),
+            "--no-daemon",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--interface=eth0",
+            "--bind-interfaces",
+            "--user=root",
+            "--group=root",
+            f"--pid-file={run / 'pid'}",
+            f"--log-facility={run / 'log'}",
+            *extra,
+        ]
         return self._start(argv, name, ports)
 
     def start_dnsmasq_dhcp(self) -> subprocess.Popen[bytes]:
         leases = self.fresh_dir("dnsmasq-leases") / "leases"
-        return self._dnsmasq("dnsmasq-dhcp", [
-            "--port=0", f"--dhcp-range={POOL[0]},{POOL[1]},1h", "--dhcp-lease-max=100000",
-            "--no-ping", "--dhcp-authoritative", f"--dhcp-leasefile={leases}",
-            f"--dhcp-option=option:router,{GATEWAY}",
-        ], ["udp:67"])  # fmt: skip
+        return self._dnsmasq(
+            "dnsmasq-dhcp",
+            [
+                "--port=0",
+                f"--dhcp-range={POOL[0]},{POOL[1]},1h",
+                "--dhcp-lease-max=100000",
+                "--no-ping",
+                "--dhcp-authoritative",
+                f"--dhcp-leasefile={leases}",
+                f"--dhcp-option=option:router,{GATEWAY}",
+            ],
+            ["udp:67"],
+        )
 
     def start_dnsmasq_tftp(self) -> subprocess.Popen[bytes]:
-        return self._dnsmasq("dnsmasq-tftp", ["--port=0", "--enable-tftp",
-                             f"--tftp-root={self.assets}", "--tftp-max=100"], ["udp:69"])  # fmt: skip
+        return self._dnsmasq(
+            "dnsmasq-tftp",
+            ["--port=0", "--enable-tftp", f"--tftp-root={self.assets}", "--tftp-max=100"],
+            ["udp:69"],
+        )
 
     def start_dnsmasq_dns(self) -> subprocess.Popen[bytes]:
-        records = [f"--host-record={name}.{DOMAIN},{ip}"
-                   for name, _, ip in map(machine, range(1, MACHINES + 1))]  # fmt: skip
-        return self._dnsmasq("dnsmasq-dns", ["--port=53", f"--listen-address={SERVER_IP}",
-                             "--cache-size=1000", *records], ["udp:53"])  # fmt: skip
+        records = [
+            f"--host-record={name}.{DOMAIN},{ip}"
+            for name, _, ip in map(machine, range(1, MACHINES + 1))
+        ]
+        return self._dnsmasq(
+            "dnsmasq-dns",
+            ["--port=53", f"--listen-address={SERVER_IP}", "--cache-size=1000", *records],
+            ["udp:53"],
+        )
 
     def start_tftpd_hpa(self) -> subprocess.Popen[bytes]:
-        argv = [tool("in.tftpd"), "--foreground", "--secure", "--user", "root",
-                "--address", f"{SERVER_IP}:69", str(self.assets)]  # fmt: skip
+        argv = [
+            tool("in.tftpd"),
+            "--foreground",
+            "--secure",
+            "--user",
+            "root",
+            "--address",
+            f"{SERVER_IP}:69",
+            str(self.assets),
+        ]
         return self._start(argv, "tftpd-hpa", ["udp:69"])
 
     def start_nginx(self) -> subprocess.Popen[bytes]:
@@ -254,8 +330,11 @@ http {{
         """A client process in the client namespace, output captured (bounded by the caller)."""
         return subprocess.Popen(
             ["ip", "netns", "exec", self.client.name, *argv],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-        )  # fmt: skip
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
 
 
 def now() -> float:

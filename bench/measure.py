@@ -50,8 +50,23 @@ def perfdhcp(lab: Lab, rate: int, clients: int, seconds: int) -> PerfdhcpRun:
     """`seconds` of full DORA at `rate` exchanges/s from `clients` simulated clients (MACs),
     perfdhcp acting as a relay (giaddr = the client namespace's address), so every server
     answers by unicast; then 2 s for late answers."""
-    argv = [tool("perfdhcp"), "-4", "-l", "eth0", "-g", "single", "-r", str(rate),
-            "-R", str(clients), "-p", str(seconds), "-W", "2000000", SERVER_IP]  # fmt: skip
+    argv = [
+        tool("perfdhcp"),
+        "-4",
+        "-l",
+        "eth0",
+        "-g",
+        "single",
+        "-r",
+        str(rate),
+        "-R",
+        str(clients),
+        "-p",
+        str(seconds),
+        "-W",
+        "2000000",
+        SERVER_IP,
+    ]
     result = lab.client_run(argv, timeout=seconds + 30)
     text = result.stdout + result.stderr
     discovers, offers = _section(text, "DISCOVER-OFFER")
@@ -100,8 +115,19 @@ def dhcp_loss_free_rate(lab: Lab, clients: int, seconds: int, log: list[str]) ->
 def dhcp_avalanche(lab: Lab, clients: int, timeout: float, log: list[str]) -> float:
     """Seconds until `clients` new clients, all discovering at once and retransmitting with
     back-off, are all bound (perfdhcp's avalanche scenario)."""
-    argv = [tool("perfdhcp"), "-4", "-l", "eth0", "-g", "single", "--scenario", "avalanche",
-            "-R", str(clients), SERVER_IP]  # fmt: skip
+    argv = [
+        tool("perfdhcp"),
+        "-4",
+        "-l",
+        "eth0",
+        "-g",
+        "single",
+        "--scenario",
+        "avalanche",
+        "-R",
+        str(clients),
+        SERVER_IP,
+    ]
     started = time.monotonic()
     try:
         result = lab.client_run(argv, timeout=timeout)
@@ -127,7 +153,9 @@ def dhcp_startup(lab: Lab, log: list[str]) -> float:
     try:
         assert probe.stdout is not None
         if probe.stdout.readline().strip() != "ready":
-            raise BenchError(f"the DHCP probe did not start: {probe.stderr.read() if probe.stderr else ''}")
+            raise BenchError(
+                f"the DHCP probe did not start: {probe.stderr.read() if probe.stderr else ''}"
+            )
         started = time.monotonic()
         agent = lab.server.popen(lab.pixiebox_argv(config), lab.server.log_path("pixiebox-start"))
         try:
@@ -150,8 +178,19 @@ def dhcp_startup(lab: Lab, log: list[str]) -> float:
 
 
 def _curl_tftp(name: str) -> list[str]:
-    return [tool("curl"), "-sS", "--max-time", "120", "--tftp-blksize", "1468", "-o", "/dev/null",
-            "-w", "%{time_total} %{size_download}\n", f"tftp://{SERVER_IP}/{name}"]  # fmt: skip
+    return [
+        tool("curl"),
+        "-sS",
+        "--max-time",
+        "120",
+        "--tftp-blksize",
+        "1468",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{time_total} %{size_download}\n",
+        f"tftp://{SERVER_IP}/{name}",
+    ]
 
 
 def _parallel(lab: Lab, argvs: list[list[str]], timeout: float) -> tuple[float, list[str]]:
@@ -164,7 +203,9 @@ def _parallel(lab: Lab, argvs: list[list[str]], timeout: float) -> tuple[float, 
             remaining = max(1.0, timeout - (time.monotonic() - started))
             out, err = proc.communicate(timeout=remaining)
             if proc.returncode != 0:
-                raise BenchError(f"{' '.join(argvs[0][:1])} failed ({proc.returncode}): {err.strip()}")
+                raise BenchError(
+                    f"{' '.join(argvs[0][:1])} failed ({proc.returncode}): {err.strip()}"
+                )
             outs.append(out)
     finally:
         for proc in procs:
@@ -200,8 +241,17 @@ def tftp_aggregate(lab: Lab, name: str, size: int, clients: int) -> float:
 
 def http_download(lab: Lab, path: str, size: int) -> float:
     """MiB/s of one curl download of `path`, to /dev/null."""
-    argv = [tool("curl"), "-sS", "--max-time", "120", "-o", "/dev/null",
-            "-w", "%{speed_download} %{size_download}", f"http://{SERVER_IP}{path}"]  # fmt: skip
+    argv = [
+        tool("curl"),
+        "-sS",
+        "--max-time",
+        "120",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{speed_download} %{size_download}",
+        f"http://{SERVER_IP}{path}",
+    ]
     result = lab.client_run(argv, timeout=150)
     if result.returncode != 0:
         raise BenchError(f"curl {path} failed: {result.stderr.strip()}")
@@ -213,10 +263,21 @@ def http_download(lab: Lab, path: str, size: int) -> float:
 
 def http_get(lab: Lab, path: str) -> bytes:
     result = subprocess.run(
-        ["ip", "netns", "exec", lab.client.name, tool("curl"), "-sS", "--max-time", "10",
-         f"http://{SERVER_IP}{path}"],
-        capture_output=True, timeout=20, check=False,
-    )  # fmt: skip
+        [
+            "ip",
+            "netns",
+            "exec",
+            lab.client.name,
+            tool("curl"),
+            "-sS",
+            "--max-time",
+            "10",
+            f"http://{SERVER_IP}{path}",
+        ],
+        capture_output=True,
+        timeout=20,
+        check=False,
+    )
     if result.returncode != 0:
         raise BenchError(f"curl {path} failed: {result.stderr.decode(errors='replace')}")
     return result.stdout
@@ -224,8 +285,15 @@ def http_get(lab: Lab, path: str) -> bytes:
 
 def http_rps(lab: Lab, path: str, seconds: int, connections: int = 32) -> float:
     """Requests/s wrk gets for `path` (keep-alive, `connections` connections, one thread)."""
-    argv = [tool("wrk"), "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s",
-            f"http://{SERVER_IP}{path}"]  # fmt: skip
+    argv = [
+        tool("wrk"),
+        "-t1",
+        f"-c{connections}",
+        f"-d{seconds}s",
+        "--timeout",
+        "5s",
+        f"http://{SERVER_IP}{path}",
+    ]
     result = lab.client_run(argv, timeout=seconds + 30)
     match = re.search(r"Requests/sec:\s*([\d.]+)", result.stdout)
     if result.returncode != 0 or not match:
@@ -241,8 +309,21 @@ def http_rps(lab: Lab, path: str, seconds: int, connections: int = 32) -> float:
 
 def dns_qps(lab: Lab, queries: Path, seconds: int) -> float:
     """Queries/s dnsperf gets for the lab names in `queries` (lost queries count as not done)."""
-    argv = [tool("dnsperf"), "-s", SERVER_IP, "-d", str(queries), "-l", str(seconds),
-            "-c", "4", "-q", "200", "-t", "2"]  # fmt: skip
+    argv = [
+        tool("dnsperf"),
+        "-s",
+        SERVER_IP,
+        "-d",
+        str(queries),
+        "-l",
+        str(seconds),
+        "-c",
+        "4",
+        "-q",
+        "200",
+        "-t",
+        "2",
+    ]
     result = lab.client_run(argv, timeout=seconds + 30)
     match = re.search(r"Queries per second:\s*([\d.]+)", result.stdout)
     if result.returncode != 0 or not match:

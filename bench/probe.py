@@ -18,15 +18,31 @@ DISCOVER, OFFER = 1, 2
 
 
 def discover(mac: bytes, xid: int) -> bytes:
-    header = struct.pack("!BBBBIHHIIII16s64s128s", 1, 1, 6, 0, xid, 0, 0x8000, 0, 0, 0, 0,
-                         mac.ljust(16, b"\0"), b"", b"")  # fmt: skip
+    header = struct.pack(
+        "!BBBBIHHIIII16s64s128s",
+        1,
+        1,
+        6,
+        0,
+        xid,
+        0,
+        0x8000,
+        0,
+        0,
+        0,
+        0,
+        mac.ljust(16, b"\0"),
+        b"",
+        b"",
+    )
     vendor = b"PXEClient:Arch:00000:UNDI:002001"
     options = (
         b"\x63\x82\x53\x63"
         + bytes([53, 1, DISCOVER])
         + bytes([93, 2, 0, 0])  # client arch 0: BIOS
         + bytes([94, 3, 1, 2, 1])  # UNDI 2.1
-        + bytes([60, len(vendor)]) + vendor
+        + bytes([60, len(vendor)])
+        + vendor
         + bytes([255])
     )
     return (header + options).ljust(300, b"\0")

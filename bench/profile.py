@@ -35,8 +35,11 @@ def summarize(path: Path, top: int = 12) -> str:
             continue
         count = int(count_text)
         samples += count
-        frames = [f.split(" (")[0] + " " + f.split(" (")[-1].split(":")[0].rsplit("/", 1)[-1]
-                  for f in stack.split(";") if f]  # fmt: skip
+        frames = [
+            f.split(" (")[0] + " " + f.split(" (")[-1].split(":")[0].rsplit("/", 1)[-1]
+            for f in stack.split(";")
+            if f
+        ]
         if not frames:
             continue
         own[frames[-1]] += count
@@ -60,10 +63,23 @@ def recording(pid: int | None, directory: Path | None, name: str) -> Iterator[Pr
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{name}.txt"
     proc = subprocess.Popen(
-        [spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "200", "--nonblocking",
-         "--output", str(path)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+        [
+            spy,
+            "record",
+            "--pid",
+            str(pid),
+            "--format",
+            "raw",
+            "--rate",
+            "200",
+            "--nonblocking",
+            "--output",
+            str(path),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     profile = Profile(path)
     try:
         yield profile

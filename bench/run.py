@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import json
 import os
 import signal
@@ -81,15 +82,19 @@ class Work:
         kind, bound = self.target
         value = self.ratio() if kind == "ratio" else self.median("pixiebox")
         sign = "≥" if self.higher_better else "≤"
-        wanted = f"{sign}{bound:g}{'×' if kind == 'ratio' else ' ' + self.unit}"
+        wanted = f"{sign}{bound:g}{'x' if kind == 'ratio' else ' ' + self.unit}"
         if value is None:
             return f"{wanted}: not measured"
         met = value >= bound if self.higher_better else value <= bound
         return f"{wanted}: {'met' if met else 'MISSED'}"
 
     def as_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"title": self.title, "unit": self.unit,
-                               "higher_better": self.higher_better, "servers": {}}  # fmt: skip
+        out: dict[str, Any] = {
+            "title": self.title,
+            "unit": self.unit,
+            "higher_better": self.higher_better,
+            "servers": {},
+        }
         for server in self.servers:
             values = self.samples.get(server, [])
             out["servers"][server] = {
@@ -110,29 +115,116 @@ def works(quick: bool) -> list[Work]:
     clients = 2000 if quick else 10_000
     big = 8 if quick else 30
     return [
-        Work("dhcp-rate", "dhcp", f"DHCP loss-free rate, {clients} clients, DORA", "DORA/s", True,
-             ("pixiebox", "kea", "dnsmasq"), ("kea",), ("ratio", 0.5)),
-        Work("dhcp-avalanche", "dhcp", f"DHCP avalanche: {clients} new clients all bound", "s",
-             False, ("pixiebox", "kea", "dnsmasq"), ("kea",),
-             None if quick else ("value", 20.0)),
-        Work("tftp-1", "tftp", "TFTP 1 MiB blksize 1468, 1 client", "s/client", False,
-             ("pixiebox", "tftpd-hpa", "dnsmasq"), ("tftpd-hpa", "dnsmasq"), ("ratio", 1.2)),
-        Work("tftp-20", "tftp", "TFTP 1 MiB blksize 1468, 20 clients at once", "s/client", False,
-             ("pixiebox", "tftpd-hpa", "dnsmasq"), ("tftpd-hpa", "dnsmasq"), ("ratio", 1.2)),
-        Work("tftp-big", "tftp", f"TFTP {big} MiB x 20 clients, aggregate", "MiB/s", True,
-             ("pixiebox", "dnsmasq"), ("dnsmasq",), ("ratio", 0.8)),
-        Work("http-initrd", "http", "HTTP 100 MiB initrd download", "MiB/s", True,
-             ("pixiebox", "nginx"), ("nginx",), ("ratio", 0.8)),
-        Work("http-script", "http", "HTTP per-machine iPXE script (nginx: same-size file)",
-             "req/s", True, ("pixiebox", "nginx"), ("nginx",), ("value", 20_000.0)),
-        Work("dns", "dns", f"DNS queries for {MACHINES} lab names", "q/s", True,
-             ("pixiebox", "dnsmasq"), ("dnsmasq",), ("value", 15_000.0)),
-        Work("startup", "startup", "agent start to first DHCP OFFER (proxy mode)", "s", False,
-             ("pixiebox",), (), ("value", 1.5)),
-        Work("vm-1", "vm", "VM power-on to up (TCG), 1 VM", "s", False, ("pixiebox",), (),
-             ("value", 30.0)),
-        Work("vm-10", "vm", "VM power-on to up (TCG), 10 at once: the slowest", "s", False,
-             ("pixiebox",), (), ("value", 120.0)),
+        Work(
+            "dhcp-rate",
+            "dhcp",
+            f"DHCP loss-free rate, {clients} clients, DORA",
+            "DORA/s",
+            True,
+            ("pixiebox", "kea", "dnsmasq"),
+            ("kea",),
+            ("ratio", 0.5),
+        ),
+        Work(
+            "dhcp-avalanche",
+            "dhcp",
+            f"DHCP avalanche: {clients} new clients all bound",
+            "s",
+            False,
+            ("pixiebox", "kea", "dnsmasq"),
+            ("kea",),
+            None if quick else ("value", 20.0),
+        ),
+        Work(
+            "tftp-1",
+            "tftp",
+            "TFTP 1 MiB blksize 1468, 1 client",
+            "s/client",
+            False,
+            ("pixiebox", "tftpd-hpa", "dnsmasq"),
+            ("tftpd-hpa", "dnsmasq"),
+            ("ratio", 1.2),
+        ),
+        Work(
+            "tftp-20",
+            "tftp",
+            "TFTP 1 MiB blksize 1468, 20 clients at once",
+            "s/client",
+            False,
+            ("pixiebox", "tftpd-hpa", "dnsmasq"),
+            ("tftpd-hpa", "dnsmasq"),
+            ("ratio", 1.2),
+        ),
+        Work(
+            "tftp-big",
+            "tftp",
+            f"TFTP {big} MiB x 20 clients, aggregate",
+            "MiB/s",
+            True,
+            ("pixiebox", "dnsmasq"),
+            ("dnsmasq",),
+            ("ratio", 0.8),
+        ),
+        Work(
+            "http-initrd",
+            "http",
+            "HTTP 100 MiB initrd download",
+            "MiB/s",
+            True,
+            ("pixiebox", "nginx"),
+            ("nginx",),
+            ("ratio", 0.8),
+        ),
+        Work(
+            "http-script",
+            "http",
+            "HTTP per-machine iPXE script (nginx: same-size file)",
+            "req/s",
+            True,
+            ("pixiebox", "nginx"),
+            ("nginx",),
+            ("value", 20_000.0),
+        ),
+        Work(
+            "dns",
+            "dns",
+            f"DNS queries for {MACHINES} lab names",
+            "q/s",
+            True,
+            ("pixiebox", "dnsmasq"),
+            ("dnsmasq",),
+            ("value", 15_000.0),
+        ),
+        Work(
+            "startup",
+            "startup",
+            "agent start to first DHCP OFFER (proxy mode)",
+            "s",
+            False,
+            ("pixiebox",),
+            (),
+            ("value", 1.5),
+        ),
+        Work(
+            "vm-1",
+            "vm",
+            "VM power-on to up (TCG), 1 VM",
+            "s",
+            False,
+            ("pixiebox",),
+            (),
+            ("value", 30.0),
+        ),
+        Work(
+            "vm-10",
+            "vm",
+            "VM power-on to up (TCG), 10 at once: the slowest",
+            "s",
+            False,
+            ("pixiebox",),
+            (),
+            ("value", 120.0),
+        ),
     ]
 
 
@@ -145,7 +237,9 @@ class Bench:
         self.log: list[str] = []
         self.profile_dir: Path | None = Path(args.out) / "profiles" if args.profile else None
         self.lab: Lab | None = None
-        self.groups = [g for g in GROUPS if (not args.only or g in args.only) and g not in args.skip]
+        self.groups = [
+            g for g in GROUPS if (not args.only or g in args.only) and g not in args.skip
+        ]
 
     def say(self, text: str) -> None:
         print(text, flush=True)
@@ -154,7 +248,9 @@ class Bench:
     def sample(self, key: str, server: str, measure_one: Callable[[], float]) -> None:
         work = self.works[key]
         profiling = self.profile_dir is not None and server == "pixiebox" and self.lab_pid()
-        with profile.recording(self.lab_pid() if profiling else None, self.profile_dir, key) as prof:
+        with profile.recording(
+            self.lab_pid() if profiling else None, self.profile_dir, key
+        ) as prof:
             try:
                 value = measure_one()
             except (BenchError, OSError, AssertionError, ValueError) as exc:
@@ -175,13 +271,19 @@ class Bench:
 
     def starters(self, lab: Lab, kind: str) -> dict[str, Callable[[], Any]]:
         return {
-            "dhcp": {"pixiebox": lab.start_pixiebox, "kea": lab.start_kea,
-                     "dnsmasq": lab.start_dnsmasq_dhcp},
-            "tftp": {"pixiebox": lab.start_pixiebox, "tftpd-hpa": lab.start_tftpd_hpa,
-                     "dnsmasq": lab.start_dnsmasq_tftp},
+            "dhcp": {
+                "pixiebox": lab.start_pixiebox,
+                "kea": lab.start_kea,
+                "dnsmasq": lab.start_dnsmasq_dhcp,
+            },
+            "tftp": {
+                "pixiebox": lab.start_pixiebox,
+                "tftpd-hpa": lab.start_tftpd_hpa,
+                "dnsmasq": lab.start_dnsmasq_tftp,
+            },
             "http": {"pixiebox": lab.start_pixiebox, "nginx": lab.start_nginx},
             "dns": {"pixiebox": lab.start_pixiebox, "dnsmasq": lab.start_dnsmasq_dns},
-        }[kind]  # fmt: skip
+        }[kind]
 
     def started(self, lab: Lab, kind: str, server: str) -> bool:
         try:
@@ -199,12 +301,18 @@ class Bench:
         step = 2 if self.quick else 4
         for server in ("pixiebox", "kea", "dnsmasq"):
             if self.started(lab, "dhcp", server):
-                self.sample("dhcp-rate", server,
-                            lambda: measure.dhcp_loss_free_rate(lab, clients, step, self.log))  # fmt: skip
+                self.sample(
+                    "dhcp-rate",
+                    server,
+                    lambda: measure.dhcp_loss_free_rate(lab, clients, step, self.log),
+                )
             # A fresh server (no leases) for the avalanche: every client is new.
             if self.started(lab, "dhcp", server):
-                self.sample("dhcp-avalanche", server,
-                            lambda: measure.dhcp_avalanche(lab, clients, 240.0, self.log))  # fmt: skip
+                self.sample(
+                    "dhcp-avalanche",
+                    server,
+                    lambda: measure.dhcp_avalanche(lab, clients, 240.0, self.log),
+                )
             lab.stop()
 
     def tftp_round(self, lab: Lab) -> None:
@@ -214,12 +322,16 @@ class Bench:
         for server in ("pixiebox", "tftpd-hpa", "dnsmasq"):
             if not self.started(lab, "tftp", server):
                 continue
-            self.sample("tftp-1", server, lambda: measure.tftp_per_client(lab, "tftp-1m.bin", MIB, 1))
-            self.sample("tftp-20", server,
-                        lambda: measure.tftp_per_client(lab, "tftp-1m.bin", MIB, 20))  # fmt: skip
+            self.sample(
+                "tftp-1", server, lambda: measure.tftp_per_client(lab, "tftp-1m.bin", MIB, 1)
+            )
+            self.sample(
+                "tftp-20", server, lambda: measure.tftp_per_client(lab, "tftp-1m.bin", MIB, 20)
+            )
             if server in self.works["tftp-big"].servers:
-                self.sample("tftp-big", server,
-                            lambda: measure.tftp_aggregate(lab, "tftp-big.bin", big, 20))  # fmt: skip
+                self.sample(
+                    "tftp-big", server, lambda: measure.tftp_aggregate(lab, "tftp-big.bin", big, 20)
+                )
             lab.stop()
 
     def http_round(self, lab: Lab) -> None:
@@ -238,9 +350,13 @@ class Bench:
                 (lab.assets / "script-static.ipxe").write_bytes(body)
                 self.say(f"  the iPXE script is {len(body)} bytes")
             path = script if server == "pixiebox" else "/assets/script-static.ipxe"
-            self.sample("http-initrd", server,
-                        lambda: measure.http_download(lab, "/assets/initrd-100m.img", size))  # fmt: skip
-            self.sample("http-script", server, lambda: measure.http_rps(lab, path, seconds))
+            self.sample(
+                "http-initrd",
+                server,
+                lambda: measure.http_download(lab, "/assets/initrd-100m.img", size),
+            )
+            rps = functools.partial(measure.http_rps, lab, path, seconds)
+            self.sample("http-script", server, rps)
             lab.stop()
 
     def dns_round(self, lab: Lab) -> None:
@@ -262,8 +378,11 @@ class Bench:
         for count, key, timeout in ((1, "vm-1", 120.0), (10, "vm-10", 300.0)):
             for index in range(rounds if count == 1 else 1):
                 self.say(f"vm: {count} machine(s), round {index + 1}")
-                self.sample(key, "pixiebox", lambda c=count, t=timeout: max(  # type: ignore[misc]
-                    vmboot.boot(c, self.workdir / f"vm-{c}", testos, t, self.log)))
+                boot = functools.partial(
+                    vmboot.boot, count, self.workdir / f"vm-{count}", testos, timeout, self.log
+                )
+                # The slowest machine: when it is up, the whole lab is.
+                self.sample(key, "pixiebox", functools.partial(_slowest, boot))
 
     # -- all --------------------------------------------------------------------
 
@@ -283,13 +402,19 @@ class Bench:
             self.vm_rounds()
 
 
+def _slowest(boot: Callable[[], list[float]]) -> float:
+    return max(boot())
+
+
 def table(works_: list[Work]) -> str:
     def fmt(value: float | None) -> str:
         if value is None:
             return "-"
         if value == float("inf"):
             return "never"
-        return f"{value:,.0f}" if value >= 100 else f"{value:,.3g}" if value < 1 else f"{value:,.2f}"
+        return (
+            f"{value:,.0f}" if value >= 100 else f"{value:,.3g}" if value < 1 else f"{value:,.2f}"
+        )
 
     rows = [("work", "server", "unit", "median", "min", "max", "ratio", "target")]
     for work in works_:
@@ -300,16 +425,23 @@ def table(works_: list[Work]) -> str:
                 continue
             ratio = work.ratio(server)
             is_anchor = anchor is not None and anchor[0] == server
-            rows.append((
-                work.title if server == work.servers[0] else "", server, work.unit,
-                fmt(statistics.median(values)) if values else "failed",
-                fmt(min(values)) if values else "-", fmt(max(values)) if values else "-",
-                "anchor" if is_anchor else (f"{ratio:.2f}×" if ratio is not None else ""),
-                work.verdict() if server == "pixiebox" else "",
-            ))  # fmt: skip
+            rows.append(
+                (
+                    work.title if server == work.servers[0] else "",
+                    server,
+                    work.unit,
+                    fmt(statistics.median(values)) if values else "failed",
+                    fmt(min(values)) if values else "-",
+                    fmt(max(values)) if values else "-",
+                    "anchor" if is_anchor else (f"{ratio:.2f}x" if ratio is not None else ""),
+                    work.verdict() if server == "pixiebox" else "",
+                )
+            )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) + " |"
-             for row in rows]  # fmt: skip
+    lines = [
+        "| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) + " |"
+        for row in rows
+    ]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
 
@@ -320,25 +452,53 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="fewer clients, shorter steps, 2 rounds (for development)")  # fmt: skip
-    parser.add_argument("--rounds", type=int, choices=range(1, 11), metavar="N",
-                        help="rounds per measurement (1-10; default 3, --quick 2)")  # fmt: skip
-    parser.add_argument("--only", nargs="+", choices=GROUPS, default=[], metavar="GROUP",
-                        help=f"run only these groups ({', '.join(GROUPS)})")  # fmt: skip
-    parser.add_argument("--skip", nargs="+", choices=GROUPS, default=[], metavar="GROUP",
-                        help="skip these groups (e.g. --skip vm: the slow one)")  # fmt: skip
-    parser.add_argument("--profile", action="store_true",
-                        help="record Pixiebox with py-spy during each measurement "
-                        "(out/bench/profiles/; pip install py-spy first)")  # fmt: skip
-    parser.add_argument("--out", default=str(ROOT / "out" / "bench"),
-                        help="directory for the JSON results (default out/bench)")  # fmt: skip
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer clients, shorter steps, 2 rounds (for development)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        choices=range(1, 11),
+        metavar="N",
+        help="rounds per measurement (1-10; default 3, --quick 2)",
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=GROUPS,
+        default=[],
+        metavar="GROUP",
+        help=f"run only these groups ({', '.join(GROUPS)})",
+    )
+    parser.add_argument(
+        "--skip",
+        nargs="+",
+        choices=GROUPS,
+        default=[],
+        metavar="GROUP",
+        help="skip these groups (e.g. --skip vm: the slow one)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="record Pixiebox with py-spy during each measurement "
+        "(out/bench/profiles/; pip install py-spy first)",
+    )
+    parser.add_argument(
+        "--out",
+        default=str(ROOT / "out" / "bench"),
+        help="directory for the JSON results (default out/bench)",
+    )
     args = parser.parse_args(argv)
     if args.rounds is None:
         args.rounds = 2 if args.quick else 3
     if os.geteuid() != 0:
-        print("bench: run as root (sudo ./build.sh bench): it builds network namespaces",
-              file=sys.stderr)  # fmt: skip
+        print(
+            "bench: run as root (sudo ./build.sh bench): it builds network namespaces",
+            file=sys.stderr,
+        )
         return 2
     signal.signal(signal.SIGTERM, _interrupt)
     workdir = Path(tempfile.mkdtemp(prefix="pixiebox-bench-"))
@@ -346,9 +506,11 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(args, workdir)
     started = datetime.datetime.now(datetime.UTC)
     load_before = os.getloadavg()
-    bench.say(f"Pixiebox benchmark, {started:%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores, load "
-              f"{load_before[0]:.1f}; groups: {', '.join(bench.groups)}; {args.rounds} rounds"
-              f"{' (quick)' if args.quick else ''}")  # fmt: skip
+    bench.say(
+        f"Pixiebox benchmark, {started:%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores, load "
+        f"{load_before[0]:.1f}; groups: {', '.join(bench.groups)}; {args.rounds} rounds"
+        f"{' (quick)' if args.quick else ''}"
+    )
     status = 0
     try:
         bench.run()
@@ -386,7 +548,6 @@ def main(argv: list[str] | None = None) -> int:
     path = out / f"bench-{stamp}.json"
     path.write_text(json.dumps(result, indent=2, default=lambda v: None))
     (out / "latest.json").write_text(path.read_text())
-    print(f"\nload average {load_before[0]:.1f} before, {load_after[0]:.1f} after; "
-          f"JSON: {path}")  # fmt: skip
+    print(f"\nload average {load_before[0]:.1f} before, {load_after[0]:.1f} after; JSON: {path}")
     time.sleep(0)
     return status

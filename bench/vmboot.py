@@ -20,8 +20,9 @@ def ensure_testos(testos: Path) -> None:
     if (testos / "vmlinuz").is_file() and (testos / "initrd").is_file():
         return
     print(f"building the test OS in {testos} (scripts/build-testos.sh)", flush=True)
-    result = subprocess.run(["bash", str(ROOT / "scripts" / "build-testos.sh"), str(testos)],
-                            timeout=1800, check=False)  # fmt: skip
+    result = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "build-testos.sh"), str(testos)], timeout=1800, check=False
+    )
     if result.returncode != 0:
         raise BenchError("the test OS did not build (see above)")
 
@@ -47,14 +48,22 @@ def boot(count: int, workdir: Path, testos: Path, timeout: float, log: list[str]
         )
         netns.wait_until(
             lambda: demo.READY in agent_log.read_text(errors="replace") or agent.poll() is not None,
-            30, 0.1, "agent start",
-        )  # fmt: skip
+            30,
+            0.1,
+            "agent start",
+        )
         if agent.poll() is not None:
             raise BenchError(f"the agent exited: {agent_log.read_text(errors='replace')[-2000:]}")
         display = demo.Display(machines, io.StringIO())
         for machine in machines:
-            machine.vm = vm.start_vm(segment, machine.name, machine.mac, firmware=machine.firmware,
-                                     pxe=machine.pxe, workdir=workdir)  # fmt: skip
+            machine.vm = vm.start_vm(
+                segment,
+                machine.name,
+                machine.mac,
+                firmware=machine.firmware,
+                pxe=machine.pxe,
+                workdir=workdir,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             demo.follow(machines, agent_log, display)
