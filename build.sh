@@ -6,6 +6,11 @@
 #   sudo ./build.sh serve    set up, then run the agent on config/lab.toml (PIXIEBOX_CONFIG overrides)
 #   sudo ./build.sh test     set up, then run linters and the whole test suite (what CI runs)
 #   sudo ./build.sh setup    install system packages and the Python environment only
+#   sudo ./build.sh osie     build the OSIE (kernel + initrd) with mkosi into out/osie/
+#   sudo ./build.sh appliance  build the appliance disk image into out/appliance/ (builds the OSIE)
+#   sudo ./build.sh all      both images
+#   sudo ./build.sh clean    remove out/ and the image build caches
+#   (--require-upstream with osie/appliance/all: fail when k3s/Telegraf cannot be downloaded)
 #   sudo ./build.sh bench    set up, then benchmark Pixiebox against Kea, dnsmasq, tftpd-hpa and
 #                            nginx (--quick, --only/--skip dhcp tftp http dns startup vm, --profile)
 #
@@ -141,11 +146,183 @@ cmd_bench() {
     exec "$VENV/bin/python" -m bench "$@"
 }
 
+# --- images (mkosi) ------------------------------------------------------------------------------
+# mkosi 24 comes from bookworm-backports (bookworm itself has 14) with the systemd 254 tools it
+# needs (systemd-repart); GRUB 2.12 from there too, so that the BIOS core image is made by the
+# same GRUB version as the trixie modules in the image. Pinned: a newer mkosi changes defaults.
+MKOSI_VERSION=24.3-1~bpo12+1
+BACKPORTS_LIST=/etc/apt/sources.list.d/pixiebox-bookworm-backports.list
+IMAGE_PACKAGES=(bubblewrap debian-archive-keyring dosfstools mtools e2fsprogs zstd xz-utils cpio
+    python3-pefile uidmap fdisk)
+BACKPORTS_PACKAGES=("mkosi=$MKOSI_VERSION" systemd systemd-container systemd-boot-efi grub-pc-bin)
+IMAGE_CACHE=${PIXIEBOX_IMAGE_CACHE:-/var/cache/pixiebox}
+REQUIRE_UPSTREAM=""
+
+setup_images() {
+    need_root "$1" "mkosi builds images as root"
+    setup_system
+    local have
+    have=$(dpkg-query -W -f='${Version}' mkosi 2>/dev/null || true)
+    if [ "$have" != "$MKOSI_VERSION" ] || ! command -v systemd-repart >/dev/null; then
+        if [ ! -f "$BACKPORTS_LIST" ] && ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+            say "adding Debian bookworm-backports (for mkosi $MKOSI_VERSION) in $BACKPORTS_LIST"
+            echo "deb http://deb.debian.org/debian bookworm-backports main" >"$BACKPORTS_LIST"
+        fi
+        say "installing mkosi $MKOSI_VERSION and its tools"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq || die "apt-get update failed: check the network and /etc/apt/sources.list"
+        apt-get install -y -qq --no-install-recommends -t bookworm-backports \
+            "${BACKPORTS_PACKAGES[@]}" "${IMAGE_PACKAGES[@]}" >/dev/null \
+            || die "installing mkosi $MKOSI_VERSION from bookworm-backports failed (apt-cache policy mkosi shows what is available; if $MKOSI_VERSION is gone from backports, update MKOSI_VERSION in build.sh)"
+    fi
+    local missing=()
+    for pkg in "${IMAGE_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+    done
+    if [ "${#missing[@]}" -gt 0 ]; then
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
+            || die "apt-get install ${missing[*]} failed"
+    fi
+    mkdir -p "$IMAGE_CACHE/mkosi" out
+}
+
+# Upstream binaries that no Debian registry carries, pinned by version (image/upstream.txt:
+# name, version, URL, sha256). Unreachable → one line and the image is built without them
+# (--require-upstream makes that an error). An entry without a sha256 is checked against the
+# checksum file its project publishes, and the sha256 to pin is printed.
+fetch_upstream() { # NAME DEST
+    local name=$1 dest=$2 version url sha checksums file
+    read -r version url sha checksums < <(awk -v n="$name" '$1 == n { print $2, $3, $4, $5 }' image/upstream.txt)
+    [ -n "$url" ] || die "image/upstream.txt has no entry for $name"
+    file="$IMAGE_CACHE/upstream/$name-$version"
+    mkdir -p "$IMAGE_CACHE/upstream"
+    if [ ! -s "$file" ]; then
+        if ! curl -fsSL --connect-timeout 10 --max-time 600 -o "$file.part" "$url" 2>"$file.err"; then
+            rm -f "$file.part"
+            local why; why=$(tr '\n' ' ' <"$file.err" | sed 's/curl: ([0-9]*) //')
+            if [ -n "$REQUIRE_UPSTREAM" ]; then
+                die "$name $version: cannot download $url ($why) and --require-upstream is set"
+            fi
+            printf 'build.sh: %s %s not included: %s is unreachable (%s); the image is built without it.\n' \
+                "$name" "$version" "$url" "$why" >&2
+            return 0
+        fi
+        if [ "$sha" = "-" ]; then
+            local want
+            want=$(curl -fsSL --connect-timeout 10 --max-time 60 "$checksums" 2>/dev/null | awk -v f="$(basename "$url")" 'NF == 1 || $2 == f || $2 == "*"f { print $1 }' | head -n1)
+            [ -n "$want" ] || { rm -f "$file.part"; die "$name $version: no sha256 pinned and $checksums gives none: pin one in image/upstream.txt"; }
+            sha=$want
+            say "$name $version: sha256 $sha (from $checksums; pin it in image/upstream.txt)"
+        fi
+        echo "$sha  $file.part" | sha256sum -c --quiet - >/dev/null 2>&1 \
+            || { rm -f "$file.part"; die "$name $version: sha256 mismatch for $url (expected $sha): not used"; }
+        mv "$file.part" "$file"
+    fi
+    case "$url" in
+        *.tar.gz) tar -xzf "$file" -O --wildcards '*/usr/bin/telegraf' >"$dest" || die "$name: no usr/bin/telegraf in $url" ;;
+        *) cp "$file" "$dest" ;;
+    esac
+    chmod 0755 "$dest"
+}
+
+# A build is skipped when nothing it reads changed: the stamp is a hash of its inputs.
+inputs_stamp() { # PATHS...
+    find "$@" -type f -print0 2>/dev/null | sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1
+}
+
+run_mkosi() { # NAME (image/NAME, out/NAME, out/NAME.log)
+    local name=$1 log="$ROOT/out/$1.log" started=$SECONDS
+    say "mkosi: building the $name image (log: out/$name.log)"
+    # Progress: mkosi's own step lines (‣) on the terminal, everything in the log.
+    if ! mkosi -C "image/$name" --cache-dir "$IMAGE_CACHE/mkosi" --output-dir "$ROOT/out/$name" \
+        --incremental -f build 2>&1 | tee "$log" | grep --line-buffered '‣' >&2; then
+        :
+    fi
+    if [ "${PIPESTATUS[0]}" -ne 0 ] || ! grep -q "size is" "$log"; then
+        local last; last=$(grep '‣' "$log" | tail -n1 | sed 's/^‣ *//')
+        die "mkosi failed building the $name image at: ${last:-the start} (full log: out/$name.log)"
+    fi
+    say "$name image built in $((SECONDS - started)) s"
+}
+
+cmd_osie() {
+    setup_images osie
+    local input="$ROOT/out/osie-input/tree"
+    rm -rf "$input" && mkdir -p "$input/usr/local/bin"
+    fetch_upstream k3s "$input/usr/local/bin/k3s"
+    fetch_upstream telegraf "$input/usr/local/bin/telegraf"
+    local stamp; stamp=$(inputs_stamp image/osie image/shared overlays/osie "$input")
+    if [ -f out/osie/osie.cpio.zst ] && [ "$(cat out/osie/stamp 2>/dev/null)" = "$stamp" ]; then
+        say "the OSIE is up to date (out/osie; ./build.sh clean forces a rebuild)"
+    else
+        rm -f out/osie/stamp
+        run_mkosi osie
+        echo "$stamp" >out/osie/stamp
+    fi
+    ln -sf osie.vmlinuz out/osie/vmlinuz
+    ln -sf osie.cpio.zst out/osie/initrd
+    local size; size=$(du -m --apparent-size out/osie/osie.cpio.zst | cut -f1)
+    say "OSIE: out/osie/vmlinuz ($(du -m --apparent-size out/osie/osie.vmlinuz | cut -f1) MB), out/osie/initrd (${size} MB; goal < 120 MB)$( [ -x "$input/usr/local/bin/k3s" ] || echo ', without k3s')$( [ -x "$input/usr/local/bin/telegraf" ] || echo ', without Telegraf')"
+}
+
+cmd_appliance() {
+    cmd_osie
+    setup_python ""
+    local input="$ROOT/out/appliance-input"
+    rm -rf "$input" && mkdir -p "$input/wheels" "$input/osie" "$input/bin"
+    say "the agent's wheels for the image's Python (trixie: CPython 3.13)"
+    local reqs="$input/requirements.txt"
+    "$VENV/bin/python" -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' >"$reqs"
+    mkdir -p "$IMAGE_CACHE/wheels"
+    "$VENV/bin/pip" download -q --disable-pip-version-check --only-binary=:all: \
+        --python-version 3.13 --implementation cp --platform manylinux2014_x86_64 \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform linux_x86_64 \
+        -d "$IMAGE_CACHE/wheels" -r "$reqs" || die "pip download of the agent's dependencies failed: is PyPI reachable?"
+    cp "$IMAGE_CACHE"/wheels/*.whl "$input/wheels/"
+    "$VENV/bin/pip" wheel -q --disable-pip-version-check --no-deps -w "$input/wheels" . \
+        || die "building the pixiebox wheel failed"
+    cp out/osie/osie.vmlinuz "$input/osie/vmlinuz"
+    cp out/osie/osie.cpio.zst "$input/osie/initrd"
+    cp config/lab.toml "$input/lab.toml"
+    fetch_upstream k3s "$input/bin/k3s"
+    local stamp; stamp=$(inputs_stamp image/appliance image/shared overlays/appliance "$input")
+    if [ -f out/appliance/appliance.raw ] && [ "$(cat out/appliance/stamp 2>/dev/null)" = "$stamp" ]; then
+        say "the appliance image is up to date (out/appliance/appliance.raw)"
+    else
+        rm -f out/appliance/stamp
+        run_mkosi appliance
+        echo "$stamp" >out/appliance/stamp
+    fi
+    say "appliance: out/appliance/appliance.raw ($(du -m --apparent-size out/appliance/appliance.raw | cut -f1) MB); flash it with dd (see README)"
+}
+
+cmd_all() { cmd_appliance; }
+
+cmd_clean() {
+    need_root clean "the image caches are root's"
+    say "removing out/ and $IMAGE_CACHE (mkosi caches, downloads, wheels)"
+    rm -rf out "$IMAGE_CACHE"
+}
+
+image_flags() { # parse --require-upstream; echo the other arguments
+    local arg
+    for arg in "$@"; do
+        case "$arg" in
+            --require-upstream) REQUIRE_UPSTREAM=1 ;;
+            *) die "unknown option $arg (image builds take --require-upstream)" ;;
+        esac
+    done
+}
+
 case "${1:-}" in
     setup) shift; cmd_setup "$@" ;;
+    osie) shift; image_flags "$@"; cmd_osie ;;
+    appliance) shift; image_flags "$@"; cmd_appliance ;;
+    all) shift; image_flags "$@"; cmd_all ;;
+    clean) shift; cmd_clean ;;
     serve) shift; cmd_serve "$@" ;;
     demo) shift; cmd_demo "$@" ;;
     test) shift; cmd_test "$@" ;;
     bench) shift; cmd_bench "$@" ;;
-    *) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+    *) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac
