@@ -30,6 +30,7 @@ APT_PACKAGES=(
     ipxe strace nftables openssh-client netbase  # nft: tests block ports on purpose
     qemu-system-x86 ovmf ipxe-qemu kmod cpio  # VM tests; depmod + cpio build the test OS
     openssh-server openipmi  # power tests: a real sshd, and ipmi_sim as the BMC
+    jq e2fsprogs fdisk shellcheck  # OSIE script tests: jq, mkfs/e2fsck on loop disks, sfdisk
 )
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
