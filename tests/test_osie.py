@@ -445,6 +445,10 @@ def test_a_node_waits_for_a_late_appliance_then_comes_up_joins_and_logs(
     wait_for_text(log, "try 2, trying again in 2 s", 60, osie)
     assert "the appliance did not answer: the connection was refused" in log.read_text()
     agent = start_agent(agent_host, osie_lab(workdir), workdir)
+    # The agent makes the lab's k3s agent token as it starts (before it serves anything), so the
+    # appliance's k3s server, reading the same file, can start before any node asks.
+    text = agent.text()
+    assert -1 < text.find("made the lab's k3s agent token") < text.find("Pixiebox serving")
     assert osie.wait(120) == 0, log.read_text()
     said = log.read_text()
     assert re.search(r"got this machine's metadata from http://\S+ after \d+ tries", said), said

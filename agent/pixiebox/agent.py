@@ -25,7 +25,7 @@ from .firmware import Assets, Firmware, known_arches
 from .http.api import ApiState, api_app, ensure_token, machine_views
 from .http.boot import BootHttpState, boot_app
 from .http.server import BootHttpServer
-from .identity import IdentityStore
+from .identity import IdentityError, IdentityStore
 from .inventory import Inventory
 from .labfile import EnrollError, enroll, next_free_ip
 from .lifecycle import MachineState
@@ -283,8 +283,15 @@ class Agent:
         await tftp.start()
         services.callback(tftp.close)
         http_host, http_port = split_listen(config.http.listen)
-        # Per-MAC SSH host keys and join tokens, served to each machine in its /metadata.
+        # Per-MAC SSH host keys and k3s node passwords, served to each machine in its /metadata.
         identities = IdentityStore(config.state.dir / "identity")
+        if config.kubernetes.server is not None:
+            # The appliance's k3s server reads the same file (--agent-token-file): made now, it
+            # is there before the first node asks for its metadata.
+            try:
+                await asyncio.to_thread(identities.agent_token)
+            except (IdentityError, OSError) as exc:
+                log.error("the lab's k3s agent token cannot be made or read: %s", exc)
         boot_state = BootHttpState(
             inventory, urls, assets, http_recorder(inventory), identities=identities
         )

@@ -249,7 +249,7 @@ def _url(value: str, schemes: tuple[str, ...]) -> str:
 
 class KubernetesSection(Section):
     # The API server the lab's nodes join, e.g. "https://192.168.1.64:6443"; each node gets it
-    # in its metadata with its own join token. None: the nodes are not told to join.
+    # in its metadata with the lab's k3s agent token. None: the nodes are not told to join.
     server: Annotated[str, AfterValidator(lambda v: _url(v, ("https",)))] | None = None
 
 

@@ -97,7 +97,7 @@ class BootHttpState:
     urls: BootUrls
     assets: Assets
     on_event: EventSink = _no_events
-    #: SSH host keys and join tokens for /metadata; None: /metadata answers 503.
+    #: SSH host keys and k3s node passwords for /metadata; None: /metadata answers 503.
     identities: IdentityStore | None = None
     #: Boot files sent, for /metrics: "bytes", and transfers by outcome.
     stats: Counter[str] = field(default_factory=Counter)
