@@ -604,7 +604,7 @@ class PowerController:
                 return await self._read(link) is PowerState.OFF
 
             if await self._wait(run, deadline, lambda e: False, reads_off):
-                return f"{link.label} reads off{await self._watts(link)}"
+                return f"it reads off{await self._watts(link)}"
             return None
         where = f" and no ping answer at {run.target.ip}" if run.target.ip else ""
         self._event(run, f"power off by {link.label} sent; waiting up to {minutes(timeout)} for "
