@@ -9,6 +9,7 @@ a NUC with Wake-on-LAN disabled in its BIOS ignores it silently.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -137,6 +138,8 @@ def read_secret(inline: str | None, file: Path | None, what: str) -> str | None:
 
 def describe(exc: BaseException) -> str:
     """A short reason from an OS/network exception ("connection refused", "timed out")."""
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno).lower()  # asyncio's own strerror names no reason
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror.lower()
     text = str(exc).strip()

@@ -10,7 +10,7 @@ and is bounded, and its "timeout" exceptions are turned into a sentence naming t
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,6 +23,8 @@ from .base import NETWORK_TIMEOUT, BaseDriver, Options, PowerState, PowerTarget,
 from .plugs import Host
 
 T = TypeVar("T")
+
+log = logging.getLogger("pixiebox.power.ipmi")
 
 
 class IpmiOptions(Options):
@@ -61,19 +63,13 @@ class IpmiDriver(BaseDriver):
             userid=options.user,
             password=password or "",
             port=options.port,
-            keepalive=False,
         )
 
     async def _call(self, what: str, function: Callable[[command.Command], T]) -> T:
         def work() -> T:
-            session = self._session()
-            try:
-                return function(session)
-            finally:
-                logout = getattr(session, "ipmi_session", None)
-                if logout is not None:
-                    with contextlib.suppress(Exception):  # best effort: the BMC may be gone
-                        logout.logout()
+            # pyghmi keeps (and reuses) one session per BMC and user, kept alive by its own
+            # thread; logging it out here would break the next Command on that BMC.
+            return function(self._session())
 
         try:
             return await asyncio.wait_for(asyncio.to_thread(work), self.options.timeout)
@@ -86,10 +82,25 @@ class IpmiDriver(BaseDriver):
         except OSError as exc:
             raise self.error(f"unreachable {self.where}: {exc.strerror or exc}") from None
 
+    def _boot_from_network_once(self, session: command.Command) -> None:
+        """Next boot from the network; a BMC without boot options still gets powered on (the
+        machine's own boot order may well start with the network)."""
+        if not self.options.pxe_once:
+            return
+        try:
+            session.set_bootdev("network", persist=False)
+        except pyghmi.exceptions.IpmiException as exc:
+            log.warning(
+                "%s: %s did not take a one-time network boot (%s); powering on with the "
+                "machine's own boot order",
+                self.target.name,
+                self.where,
+                exc,
+            )
+
     async def on(self) -> None:
         def work(session: command.Command) -> None:
-            if self.options.pxe_once:
-                session.set_bootdev("network", persist=False)
+            self._boot_from_network_once(session)
             session.set_power("on")
 
         await self._call("power on", work)
@@ -99,8 +110,7 @@ class IpmiDriver(BaseDriver):
 
     async def cycle(self) -> None:
         def work(session: command.Command) -> None:
-            if self.options.pxe_once:
-                session.set_bootdev("network", persist=False)
+            self._boot_from_network_once(session)
             # "boot": a reset when on, a power-on when off (pyghmi's own mapping).
             session.set_power("boot")
 

@@ -77,8 +77,7 @@ class HttpDriverBase(BaseDriver):
         except (httpx.TimeoutException, TimeoutError):
             raise self.error(f"unreachable {where}: no answer within {self.timeout:g} s") from None
         except httpx.HTTPError as exc:
-            cause = exc.__cause__ or exc.__context__ or exc
-            raise self.error(f"unreachable {where}: {describe(cause)}") from None
+            raise self.error(f"unreachable {where}: {describe(_root_cause(exc))}") from None
         if response.status_code in (401, 403):
             raise self.error(
                 f"{where} refused the credentials (HTTP {response.status_code}); "
@@ -98,6 +97,23 @@ class HttpDriverBase(BaseDriver):
             raise self.error(
                 f"{where} did not answer JSON: {response.text.strip()[:200]!r}"
             ) from None
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The OS error under httpx's wrappers ("connection refused", not "All connection
+    attempts failed"), else the exception itself."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            break
+        if isinstance(seen, OSError) and (seen.errno or seen.strerror):
+            return seen
+        nested = getattr(seen, "exceptions", None)  # anyio's exception groups
+        if nested:
+            seen = nested[0]
+            continue
+        seen = seen.__cause__ or seen.__context__
+    return exc
 
 
 def _without_query(url: str) -> str:

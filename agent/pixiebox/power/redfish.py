@@ -144,11 +144,11 @@ class RedfishDriver(BaseDriver):
 
     async def status(self) -> PowerState:
         state = await self._call("power status", lambda system: system.power_state)
-        if state in (sushy.PowerState.ON, sushy.PowerState.POWERING_OFF):
+        if state == sushy.PowerState.ON:
             return PowerState.ON
-        if state in (sushy.PowerState.OFF, sushy.PowerState.POWERING_ON):
+        if state == sushy.PowerState.OFF:
             return PowerState.OFF
-        return PowerState.UNKNOWN
+        return PowerState.UNKNOWN  # powering on or off: not yet either
 
     async def boot_override(self) -> tuple[str | None, str | None]:
         """(BootSourceOverrideTarget, BootSourceOverrideEnabled) as the BMC reports them."""
