@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -54,6 +55,8 @@ class IpmiDriver(BaseDriver):
         super().__init__(target)
         self.options = options
         self.where = f"IPMI BMC at {options.host}:{options.port}"
+        self._command: command.Command | None = None
+        self._lock = threading.Lock()
 
     def _session(self) -> command.Command:
         options = self.options
@@ -67,9 +70,17 @@ class IpmiDriver(BaseDriver):
 
     async def _call(self, what: str, function: Callable[[command.Command], T]) -> T:
         def work() -> T:
-            # pyghmi keeps (and reuses) one session per BMC and user, kept alive by its own
-            # thread; logging it out here would break the next Command on that BMC.
-            return function(self._session())
+            # One pyghmi session per driver, kept: pyghmi caches sessions per BMC and user and
+            # keeps them alive itself, and a second Command on a cached session that had an
+            # error hangs. A failed call drops it, so the next one logs in afresh.
+            with self._lock:
+                if self._command is None:
+                    self._command = self._session()
+                try:
+                    return function(self._command)
+                except Exception:
+                    self._command = None
+                    raise
 
         try:
             return await asyncio.wait_for(asyncio.to_thread(work), self.options.timeout)
