@@ -55,9 +55,11 @@ def reply_destination(
 
 #: Receive buffer asked for (root may exceed net.core.rmem_max): a lab powering on at once sends
 #: thousands of DISCOVERs within a second, and a datagram the kernel drops costs the client a
-#: retransmission seconds later (RFC 2131 4.1: 4 s, then 8 s ...), one it queues costs
-#: microseconds.
-RECEIVE_BUFFER = 4 << 20
+#: retransmission seconds later (RFC 2131 4.1: 4 s, then 8 s ...). About a second of requests at
+#: this server's rate (~800 datagrams), not more: a deeper queue only holds requests whose
+#: clients have given up by the time they are read (perfdhcp, which waits 1 s, saw every answer
+#: come too late once a 4 MiB queue had filled).
+RECEIVE_BUFFER = 1 << 20
 _SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # linux/socket.h; Python 3.11 lacks it
 
 
