@@ -37,7 +37,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="PATH=TEXT",
-        help="serve PATH, generated as TEXT plus the client's IP (a BytesIO in tftpy)",
+        help="serve PATH, generated as TEXT plus the client's IP",
     )
     parser.add_argument("--events", type=Path, required=True)
     return parser.parse_args(argv)

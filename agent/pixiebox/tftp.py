@@ -12,10 +12,12 @@ into a per-transfer buffer, a block read into it with os.preadv and one sendto; 
 bytes read into another buffer; timeouts are one lazily re-armed timer per transfer, not one
 per packet.
 
-Every transfer has its own socket on a new port (RFC 1350 section 4: the server's TID). It is
-deliberately *not* connect()ed: a connected UDP socket never sees a datagram from another
-address, and RFC 1350 wants such a stray answered with ERROR 5 while the transfer goes on.
-IP_RECVERR still reports the ICMP "port unreachable" of a client that went away (ip(7)).
+Every transfer has its own port (RFC 1350 section 4: the server's TID) with two sockets on it:
+one connect()ed to the client, which carries the transfer with plain send/recv (no address to
+build or parse per packet, a cached route, ICMP "port unreachable" from a client that went away
+reported as ECONNREFUSED), and one unconnected beside it (SO_REUSEPORT), to which the kernel
+hands only datagrams from anyone else: RFC 1350 wants those answered with ERROR 5 while the
+transfer goes on, and a connected socket alone would never see them.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 log = logging.getLogger("pixiebox.tftp")
 
@@ -61,15 +63,15 @@ RESENDS = 5
 # Linux constants Python 3.11's socket module lacks (linux/in.h).
 _IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 _IP_MTU = getattr(socket, "IP_MTU", 14)
-_IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
 _PKTINFO = struct.Struct("=i4s4s")  # struct in_pktinfo: ifindex, spec_dst, addr
-_SOCK_EE = struct.Struct("=IBBBBII")  # struct sock_extended_err (linux/errqueue.h)
 _U16 = struct.Struct("!H")
 _DATA_HEADER = struct.Struct("!HH")
 #: Bytes read ahead per transfer with one os.preadv (at least one block).
 _READ_AHEAD = 64 * 1024
-#: Transfer sockets handled per wake-up, so DHCP and HTTP on the same loop get their turn.
+#: Transfer sockets handled per epoll_wait, and the longest the loop is kept before DHCP and
+#: HTTP on the same loop get their turn.
 _BATCH = 64
+_PUMP_SECONDS = 0.005
 #: Bytes read from a client per datagram: an ACK is 4, an ERROR carries a message; the rest of
 #: a longer datagram is dropped by the kernel, which is fine for both.
 _INBUF = 516
@@ -130,13 +132,20 @@ class _Source:
             self.fd = None
 
 
+class _Sockets(NamedTuple):
+    sock: socket.socket
+    stray: socket.socket
+    mtu: int | None
+
+
 @dataclass(slots=True, eq=False)
 class _Transfer:
     """One read transfer. Blocks are counted from 1 without wrapping; only the wire number is
     taken modulo 2**16 (RFC 1350 has 16 bits; like tftpd-hpa and dnsmasq it wraps to 0, which
     every client we know accepts). Block 0 stands for the OACK, acknowledged with ACK 0."""
 
-    sock: socket.socket
+    sock: socket.socket  # connected to the client
+    stray: socket.socket  # the same port, unconnected: gets datagrams from anyone else
     client: tuple[str, int]
     source: _Source
     path: str
@@ -366,6 +375,7 @@ class TftpServer:
         # loop's selector bookkeeping and a callback handle per socket.
         self._epoll: select.epoll | None = None
         self._by_fd: dict[int, _Transfer] = {}
+        self._strays: dict[int, _Transfer] = {}
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._now: Callable[[], float] = time.monotonic
@@ -593,17 +603,31 @@ class TftpServer:
             raise
         return sock
 
-    def _path_mtu(self, local_ip: str, ip: str, port: int) -> int | None:
-        """The route's MTU towards the client (IP_MTU needs a connected socket, and the
-        transfer's own socket stays unconnected: see the module doc)."""
+    def _transfer_sockets(self, local_ip: str, client: tuple[str, int]) -> _Sockets:
+        """The connected socket of a transfer, its stray catcher on the same port, and the
+        route's MTU towards the client (IP_MTU needs a connected socket)."""
+        sock = self._reply_socket(local_ip)  # bound without SO_REUSEPORT: a port nobody has
         try:
-            with self._reply_socket(local_ip) as probe:
-                probe.connect((ip, port))
-                mtu: int = probe.getsockopt(socket.IPPROTO_IP, _IP_MTU)
-                return mtu
-        except OSError as exc:
-            log.debug("no path MTU towards %s: %s", ip, exc)
-            return None
+            # Only now may a second socket share the port, and only one of this user's.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.connect(client)
+            sock.setblocking(False)
+            mtu: int | None = sock.getsockopt(socket.IPPROTO_IP, _IP_MTU)
+            stray = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            stray.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if self.interface:
+                stray.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, self.interface.encode())
+            stray.bind(sock.getsockname())
+            stray.setblocking(False)
+        except BaseException:
+            stray.close()
+            sock.close()
+            raise
+        return _Sockets(sock, stray, mtu)
 
     def _send_error(self, ip: str, port: int, local_ip: str, code: int, message: str) -> None:
         try:
@@ -667,20 +691,23 @@ class TftpServer:
         requested: dict[str, str],
     ) -> None:
         loop = self._loop
-        assert loop is not None
+        epoll = self._epoll
+        assert loop is not None and epoll is not None
         try:
-            sock = self._reply_socket(local_ip)
+            sockets = self._transfer_sockets(local_ip, (ip, port))
         except OSError as exc:
             source.close()
             log.warning("%s asked for %s over TFTP: cannot answer it: %s", ip, path, exc)
             self._send_error(ip, port, local_ip, ERR_UNDEFINED, "server error")
             self._emit(TftpEvent("aborted", ip, port, path, source.size, f"socket error: {exc}"))
             return
-        accepted, timeout = negotiate(requested, source.size, self._path_mtu(local_ip, ip, port))
+        sock, stray = sockets.sock, sockets.stray
+        accepted, timeout = negotiate(requested, source.size, sockets.mtu)
         blksize = int(accepted.get("blksize", DEFAULT_BLKSIZE))
         chunk = max(1, _READ_AHEAD // blksize)
         transfer = _Transfer(
             sock=sock,
+            stray=stray,
             client=(ip, port),
             source=source,
             path=path,
@@ -695,16 +722,16 @@ class TftpServer:
             chunk=chunk,
         )
         try:
-            # Errors (ICMP port unreachable from a client that went away) are queued on the
-            # socket even though it is not connected; _socket_error reads whom they are about.
-            sock.setsockopt(socket.IPPROTO_IP, _IP_RECVERR, 1)
-            sock.setblocking(False)
-            assert self._epoll is not None
-            self._epoll.register(sock.fileno(), select.EPOLLIN)
+            epoll.register(sock.fileno(), select.EPOLLIN)
+            epoll.register(stray.fileno(), select.EPOLLIN)
         except BaseException:
+            with contextlib.suppress(OSError):
+                epoll.unregister(sock.fileno())
             sock.close()
+            stray.close()
             raise
         self._by_fd[sock.fileno()] = transfer
+        self._strays[stray.fileno()] = transfer
         self._transfers[(ip, port)] = transfer
         log.debug(
             "%s:%d asked for %s (%s, from %s); options asked %s, acknowledged %s",
@@ -728,7 +755,7 @@ class TftpServer:
         assert transfer.oack is not None and self._loop is not None
         transfer.deadline = self._now() + transfer.timeout
         try:
-            transfer.sock.sendto(transfer.oack, transfer.client)
+            transfer.sock.send(transfer.oack)
         except BlockingIOError:
             pass  # as if lost: the timer sends it again
         except OSError as exc:
@@ -755,7 +782,7 @@ class TftpServer:
             _DATA_HEADER.pack_into(t.buf, start, DATA, block & 0xFFFF)
             size = min(blksize, t.source.size - (block - 1) * blksize)
             try:
-                t.sock.sendto(t.buf[start : start + 4 + size], t.client)
+                t.sock.send(t.buf[start : start + 4 + size])
             except BlockingIOError:
                 break  # send buffer full: as if lost, the timer sends it again
             except OSError as exc:
@@ -788,40 +815,51 @@ class TftpServer:
         return True
 
     def _pump(self) -> None:
-        """Transfer sockets with something to read (an ACK, mostly; or a queued error)."""
-        if self._epoll is None:
+        """Serve the transfer sockets with something to read (an ACK, mostly, or a queued
+        error), then look again, for up to `_PUMP_SECONDS`.
+
+        Looking again is what makes lockstep fast: sending DATA wakes the client, which
+        usually ACKs before the send returns, and taking that ACK here costs one epoll_wait(0)
+        instead of a round through the event loop per block. The time bound keeps DHCP and
+        HTTP on the same loop served while twenty transfers keep every round busy."""
+        epoll = self._epoll
+        if epoll is None:
             return
-        for fd, _ in self._epoll.poll(0, _BATCH):
-            transfer = self._by_fd.get(fd)
-            if transfer is None:
-                continue
-            try:
-                self._on_readable(transfer)
-            except Exception:
-                # Whatever one transfer does, the other machines keep booting.
-                self.stats["internal_error"] += 1
-                log.exception("TFTP internal error in the transfer of %s", transfer.path)
-                self._finish(transfer, "aborted", "internal error", logging.ERROR)
+        by_fd = self._by_fd
+        until = time.monotonic() + _PUMP_SECONDS
+        while True:
+            events = epoll.poll(0, _BATCH)
+            if not events:
+                return
+            for fd, _ in events:
+                transfer = by_fd.get(fd)
+                if transfer is None:
+                    transfer = self._strays.get(fd)
+                    if transfer is not None:
+                        self._on_stray(transfer)
+                    continue
+                try:
+                    self._on_readable(transfer)
+                except Exception:
+                    # Whatever one transfer does, the other machines keep booting.
+                    self.stats["internal_error"] += 1
+                    log.exception("TFTP internal error in the transfer of %s", transfer.path)
+                    self._finish(transfer, "aborted", "internal error", logging.ERROR)
+            if self._epoll is None or time.monotonic() >= until:
+                return  # the loop calls again while a socket is still readable
 
     def _on_readable(self, transfer: _Transfer) -> None:
-        """One datagram on a transfer's port. One per call: lockstep rarely has a second
-        queued, and asyncio calls again while the socket stays readable."""
+        """One datagram from the client. One per call: lockstep rarely has a second queued,
+        and _pump comes back while the socket stays readable."""
         t = transfer
         if t.done:
             return
         try:
-            n, source = t.sock.recvfrom_into(t.inbuf)
+            n = t.sock.recv_into(t.inbuf)
         except (BlockingIOError, InterruptedError):
-            # Woken by a queued error (EPOLLERR) whose report a send already took.
-            why, _ = self._drain_errors(t)
-            if why is not None:
-                self._vanished(t, why)
             return
         except OSError as exc:
             self._socket_error(t, exc)
-            return
-        if source != t.client:
-            self._wrong_tid(t, source)
             return
         data = t.inbuf
         if n >= 4 and data[1] == ACK and data[0] == 0:
@@ -847,9 +885,13 @@ class TftpServer:
         else:
             log.debug("%s:%d sent an unexpected %d-byte packet; ignored", *t.client, n)
 
-    def _wrong_tid(self, transfer: _Transfer, source: tuple[str, int]) -> None:
+    def _on_stray(self, transfer: _Transfer) -> None:
         """RFC 1350 section 4: a packet from another TID is answered with ERROR 5 and does not
         disturb the transfer."""
+        try:
+            _, source = transfer.stray.recvfrom(_INBUF)
+        except OSError:  # nothing after all, or an ICMP error about an earlier ERROR 5
+            return
         log.debug(
             "a packet from %s:%d reached the transfer of %s to %s:%d; it got ERROR 5",
             *source,
@@ -857,41 +899,14 @@ class TftpServer:
             *transfer.client,
         )
         with contextlib.suppress(OSError):
-            transfer.sock.sendto(error_packet(ERR_UNKNOWN_TID, "Unknown transfer ID"), source)
-
-    def _drain_errors(self, transfer: _Transfer) -> tuple[str | None, bool]:
-        """Read the socket's error queue (IP_RECVERR): what it says about the client, if
-        anything, and whether anything was queued at all. An ICMP error about anyone else (a
-        stray that got ERROR 5 and has no port open) is read and forgotten; left queued it
-        would wake the loop forever (EPOLLERR)."""
-        about_client: str | None = None
-        queued = False
-        for _ in range(16):
-            try:
-                _, ancdata, _, offender = transfer.sock.recvmsg(0, 512, socket.MSG_ERRQUEUE)
-            except OSError:
-                break
-            queued = True
-            if offender != transfer.client:
-                continue
-            about_client = "an ICMP error"
-            for level, kind, data in ancdata:
-                if level == socket.IPPROTO_IP and kind == _IP_RECVERR and len(data) >= 16:
-                    errno = _SOCK_EE.unpack_from(data)[0]
-                    about_client = (
-                        "its port is closed (ICMP port unreachable)"
-                        if errno == 111  # ECONNREFUSED
-                        else os.strerror(errno)
-                    )
-        return about_client, queued
+            transfer.stray.sendto(error_packet(ERR_UNKNOWN_TID, "Unknown transfer ID"), source)
 
     def _socket_error(self, transfer: _Transfer, exc: OSError) -> None:
-        """A send or receive failed: the client went away, unless the error queue shows it
-        was about somebody else."""
-        why, queued = self._drain_errors(transfer)
-        if why is None and queued:
-            return
-        self._vanished(transfer, why or f"the socket failed: {exc.strerror or exc}")
+        """A send or receive failed: on the connected socket that is about the client."""
+        if isinstance(exc, ConnectionRefusedError):
+            self._vanished(transfer, "its port is closed (ICMP port unreachable)")
+        else:
+            self._vanished(transfer, f"the socket failed: {exc.strerror or exc}")
 
     def _on_timer(self, transfer: _Transfer) -> None:
         """Runs at the transfer's deadline, which each send pushes back: one timer per
@@ -914,6 +929,15 @@ class TftpServer:
                 self._vanished(t, f"no ACK for {waited:g} s")
             return
         t.resends += 1
+        log.debug(
+            "%s:%d: no ACK after block %d of %s in %g s; resending (%d of %d)",
+            *t.client,
+            t.acked,
+            t.path,
+            t.timeout,
+            t.resends,
+            RESENDS,
+        )
         if t.acked < 0:
             self._send_oack(t)
         else:
@@ -947,15 +971,17 @@ class TftpServer:
         if transfer.timer is not None:
             transfer.timer.cancel()
             transfer.timer = None
-        fd = transfer.sock.fileno()
         try:
-            if self._by_fd.get(fd) is transfer:
-                del self._by_fd[fd]
-                if self._epoll is not None:
-                    self._epoll.unregister(fd)
+            for sock, table in ((transfer.sock, self._by_fd), (transfer.stray, self._strays)):
+                fd = sock.fileno()
+                if table.get(fd) is transfer:
+                    del table[fd]
+                    if self._epoll is not None:
+                        self._epoll.unregister(fd)
         finally:
             # Whatever happened, no socket or file stays open.
             transfer.sock.close()
+            transfer.stray.close()
             transfer.source.close()
         self.stats[kind] += 1
         self.stats["bytes"] += transfer.bytes_acked
