@@ -10,6 +10,7 @@ plug's reading or by real silence (no ping answer)."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -209,6 +210,31 @@ def test_power_actions_are_verified_and_fall_back_along_the_chain(
     other.write_text(config.read_text().replace(str(token_file), str(wrong)))
     code, out = pixiebox(host, other, "power", "c1", "status")
     assert code == 1 and f"the token sent was read from {wrong}" in out, out
+
+    # The whole lab. c1's Shelly relay is still on from before although c1 was switched off
+    # by the other plug: `on` would change nothing, so the Shelly plug cycles it. c2 and c3 are
+    # up already, c4 has no power control, c5 never comes up: a straggler, with the doctor's
+    # verdict.
+    code, out = pixiebox(host, config, "lab", "up", "--stagger", "0")
+    assert code == 2, out
+    assert "lab up: 3 of 4 machine(s) with power control up after" in out, out
+    assert re.search(r"^c1\s+up\s+[\d.]+ s\s+-\s+tasmota at 10.83.0.5, shelly at", out, re.M), out
+    assert f"power on by shelly at {SHELLY_IP} cycled (it read on, but the machine was not up)" \
+        in " ".join(messages(host, "c1")), messages(host, "c1")  # fmt: skip
+    for name in ("c2", "c3"):
+        assert re.search(rf"^{name}\s+already up\s+-\s", out, re.M), out
+    assert re.search(r"^c4\s+skipped\s", out, re.M), out
+    assert "no power control: skipped: c4" in out, out
+    stragglers = out.split("stragglers:", 1)[1]
+    assert "c5: power on failed: not up after trying wol" in stragglers, out
+    assert "doctor: " in stragglers, out
+    code, out = pixiebox(host, config, "lab", "down")
+    assert code == 2, out
+    assert "lab down: 2 of 4 machine(s) with power control off after" in out, out
+    for name in ("c1", "c2"):
+        assert re.search(rf"^{name}\s+off\s+[\d.]+ s\s", out, re.M), out
+    not_off = out.split("not off:", 1)[1]
+    assert "c3: no driver of c3's power chain (wol) can off it" in not_off, out
 
     openapi = get(host, "/api/v1/openapi.json")
     assert "post" in openapi["paths"]["/api/v1/machines/{key}/power"]
