@@ -26,6 +26,9 @@ from typing import Any
 
 import netlab
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pixiebox import tftp
 
 TESTS_DIR = Path(__file__).resolve().parent
 TFTP_SERVE = TESTS_DIR / "tftp_serve.py"
@@ -230,6 +233,71 @@ def test_edk2_size_query_then_download_is_not_a_failure(lab: TftpLab) -> None:
     lines = [line for line in lab.log_text().splitlines() if "asked for the size of" in line]
     assert lines and all(" DEBUG pixiebox.tftp: " in line for line in lines), lines
     assert len(LOUD.findall(lab.log_text())) == loud  # no warning or error about it
+
+
+def test_a_stray_gets_error_5_and_the_transfer_completes(lab: TftpLab) -> None:
+    """RFC 1350 section 4: a packet from another port to a transfer's port is answered with
+    ERROR 5 ("Unknown transfer ID") and does not disturb the transfer."""
+    before = len(lab.events())
+    out = lab.output("stray.bin")
+    got = lab.raw("big.bin", "--opt", "blksize=1468", "--stray-after", "3", "--out", str(out))
+    assert got["stray"] == [5, 5]  # ERROR, code 5
+    assert got["error"] is None
+    assert sha256(out) == sha256(lab.root / "big.bin")
+    lab.wait_event("sent", "big.bin", after=before)
+
+
+def test_twenty_tftp_hpa_clients_at_once_all_get_the_file(lab: TftpLab) -> None:
+    before = len(lab.events())
+    out = lab.out / "many"
+    out.mkdir(exist_ok=True)
+    argv = [sys.executable, str(THIS), "many", SERVER_IP, "big.bin", "--out", str(out)]
+    result = lab.client.run(argv, timeout=150.0)
+    got = json.loads(result.stdout)
+    assert got["sha256"] == [sha256(lab.root / "big.bin")] * 20, got["said"]
+    netlab.wait_until(
+        lambda: len([e for e in lab.events()[before:] if e["kind"] == "sent"]) >= 20,
+        15.0,
+        0.1,
+        "20 sent events",
+    )
+
+
+@pytest.mark.parametrize("drop", [[], ["--drop", "6"], ["--drop", "4", "--drop", "13"]])
+def test_windowsize_with_and_without_lost_blocks(lab: TftpLab, drop: list[str]) -> None:
+    """RFC 7440 (EDK2 asks for windowsize 4): the client ACKs each window's last block, and
+    after a gap the block before it, from which the server sends the window again."""
+    out = lab.output("window.bin")
+    opts = ["--opt", "blksize=1468", "--opt", "windowsize=4", "--opt", "timeout=1"]
+    got = lab.raw("big.bin", *opts, *drop, "--out", str(out))
+    assert got["oack"] == {"blksize": "1468", "windowsize": "4", "timeout": "1"}
+    assert sha256(out) == sha256(lab.root / "big.bin")
+
+
+def test_windowsize_is_capped(lab: TftpLab) -> None:
+    got = lab.raw("ipxe.efi", "--opt", "windowsize=500")
+    assert got["oack"] == {"windowsize": "16"}
+    assert got["size"] == (lab.root / "ipxe.efi").stat().st_size
+
+
+@pytest.mark.parametrize(
+    ("hold", "reason"),
+    [
+        ("8", "no ACK for the last block"),
+        ("0", "no ACK for the last block; the client has closed its port"),
+    ],
+)
+def test_a_missing_last_ack_is_still_a_sent_file(lab: TftpLab, hold: str, reason: str) -> None:
+    """FIRMWARE-QUIRKS #18: some clients never ACK the last block, and keep their port open
+    or close it; either way the transfer counts as sent, not failed."""
+    before = len(lab.events())
+    loud = len(LOUD.findall(lab.log_text()))
+    out = lab.output("no-last-ack.bin")
+    lab.raw("ipxe.efi", "--opt", "timeout=1", "--no-last-ack", "--hold", hold, "--out", str(out))
+    assert out.read_bytes() == (lab.root / "ipxe.efi").read_bytes()
+    event = lab.wait_event("sent", "ipxe.efi", after=before, timeout=20.0)
+    assert event["reason"] == reason
+    assert len(LOUD.findall(lab.log_text())) == loud  # no warning about it
 
 
 # --------------------------------------------------------------------------- names
@@ -449,6 +517,71 @@ def test_stop_ends_transfers_and_leaves_no_thread_or_socket(segment: netlab.Segm
     segment.stop(holder)
 
 
+# --------------------------------------------------------------------------- packets
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=600))
+def test_any_datagram_on_a_transfer_port_parses_or_is_ignored(data: bytes) -> None:
+    reply = tftp.parse_reply(data)
+    if reply is not None:
+        opcode, number, text = reply
+        assert opcode in (tftp.ACK, tftp.ERROR) and 0 <= number <= 0xFFFF
+        assert text.isprintable() or text == ""
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=600))
+def test_any_datagram_on_the_request_port_parses_or_is_malformed(data: bytes) -> None:
+    try:
+        opcode, name, mode, options = tftp.parse_request(data)
+    except ValueError:
+        return
+    assert opcode in (tftp.RRQ, tftp.WRQ)
+    assert isinstance(name, str) and mode == mode.lower()
+    assert all(key == key.lower() for key in options)
+
+
+@given(st.integers(0, 0xFFFF), st.integers(0, 0xFFFF), st.text(max_size=40))
+def test_ack_and_error_bytes(block: int, code: int, message: str) -> None:
+    assert tftp.parse_reply(struct.pack("!HH", 4, block)) == (4, block, "")
+    assert tftp.parse_reply(struct.pack("!HH", 4, block) + b"pad") == (4, block, "")
+    sent = tftp.error_packet(code, message)
+    assert sent[:4] == struct.pack("!HH", 5, code) and sent.endswith(b"\0")
+    opcode, got_code, text = tftp.parse_reply(sent) or (0, 0, "")
+    assert (opcode, got_code) == (5, code) and text.isprintable()
+    assert tftp.parse_reply(b"\x00\x05\x00\x08") == (5, 8, "")  # EDK2: no message at all
+
+
+def test_oack_bytes_keep_the_clients_order() -> None:
+    packet = tftp.oack_packet({"tsize": "1048576", "blksize": "1468", "windowsize": "4"})
+    assert packet == b"\x00\x06tsize\x001048576\x00blksize\x001468\x00windowsize\x004\x00"
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from(["blksize", "tsize", "timeout", "windowsize", "multicast", "x"]),
+        st.one_of(st.integers(-5, 70000).map(str), st.text(max_size=6)),
+    ),
+    st.integers(0, 1 << 40),
+    st.one_of(st.none(), st.integers(68, 65535)),
+)
+def test_negotiated_options_stay_in_their_ranges(
+    options: dict[str, str], size: int, mtu: int | None
+) -> None:
+    accepted, timeout = tftp.negotiate(options, size, mtu)
+    assert set(accepted) <= {"blksize", "tsize", "timeout", "windowsize"}
+    if "blksize" in accepted:
+        blksize = int(accepted["blksize"])
+        assert tftp.MIN_BLKSIZE <= blksize <= tftp.MAX_BLKSIZE
+        assert mtu is None or blksize <= max(tftp.MIN_BLKSIZE, mtu - 32)  # never fragmented
+    if "windowsize" in accepted:
+        assert 1 <= int(accepted["windowsize"]) <= tftp.MAX_WINDOWSIZE
+    if "tsize" in accepted:
+        assert accepted["tsize"] == str(size)
+    assert (timeout is None) == ("timeout" not in accepted)
+
+
 # --------------------------------------------------------------------------- raw client
 
 
@@ -469,7 +602,8 @@ def _raw(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"port": sock.getsockname()[1], "oack": None, "error": None}
     sock.sendto(_packet(1, os.fsencode(args.name), b"octet", *options), server)
     data = bytearray()
-    blocks, expected, blksize = 0, 1, 512
+    blocks, expected, blksize, window, acked = 0, 1, 512, 1, 0
+    dropped: set[int] = set()
     peer: tuple[str, int] | None = None
     deadline = time.monotonic() + 45.0
     while time.monotonic() < deadline:
@@ -487,6 +621,7 @@ def _raw(args: argparse.Namespace) -> dict[str, Any]:
                 sock.sendto(struct.pack("!HH", 5, 8) + b"tsize query\0", peer)
                 break
             blksize = int(oack.get("blksize", 512))
+            window = int(oack.get("windowsize", 1))
             sock.sendto(struct.pack("!HH", 4, 0), peer)
         elif opcode == 5:  # ERROR
             code = int.from_bytes(packet[2:4], "big")
@@ -494,15 +629,29 @@ def _raw(args: argparse.Namespace) -> dict[str, Any]:
             break
         elif opcode == 3:  # DATA
             block = int.from_bytes(packet[2:4], "big")
+            if block in args.drop and block not in dropped:
+                dropped.add(block)  # as if lost on the way, once
+                continue
             if block != expected & 0xFFFF:
+                if window > 1 and block == (expected + 1) & 0xFFFF:
+                    # RFC 7440 section 4: a gap; acknowledge the last block in order.
+                    acked = expected - 1
+                    sock.sendto(struct.pack("!HH", 4, acked & 0xFFFF), peer)
                 continue
             blocks += 1
             expected += 1
             data += packet[4:]
+            last = len(packet) - 4 < blksize
             if args.ack_blocks is not None and blocks > args.ack_blocks:
                 break  # vanish: this block is never acknowledged
-            sock.sendto(struct.pack("!HH", 4, block), peer)
-            if len(packet) - 4 < blksize:
+            if last and args.no_last_ack:
+                break  # like Windows clients (FIRMWARE-QUIRKS #18)
+            if blocks == args.stray_after:
+                result["stray"] = _stray(peer, block)
+            if last or expected - 1 - acked >= window:  # RFC 7440: the window's last block
+                acked = expected - 1
+                sock.sendto(struct.pack("!HH", 4, block), peer)
+            if last:
                 break
     result.update(blocks=blocks, size=len(data), sha256=hashlib.sha256(data).hexdigest())
     if args.out:
@@ -512,6 +661,39 @@ def _raw(args: argparse.Namespace) -> dict[str, Any]:
         time.sleep(args.hold)  # keep the port open and say nothing
     sock.close()
     return result
+
+
+def _stray(peer: tuple[str, int], block: int) -> list[int] | None:
+    """Send an ACK to the server's TID from another port; what came back (RFC 1350 section 4
+    says ERROR 5, "Unknown transfer ID")."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other:
+        other.settimeout(5.0)
+        other.sendto(struct.pack("!HH", 4, block), peer)
+        try:
+            reply, source = other.recvfrom(600)
+        except TimeoutError:
+            return None
+        assert source == peer, (source, peer)
+        return [int.from_bytes(reply[:2], "big"), int.from_bytes(reply[2:4], "big")]
+
+
+def _many(args: argparse.Namespace) -> None:
+    """N tftp-hpa clients at once, each to its own file; prints the sha256 of each."""
+    out = Path(args.out)
+    procs = [
+        subprocess.Popen(
+            ["tftp", "-m", "binary", args.server, "-c", "get", args.name, str(out / f"{i}.bin")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for i in range(args.clients)
+    ]
+    said = [p.communicate(timeout=120)[0].decode(errors="replace") for p in procs]
+    digests = [
+        sha256(out / f"{i}.bin") if (out / f"{i}.bin").exists() else None
+        for i in range(args.clients)
+    ]
+    print(json.dumps({"sha256": digests, "said": said}), flush=True)
 
 
 def main(argv: list[str]) -> int:
@@ -526,12 +708,22 @@ def main(argv: list[str]) -> int:
     raw.add_argument("--probe", action="store_true", help="abort the OACK with ERROR 8")
     raw.add_argument("--ack-blocks", type=int, help="acknowledge this many blocks, then stop")
     raw.add_argument("--hold", type=float, default=0.0, help="then keep the port open for S s")
+    raw.add_argument("--no-last-ack", action="store_true", help="never ACK the last block")
+    raw.add_argument("--stray-after", type=int, help="after block N, poke the TID from elsewhere")
+    raw.add_argument("--drop", type=int, action="append", default=[], help="lose block N once")
+    many = commands.add_parser("many", help="N tftp-hpa clients at once; prints sha256s")
+    many.add_argument("server")
+    many.add_argument("name")
+    many.add_argument("--clients", type=int, default=20)
+    many.add_argument("--out", required=True)
     junk = commands.add_parser("junk", help="send datagrams (hex) to the request port")
     junk.add_argument("server")
     junk.add_argument("packets", nargs="+")
     args = parser.parse_args(argv)
     if args.command == "raw":
         _raw(args)
+    elif args.command == "many":
+        _many(args)
     else:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             for packet in args.packets:

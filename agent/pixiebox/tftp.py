@@ -169,6 +169,7 @@ class _Transfer:
     deadline: float = 0.0
     timer: asyncio.TimerHandle | None = None
     resends: int = 0
+    rewound: int = -1  # the last block a repeated ACK restarted the window after
     done: bool = False
 
     @property
@@ -320,6 +321,11 @@ def _pktinfo_local_ip(ancdata: list[tuple[int, int, bytes]]) -> str | None:
             _, spec_dst, _ = _PKTINFO.unpack_from(data)
             return socket.inet_ntoa(spec_dst)
     return None
+
+
+def _only_last_ack_missing(transfer: _Transfer) -> bool:
+    """Every block went out and only the ACK of the last window is missing."""
+    return transfer.sent >= transfer.blocks and transfer.acked >= transfer.blocks - transfer.window
 
 
 def _generated(content: bytes) -> _Source:
@@ -878,6 +884,15 @@ class TftpServer:
                     t.sent = t.acked
                     t.valid = 0  # their headers overwrote the read-ahead: read it again
                 self._send_window(t)
+            elif ahead == 0 and t.window > 1 and t.sent > t.acked and t.rewound != t.acked:
+                # RFC 7440 section 4: the client saw a gap right after the block it
+                # acknowledged before (or its timer ran out): the window again from there,
+                # once per block, so repeats of that ACK cannot multiply the windows. In
+                # lockstep a repeated ACK stays ignored (the Sorcerer's Apprentice bug).
+                t.rewound = t.acked
+                t.sent = t.acked
+                t.valid = 0
+                self._send_window(t)
             return
         reply = parse_reply(bytes(data[:n]))
         if reply is not None and reply[0] == ERROR:
@@ -904,6 +919,11 @@ class TftpServer:
     def _socket_error(self, transfer: _Transfer, exc: OSError) -> None:
         """A send or receive failed: on the connected socket that is about the client."""
         if isinstance(exc, ConnectionRefusedError):
+            if _only_last_ack_missing(transfer):
+                # FIRMWARE-QUIRKS #18 again: it took the last block without a word and left.
+                reason = "no ACK for the last block; the client has closed its port"
+                self._finish(transfer, "sent", reason, logging.INFO)
+                return
             self._vanished(transfer, "its port is closed (ICMP port unreachable)")
         else:
             self._vanished(transfer, f"the socket failed: {exc.strerror or exc}")
@@ -920,7 +940,7 @@ class TftpServer:
             t.timer = loop.call_at(t.deadline, self._on_timer, t)
             return
         if t.resends >= RESENDS:
-            if t.sent >= t.blocks and t.acked >= t.blocks - t.window:
+            if _only_last_ack_missing(t):
                 # Every block went out; the ACK of the last one never came. Windows clients
                 # never send it (FIRMWARE-QUIRKS #18): done, not failed.
                 self._finish(t, "sent", "no ACK for the last block", logging.INFO)
