@@ -155,16 +155,19 @@ MKOSI_VERSION=24.3-1~bpo12+1
 BACKPORTS_LIST=/etc/apt/sources.list.d/pixiebox-bookworm-backports.list
 IMAGE_PACKAGES=(bubblewrap debian-archive-keyring dosfstools mtools e2fsprogs zstd xz-utils cpio
     python3-pefile uidmap fdisk)
-BACKPORTS_PACKAGES=("mkosi=$MKOSI_VERSION" systemd systemd-container systemd-boot-efi grub-pc-bin)
+BACKPORTS_PACKAGES=("mkosi=$MKOSI_VERSION" systemd systemd-container systemd-boot systemd-boot-efi grub-pc-bin)
 IMAGE_CACHE=${PIXIEBOX_IMAGE_CACHE:-/var/cache/pixiebox}
 REQUIRE_UPSTREAM=""
 
 setup_images() {
     need_root "$1" "mkosi builds images as root"
     setup_system
-    local have
+    local have missing_bpo=()
     have=$(dpkg-query -W -f='${Version}' mkosi 2>/dev/null || true)
-    if [ "$have" != "$MKOSI_VERSION" ] || ! command -v systemd-repart >/dev/null; then
+    for pkg in "${BACKPORTS_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "${pkg%%=*}" 2>/dev/null | grep -q "install ok installed" || missing_bpo+=("$pkg")
+    done
+    if [ "$have" != "$MKOSI_VERSION" ] || [ "${#missing_bpo[@]}" -gt 0 ] || ! command -v bootctl >/dev/null; then
         if [ ! -f "$BACKPORTS_LIST" ] && ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
             say "adding Debian bookworm-backports (for mkosi $MKOSI_VERSION) in $BACKPORTS_LIST"
             echo "deb http://deb.debian.org/debian bookworm-backports main" >"$BACKPORTS_LIST"

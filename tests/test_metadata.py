@@ -38,6 +38,7 @@ from pixiebox.identity import (
 )
 from pixiebox.inventory import Inventory
 from pixiebox.metadata import metadata_response
+from pixiebox.power.ssh import power_public_key
 from pixiebox.state import StateStore
 from pixiebox.urls import BootUrls
 
@@ -292,7 +293,8 @@ def test_the_reserved_machine_gets_its_document(lab: Inventory, tmp_path: Path) 
         "fqdn": "c1.lab.test",
         "ip": "10.84.0.31",
         "lab": "homelab",
-        "ssh_authorized_keys": [USER_KEY],
+        # The user's keys, then the appliance's own (the ssh power driver logs in with it).
+        "ssh_authorized_keys": [USER_KEY, power_public_key(tmp_path)],
         "ssh_host_key": {"private": identity.ssh_host_key, "public": identity.ssh_host_public},
         "kubernetes": {
             "server": "https://10.84.0.2:6443",
@@ -459,7 +461,9 @@ def test_reserved_machine_gets_its_own_metadata_and_keeps_it_across_restarts(
     first = metadata_of(c1)
     assert (first["name"], first["mac"], first["ip"]) == ("c1", C1_MAC, C1_IP)
     assert (first["hostname"], first["domain"], first["fqdn"]) == ("c1", "lab.test", "c1.lab.test")
-    assert first["ssh_authorized_keys"] == [USER_KEY]
+    user_key, appliance_key = first["ssh_authorized_keys"]
+    assert user_key == USER_KEY
+    assert appliance_key.startswith("ssh-ed25519 ")
     assert first["kubernetes"]["server"] == f"https://{AGENT_IP}:6443"
     assert first["kubernetes"]["node_name"] == "c1"
     assert NODE_PASSWORD.fullmatch(first["kubernetes"]["node_password"])
