@@ -86,13 +86,24 @@ cmd_demo() {
     need_root demo "the virtual lab builds network namespaces and runs QEMU"
     setup_system
     setup_python ""
+    # The real OSIE once `build.sh osie` (or all, or test) built it; else the small test OS.
+    if [ -f "$ROOT/out/osie/initrd" ]; then
+        say "the machines boot the OSIE from out/osie (./build.sh osie rebuilds it)"
+        exec "$VENV/bin/pixiebox" demo --os "$ROOT/out/osie" "$@"
+    fi
     build_testos
-    exec "$VENV/bin/pixiebox" demo --testos "$ROOT/out/testos" "$@"
+    exec "$VENV/bin/pixiebox" demo --os "$ROOT/out/testos" "$@"
 }
 
 cmd_test() {
     need_root test "the tests build network namespaces"
     setup_system
+    # The image tests (tests/test_images.py) boot the real OSIE and appliance: build them first
+    # (cached: only what changed is rebuilt). PIXIEBOX_SKIP_IMAGES=1 skips this for quick runs;
+    # the image tests then skip, except on CI (CI=true), where they fail.
+    if [ "${PIXIEBOX_SKIP_IMAGES:-}" != 1 ]; then
+        cmd_appliance
+    fi
     setup_python test
     say "ruff"
     "$VENV/bin/ruff" check agent tests

@@ -71,8 +71,25 @@ def network_unit(config: LabConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-def prepare(config_path: Path, network_dir: Path, console: TextIO = sys.stdout) -> int:
-    """Write the appliance's network unit; print lab.toml's problems. 0 if lab.toml is usable."""
+def install_root_keys(keys: list[str], path: Path) -> None:
+    """root's authorized_keys on the appliance: the same [boot] ssh_keys the nodes get, so the
+    person who wrote lab.toml can log into the appliance too. Replaced on every boot, so a key
+    removed from lab.toml is removed here."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text("".join(key.strip() + "\n" for key in keys if key.strip()), "utf-8")
+    temporary.chmod(0o600)
+    temporary.replace(path)
+
+
+def prepare(
+    config_path: Path,
+    network_dir: Path,
+    root_keys: Path | None = None,
+    console: TextIO = sys.stdout,
+) -> int:
+    """Write the appliance's network unit (and root's SSH keys); print lab.toml's problems.
+    0 if lab.toml is usable."""
     config, problems = check_config(config_path)
     for problem in problems:
         print(f"pixiebox: {format_problem(config_path, problem)}", file=console)
@@ -89,6 +106,8 @@ def prepare(config_path: Path, network_dir: Path, console: TextIO = sys.stdout) 
         text = FALLBACK_NETWORK
     else:
         text = network_unit(config)
+        if root_keys is not None:
+            install_root_keys(config.boot.ssh_keys, root_keys)
         where = config.network.server_ip or "an address from DHCP"
         print(
             f"pixiebox: {config_path} is valid; {config.network.interface} gets {where}",
@@ -106,8 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     prep = commands.add_parser("prepare", help="write the appliance's network unit from lab.toml")
     prep.add_argument("--config", type=Path, required=True)
     prep.add_argument("--network-dir", type=Path, default=Path("/run/systemd/network"))
+    prep.add_argument("--root-keys", type=Path, default=None, help="write [boot] ssh_keys here")
     args = parser.parse_args(argv)
-    return prepare(args.config, args.network_dir)
+    return prepare(args.config, args.network_dir, args.root_keys)
 
 
 if __name__ == "__main__":

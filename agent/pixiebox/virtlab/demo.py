@@ -267,6 +267,13 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
+def memory_for(os_dir: Path) -> int:
+    """RAM for a VM booting this OS: the OSIE lives in RAM (its initrd unpacked, then copied
+    into a tmpfs before systemd starts), the busybox test OS needs little."""
+    initrd_mb = (os_dir / "initrd").stat().st_size / 2**20
+    return 512 if initrd_mb < 20 else 1536
+
+
 def check_prerequisites(testos: Path) -> None:
     if os.geteuid() != 0:
         raise DemoError("the virtual lab builds network namespaces: run it as root (sudo)")
@@ -276,8 +283,8 @@ def check_prerequisites(testos: Path) -> None:
     for name in ("vmlinuz", "initrd"):
         if not (testos / name).is_file():
             raise DemoError(
-                f"no test OS at {testos / name}: build it with scripts/build-testos.sh {testos} "
-                "(sudo ./build.sh demo does)"
+                f"no {testos / name}: build the OSIE with sudo ./build.sh osie, or the test OS "
+                f"with scripts/build-testos.sh {testos} (sudo ./build.sh demo does one of them)"
             )
 
 
@@ -314,7 +321,7 @@ def run(args: argparse.Namespace) -> int:
         for machine in machines:
             machine.vm = vm.start_vm(
                 segment, machine.name, machine.mac, firmware=machine.firmware, pxe=machine.pxe,
-                workdir=workdir,
+                workdir=workdir, memory_mb=memory_for(testos),
             )  # fmt: skip
             machine.stage = "on"
             if machine.vm.qmp != qmp_socket(workdir, machine):
@@ -380,5 +387,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--power-cycle", action="store_true",
                         help="once all are up, run pixiebox lab down, then lab up (the lab "
                         "boots a second time, powered on by Wake-on-LAN)")  # fmt: skip
-    parser.add_argument("--testos", default="out/testos",
-                        help="directory with the test OS's vmlinuz and initrd")  # fmt: skip
+    parser.add_argument("--os", "--testos", dest="testos", default="out/testos",
+                        help="directory with the vmlinuz and initrd the machines boot: out/osie "
+                        "(the real OSIE, ./build.sh osie) or out/testos (the small test OS; "
+                        "default)")  # fmt: skip

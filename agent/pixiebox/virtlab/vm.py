@@ -194,14 +194,16 @@ def start_vm(
     append: str = "",
     workdir: Path,
     powered_on: bool = True,
+    disk: Path | None = None,
 ) -> VM:
     """Start a VM whose one NIC (virtio-net-pci, ``mac``) is on ``segment``, powered on
     unless ``powered_on`` is False (then QMP ``cont``, the qemu power driver's ``on``, or a
     Wake-on-LAN packet through wake.py starts it).
 
     Without ``kernel`` it network-boots (``pxe``); with it QEMU loads ``kernel``, ``initrd``
-    and ``append`` directly (the firmware still runs).  Files go to ``workdir``:
-    ``NAME-console.log``, ``NAME-qemu.log``, the QMP socket ``NAME.qmp`` and, for UEFI,
+    and ``append`` directly (the firmware still runs). With ``disk`` (a raw or qcow2 image on a
+    virtio disk) it boots from that disk, as the appliance does from its USB stick. Files go to
+    ``workdir``: ``NAME-console.log``, ``NAME-qemu.log``, the QMP socket ``NAME.qmp`` and, for UEFI,
     ``NAME-OVMF_VARS.fd``.
     """
     mac = mac.lower()
@@ -258,7 +260,15 @@ def start_vm(
             "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
             "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}",
         ]  # fmt: skip
-    if kernel is not None:
+    if disk is not None:
+        with disk.open("rb") as header:
+            image_format = "qcow2" if header.read(4) == b"QFI\xfb" else "raw"
+        argv += [
+            "-drive", f"file={disk},format={image_format},if=none,id=disk0,cache=unsafe",
+            "-device", "virtio-blk-pci,drive=disk0,bootindex=1",
+            "-device", nic,
+        ]  # fmt: skip
+    elif kernel is not None:
         argv += ["-device", nic, "-kernel", str(kernel)]
         if initrd is not None:
             argv += ["-initrd", str(initrd)]
