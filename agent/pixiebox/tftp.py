@@ -490,7 +490,7 @@ class TftpServer:
             for _ in range(4):
                 if existing.done:
                     break
-                self._on_readable(existing)
+                self._on_readable(existing, self._now())
             if not existing.done:
                 log.debug("%s:%d repeated its request; its transfer answers it", ip, port)
                 return
@@ -753,7 +753,7 @@ class TftpServer:
             self._send_oack(transfer)  # the client answers with ACK 0 (RFC 2347)
         else:
             transfer.acked = 0  # plain RFC 1350: DATA 1 answers the request
-            self._send_window(transfer)
+            self._send_window(transfer, self._now())
         if not transfer.done:
             transfer.timer = loop.call_at(transfer.deadline, self._on_timer, transfer)
 
@@ -767,7 +767,7 @@ class TftpServer:
         except OSError as exc:
             self._socket_error(transfer, exc)
 
-    def _send_window(self, transfer: _Transfer) -> None:
+    def _send_window(self, transfer: _Transfer, now: float) -> None:
         """Send the blocks after `transfer.sent` up to a window past the last acknowledged one.
 
         Lockstep (RFC 1350) is a window of 1. Only the timer ever sends a block again: answering
@@ -796,7 +796,7 @@ class TftpServer:
                 return
             t.sent = block
             block += 1
-        t.deadline = self._now() + t.timeout
+        t.deadline = now + t.timeout
 
     def _read_ahead(self, transfer: _Transfer, block: int) -> bool:
         """Read up to `chunk` blocks from `block` on into the buffer; False if the transfer
@@ -832,11 +832,14 @@ class TftpServer:
         if epoll is None:
             return
         by_fd = self._by_fd
-        until = time.monotonic() + _PUMP_SECONDS
+        until = self._now() + _PUMP_SECONDS
         while True:
             events = epoll.poll(0, _BATCH)
             if not events:
                 return
+            now = self._now()  # once per round: resend deadlines need no finer clock
+            if now >= until:
+                return  # the loop calls again while a socket is still readable
             for fd, _ in events:
                 transfer = by_fd.get(fd)
                 if transfer is None:
@@ -845,16 +848,16 @@ class TftpServer:
                         self._on_stray(transfer)
                     continue
                 try:
-                    self._on_readable(transfer)
+                    self._on_readable(transfer, now)
                 except Exception:
                     # Whatever one transfer does, the other machines keep booting.
                     self.stats["internal_error"] += 1
                     log.exception("TFTP internal error in the transfer of %s", transfer.path)
                     self._finish(transfer, "aborted", "internal error", logging.ERROR)
-            if self._epoll is None or time.monotonic() >= until:
-                return  # the loop calls again while a socket is still readable
+            if self._epoll is None:
+                return
 
-    def _on_readable(self, transfer: _Transfer) -> None:
+    def _on_readable(self, transfer: _Transfer, now: float) -> None:
         """One datagram from the client. One per call: lockstep rarely has a second queued,
         and _pump comes back while the socket stays readable."""
         t = transfer
@@ -878,12 +881,30 @@ class TftpServer:
                 if t.acked >= t.blocks:
                     self._finish(t, "sent", "", logging.INFO)
                     return
+                block = t.acked + 1
+                slot = block - t.first
+                if t.sent == t.acked and t.window == 1 and 0 <= slot < t.valid:
+                    # Lockstep with the block already read ahead: _send_window written out,
+                    # for what nearly every packet of a transfer takes.
+                    start = slot * t.blksize
+                    _DATA_HEADER.pack_into(t.buf, start, DATA, block & 0xFFFF)
+                    size = min(t.blksize, t.source.size - t.acked * t.blksize)
+                    t.deadline = now + t.timeout
+                    try:
+                        t.sock.send(t.buf[start : start + 4 + size])
+                    except BlockingIOError:
+                        return  # as if lost: the timer sends it again
+                    except OSError as exc:
+                        self._socket_error(t, exc)
+                        return
+                    t.sent = block
+                    return
                 if t.sent != t.acked:
                     # RFC 7440 section 4: an ACK short of the window's end means the blocks
                     # after it were lost; the next window starts right after it.
                     t.sent = t.acked
                     t.valid = 0  # their headers overwrote the read-ahead: read it again
-                self._send_window(t)
+                self._send_window(t, now)
             elif ahead == 0 and t.window > 1 and t.sent > t.acked and t.rewound != t.acked:
                 # RFC 7440 section 4: the client saw a gap right after the block it
                 # acknowledged before (or its timer ran out): the window again from there,
@@ -892,7 +913,7 @@ class TftpServer:
                 t.rewound = t.acked
                 t.sent = t.acked
                 t.valid = 0
-                self._send_window(t)
+                self._send_window(t, now)
             return
         reply = parse_reply(bytes(data[:n]))
         if reply is not None and reply[0] == ERROR:
@@ -963,7 +984,7 @@ class TftpServer:
         else:
             t.sent = t.acked  # the whole window again, from the first unacknowledged block
             t.valid = 0
-            self._send_window(t)
+            self._send_window(t, self._now())
         if not t.done:
             t.timer = loop.call_at(t.deadline, self._on_timer, t)
 
