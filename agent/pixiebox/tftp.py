@@ -7,10 +7,11 @@ Why not a library: tftpy 0.8.7 (used here before) builds packet objects, re-pars
 goes through a state object for every block. Measured over veth on a 2-core machine it took
 1.5x tftpd-hpa's time for one 1 MiB download and 2.8x with 20 at once, and moved 0.44x
 dnsmasq's MiB/s to 20 clients; its own `listen()` also died on one malformed request. A lab
-boots all at once, so the hot path is written out here, small: a DATA packet is a header packed
-into a per-transfer buffer, a block read into it with os.preadv and one sendto; an ACK is four
-bytes read into another buffer; timeouts are one lazily re-armed timer per transfer, not one
-per packet.
+boots all at once, so the hot path is written out here, small: DATA is a header packed in front
+of a block already read ahead (one os.preadv per 64 KiB) and one send; an ACK is four bytes read
+into a reused buffer; resend timeouts are one lazily re-armed timer per transfer, not one per
+packet; and all transfer sockets sit in one epoll set of their own that the event loop watches
+as a single file (see _pump).
 
 Every transfer has its own port (RFC 1350 section 4: the server's TID) with two sockets on it:
 one connect()ed to the client, which carries the transfer with plain send/recv (no address to
@@ -37,24 +38,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, NamedTuple
 
+from .tftp_packets import (
+    ACK,
+    DATA,
+    DEFAULT_BLKSIZE,
+    ERR_ACCESS,
+    ERR_ILLEGAL,
+    ERR_NOT_FOUND,
+    ERR_UNDEFINED,
+    ERR_UNKNOWN_TID,
+    ERROR,
+    WRQ,
+    Refused,
+    error_packet,
+    negotiate,
+    normalise,
+    oack_packet,
+    parse_reply,
+    parse_request,
+    printable,
+)
+
 log = logging.getLogger("pixiebox.tftp")
 
 TFTP_PORT = 69
 
-# RFC 1350 section 5: opcodes and error codes (8 is RFC 2347's "options refused").
-RRQ, WRQ, DATA, ACK, ERROR, OACK = 1, 2, 3, 4, 5, 6
-ERR_UNDEFINED, ERR_NOT_FOUND, ERR_ACCESS, ERR_ILLEGAL, ERR_UNKNOWN_TID = 0, 1, 2, 4, 5
-ERR_OPTIONS = 8
-
-# RFC 2348: a block size is 8..65464 octets; 65464 keeps a DATA packet inside one IPv4 datagram.
-MIN_BLKSIZE = 8
-MAX_BLKSIZE = 65464
-DEFAULT_BLKSIZE = 512
-# RFC 7440 allows 1..65535 blocks in flight; more than this only floods a firmware's small
-# receive ring (EDK2 asks for 4) and a lost block then costs the whole window again.
-MAX_WINDOWSIZE = 16
-# IPv4 (20) + UDP (8) + TFTP DATA header (4): a block this much under the MTU is never fragmented.
-_HEADERS = 32
 #: Seconds before unacknowledged DATA is sent again; a client may ask for another (RFC 2349).
 RESEND_AFTER = 1.0
 #: Unanswered resends before a transfer is given up.
@@ -102,13 +110,6 @@ class TftpEvent:
     path: str
     size: int | None
     reason: str
-
-
-class _Refused(Exception):
-    def __init__(self, code: int, why: str) -> None:
-        super().__init__(why)
-        self.code = code
-        self.why = why
 
 
 class _NotFound(Exception):
@@ -178,111 +179,6 @@ class _Transfer:
 
 
 # --------------------------------------------------------------------------- requests
-
-
-def parse_request(data: bytes) -> tuple[int, str, str, dict[str, str]]:
-    """(opcode, file name, mode, options) of an RRQ or WRQ; ValueError if it is neither.
-
-    RFC 1350 section 5: opcode, then NUL-terminated file name and mode; RFC 2347 adds
-    NUL-terminated option/value pairs whose names are case-insensitive. The file name is kept
-    byte for byte (os.fsdecode) so it maps onto the disk as sent."""
-    if len(data) < 4:
-        raise ValueError(f"{len(data)}-byte packet")
-    opcode = int.from_bytes(data[:2], "big")
-    if opcode not in (RRQ, WRQ):
-        raise ValueError(f"opcode {opcode} on the request port")
-    fields = data[2:].split(b"\0")
-    if len(fields) < 3 or fields[-1] != b"":
-        raise ValueError("file name and mode are not NUL-terminated")
-    name, mode, *rest = fields[:-1]
-    pairs = zip(rest[0::2], rest[1::2], strict=False)  # an unpaired trailing field is ignored
-    options = {k.decode("ascii", "replace").lower(): v.decode("ascii", "replace") for k, v in pairs}
-    return opcode, os.fsdecode(name), mode.decode("ascii", "replace").lower(), options
-
-
-def normalise(name: str) -> str:
-    """The requested name as a path relative to a served directory, or _Refused.
-
-    Windows clients send `\\` (FIRMWARE-QUIRKS #18, dnsmasq src/tftp.c); firmware often asks for
-    `/ipxe.efi`, meaning the root, not the disk's `/`. A `..` component is refused outright,
-    even one that would stay inside: no boot loader needs it."""
-    parts = [part for part in name.replace("\\", "/").split("/") if part not in ("", ".")]
-    if ".." in parts:
-        raise _Refused(ERR_ACCESS, "the path contains '..'")
-    if not parts:
-        raise _Refused(ERR_ACCESS, "the name is empty or a directory")
-    return "/".join(parts)
-
-
-def printable(name: str) -> str:
-    """`name` safe for one log line: undecodable bytes and control characters escaped."""
-    text = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
-
-
-def negotiate(
-    options: dict[str, str], size: int, mtu: int | None
-) -> tuple[dict[str, str], float | None]:
-    """The options to acknowledge in an OACK, and the client's timeout if it asked for one.
-
-    RFC 2347: a server acknowledges only what it accepts; unknown or malformed options are
-    left out, and with nothing left it answers as plain RFC 1350 (DATA 1, no OACK)."""
-    accepted: dict[str, str] = {}
-    timeout: float | None = None
-    blksize = _int(options.get("blksize"))
-    if blksize is not None and blksize >= MIN_BLKSIZE:
-        # RFC 2348 lets the server answer smaller. Blocks that fit the path MTU are never
-        # IP-fragmented, which firmware handles badly (FIRMWARE-QUIRKS #16: QEMU's UEFI needs
-        # <= 1024 on a small MTU; dnsmasq src/tftp.c caps at MTU - 32 the same way).
-        limit = MAX_BLKSIZE if mtu is None else max(MIN_BLKSIZE, min(MAX_BLKSIZE, mtu - _HEADERS))
-        accepted["blksize"] = str(min(blksize, limit))
-    if "tsize" in options:
-        # RFC 2349: a reading client sends 0 and the OACK carries the size. EDK2 asks this
-        # way and then aborts with ERROR 8 (FIRMWARE-QUIRKS #17): see _peer_error.
-        accepted["tsize"] = str(size)
-    seconds = _int(options.get("timeout"))
-    if seconds is not None and 1 <= seconds <= 255:  # RFC 2349: 1..255, echoed as asked
-        accepted["timeout"] = str(seconds)
-        timeout = float(seconds)
-    window = _int(options.get("windowsize"))
-    if window is not None and window >= 1:  # RFC 7440: 1..65535; the server may answer less
-        accepted["windowsize"] = str(min(window, MAX_WINDOWSIZE))
-    return accepted, timeout
-
-
-def _int(value: str | None) -> int | None:
-    if value is None:
-        return None
-    try:
-        return int(value.strip())
-    except ValueError:
-        return None
-
-
-def error_packet(code: int, message: str) -> bytes:
-    """An ERROR packet (RFC 1350 section 5)."""
-    return struct.pack("!HH", ERROR, code) + message.encode("ascii", "replace") + b"\0"
-
-
-def oack_packet(options: dict[str, str]) -> bytes:
-    """An OACK (RFC 2347): NUL-terminated option names and values, in the client's order."""
-    fields = b"".join(f"{key}\0{value}\0".encode("ascii") for key, value in options.items())
-    return _U16.pack(OACK) + fields
-
-
-def parse_reply(data: bytes) -> tuple[int, int, str] | None:
-    """(opcode, number, text) of what a client sends on a transfer's port, None if it is
-    neither an ACK nor an ERROR or too short to be one.
-
-    ACK: (4, block, ""); ERROR: (5, code, message). The message is optional in practice
-    (EDK2 and iPXE send bare codes, some clients leave off the NUL) and is made printable."""
-    if len(data) < 4 or data[0] != 0 or data[1] not in (ACK, ERROR):
-        return None
-    number = data[2] << 8 | data[3]
-    if data[1] == ACK:
-        return ACK, number, ""
-    message = data[4:].split(b"\0", 1)[0]
-    return ERROR, number, printable(os.fsdecode(message))
 
 
 def human_size(size: int) -> str:
@@ -511,7 +407,7 @@ class TftpServer:
         try:
             path = normalise(raw_name)
             source = self._lookup(path, ip)
-        except _Refused as refused:
+        except Refused as refused:
             self._refuse(ip, port, local_ip, shown, refused.code, refused.why)
             return
         except _NotFound as missing:
@@ -551,7 +447,7 @@ class TftpServer:
 
     @staticmethod
     def _open(base: Path, relative: str, *, follow_links: bool = False) -> _Source | None:
-        """The file `relative` under `base`, None if absent, _Refused if it leads elsewhere.
+        """The file `relative` under `base`, None if absent, Refused if it leads elsewhere.
 
         realpath before opening catches a symlink leaving `base` even when its target is
         missing; /proc/self/fd after opening names the file actually opened, so a link swapped
@@ -569,26 +465,26 @@ class TftpServer:
             else (os.path.realpath(full))
         )
         if not _inside(real, base_real):
-            raise _Refused(ERR_ACCESS, f"{shown} leads outside {base} (to {printable(real)})")
+            raise Refused(ERR_ACCESS, f"{shown} leads outside {base} (to {printable(real)})")
         try:
             # O_NONBLOCK: a FIFO planted in the root must not hang the server on open.
             fd = os.open(full, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
         except (FileNotFoundError, NotADirectoryError):
             return None
         except PermissionError:
-            raise _Refused(ERR_ACCESS, f"{shown} is not readable") from None
+            raise Refused(ERR_ACCESS, f"{shown} is not readable") from None
         except OSError as exc:
-            raise _Refused(ERR_ACCESS, f"{shown} cannot be opened: {exc.strerror}") from None
+            raise Refused(ERR_ACCESS, f"{shown} cannot be opened: {exc.strerror}") from None
         try:
             with contextlib.suppress(FileNotFoundError):  # no /proc: the realpath check stands
                 opened = os.readlink(f"/proc/self/fd/{fd}")
                 if not follow_links and not _inside(opened, base_real):
-                    raise _Refused(
+                    raise Refused(
                         ERR_ACCESS, f"{shown} leads outside {base} (to {printable(opened)})"
                     )
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
-                raise _Refused(ERR_ACCESS, f"{shown} is not a regular file")
+                raise Refused(ERR_ACCESS, f"{shown} is not a regular file")
             # A regular file never blocks; os.preadv reads it at an offset, so one fd serves a
             # transfer without a Python file object and its buffer copies.
             os.set_blocking(fd, True)

@@ -1,0 +1,141 @@
+"""TFTP packets and names: the parsing half of pixiebox.tftp, kept apart so it can be read
+(and fuzzed) on its own.
+
+RFC 1350 (RRQ/WRQ, DATA, ACK, ERROR), RFC 2347 (option negotiation and OACK), RFC 2348
+(blksize), RFC 2349 (tsize, timeout), RFC 7440 (windowsize).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+# RFC 1350 section 5: opcodes and error codes (8 is RFC 2347's "options refused").
+RRQ, WRQ, DATA, ACK, ERROR, OACK = 1, 2, 3, 4, 5, 6
+ERR_UNDEFINED, ERR_NOT_FOUND, ERR_ACCESS, ERR_ILLEGAL, ERR_UNKNOWN_TID = 0, 1, 2, 4, 5
+ERR_OPTIONS = 8
+
+# RFC 2348: a block size is 8..65464 octets; 65464 keeps a DATA packet inside one IPv4 datagram.
+MIN_BLKSIZE = 8
+MAX_BLKSIZE = 65464
+DEFAULT_BLKSIZE = 512
+# RFC 7440 allows 1..65535 blocks in flight; more than this only floods a firmware's small
+# receive ring (EDK2 asks for 4) and a lost block then costs the whole window again.
+MAX_WINDOWSIZE = 16
+# IPv4 (20) + UDP (8) + TFTP DATA header (4): a block this much under the MTU is never fragmented.
+_HEADERS = 32
+_U16 = struct.Struct("!H")
+
+
+class Refused(Exception):
+    """A request that gets an ERROR `code` (access violation, illegal operation) for `why`."""
+
+    def __init__(self, code: int, why: str) -> None:
+        super().__init__(why)
+        self.code = code
+        self.why = why
+
+
+def parse_request(data: bytes) -> tuple[int, str, str, dict[str, str]]:
+    """(opcode, file name, mode, options) of an RRQ or WRQ; ValueError if it is neither.
+
+    RFC 1350 section 5: opcode, then NUL-terminated file name and mode; RFC 2347 adds
+    NUL-terminated option/value pairs whose names are case-insensitive. The file name is kept
+    byte for byte (os.fsdecode) so it maps onto the disk as sent."""
+    if len(data) < 4:
+        raise ValueError(f"{len(data)}-byte packet")
+    opcode = int.from_bytes(data[:2], "big")
+    if opcode not in (RRQ, WRQ):
+        raise ValueError(f"opcode {opcode} on the request port")
+    fields = data[2:].split(b"\0")
+    if len(fields) < 3 or fields[-1] != b"":
+        raise ValueError("file name and mode are not NUL-terminated")
+    name, mode, *rest = fields[:-1]
+    pairs = zip(rest[0::2], rest[1::2], strict=False)  # an unpaired trailing field is ignored
+    options = {k.decode("ascii", "replace").lower(): v.decode("ascii", "replace") for k, v in pairs}
+    return opcode, os.fsdecode(name), mode.decode("ascii", "replace").lower(), options
+
+
+def normalise(name: str) -> str:
+    """The requested name as a path relative to a served directory, or _Refused.
+
+    Windows clients send `\\` (FIRMWARE-QUIRKS #18, dnsmasq src/tftp.c); firmware often asks for
+    `/ipxe.efi`, meaning the root, not the disk's `/`. A `..` component is refused outright,
+    even one that would stay inside: no boot loader needs it."""
+    parts = [part for part in name.replace("\\", "/").split("/") if part not in ("", ".")]
+    if ".." in parts:
+        raise Refused(ERR_ACCESS, "the path contains '..'")
+    if not parts:
+        raise Refused(ERR_ACCESS, "the name is empty or a directory")
+    return "/".join(parts)
+
+
+def printable(name: str) -> str:
+    """`name` safe for one log line: undecodable bytes and control characters escaped."""
+    text = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+
+
+def negotiate(
+    options: dict[str, str], size: int, mtu: int | None
+) -> tuple[dict[str, str], float | None]:
+    """The options to acknowledge in an OACK, and the client's timeout if it asked for one.
+
+    RFC 2347: a server acknowledges only what it accepts; unknown or malformed options are
+    left out, and with nothing left it answers as plain RFC 1350 (DATA 1, no OACK)."""
+    accepted: dict[str, str] = {}
+    timeout: float | None = None
+    blksize = _int(options.get("blksize"))
+    if blksize is not None and blksize >= MIN_BLKSIZE:
+        # RFC 2348 lets the server answer smaller. Blocks that fit the path MTU are never
+        # IP-fragmented, which firmware handles badly (FIRMWARE-QUIRKS #16: QEMU's UEFI needs
+        # <= 1024 on a small MTU; dnsmasq src/tftp.c caps at MTU - 32 the same way).
+        limit = MAX_BLKSIZE if mtu is None else max(MIN_BLKSIZE, min(MAX_BLKSIZE, mtu - _HEADERS))
+        accepted["blksize"] = str(min(blksize, limit))
+    if "tsize" in options:
+        # RFC 2349: a reading client sends 0 and the OACK carries the size. EDK2 asks this
+        # way and then aborts with ERROR 8 (FIRMWARE-QUIRKS #17): see _peer_error.
+        accepted["tsize"] = str(size)
+    seconds = _int(options.get("timeout"))
+    if seconds is not None and 1 <= seconds <= 255:  # RFC 2349: 1..255, echoed as asked
+        accepted["timeout"] = str(seconds)
+        timeout = float(seconds)
+    window = _int(options.get("windowsize"))
+    if window is not None and window >= 1:  # RFC 7440: 1..65535; the server may answer less
+        accepted["windowsize"] = str(min(window, MAX_WINDOWSIZE))
+    return accepted, timeout
+
+
+def _int(value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(value.strip())
+    except ValueError:
+        return None
+
+
+def error_packet(code: int, message: str) -> bytes:
+    """An ERROR packet (RFC 1350 section 5)."""
+    return struct.pack("!HH", ERROR, code) + message.encode("ascii", "replace") + b"\0"
+
+
+def oack_packet(options: dict[str, str]) -> bytes:
+    """An OACK (RFC 2347): NUL-terminated option names and values, in the client's order."""
+    fields = b"".join(f"{key}\0{value}\0".encode("ascii") for key, value in options.items())
+    return _U16.pack(OACK) + fields
+
+
+def parse_reply(data: bytes) -> tuple[int, int, str] | None:
+    """(opcode, number, text) of what a client sends on a transfer's port, None if it is
+    neither an ACK nor an ERROR or too short to be one.
+
+    ACK: (4, block, ""); ERROR: (5, code, message). The message is optional in practice
+    (EDK2 and iPXE send bare codes, some clients leave off the NUL) and is made printable."""
+    if len(data) < 4 or data[0] != 0 or data[1] not in (ACK, ERROR):
+        return None
+    number = data[2] << 8 | data[3]
+    if data[1] == ACK:
+        return ACK, number, ""
+    message = data[4:].split(b"\0", 1)[0]
+    return ERROR, number, printable(os.fsdecode(message))
