@@ -2,7 +2,8 @@
 # Pixiebox build pipeline.
 #
 #   sudo ./build.sh demo     set up, then run the virtual lab: QEMU machines PXE-boot from Pixiebox
-#                            (--machines N, --timeout S, --keep; Ctrl-C removes everything)
+#                            (--machines N, --timeout S, --keep, --power-cycle; Ctrl-C removes
+#                            everything; --appliance boots the appliance image as the lab's VM)
 #   sudo ./build.sh serve    set up, then run the agent on config/lab.toml (PIXIEBOX_CONFIG overrides)
 #   sudo ./build.sh test     set up, then run linters and the whole test suite (what CI runs)
 #   sudo ./build.sh setup    install system packages and the Python environment only
@@ -31,6 +32,7 @@ APT_PACKAGES=(
     qemu-system-x86 ovmf ipxe-qemu kmod cpio  # VM tests; depmod + cpio build the test OS
     openssh-server openipmi  # power tests: a real sshd, and ipmi_sim as the BMC
     jq e2fsprogs fdisk shellcheck  # OSIE script tests: jq, mkfs/e2fsck on loop disks, sfdisk
+    mtools  # image tests and demo --appliance write lab.toml onto the appliance's FAT partition
 )
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
@@ -86,6 +88,12 @@ cmd_demo() {
     need_root demo "the virtual lab builds network namespaces and runs QEMU"
     setup_system
     setup_python ""
+    # --appliance boots out/appliance/appliance.raw as the lab's appliance VM.
+    case " $* " in
+        *" --appliance "*)
+            [ -f "$ROOT/out/appliance/appliance.raw" ] || cmd_appliance
+            exec "$VENV/bin/pixiebox" demo "$@" ;;
+    esac
     # The real OSIE once `build.sh osie` (or all, or test) built it; else the small test OS.
     if [ -f "$ROOT/out/osie/initrd" ]; then
         say "the machines boot the OSIE from out/osie (./build.sh osie rebuilds it)"
@@ -339,5 +347,5 @@ case "${1:-}" in
     demo) shift; cmd_demo "$@" ;;
     test) shift; cmd_test "$@" ;;
     bench) shift; cmd_bench "$@" ;;
-    *) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+    *) sed -n '2,/^# Needs Debian/p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

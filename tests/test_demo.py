@@ -35,13 +35,15 @@ def run_demo(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
+@pytest.mark.timeout(1600)
 def test_build_sh_demo_boots_two_machines_and_removes_everything(demo_require: None) -> None:
     before = demo_namespaces()
-    result = run_demo("--machines", "2", "--timeout", "300", timeout=600)
+    # The real OSIE when build.sh built it (build.sh test does), else the small test OS.
+    result = run_demo("--machines", "2", "--timeout", "900", timeout=1500)
     out = result.stdout
     assert result.returncode == 0, f"{out[-4000:]}\n{result.stderr[-4000:]}"
     for name, label in (("node1", "BIOS, iPXE ROM"), ("node2", "UEFI, native PXE")):
-        row = re.search(rf"^{name} \({label}\)\s+(\S+)\s+(10\.88\.0\.\d+)/24\s+([\d.]+) s$", out,
+        row = re.search(rf"^{name} \({label}\)\s+(\S+)\s+(10\.88\.0\.\d+)\s+([\d.]+) s$", out,
                         re.M)  # fmt: skip
         assert row, out[-3000:]
         print(f"\n{name} ({label}): power-on to up in {row.group(3)} s")

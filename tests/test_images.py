@@ -26,11 +26,11 @@ import pytest
 import vmlab
 from pixiebox.appliance import FALLBACK_NETWORK, network_unit, prepare
 from pixiebox.config import LabConfig
+from pixiebox.virtlab import appliance_lab
 
 REPO = Path(__file__).resolve().parent.parent
 APPLIANCE_RAW = REPO / "out" / "appliance" / "appliance.raw"
 OSIE = REPO / "out" / "osie"
-ESP_OFFSET = "1M"  # mkosi.repart/00-esp.conf: the first partition, at 1 MiB
 
 SUBNET = "10.78.0.0/24"
 APPLIANCE_IP = "10.78.0.2"
@@ -172,24 +172,11 @@ ip = "{NODE_IP}"
 
 
 def flash(images: tuple[Path, Path], workdir: Path, lab_toml: str) -> Path:
-    """A copy of the appliance image with this lab.toml on its FAT partition (mtools)."""
+    """A copy of the appliance image with this lab.toml on its FAT partition (mtools), as a
+    user writes it from a laptop; the same helper `pixiebox demo --appliance` uses."""
     disk = workdir / "stick.raw"
-    subprocess.run(["cp", "--sparse=always", str(images[0]), str(disk)], check=True, timeout=300)
-    lab = workdir / "lab.toml"
-    lab.write_text(lab_toml, encoding="utf-8")
-    subprocess.run(
-        ["mcopy", "-o", "-i", f"{disk}@@{ESP_OFFSET}", str(lab), "::/pixiebox/lab.toml"],
-        check=True,
-        timeout=60,
-    )
-    shown = subprocess.run(
-        ["mtype", "-i", f"{disk}@@{ESP_OFFSET}", "::/pixiebox/lab.toml"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    )
-    assert shown.stdout.replace("\r\n", "\n") == lab_toml
+    appliance_lab.flash(images[0], disk, lab_toml)
+    assert appliance_lab.read_lab_toml(disk) == lab_toml
     return disk
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -26,28 +27,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-from . import netns, vm, wake
+from . import appliance_lab, netns, vm, wake
 
 SUBNET = "10.88.0.0/24"
 ROUTER_IP = "10.88.0.1"
 AGENT_IP = "10.88.0.2"
 ROUTER_RANGE = ("10.88.0.100", "10.88.0.199")
 READY = "Pixiebox serving"
-UP = "PIXIEBOX-TESTOS: up"
 DEMO_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPixieboxDemoKeyReplaceMe demo@pixiebox"
 
 #: The stages a machine goes through, each with how it is recognised: (source, text). "agent"
 #: lines are the agent's log lines that name the machine; "console" is the VM's serial console.
-#: Read from the agent's log for now; the events API replaces this once it exists.
+#: The same for the real OSIE and the small test OS (which fetches no metadata: that stage is
+#: then skipped); `up` is the phone-home both send.
 STAGES: tuple[tuple[str, str, str], ...] = (
     ("DHCP", "agent", "asked to boot; sent proxy"),
     ("TFTP", "agent", "over TFTP in"),  # UEFI's own PXE client fetching ipxe.efi
     ("script", "agent", "fetched its iPXE script"),
     ("kernel", "agent", "received the kernel"),
     ("initrd", "agent", "received the initrd"),
-    ("OS", "console", "PIXIEBOX-TESTOS: started"),
-    ("address", "console", "PIXIEBOX-TESTOS: address"),
-    ("up", "console", UP),
+    ("OS", "console", "Run /init as init process"),
+    ("metadata", "agent", "fetched its metadata"),
+    ("up", "agent", "phoned home"),
 )
 
 
@@ -192,6 +193,9 @@ class Display:
         self._drawn = len(lines)
 
 
+_PHONED_HOME = re.compile(r", ([\d.]+)\) phoned home")
+
+
 def follow(machines: list[Machine], agent_log: Path, display: Display) -> None:
     """Advance each machine's stage from the agent's log and its console."""
     try:
@@ -211,10 +215,9 @@ def follow(machines: list[Machine], agent_log: Path, display: Display) -> None:
                 machine.seconds[stage] = seconds
                 machine.stage = stage
                 display.change(machine, stage, seconds)
-        if not machine.address and "address" in machine.seconds:
-            for line in console.splitlines():
-                if line.startswith("PIXIEBOX-TESTOS: address "):
-                    machine.address = line.split()[2]
+        if not machine.address and "up" in machine.seconds:
+            found = _PHONED_HOME.search(mine)
+            machine.address = found.group(1) if found else ""
 
 
 def summary(machines: list[Machine]) -> str:
@@ -289,6 +292,13 @@ def check_prerequisites(testos: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.appliance:
+        if os.geteuid() != 0:
+            raise DemoError("the virtual lab builds network namespaces: run it as root (sudo)")
+        try:
+            return appliance_lab.run(args, user_keys())
+        except appliance_lab.ApplianceError as exc:
+            raise DemoError(str(exc)) from None
     testos = Path(args.testos)
     check_prerequisites(testos)
     machines = plan(args.machines)
@@ -378,6 +388,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--appliance", action="store_true",
+                        help="boot the appliance disk image itself as a VM (lab.toml written "
+                        "onto its FAT partition) and the machines from it")  # fmt: skip
+    parser.add_argument("--appliance-image", default="out/appliance/appliance.raw",
+                        help="the image for --appliance (./build.sh appliance)")  # fmt: skip
     parser.add_argument("--machines", type=int, default=2, choices=range(1, 11),
                         metavar="N", help="how many QEMU machines (1-10, default 2)")  # fmt: skip
     parser.add_argument("--timeout", type=float, default=300.0,
