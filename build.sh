@@ -215,14 +215,15 @@ setup_images() {
 # checksum file its project publishes, and the sha256 to pin is printed.
 fetch_upstream() { # NAME DEST
     local name=$1 dest=$2 version url sha checksums file
-    read -r version url sha checksums < <(awk -v n="$name" '$1 == n { print $2, $3, $4, $5 }' image/upstream.txt)
-    [ -n "$url" ] || die "image/upstream.txt has no entry for $name"
-    file="$IMAGE_CACHE/upstream/$name-$version"
+    local list=${PIXIEBOX_UPSTREAM_FILE:-image/upstream.txt}
+    read -r version url sha checksums < <(awk -v n="$name" '$1 == n { print $2, $3, $4, $5 }' "$list")
+    [ -n "$url" ] || die "$list has no entry for $name"
+    file="$IMAGE_CACHE/upstream/$name-$version-$(echo "$url" | sha256sum | cut -c1-12)"
     mkdir -p "$IMAGE_CACHE/upstream"
     if [ ! -s "$file" ]; then
         if ! curl -fsSL --connect-timeout 10 --max-time 600 -o "$file.part" "$url" 2>"$file.err"; then
             rm -f "$file.part"
-            local why; why=$(tr '\n' ' ' <"$file.err" | sed 's/curl: ([0-9]*) //')
+            local why; why=$(tr '\n' ' ' <"$file.err" | sed 's/curl: ([0-9]*) //; s/ *$//')
             if [ -n "$REQUIRE_UPSTREAM" ]; then
                 die "$name $version: cannot download $url ($why) and --require-upstream is set"
             fi
