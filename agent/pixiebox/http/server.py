@@ -180,8 +180,8 @@ class _Capture:
 _BIG_SEND = 1 << 20
 #: The send buffer asked for them. The event loop's sendfile runs one os.sendfile per time the
 #: socket is writable, each a turn of the Python loop (a wake-up, add/remove of the writer);
-#: the default buffer starts at 16 KiB and grows slowly, so a 100 MiB initrd took hundreds of
-#: turns and reached ~0.75x nginx's MiB/s, which pays the same turns in C.
+#: the default buffer starts at 16 KiB and grows, so a 100 MiB initrd takes many turns; it
+#: reached ~0.75x nginx's MiB/s without this and ~0.85x with it (bench/RESULTS.md).
 _SEND_BUFFER = 4 << 20
 _SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)  # linux/socket.h; Python 3.11 lacks it
 
