@@ -42,13 +42,19 @@ need_root() {
     [ "$(id -u)" -eq 0 ] || die "run as root (sudo ./build.sh $1): $2"
 }
 
+missing_packages() { # PACKAGE[=VERSION]... -> those not installed, one per line
+    local pkg
+    for pkg in "$@"; do
+        dpkg-query -W -f='${Status}' "${pkg%%=*}" 2>/dev/null | grep -q "install ok installed" \
+            || echo "$pkg"
+    done
+}
+
 setup_system() {
     need_root setup "it installs Debian packages"
     command -v apt-get >/dev/null || die "apt-get not found: Pixiebox is built on Debian (bookworm or newer)"
-    local missing=()
-    for pkg in "${APT_PACKAGES[@]}"; do
-        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
-    done
+    local missing
+    mapfile -t missing < <(missing_packages "${APT_PACKAGES[@]}")
     if [ "${#missing[@]}" -gt 0 ]; then
         say "installing Debian packages: ${missing[*]}"
         export DEBIAN_FRONTEND=noninteractive
@@ -134,10 +140,8 @@ cmd_bench() {
     need_root bench "the benchmark builds network namespaces"
     setup_system
     setup_python ""
-    local missing=()
-    for pkg in "${BENCH_PACKAGES[@]}"; do
-        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
-    done
+    local missing
+    mapfile -t missing < <(missing_packages "${BENCH_PACKAGES[@]}")
     if [ "${#missing[@]}" -gt 0 ]; then
         say "installing the benchmark's peers: ${missing[*]}"
         # The servers must not start as system services (tftpd-hpa and nginx would listen on
@@ -181,11 +185,9 @@ REQUIRE_UPSTREAM=""
 setup_images() {
     need_root "$1" "mkosi builds images as root"
     setup_system
-    local have missing_bpo=()
+    local have missing_bpo
     have=$(dpkg-query -W -f='${Version}' mkosi 2>/dev/null || true)
-    for pkg in "${BACKPORTS_PACKAGES[@]}"; do
-        dpkg-query -W -f='${Status}' "${pkg%%=*}" 2>/dev/null | grep -q "install ok installed" || missing_bpo+=("$pkg")
-    done
+    mapfile -t missing_bpo < <(missing_packages "${BACKPORTS_PACKAGES[@]}")
     if [ "$have" != "$MKOSI_VERSION" ] || [ "${#missing_bpo[@]}" -gt 0 ] || ! command -v bootctl >/dev/null; then
         if [ ! -f "$BACKPORTS_LIST" ] && ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
             say "adding Debian bookworm-backports (for mkosi $MKOSI_VERSION) in $BACKPORTS_LIST"
@@ -198,10 +200,8 @@ setup_images() {
             "${BACKPORTS_PACKAGES[@]}" "${IMAGE_PACKAGES[@]}" >/dev/null \
             || die "installing mkosi $MKOSI_VERSION from bookworm-backports failed (apt-cache policy mkosi shows what is available; if $MKOSI_VERSION is gone from backports, update MKOSI_VERSION in build.sh)"
     fi
-    local missing=()
-    for pkg in "${IMAGE_PACKAGES[@]}"; do
-        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
-    done
+    local missing
+    mapfile -t missing < <(missing_packages "${IMAGE_PACKAGES[@]}")
     if [ "${#missing[@]}" -gt 0 ]; then
         apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
             || die "apt-get install ${missing[*]} failed"

@@ -12,7 +12,6 @@ The images come from out/ (`build.sh test` builds them before pytest; cached).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -32,11 +31,9 @@ REPO = Path(__file__).resolve().parent.parent
 APPLIANCE_RAW = REPO / "out" / "appliance" / "appliance.raw"
 OSIE = REPO / "out" / "osie"
 
-SUBNET = "10.78.0.0/24"
-APPLIANCE_IP = "10.78.0.2"
-LAPTOP_IP = "10.78.0.10"
-NODE_MAC, NODE_IP = "52:54:00:78:00:31", "10.78.0.31"
-APPLIANCE_MAC = "52:54:00:78:00:02"
+APPLIANCE_IP, LAPTOP_IP = appliance_lab.APPLIANCE_IP, appliance_lab.LAPTOP_IP
+APPLIANCE_MAC = appliance_lab.APPLIANCE_MAC
+NODE_MAC, NODE_IP = "52:54:00:89:01:01", "10.89.0.31"
 BOOT_TIMEOUT = 900.0  # the appliance under TCG on a loaded 2-core machine: kernel, systemd, agent
 NODE_TIMEOUT = 600.0  # iPXE, a 12 MB kernel and a 52 MB initrd over TCG, systemd, metadata
 
@@ -149,26 +146,11 @@ def ssh_key(tmp_path: Path) -> tuple[Path, str]:
 
 
 def appliance_lab_toml(public_key: str, *, broken: bool = False) -> str:
-    return f"""# written onto the stick's FAT partition by the test, as a user would from a laptop
-[lab]
-name = "vmlab"
-domain = "lab.test"
-
-[network]
-interface = "eth0"
-server_ip = "{APPLIANCE_IP}"
-subnet = "{SUBNET}"
-dhcp_mode = "{"reservation" if not broken else "reservaton"}"
-dhcp_probe_time = "1s"
-
-[boot]
-ssh_keys = ["{public_key}"]
-
-[[machines]]
-name = "node1"
-mac = "{NODE_MAC}"
-ip = "{NODE_IP}"
-"""
+    """The demo's lab file for one node; `broken` misspells dhcp_mode (line 10)."""
+    machines = [("node1", NODE_MAC, NODE_IP)]
+    return appliance_lab.lab_toml(
+        machines, [public_key], mode="reservaton" if broken else "reservation"
+    )
 
 
 def flash(images: tuple[Path, Path], workdir: Path, lab_toml: str) -> Path:
@@ -181,12 +163,7 @@ def flash(images: tuple[Path, Path], workdir: Path, lab_toml: str) -> Path:
 
 
 def api(laptop: netlab.Host, path: str) -> Any:
-    result = laptop.run(
-        ["curl", "-sf", "--max-time", "10", f"http://{APPLIANCE_IP}:8080{path}"],
-        timeout=20,
-        check=False,
-    )
-    return json.loads(result.stdout) if result.returncode == 0 and result.stdout else None
+    return appliance_lab.api_get(laptop, path)
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float, vm: vmlab.VM) -> Any:
