@@ -189,13 +189,19 @@ def phone_homes(laptop: netlab.Host) -> int:
 
 
 def ssh(
-    laptop: netlab.Host, key: Path, known_hosts: Path, command: str, *, first: bool
+    laptop: netlab.Host,
+    key: Path,
+    known_hosts: Path,
+    command: str,
+    *,
+    first: bool,
+    host: str = NODE_IP,
 ) -> subprocess.CompletedProcess[str]:
     argv = [
         "ssh", "-i", str(key), "-o", f"UserKnownHostsFile={known_hosts}",
         "-o", f"StrictHostKeyChecking={'accept-new' if first else 'yes'}",
         "-o", "BatchMode=yes", "-o", "ConnectTimeout=20",
-        f"root@{NODE_IP}", command,
+        f"root@{host}", command,
     ]  # fmt: skip
     return laptop.run(argv, timeout=60)
 
@@ -233,6 +239,17 @@ def test_appliance_boots_from_disk_and_serves_the_osie_to_a_node_that_keeps_its_
     booted_in = appliance.elapsed()
     console = appliance.console_text()
     assert f"lab.toml is valid; eth0 gets {APPLIANCE_IP}" in console, console[-3000:]
+    # The key from lab.toml lets the user into the appliance too; the API token was made on
+    # this first boot, readable by root only; the agent runs under its hardened unit.
+    inside = ssh(
+        laptop, key, tmp_path / "appliance_known_hosts",
+        "stat -c %a /var/lib/pixiebox/api-token; systemctl is-active pixiebox; "
+        "systemctl show -p ProtectSystem -p NoNewPrivileges --value pixiebox",
+        first=True, host=APPLIANCE_IP,
+    )  # fmt: skip
+    assert inside.returncode == 0, inside.stderr
+    mode, active, *hardening = inside.stdout.split()
+    assert (mode, active, sorted(hardening)) == ("600", "active", ["strict", "yes"]), inside.stdout
 
     node = vmlab.start_vm(
         segment, "node1", NODE_MAC, firmware="bios", memory_mb=1024, workdir=tmp_path / "vms"
