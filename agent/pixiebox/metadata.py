@@ -40,7 +40,6 @@ from .config import LabConfig, MachineSection
 from .identity import IdentityError, IdentityStore, NodeIdentity
 from .inventory import Inventory
 from .netif import neighbour_mac
-from .power.ssh import power_public_key
 from .syslog import SYSLOG_PORT
 from .urls import BootUrls
 
@@ -198,6 +197,10 @@ async def metadata_response(
 
     def power_key() -> str | None:
         # Beside the identities, in [state] dir: made on first use, like the host keys.
+        # Imported here: asyncssh takes a quarter of a second to import, which the agent's
+        # start (DHCP must answer within 1.5 s of it) should not pay for a first metadata call.
+        from .power.ssh import power_public_key
+
         try:
             return power_public_key(identities.root.parent)
         except OSError as exc:
