@@ -31,6 +31,7 @@ import re
 import secrets
 import stat
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,6 +163,28 @@ def _create_file(path: Path, text: str) -> bool:
             os.unlink(temp)
 
 
+def _secret(
+    path: Path, make: Callable[[], str], pattern: re.Pattern[str], what: str, remedy: str
+) -> tuple[str, bool]:
+    """The secret in `path`, made by `make` if the file does not exist yet (whoever creates it
+    first wins, see `_create_file`); (secret, True when this call made it). A file that does
+    not hold one is an error that says how to recover, never silently replaced: nodes and the
+    k3s server already trust what is in it."""
+    text = _read(path)
+    made = False
+    if text is None:
+        made = _create_file(path, make())
+        text = _read(path)
+        assert text is not None
+    secret = text.strip()
+    if not pattern.fullmatch(secret):
+        raise IdentityError(
+            f"{path} does not hold {what} (16 to 256 letters, digits, '.', '_' or '-'); fix it, "
+            f"or {remedy}"
+        )
+    return secret, made
+
+
 def _read(path: Path) -> str | None:
     try:
         return path.read_text(encoding="ascii")
@@ -196,19 +219,13 @@ class IdentityStore:
             if self._agent_token is None:
                 path = self.agent_token_file
                 path.parent.mkdir(parents=True, exist_ok=True)
-                token = _read(path)
-                if token is None:
-                    if _create_file(path, new_agent_token()):
-                        log.info("made the lab's k3s agent token in %s", path)
-                    token = _read(path)
-                    assert token is not None
-                token = token.strip()
-                if not AGENT_TOKEN.fullmatch(token):
-                    raise IdentityError(
-                        f"{path} does not hold a k3s agent token (16 to 256 letters, digits, "
-                        "'.', '_' or '-'); fix it, or delete it and restart both the agent and "
-                        "the k3s server so that a new one is made and every node rejoins with it"
-                    )
+                token, made = _secret(
+                    path, new_agent_token, AGENT_TOKEN, "a k3s agent token",
+                    "delete it and restart both the agent and the k3s server so that a new one "
+                    "is made and every node rejoins with it",
+                )  # fmt: skip
+                if made:
+                    log.info("made the lab's k3s agent token in %s", path)
                 _ensure_mode(path, FILE_MODE)
                 self._agent_token = token
             return self._agent_token
@@ -263,20 +280,15 @@ class IdentityStore:
             )
 
         password_path = directory / NODE_PASSWORD_FILE
-        password = _read(password_path)
-        if password is None:
-            if _create_file(password_path, new_node_password() + "\n"):
-                made.append("a k3s node password")
-            password = _read(password_path)
-            assert password is not None
-        password = password.strip()
-        if not NODE_PASSWORD.fullmatch(password):
-            raise IdentityError(
-                f"{password_path} does not hold a k3s node password (16 to 256 letters, digits, "
-                "'.', '_' or '-'); fix it, or delete it and a new one is made on the next request "
-                "(then delete the node's <name>.node-password.k3s secret in kube-system, or the "
-                "k3s server refuses the node under its old name)"
-            )
+        password, made_password = _secret(
+            password_path, lambda: new_node_password() + "\n", NODE_PASSWORD,
+            "a k3s node password",
+            "delete it and a new one is made on the next request (then delete the node's "
+            "<name>.node-password.k3s secret in kube-system, or the k3s server refuses the node "
+            "under its old name)",
+        )  # fmt: skip
+        if made_password:
+            made.append("a k3s node password")
 
         for path in (key_path, public_path, password_path):
             _ensure_mode(path, FILE_MODE)
