@@ -395,6 +395,19 @@ def openapi_document() -> dict[str, Any]:
     def ok(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
         return {"description": description, "content": {"application/json": {"schema": schema}}}
 
+    def lab_action(summary: str) -> dict[str, Any]:
+        return {
+            "post": {
+                "summary": summary,
+                "security": [{"bearer": []}],
+                "requestBody": {"content": {"application/json": {"schema": ref("LabRequest")}}},
+                "responses": {
+                    "200": ok(ref("LabReport")),
+                    "401": ok(ref("ErrorView"), "no or wrong token"),
+                },
+            }
+        }
+
     key = {"name": "key", "in": "path", "required": True, "schema": {"type": "string"},
            "description": "a machine's name or MAC"}  # fmt: skip
     missing = ok(ref("ErrorView"), "no such machine")
@@ -480,35 +493,14 @@ def openapi_document() -> dict[str, Any]:
                     },
                 }
             },
-            "/api/v1/lab/up": {
-                "post": {
-                    "summary": "power on every machine with power control, staggered, and "
-                    "report each one's time to up (and joined), with the boot doctor's verdict "
-                    "for stragglers",
-                    "security": [{"bearer": []}],
-                    "requestBody": {
-                        "content": {"application/json": {"schema": ref("LabRequest")}}
-                    },
-                    "responses": {
-                        "200": ok(ref("LabReport")),
-                        "401": ok(ref("ErrorView"), "no or wrong token"),
-                    },
-                }
-            },
-            "/api/v1/lab/down": {
-                "post": {
-                    "summary": "power off every machine with power control, graceful drivers "
-                    "first, and report what is off",
-                    "security": [{"bearer": []}],
-                    "requestBody": {
-                        "content": {"application/json": {"schema": ref("LabRequest")}}
-                    },
-                    "responses": {
-                        "200": ok(ref("LabReport")),
-                        "401": ok(ref("ErrorView"), "no or wrong token"),
-                    },
-                }
-            },
+            "/api/v1/lab/up": lab_action(
+                "power on every machine with power control, staggered, and report each one's "
+                "time to up (and joined), with the boot doctor's verdict for stragglers"
+            ),
+            "/api/v1/lab/down": lab_action(
+                "power off every machine with power control, graceful drivers first, and "
+                "report what is off"
+            ),
             "/api/v1/events": {
                 "get": {
                     "summary": "server-sent events: each event as it happens",
