@@ -183,6 +183,11 @@ def node_state(laptop: netlab.Host) -> dict[str, Any] | None:
     return next((m for m in machines if m.get("mac") == NODE_MAC), None)
 
 
+def syslog_lines(laptop: netlab.Host) -> list[str]:
+    events = api(laptop, f"/api/v1/machines/{NODE_MAC}/events") or []
+    return [event.get("message", "") for event in events if event.get("kind") == "syslog"]
+
+
 def phone_homes(laptop: netlab.Host) -> int:
     events = api(laptop, f"/api/v1/machines/{NODE_MAC}/events") or []
     return sum(1 for event in events if event.get("kind") == "phone-home")
@@ -260,6 +265,10 @@ def test_appliance_boots_from_disk_and_serves_the_osie_to_a_node_that_keeps_its_
                      NODE_TIMEOUT, node)  # fmt: skip
     node_up_in = node.elapsed()
     assert state["name"] == "node1" and state["ip"] == NODE_IP
+    # The node's journal reaches the appliance (systemd-netlogd → the agent's syslog receiver)
+    # and lands in node1's event log.
+    wait_for("a syslog line from node1 in its events", lambda: syslog_lines(laptop),
+             NODE_TIMEOUT, node)  # fmt: skip
 
     known_hosts = tmp_path / "known_hosts"
     first = ssh(laptop, key, known_hosts, "hostname; cat /etc/ssh/ssh_host_ed25519_key.pub",
