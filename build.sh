@@ -257,12 +257,13 @@ inputs_stamp() { # PATHS...
 run_mkosi() { # NAME (image/NAME, out/NAME, out/NAME.log)
     local name=$1 log="$ROOT/out/$1.log" started=$SECONDS
     say "mkosi: building the $name image (log: out/$name.log)"
-    # Progress: mkosi's own step lines (‣) on the terminal, everything in the log.
-    if ! mkosi -C "image/$name" --cache-dir "$IMAGE_CACHE/mkosi" --output-dir "$ROOT/out/$name" \
-        --incremental -f build 2>&1 | tee "$log" | grep --line-buffered '‣' >&2; then
-        :
-    fi
-    if [ "${PIPESTATUS[0]}" -ne 0 ] || ! grep -q "size is" "$log"; then
+    # Progress: mkosi's own step lines (‣) on the terminal, everything in the log. With
+    # pipefail the pipeline fails when mkosi (or tee) does; the filter itself never fails it.
+    local status=0
+    mkosi -C "image/$name" --cache-dir "$IMAGE_CACHE/mkosi" --output-dir "$ROOT/out/$name" \
+        --incremental -f build 2>&1 | tee "$log" | { grep --line-buffered '‣' >&2 || true; } \
+        || status=$?
+    if [ "$status" -ne 0 ] || ! grep -q "size is" "$log"; then
         local last; last=$(grep '‣' "$log" | tail -n1 | sed 's/^‣ *//')
         die "mkosi failed building the $name image at: ${last:-the start} (full log: out/$name.log)"
     fi
