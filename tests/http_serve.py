@@ -18,12 +18,12 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 from pixiebox.config import load_config, split_listen
-from pixiebox.firmware import Assets
+from pixiebox.core.firmware import Assets
+from pixiebox.core.inventory import Inventory
+from pixiebox.core.urls import BootUrls
 from pixiebox.http.boot import BootHttpState, boot_app
 from pixiebox.http.server import BootHttpServer
-from pixiebox.inventory import Inventory
-from pixiebox.state import StateStore
-from pixiebox.urls import BootUrls
+from pixiebox.store.state import StateStore
 
 READY = "READY"
 log = logging.getLogger("http_serve")

@@ -3,7 +3,6 @@ PXE client, run inside a segment's namespaces.  The segment machinery itself is 
 here so tests keep one import.
 """
 
-
 from __future__ import annotations
 
 import dataclasses

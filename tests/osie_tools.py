@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 from pixiebox.config import LabConfig
-from pixiebox.identity import IdentityStore
-from pixiebox.metadata import build_metadata
-from pixiebox.urls import BootUrls
+from pixiebox.core.urls import BootUrls
+from pixiebox.http.metadata import build_metadata
+from pixiebox.store.identity import IdentityStore
 
 REPO = Path(__file__).resolve().parent.parent
 OVERLAY = REPO / "overlays" / "osie"
@@ -59,7 +59,7 @@ def metadata(
     format: str = "never",
     **lab: Any,
 ) -> dict[str, Any]:
-    """A metadata document as the agent builds it (pixiebox.metadata.build_metadata) for c1."""
+    """A metadata document as the agent builds it (pixiebox.http.metadata.build_metadata) for c1."""
     token_file = tmp_path / "influx-token"
     token_file.write_text(INFLUX_TOKEN + "\n")
     machine: dict[str, Any] = {"name": "c1", "mac": MAC, "ip": IP}

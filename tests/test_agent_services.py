@@ -19,7 +19,10 @@ def test_uboot_board_gets_pxelinux_over_tftp_and_http_and_x86_gets_ipxe_over_tft
     netlab_require("curl")  # type: ignore[operator]
     agent_host = segment.add_host("agent", ip=f"{AGENT_IP}/24")
     config = lab_toml(
-        mode="reservation", subnet=SUBNET, assets=workdir / "assets", state=workdir / "state",
+        mode="reservation",
+        subnet=SUBNET,
+        assets=workdir / "assets",
+        state=workdir / "state",
         machines=[("tk1", BOARD_MAC, BOARD_IP)],
     )  # fmt: skip  (boots the default image: osie/vmlinuz + osie/initrd)
     agent = start_agent(agent_host, config, workdir)

@@ -2,8 +2,8 @@
 
 The command is run the way a user runs it (the installed console script, in a subprocess)
 where the command-line behaviour itself matters: exit codes, stdout/stderr, the environment.
-The other cases call `pixiebox.cli.main` in-process (same code path, minus interpreter start-up)
-so that the whole file stays fast.
+The other cases call `pixiebox.cli.main.main` in-process (same code path, minus interpreter
+start-up) so that the whole file stays fast.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from pixiebox import cli
+from pixiebox.cli import main as cli
 from pixiebox.config import (
     check_config,
     key_lines,

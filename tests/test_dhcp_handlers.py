@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 from pixiebox.config import LabConfig
+from pixiebox.core.firmware import Assets
+from pixiebox.core.inventory import Inventory
+from pixiebox.core.urls import BootUrls
 from pixiebox.dhcp.codec import BOOTREQUEST, MessageType, Opt, Packet, decode, encode
 from pixiebox.dhcp.full import FullHandler
 from pixiebox.dhcp.leases import AddressBook
@@ -17,10 +20,7 @@ from pixiebox.dhcp.policy import BootPolicy
 from pixiebox.dhcp.proxy import ProxyHandler
 from pixiebox.dhcp.reservation import ReservationHandler
 from pixiebox.dhcp.server import DhcpServer, reply_destination
-from pixiebox.firmware import Assets
-from pixiebox.inventory import Inventory
-from pixiebox.state import StateStore
-from pixiebox.urls import BootUrls
+from pixiebox.store.state import StateStore
 
 SERVER = IPv4Address("10.0.0.2")
 SUBNET = IPv4Network("10.0.0.0/24")

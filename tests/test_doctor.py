@@ -17,6 +17,7 @@ from pathlib import Path
 import netlab
 import pytest
 from agentproc import RunningAgent, lab_toml, start_agent
+from pixiebox.core.lifecycle import MachineState
 from pixiebox.doctor import (
     ATTEMPT_GAP,
     DEFAULT_BOOT_TIMEOUT,
@@ -28,8 +29,7 @@ from pixiebox.doctor import (
     timeline,
     unknown_machine,
 )
-from pixiebox.lifecycle import MachineState
-from pixiebox.state import Event
+from pixiebox.store.state import Event
 
 MAC = "02:00:00:00:86:01"
 SCRIPT_URL = f"http://10.86.0.2/boot/{MAC}.ipxe"

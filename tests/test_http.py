@@ -25,7 +25,7 @@ from pathlib import Path
 
 import netlab
 import pytest
-from pixiebox.bootscript import (
+from pixiebox.boot.ipxe_script import (
     FETCH_TRIES,
     MAX_RETRY_WAIT,
     ignore_script,
@@ -34,9 +34,9 @@ from pixiebox.bootscript import (
     pxelinux_config,
 )
 from pixiebox.config import ImageSection, load_config
+from pixiebox.core.urls import BootUrls
 from pixiebox.http.boot import Refused, arch_from_query, resolve_asset
-from pixiebox.state import StateStore
-from pixiebox.urls import BootUrls
+from pixiebox.store.state import StateStore
 
 HTTP_SERVE = Path(__file__).resolve().parent / "http_serve.py"
 SUBNET = "10.77.0.0/24"

@@ -23,7 +23,7 @@ from typing import Any
 import netlab
 import pytest
 import vmlab
-from pixiebox.appliance import FALLBACK_NETWORK, network_unit, prepare
+from pixiebox.cli.appliance import FALLBACK_NETWORK, network_unit, prepare
 from pixiebox.config import LabConfig
 from pixiebox.virtlab import appliance_lab
 

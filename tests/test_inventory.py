@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 from pixiebox.config import LabConfig
-from pixiebox.firmware import arch_info
-from pixiebox.inventory import Inventory
-from pixiebox.lifecycle import Lifecycle, MachineState
-from pixiebox.state import StateStore
+from pixiebox.core.firmware import arch_info
+from pixiebox.core.inventory import Inventory
+from pixiebox.core.lifecycle import Lifecycle, MachineState
+from pixiebox.store.state import StateStore
 
 C1 = "02:00:00:00:00:01"
 STRANGER = "02:00:00:00:00:99"

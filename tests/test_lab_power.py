@@ -74,8 +74,7 @@ def test_lab_up_boots_both_machines_and_lab_down_stops_them(
     record_property: Callable[[str, object], None],
 ) -> None:  # fmt: skip
     vms = {
-        name: vmlab.start_vm(segment, name, mac, firmware="bios", workdir=workdir,
-                             powered_on=False)
+        name: vmlab.start_vm(segment, name, mac, firmware="bios", workdir=workdir, powered_on=False)
         for name, (mac, _) in NODES.items()
     }
     qmp = {name: vm.qmp for name, vm in vms.items() if vm.qmp is not None}

@@ -1,4 +1,4 @@
-"""Tests for pixiebox.labfile: enrolling and changing machines in lab.toml without losing a
+"""Tests for pixiebox.config.labfile: enrolling and changing machines in lab.toml without losing a
 byte of what the user wrote.
 
 Every successful edit is checked strictly against the original bytes: an enrollment must be
@@ -18,9 +18,14 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
-from pixiebox import labfile
-from pixiebox.config import LabConfig, Problem, check_config, format_loc
-from pixiebox.labfile import EnrollError, enroll, next_free_ip, next_free_name, update_machine
+from pixiebox.config import LabConfig, Problem, check_config, format_loc, labfile
+from pixiebox.config.labfile import (
+    EnrollError,
+    enroll,
+    next_free_ip,
+    next_free_name,
+    update_machine,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "config" / "lab.toml"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pixiebox.config import IPRange, MachineSection
 from pixiebox.dhcp.leases import AddressBook
-from pixiebox.state import StateStore
+from pixiebox.store.state import StateStore
 
 POOL = IPRange.model_validate("10.0.0.10-10.0.0.12")
 A, B, C, D = (f"02:00:00:00:00:0{n}" for n in range(1, 5))

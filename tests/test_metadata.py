@@ -24,10 +24,14 @@ import pytest
 from agentproc import RunningAgent, lab_toml, start_agent
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from pixiebox import inventory as inventory_module
-from pixiebox import metadata as metadata_module
 from pixiebox.config import LabConfig, check_config
-from pixiebox.identity import (
+from pixiebox.core import inventory as inventory_module
+from pixiebox.core.inventory import Inventory
+from pixiebox.core.urls import BootUrls
+from pixiebox.http import metadata as metadata_module
+from pixiebox.http.metadata import metadata_response
+from pixiebox.power.ssh import power_public_key
+from pixiebox.store.identity import (
     HOST_KEY_FILE,
     HOST_PUBLIC_FILE,
     NODE_PASSWORD,
@@ -36,11 +40,7 @@ from pixiebox.identity import (
     IdentityStore,
     new_node_password,
 )
-from pixiebox.inventory import Inventory
-from pixiebox.metadata import metadata_response
-from pixiebox.power.ssh import power_public_key
-from pixiebox.state import StateStore
-from pixiebox.urls import BootUrls
+from pixiebox.store.state import StateStore
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "config" / "lab.toml"

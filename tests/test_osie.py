@@ -38,7 +38,7 @@ from osie_tools import (
     script_env,
     write_cmdline,
 )
-from pixiebox.identity import AGENT_TOKEN_FILE, IdentityError, IdentityStore
+from pixiebox.store.identity import AGENT_TOKEN_FILE, IdentityError, IdentityStore
 
 MIB = 1 << 20
 DISK_SIZE = 64 * MIB

@@ -197,7 +197,7 @@ def test_power_actions_are_verified_and_fall_back_along_the_chain(
 
     # Refusals, each a sentence and exit status 1.
     code, out = pixiebox(host, config, "power", "c4", "on")
-    assert code == 1 and "c4 has no power control: add power = { driver = \"wol\" }" in out, out
+    assert code == 1 and 'c4 has no power control: add power = { driver = "wol" }' in out, out
     code, out = pixiebox(host, config, "power", "nosuch", "on")
     assert code == 1 and "no machine named or with MAC 'nosuch'" in out, out
     status, body = post(host, "/api/v1/machines/c1/power", '{"action": "on"}', "wrong")

@@ -28,7 +28,7 @@ import netlab
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pixiebox import tftp_packets as tftp
+from pixiebox.tftp import packets as tftp
 
 TESTS_DIR = Path(__file__).resolve().parent
 TFTP_SERVE = TESTS_DIR / "tftp_serve.py"

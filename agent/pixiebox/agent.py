@@ -12,31 +12,31 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
-from .config import ConfigError, LabConfig, format_problem, load_config, split_listen
-from .dhcp.full import FullHandler
-from .dhcp.guard import find_other_dhcp_servers
-from .dhcp.leases import AddressBook
-from .dhcp.policy import BootPolicy
-from .dhcp.proxy import ProxyHandler
-from .dhcp.reservation import ReservationHandler
-from .dhcp.server import DhcpServer, Handler
-from .dns import DnsServer
-from .firmware import Assets, Firmware, known_arches
-from .http.api import ApiState, api_app, ensure_token, machine_views
-from .http.boot import BootHttpState, boot_app
-from .http.server import BootHttpServer
-from .identity import IdentityError, IdentityStore
-from .inventory import Inventory
-from .labfile import EnrollError, enroll, next_free_ip
-from .lifecycle import MachineState
-from .metrics import PixieboxCollector, metrics_renderer
-from .netif import interface_info, interface_names
-from .power.controller import PowerController
-from .state import StateStore
-from .syslog import SyslogMessage, SyslogReceiver
-from .tftp import TftpEvent, TftpServer
-from .uboot import tftp_generator
-from .urls import BootUrls
+from pixiebox.boot.pxelinux import tftp_generator
+from pixiebox.config import ConfigError, LabConfig, format_problem, load_config, split_listen
+from pixiebox.config.labfile import EnrollError, enroll, next_free_ip
+from pixiebox.core.firmware import Assets, Firmware, known_arches
+from pixiebox.core.inventory import Inventory
+from pixiebox.core.lifecycle import MachineState
+from pixiebox.core.urls import BootUrls
+from pixiebox.dhcp.full import FullHandler
+from pixiebox.dhcp.guard import find_other_dhcp_servers
+from pixiebox.dhcp.leases import AddressBook
+from pixiebox.dhcp.policy import BootPolicy
+from pixiebox.dhcp.proxy import ProxyHandler
+from pixiebox.dhcp.reservation import ReservationHandler
+from pixiebox.dhcp.server import DhcpServer, Handler
+from pixiebox.dns import DnsServer
+from pixiebox.http.api import ApiState, api_app, ensure_token, machine_views
+from pixiebox.http.boot import BootHttpState, boot_app
+from pixiebox.http.metrics import PixieboxCollector, metrics_renderer
+from pixiebox.http.server import BootHttpServer
+from pixiebox.net.netif import interface_info, interface_names
+from pixiebox.power.controller import PowerController
+from pixiebox.store.identity import IdentityError, IdentityStore
+from pixiebox.store.state import StateStore
+from pixiebox.syslog import SyslogMessage, SyslogReceiver
+from pixiebox.tftp import TftpEvent, TftpServer
 
 log = logging.getLogger("pixiebox")
 

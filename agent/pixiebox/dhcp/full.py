@@ -7,8 +7,8 @@ survive restarts (see leases.AddressBook).
 
 from __future__ import annotations
 
-from ..config import MachineSection
-from .reservation import ReservationHandler
+from pixiebox.config import MachineSection
+from pixiebox.dhcp.reservation import ReservationHandler
 
 
 class FullHandler(ReservationHandler):

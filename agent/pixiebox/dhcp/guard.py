@@ -16,7 +16,16 @@ import time
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
-from .codec import BOOTREPLY, BOOTREQUEST, DecodeError, MessageType, Opt, Packet, decode, encode
+from pixiebox.dhcp.codec import (
+    BOOTREPLY,
+    BOOTREQUEST,
+    DecodeError,
+    MessageType,
+    Opt,
+    Packet,
+    decode,
+    encode,
+)
 
 _ETH_P_IP = 0x0800
 _PACKET_OUTGOING = 4

@@ -11,8 +11,8 @@ import time
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
-from ..config import IPRange, MachineSection
-from ..state import Lease, StateStore
+from pixiebox.config import IPRange, MachineSection
+from pixiebox.store.state import Lease, StateStore
 
 #: How long an offered address is held for the client that was offered it (RFC 2131 4.3.1
 #: "the server SHOULD reserve the offered address"), so two clients discovering at once never

@@ -9,9 +9,9 @@ import logging
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
-from ..firmware import ArchInfo, Assets, Firmware, arch_info
-from ..urls import BootUrls
-from .codec import DecodeError, Opt, Packet, encode_suboptions
+from pixiebox.core.firmware import ArchInfo, Assets, Firmware, arch_info
+from pixiebox.core.urls import BootUrls
+from pixiebox.dhcp.codec import DecodeError, Opt, Packet, encode_suboptions
 
 log = logging.getLogger("pixiebox.dhcp")
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 from ipaddress import IPv4Address
 
-from ..inventory import Inventory
-from .codec import MessageType, Packet
-from .policy import BootPolicy, NotABootRequest, add_boot_options, boot_client
+from pixiebox.core.inventory import Inventory
+from pixiebox.dhcp.codec import MessageType, Packet
+from pixiebox.dhcp.policy import BootPolicy, NotABootRequest, add_boot_options, boot_client
 
 log = logging.getLogger("pixiebox.dhcp")
 

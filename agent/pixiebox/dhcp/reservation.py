@@ -11,11 +11,11 @@ import logging
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
-from ..config import MachineSection
-from ..inventory import Inventory
-from .codec import MessageType, Opt, Packet
-from .leases import AddressBook
-from .policy import (
+from pixiebox.config import MachineSection
+from pixiebox.core.inventory import Inventory
+from pixiebox.dhcp.codec import MessageType, Opt, Packet
+from pixiebox.dhcp.leases import AddressBook
+from pixiebox.dhcp.policy import (
     BootClient,
     BootFile,
     BootPolicy,

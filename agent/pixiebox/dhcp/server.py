@@ -14,7 +14,15 @@ from collections.abc import Callable
 from ipaddress import IPv4Address
 from typing import Protocol
 
-from .codec import BOOTREQUEST, DecodeError, EncodeError, MessageType, Packet, decode, encode
+from pixiebox.dhcp.codec import (
+    BOOTREQUEST,
+    DecodeError,
+    EncodeError,
+    MessageType,
+    Packet,
+    decode,
+    encode,
+)
 
 log = logging.getLogger("pixiebox.dhcp")
 

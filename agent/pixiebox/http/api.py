@@ -26,13 +26,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .. import doctor
-from ..config import normalize_mac, split_listen
-from ..inventory import Inventory
-from ..lifecycle import MachineState
-from ..oui import vendor_of
-from ..power.base import PowerAction, PowerState
-from ..power.controller import (
+from pixiebox import doctor
+from pixiebox.config import normalize_mac, split_listen
+from pixiebox.core.inventory import Inventory
+from pixiebox.core.lifecycle import MachineState
+from pixiebox.core.oui import vendor_of
+from pixiebox.power.base import PowerAction, PowerState
+from pixiebox.power.controller import (
     NoPowerControl,
     PowerBusy,
     PowerController,
@@ -40,8 +40,8 @@ from ..power.controller import (
     PowerView,
     derived_power,
 )
-from ..power.lab import LabReport, LabRequest, lab_down, lab_up
-from ..state import Event, MachineRecord
+from pixiebox.power.lab import LabReport, LabRequest, lab_down, lab_up
+from pixiebox.store.state import Event, MachineRecord
 
 log = logging.getLogger("pixiebox.api")
 
@@ -417,8 +417,17 @@ def openapi_document() -> dict[str, Any]:
         "components": {
             "schemas": {
                 m.__name__: m.model_json_schema(ref_template="#/components/schemas/{model}")
-                for m in (MachineView, EventView, EnrollRequest, ErrorView, doctor.DoctorReport,
-                          PowerRequest, PowerOutcome, LabRequest, LabReport)
+                for m in (
+                    MachineView,
+                    EventView,
+                    EnrollRequest,
+                    ErrorView,
+                    doctor.DoctorReport,
+                    PowerRequest,
+                    PowerOutcome,
+                    LabRequest,
+                    LabReport,
+                )
             },
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
@@ -485,11 +494,14 @@ def openapi_document() -> dict[str, Any]:
                     },
                     "responses": {
                         "200": ok(ref("PowerOutcome"), "the outcome: `outcome` is ok or failed"),
-                        "400": ok(ref("ErrorView"), "the body is not {\"action\": ...}"),
+                        "400": ok(ref("ErrorView"), 'the body is not {"action": ...}'),
                         "401": ok(ref("ErrorView"), "no or wrong token"),
                         "404": missing,
-                        "409": ok(ref("ErrorView"), "no power control in lab.toml, or "
-                                  "another power action on it is in progress"),
+                        "409": ok(
+                            ref("ErrorView"),
+                            "no power control in lab.toml, or "
+                            "another power action on it is in progress",
+                        ),
                     },
                 }
             },

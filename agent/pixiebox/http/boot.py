@@ -36,15 +36,15 @@ from starlette.responses import FileResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
-from ..bootscript import ignore_script, ipxe_script
-from ..config import ImageSection, LabConfig, normalize_mac
-from ..firmware import DEFAULT_ARCH, ArchInfo, Assets, arch_info
-from ..identity import IdentityStore
-from ..inventory import BootVerdict, Inventory
-from ..metadata import metadata_response
-from ..uboot import pxelinux_for
-from ..urls import BootUrls
-from .server import PATHSEND
+from pixiebox.boot.ipxe_script import ignore_script, ipxe_script
+from pixiebox.boot.pxelinux import pxelinux_for
+from pixiebox.config import ImageSection, LabConfig, normalize_mac
+from pixiebox.core.firmware import DEFAULT_ARCH, ArchInfo, Assets, arch_info
+from pixiebox.core.inventory import BootVerdict, Inventory
+from pixiebox.core.urls import BootUrls
+from pixiebox.http.metadata import metadata_response
+from pixiebox.http.server import PATHSEND
+from pixiebox.store.identity import IdentityStore
 
 log = logging.getLogger("pixiebox.http")
 

@@ -14,8 +14,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from ..config import PowerSection
-from .base import (
+from pixiebox.config import PowerSection
+from pixiebox.power.base import (
     Options,
     PowerAction,
     PowerDriver,
@@ -34,14 +34,14 @@ class _Kind:
 
 def _kinds() -> dict[str, _Kind]:
     # Imported here: the drivers import config, which imports this package for its check.
-    from .http import HttpDriver, HttpOptions
-    from .ipmi import IpmiDriver, IpmiOptions
-    from .qemu import QemuDriver, QemuOptions
-    from .redfish import RedfishDriver, RedfishOptions
-    from .shelly import ShellyDriver, ShellyOptions
-    from .ssh import SshDriver, SshOptions
-    from .tasmota import TasmotaDriver, TasmotaOptions
-    from .wol import WolDriver, WolOptions
+    from pixiebox.power.http import HttpDriver, HttpOptions
+    from pixiebox.power.ipmi import IpmiDriver, IpmiOptions
+    from pixiebox.power.qemu import QemuDriver, QemuOptions
+    from pixiebox.power.redfish import RedfishDriver, RedfishOptions
+    from pixiebox.power.shelly import ShellyDriver, ShellyOptions
+    from pixiebox.power.ssh import SshDriver, SshOptions
+    from pixiebox.power.tasmota import TasmotaDriver, TasmotaOptions
+    from pixiebox.power.wol import WolDriver, WolOptions
 
     plug = 'the plug\'s name or address, e.g. host = "192.168.1.50"'
     return {

@@ -38,12 +38,12 @@ from urllib.parse import urlsplit
 import icmplib  # type: ignore[import-untyped]
 from pydantic import BaseModel
 
-from ..config import MachineSection, PowerSection
-from ..identity import IdentityError, IdentityStore
-from ..inventory import Inventory
-from ..lifecycle import MachineState
-from ..state import Event, MachineRecord
-from .base import PowerAction, PowerDriver, PowerError, PowerState, PowerTarget
+from pixiebox.config import MachineSection, PowerSection
+from pixiebox.core.inventory import Inventory
+from pixiebox.core.lifecycle import MachineState
+from pixiebox.power.base import PowerAction, PowerDriver, PowerError, PowerState, PowerTarget
+from pixiebox.store.identity import IdentityError, IdentityStore
+from pixiebox.store.state import Event, MachineRecord
 
 log = logging.getLogger("pixiebox.power")
 
@@ -341,7 +341,9 @@ class PowerController:
     def _links(self, machine: MachineSection, target: PowerTarget) -> list[_Link]:
         factory = self._factory
         if factory is None:
-            from . import make_driver  # the drivers import heavy libraries; load them on use
+            from pixiebox.power import (
+                make_driver,  # the drivers import heavy libraries; load them on use
+            )
 
             factory = make_driver
         links = []
@@ -382,7 +384,7 @@ class PowerController:
             return PowerState.UNKNOWN
 
     async def _watts(self, link: _Link) -> str:
-        """", 0.0 W" from a plug with an energy sensor (the drivers' optional power_watts)."""
+        """ ", 0.0 W" from a plug with an energy sensor (the drivers' optional power_watts)."""
         reader = getattr(link.driver, "power_watts", None)
         if reader is None:
             return ""

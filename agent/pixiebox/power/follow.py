@@ -14,8 +14,8 @@ from collections.abc import Callable
 from typing import IO, Any, TypeVar
 from urllib.parse import quote
 
-from ..client import ApiClient, ApiRefused, ApiUnreachable
-from ..lifecycle import BOOT_KINDS
+from pixiebox.cli.client import ApiClient, ApiRefused, ApiUnreachable
+from pixiebox.core.lifecycle import BOOT_KINDS
 
 T = TypeVar("T")
 

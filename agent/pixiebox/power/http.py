@@ -22,9 +22,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field, model_validator
 
-from ..config import _url
-from .base import NETWORK_TIMEOUT, Options, PowerAction, PowerState, PowerTarget
-from .plugs import HttpDriverBase, cycle_by_off_on
+from pixiebox.config import _url
+from pixiebox.power.base import NETWORK_TIMEOUT, Options, PowerAction, PowerState, PowerTarget
+from pixiebox.power.plugs import HttpDriverBase, cycle_by_off_on
 
 Url = Annotated[str, AfterValidator(lambda v: _url(v, ("http", "https")))]
 

@@ -20,8 +20,15 @@ import pyghmi.exceptions
 from pydantic import Field, model_validator
 from pyghmi.ipmi import command
 
-from .base import NETWORK_TIMEOUT, BaseDriver, Options, PowerState, PowerTarget, read_secret
-from .plugs import Host
+from pixiebox.power.base import (
+    NETWORK_TIMEOUT,
+    BaseDriver,
+    Options,
+    PowerState,
+    PowerTarget,
+    read_secret,
+)
+from pixiebox.power.plugs import Host
 
 T = TypeVar("T")
 

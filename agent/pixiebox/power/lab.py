@@ -20,11 +20,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .. import doctor
-from ..config import MachineSection, split_listen
-from ..lifecycle import MachineState
-from .base import PowerAction
-from .controller import PowerBusy, PowerController, PowerOutcome
+from pixiebox import doctor
+from pixiebox.config import MachineSection, split_listen
+from pixiebox.core.lifecycle import MachineState
+from pixiebox.power.base import PowerAction
+from pixiebox.power.controller import PowerBusy, PowerController, PowerOutcome
 
 #: Seconds between looks at the lifecycle while waiting for machines to join Kubernetes.
 JOIN_POLL = 1.0

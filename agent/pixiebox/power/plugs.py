@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import httpx
 from pydantic import AfterValidator, Field
 
-from .base import NETWORK_TIMEOUT, BaseDriver, Options, PowerTarget, describe
+from pixiebox.power.base import NETWORK_TIMEOUT, BaseDriver, Options, PowerTarget, describe
 
 _HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.\-]*[A-Za-z0-9])?(:\d{1,5})?$")
 

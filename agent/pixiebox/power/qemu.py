@@ -25,7 +25,7 @@ from typing import Any
 from pydantic import Field
 from qemu.qmp import QMPClient, QMPError
 
-from .base import BaseDriver, Options, PowerState, PowerTarget, describe
+from pixiebox.power.base import BaseDriver, Options, PowerState, PowerTarget, describe
 
 #: QEMU run states (qapi RunState) that mean the machine is not running a guest.
 OFF_STATES = frozenset({"shutdown", "paused", "prelaunch", "suspended"})

@@ -20,8 +20,15 @@ import sushy
 import sushy.exceptions
 from pydantic import AfterValidator, Field, model_validator
 
-from ..config import _url
-from .base import NETWORK_TIMEOUT, BaseDriver, Options, PowerState, PowerTarget, read_secret
+from pixiebox.config import _url
+from pixiebox.power.base import (
+    NETWORK_TIMEOUT,
+    BaseDriver,
+    Options,
+    PowerState,
+    PowerTarget,
+    read_secret,
+)
 
 T = TypeVar("T")
 

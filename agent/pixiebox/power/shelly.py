@@ -17,8 +17,8 @@ from typing import Any
 import httpx
 from pydantic import Field
 
-from .base import PowerError, PowerState, PowerTarget, read_secret
-from .plugs import HttpDriverBase, PlugOptions, cycle_by_off_on
+from pixiebox.power.base import PowerError, PowerState, PowerTarget, read_secret
+from pixiebox.power.plugs import HttpDriverBase, PlugOptions, cycle_by_off_on
 
 
 class ShellyOptions(PlugOptions):

@@ -21,8 +21,15 @@ from pathlib import Path
 import asyncssh
 from pydantic import Field
 
-from ..identity import _create_file
-from .base import NETWORK_TIMEOUT, BaseDriver, Options, PowerAction, PowerTarget, describe
+from pixiebox.power.base import (
+    NETWORK_TIMEOUT,
+    BaseDriver,
+    Options,
+    PowerAction,
+    PowerTarget,
+    describe,
+)
+from pixiebox.store.identity import _create_file
 
 log = logging.getLogger("pixiebox.power.ssh")
 

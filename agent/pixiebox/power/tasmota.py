@@ -13,8 +13,8 @@ from urllib.parse import quote
 
 from pydantic import Field
 
-from .base import PowerState, PowerTarget, read_secret
-from .plugs import HttpDriverBase, PlugOptions, cycle_by_off_on
+from pixiebox.power.base import PowerState, PowerTarget, read_secret
+from pixiebox.power.plugs import HttpDriverBase, PlugOptions, cycle_by_off_on
 
 
 class TasmotaOptions(PlugOptions):

@@ -18,8 +18,8 @@ from typing import Annotated
 
 from pydantic import BeforeValidator, Field
 
-from ..config import normalize_mac
-from .base import BaseDriver, Options, PowerAction, PowerTarget, describe
+from pixiebox.config import normalize_mac
+from pixiebox.power.base import BaseDriver, Options, PowerAction, PowerTarget, describe
 
 #: Copies sent per `on`: UDP has no acknowledgement, and a switch port that just came up may
 #: drop the first frame; every NIC treats extra copies as one wake-up.

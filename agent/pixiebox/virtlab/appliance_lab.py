@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import netns, vm
+from pixiebox.virtlab import netns, vm
 
 #: mkosi.repart/00-esp.conf: the FAT partition (the ESP) is the first, at 1 MiB.
 ESP_OFFSET = "1M"

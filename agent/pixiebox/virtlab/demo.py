@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-from . import appliance_lab, netns, vm, wake
+from pixiebox.virtlab import appliance_lab, netns, vm, wake
 
 SUBNET = "10.88.0.0/24"
 ROUTER_IP = "10.88.0.1"
@@ -253,7 +253,7 @@ def power_cycle(agent_host: netns.Host, config: Path, timeout: float) -> bool:
     ok = True
     for direction in ("down", "up"):
         print(f"\n$ pixiebox lab {direction}", flush=True)
-        argv = ["ip", "netns", "exec", agent_host.name, sys.executable, "-m", "pixiebox.cli",
+        argv = ["ip", "netns", "exec", agent_host.name, sys.executable, "-m", "pixiebox.cli.main",
                 "lab", direction, "--config", str(config)]  # fmt: skip
         if direction == "up":
             argv += ["--timeout", f"{timeout:g}"]
@@ -318,7 +318,7 @@ def run(args: argparse.Namespace) -> int:
         config.write_text(lab_toml(workdir, testos, machines, user_keys()))
         agent_log = workdir / "agent.log"
         agent = agent_host.popen(
-            [sys.executable, "-m", "pixiebox.cli", "serve", "--config", str(config)], agent_log
+            [sys.executable, "-m", "pixiebox.cli.main", "serve", "--config", str(config)], agent_log
         )
         netns.wait_until(
             lambda: READY in agent_log.read_text(errors="replace") or agent.poll() is not None,
@@ -355,7 +355,7 @@ def run(args: argparse.Namespace) -> int:
             cycled = False
         print("\nwhat the agent knows (pixiebox machines):")
         table = agent_host.run(
-            [sys.executable, "-m", "pixiebox.cli", "machines", "--config", str(config)],
+            [sys.executable, "-m", "pixiebox.cli.main", "machines", "--config", str(config)],
             check=False,
         )
         print(table.stdout.rstrip() or table.stderr.rstrip())

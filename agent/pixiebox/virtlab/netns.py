@@ -15,7 +15,6 @@ The integration tests and ``pixiebox demo`` (the virtual lab) share this code, s
 what the tests prove.  Requires root and a working ``ip netns``.
 """
 
-
 from __future__ import annotations
 
 import atexit
@@ -574,5 +573,3 @@ def start_dnsmasq_router(
 
     wait_until(listening, timeout, 0.05, f"dnsmasq listening on :67 in {host.name}")
     return proc
-
-

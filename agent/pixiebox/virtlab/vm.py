@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from . import netns
+from pixiebox.virtlab import netns
 
 QEMU = "qemu-system-x86_64"
 ACCEL_ENV = "PIXIEBOX_QEMU_ACCEL"

@@ -30,9 +30,9 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from ..config import normalize_mac
-from ..power.base import PowerError, PowerTarget
-from ..power.qemu import QemuDriver, QemuOptions
+from pixiebox.config import normalize_mac
+from pixiebox.power.base import PowerError, PowerTarget
+from pixiebox.power.qemu import QemuDriver, QemuOptions
 
 log = logging.getLogger("pixiebox.virtlab.wake")
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import re
 from pathlib import PurePosixPath
 
-from .config import ImageSection
-from .urls import BootUrls
+from pixiebox.config import ImageSection
+from pixiebox.core.urls import BootUrls
 
 #: Downloads are tried this many times before the script gives up.
 FETCH_TRIES = 10

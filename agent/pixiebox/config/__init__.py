@@ -566,7 +566,7 @@ def _duplicates(
 
 def _power_problems(index: int, machine: MachineSection) -> list[Problem]:
     """Each power driver checks its own keys (a plug without `host`, ipmi without `user`)."""
-    from .power import spec_problems  # the drivers import this module
+    from pixiebox.power import spec_problems  # the drivers import this module
 
     problems = []
     chain = machine.power_chain()

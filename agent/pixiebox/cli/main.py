@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from . import config as lab
-from . import doctor, labfile
-from .agent import Agent, StartupError
-from .client import ApiClient, ApiRefused, ApiUnreachable
-from .netif import interface_info, interface_names
-from .power import follow as power_follow
-from .virtlab import demo as virtlab_demo
+from pixiebox import config as lab
+from pixiebox import doctor
+from pixiebox.agent import Agent, StartupError
+from pixiebox.cli.client import ApiClient, ApiRefused, ApiUnreachable
+from pixiebox.config import labfile
+from pixiebox.net.netif import interface_info, interface_names
+from pixiebox.power import follow as power_follow
+from pixiebox.virtlab import demo as virtlab_demo
 
 
 def _config_argument(parser: argparse.ArgumentParser) -> None:

@@ -13,14 +13,14 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Literal
 
-from .config import LabConfig, MachineSection
-from .firmware import ArchInfo
-from .lifecycle import Lifecycle
-from .netif import neighbour_mac
-from .oui import vendor_of
-from .state import StateStore
+from pixiebox.config import LabConfig, MachineSection
+from pixiebox.core.firmware import ArchInfo
+from pixiebox.core.lifecycle import Lifecycle
+from pixiebox.core.oui import vendor_of
+from pixiebox.net.netif import neighbour_mac
+from pixiebox.store.state import StateStore
 
-log = logging.getLogger("pixiebox.inventory")
+log = logging.getLogger("pixiebox.core.inventory")
 
 
 @dataclass(frozen=True, slots=True)

@@ -59,7 +59,7 @@ _ADDED_COLUMNS = (
     ("machines", "ip", "TEXT NOT NULL DEFAULT ''"),
 )
 
-log = logging.getLogger("pixiebox.state")
+log = logging.getLogger("pixiebox.store.state")
 
 #: Seconds before a commit that failed (the database busy) is tried again.
 RETRY_COMMIT = 0.5

@@ -16,9 +16,9 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from enum import StrEnum
 
-from .state import Event, MachineRecord, StateStore
+from pixiebox.store.state import Event, MachineRecord, StateStore
 
-log = logging.getLogger("pixiebox.lifecycle")
+log = logging.getLogger("pixiebox.core.lifecycle")
 
 
 class MachineState(StrEnum):

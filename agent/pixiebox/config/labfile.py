@@ -33,7 +33,7 @@ from typing import Any, Literal, NoReturn
 
 import tomlkit
 
-from .config import (
+from pixiebox.config import (
     LabConfig,
     Loc,
     MachineSection,

@@ -38,9 +38,9 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from .config import normalize_mac
+from pixiebox.config import normalize_mac
 
-log = logging.getLogger("pixiebox.identity")
+log = logging.getLogger("pixiebox.store.identity")
 
 HOST_KEY_FILE = "ssh_host_ed25519_key"
 HOST_PUBLIC_FILE = "ssh_host_ed25519_key.pub"

@@ -13,13 +13,13 @@ import re
 from collections.abc import Callable
 from ipaddress import IPv4Address
 
-from .bootscript import pxelinux_config
-from .config import normalize_mac
-from .firmware import DEFAULT_ARCH, arch_info
-from .inventory import Inventory
-from .urls import BootUrls
+from pixiebox.boot.ipxe_script import pxelinux_config
+from pixiebox.config import normalize_mac
+from pixiebox.core.firmware import DEFAULT_ARCH, arch_info
+from pixiebox.core.inventory import Inventory
+from pixiebox.core.urls import BootUrls
 
-log = logging.getLogger("pixiebox.uboot")
+log = logging.getLogger("pixiebox.boot.pxelinux")
 
 #: What U-Boot on an armv8 board reports in option 93 (Debian's u-boot-qemu sends 22).
 UBOOT_ARCH = arch_info(22) or DEFAULT_ARCH

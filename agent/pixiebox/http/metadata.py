@@ -36,14 +36,14 @@ from pathlib import Path
 
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from .config import LabConfig, MachineSection
-from .identity import IdentityError, IdentityStore, NodeIdentity
-from .inventory import Inventory
-from .netif import neighbour_mac
-from .syslog import SYSLOG_PORT
-from .urls import BootUrls
+from pixiebox.config import LabConfig, MachineSection
+from pixiebox.core.inventory import Inventory
+from pixiebox.core.urls import BootUrls
+from pixiebox.net.netif import neighbour_mac
+from pixiebox.store.identity import IdentityError, IdentityStore, NodeIdentity
+from pixiebox.syslog import SYSLOG_PORT
 
-log = logging.getLogger("pixiebox.metadata")
+log = logging.getLogger("pixiebox.http.metadata")
 
 _NO_STORE = {"Cache-Control": "no-store"}
 
@@ -199,7 +199,7 @@ async def metadata_response(
         # Beside the identities, in [state] dir: made on first use, like the host keys.
         # Imported here: asyncssh takes a quarter of a second to import, which the agent's
         # start (DHCP must answer within 1.5 s of it) should not pay for a first metadata call.
-        from .power.ssh import power_public_key
+        from pixiebox.power.ssh import power_public_key
 
         try:
             return power_public_key(identities.root.parent)

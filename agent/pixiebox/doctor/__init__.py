@@ -21,9 +21,9 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel
 
-from .config import normalize_mac
-from .lifecycle import MachineState
-from .state import EVENTS_PER_MACHINE, Event
+from pixiebox.config import normalize_mac
+from pixiebox.core.lifecycle import MachineState
+from pixiebox.store.state import EVENTS_PER_MACHINE, Event
 
 #: Seconds after the kernel and initrd were sent without a phone-home before the OS is called
 #: failed to start (the API's and the CLI's --boot-timeout overrides it).

@@ -6,7 +6,7 @@ address must be on the interface before the agent starts, and the file may be br
 console says exactly what is wrong (the same words as `pixiebox check`) and the appliance still
 comes up with DHCP on every Ethernet port, so that it can be reached over SSH to fix it.
 
-    python3 -m pixiebox.appliance prepare --config /efi/pixiebox/lab.toml \
+    python3 -m pixiebox.cli.appliance prepare --config /efi/pixiebox/lab.toml \
         --network-dir /run/systemd/network
 
 is run by pixiebox-prepare.service before systemd-networkd.
@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from .config import LabConfig, check_config, format_problem
+from pixiebox.config import LabConfig, check_config, format_problem
 
 NETWORK_FILE = "10-pixiebox.network"
 
@@ -120,7 +120,7 @@ def prepare(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python3 -m pixiebox.appliance")
+    parser = argparse.ArgumentParser(prog="python3 -m pixiebox.cli.appliance")
     commands = parser.add_subparsers(dest="command", required=True)
     prep = commands.add_parser("prepare", help="write the appliance's network unit from lab.toml")
     prep.add_argument("--config", type=Path, required=True)

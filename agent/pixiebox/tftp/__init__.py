@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, NamedTuple
 
-from .tftp_packets import (
+from pixiebox.tftp.packets import (
     ACK,
     DATA,
     DEFAULT_BLKSIZE,

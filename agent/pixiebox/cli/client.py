@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import LabConfig, split_listen
+from pixiebox.config import LabConfig, split_listen
 
 
 class ApiUnreachable(Exception):

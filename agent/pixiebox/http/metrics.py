@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
-from .lifecycle import MachineState
+from pixiebox.core.lifecycle import MachineState
 
 
 class PixieboxCollector(Collector):

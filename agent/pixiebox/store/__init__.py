@@ -1,0 +1,5 @@
+"""What must survive a restart or a power cut: the SQLite state (machines, leases, events) and
+each machine's stable identity (SSH host key, k3s node password, the lab's agent token).
+
+Imports nothing of pixiebox but `pixiebox.config` (paths and value types).
+"""
