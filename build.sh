@@ -6,6 +6,8 @@
 #                            everything; --appliance boots the appliance image as the lab's VM)
 #   sudo ./build.sh serve    set up, then run the agent on config/lab.toml (PIXIEBOX_CONFIG overrides)
 #   sudo ./build.sh test     set up, then run linters and the whole test suite (what CI runs)
+#        ./build.sh test -m 'not netns'   as any user: linters and the tests that need no root,
+#                            namespaces or QEMU (no image build; no system packages unless root)
 #   sudo ./build.sh setup    install system packages and the Python environment only
 #   sudo ./build.sh osie     build the OSIE (kernel + initrd) with mkosi into out/osie/
 #   sudo ./build.sh appliance  build the appliance disk image into out/appliance/ (builds the OSIE)
@@ -109,8 +111,51 @@ cmd_demo() {
     exec "$VENV/bin/pixiebox" demo --os "$ROOT/out/testos" "$@"
 }
 
+# True when the pytest arguments select only tests without the `netns` marker (-m "not netns",
+# tests/conftest.py): those need no root, namespaces or QEMU, so neither do their set-up steps.
+unprivileged_selection() { # PYTEST-ARGS...
+    local expr=""
+    while [ "$#" -gt 0 ]; do
+        case "$1" in
+            -m) expr=${2:-}; shift ;;
+            -m*) expr=${1#-m} ;;
+        esac
+        shift
+    done
+    case "$expr" in *"not netns"*) return 0 ;; *) return 1 ;; esac
+}
+
+lint() {
+    say "ruff"
+    "$VENV/bin/ruff" check agent tests bench
+    "$VENV/bin/ruff" format --check agent tests bench
+    say "mypy"
+    "$VENV/bin/mypy"
+}
+
+# `./build.sh test -m 'not netns'`: no image build (only namespace and VM tests boot images) and,
+# as a normal user, no Debian packages; the Python environment is set up unless it exists and is
+# not this user's (made by an earlier `sudo ./build.sh`), in which case it is used as it is.
+cmd_test_unprivileged() {
+    if [ "$(id -u)" -eq 0 ]; then
+        setup_system  # the tools some of these tests use (jq, shellcheck), since root can
+    fi
+    if [ ! -x "$VENV/bin/python" ] || [ -w "$VENV" ]; then
+        setup_python test
+    else
+        say "using $VENV as it is (not writable by $(id -un); sudo ./build.sh setup updates it)"
+    fi
+    lint
+    say "pytest (tests that need no root)"
+    "$VENV/bin/pytest" "$@"
+}
+
 cmd_test() {
-    need_root test "the tests build network namespaces"
+    if unprivileged_selection "$@"; then
+        cmd_test_unprivileged "$@"
+        return
+    fi
+    need_root test "the tests build network namespaces (./build.sh test -m 'not netns' runs the others without root)"
     setup_system
     # The image tests (tests/test_images.py) boot the real OSIE and appliance: build them first
     # (cached: only what changed is rebuilt). PIXIEBOX_SKIP_IMAGES=1 skips this for quick runs;
@@ -119,10 +164,7 @@ cmd_test() {
         cmd_appliance
     fi
     setup_python test
-    say "ruff"
-    "$VENV/bin/ruff" check agent tests
-    say "mypy"
-    "$VENV/bin/mypy"
+    lint
     say "pytest"
     # pytest exits 5 when it collected no tests: that is a failure here, not a pass.
     "$VENV/bin/pytest" "$@"

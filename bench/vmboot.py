@@ -55,6 +55,7 @@ def boot(count: int, workdir: Path, testos: Path, timeout: float, log: list[str]
         if agent.poll() is not None:
             raise BenchError(f"the agent exited: {agent_log.read_text(errors='replace')[-2000:]}")
         display = demo.Display(machines, io.StringIO())
+        events = demo.agent_events(agent_host)
         for machine in machines:
             machine.vm = vm.start_vm(
                 segment,
@@ -66,7 +67,7 @@ def boot(count: int, workdir: Path, testos: Path, timeout: float, log: list[str]
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            demo.follow(machines, agent_log, display)
+            demo.follow(machines, events, display)
             if all("up" in m.seconds for m in machines):
                 break
             if any(m.vm is not None and m.vm.proc.poll() is not None for m in machines):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import shutil
 import signal
@@ -10,7 +11,7 @@ import subprocess
 import threading
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
-from types import FrameType
+from types import CodeType, FrameType
 
 import netlab
 import pytest
@@ -40,10 +41,86 @@ def _sigterm_to_interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # Python programs the tests start (http.server, the agent) print lines the tests wait for;
+    # block-buffered into a pipe those lines never come (sudo and CI do not pass this along).
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
     # Turn SIGTERM into KeyboardInterrupt so fixture finalizers (namespace teardown) run.
     in_main = threading.current_thread() is threading.main_thread()
     if in_main and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
+
+
+# --------------------------------------------------------------------------- the netns marker
+# `netns` marks the tests that need root: network namespaces (netlab), QEMU machines (vmlab),
+# loop devices. `-m "not netns"` runs the rest as any user. The marker is put on automatically so
+# that no new test can forget it: a test gets it when it uses one of conftest's namespace
+# fixtures, or when it or a fixture of its test module uses netlab, vmlab or a loop disk, or skips
+# after a root check (os.geteuid and pytest.skip), directly or through a helper function of the
+# same module. A test that only branches on os.geteuid runs either way and is not marked.
+
+TESTS = Path(__file__).resolve().parent
+#: conftest fixtures that need root (its other fixtures, e.g. the leftover check, do not).
+NETNS_FIXTURES = frozenset({"segment", "netlab_require", "testos"})
+#: Global and attribute names whose use means "needs root".
+_ROOT_NAMES = frozenset({"netlab", "vmlab", "LoopDisk"})
+#: Names that, used together, are a root gate: `if os.geteuid() != 0: pytest.skip(...)`.
+_ROOT_GATE = frozenset({"geteuid", "skip"})
+
+
+def _code_names(code: CodeType) -> set[str]:
+    """The global and attribute names `code` and the functions nested in it use."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, CodeType):
+            names |= _code_names(const)
+    return names
+
+
+def _reaches_root(func: object, seen: set[object]) -> bool:
+    code = getattr(func, "__code__", None)
+    if not isinstance(code, CodeType) or func in seen:
+        return False
+    seen.add(func)
+    names = _code_names(code)
+    if names & _ROOT_NAMES or names >= _ROOT_GATE:
+        return True
+    module = getattr(func, "__module__", None)
+    scope: dict[str, object] = getattr(func, "__globals__", {})
+    return any(
+        inspect.isfunction(helper) and helper.__module__ == module and _reaches_root(helper, seen)
+        for helper in (scope.get(name) for name in names)
+    )
+
+
+def _in_test_module(func: object) -> bool:
+    code = getattr(func, "__code__", None)
+    if not isinstance(code, CodeType):
+        return False
+    path = Path(code.co_filename)
+    return path.parent == TESTS and path.name.startswith("test_")
+
+
+def needs_netns(item: pytest.Item) -> bool:
+    """Whether `item` needs root (the rule above)."""
+    names = set(getattr(item, "fixturenames", ()))
+    if names & NETNS_FIXTURES:
+        return True
+    info = getattr(item, "_fixtureinfo", None)
+    definitions = getattr(info, "name2fixturedefs", {})
+    for name in names:
+        for definition in definitions.get(name, ()):
+            func = definition.func
+            if _in_test_module(func) and _reaches_root(func, set()):
+                return True
+    function = getattr(item, "function", None)
+    return function is not None and _reaches_root(function, set())
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if needs_netns(item):
+            item.add_marker(pytest.mark.netns)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

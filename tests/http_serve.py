@@ -1,7 +1,8 @@
 """Run the boot HTTP server alone, for the tests: `python http_serve.py LAB_TOML [--no-pathsend]`.
 
 Serves [http].listen with the inventory, URLs and assets of the given lab.toml until SIGTERM.
-Prints READY once listening, every machine event as `EVENT kind | who | detail`, and on SIGUSR1
+Prints READY once listening, every machine event as `EVENT {"kind", "who", "message", "fields"}`
+(one JSON object), and on SIGUSR1
 how many bytes went out through os.sendfile(2) in this process (`SENDFILE calls=N bytes=M`), so
 a test can tell zero-copy sends from copies without trusting the server's own bookkeeping.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -21,7 +23,7 @@ from pixiebox.config import load_config, split_listen
 from pixiebox.core.firmware import Assets
 from pixiebox.core.inventory import Inventory
 from pixiebox.core.urls import BootUrls
-from pixiebox.http.boot import BootHttpState, boot_app
+from pixiebox.http.boot import BootEvent, BootHttpState, boot_app
 from pixiebox.http.server import BootHttpServer
 from pixiebox.store.state import StateStore
 
@@ -43,8 +45,10 @@ def _counting_sendfile(out_fd: int, in_fd: int, offset: int | None, count: int) 
 os.sendfile = _counting_sendfile
 
 
-def _event(kind: str, who: str, detail: str) -> None:
-    print(f"EVENT {kind} | {who} | {detail}", flush=True)
+def _event(event: BootEvent) -> None:
+    shown = {"kind": str(event.kind), "who": event.who, "message": event.message,
+             "fields": dict(event.fields)}  # fmt: skip
+    print(f"EVENT {json.dumps(shown)}", flush=True)
 
 
 async def serve(config_path: Path, pathsend: bool) -> None:

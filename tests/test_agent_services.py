@@ -7,6 +7,8 @@ from pathlib import Path
 
 import netlab
 from agentproc import lab_toml, start_agent
+from pixiebox.events import Event, Kind
+from pixiebox.store.state import StateStore
 
 SUBNET = "10.81.0.0/24"
 AGENT_IP = "10.81.0.2"
@@ -50,3 +52,33 @@ def test_uboot_board_gets_pxelinux_over_tftp_and_http_and_x86_gets_ipxe_over_tft
             ["curl", "-sS", "--max-time", "20", "-o", str(fetched), f"tftp://{AGENT_IP}/{name}"]
         )
         assert fetched.read_bytes() == Path("/usr/lib/ipxe", name).read_bytes()
+
+    # Each step is in tk1's event log as a kind and its facts (the board is known by address).
+    def steps() -> list[Event] | None:
+        found = recorded(workdir / "state", BOARD_MAC)
+        return found if sum(e.kind == Kind.TFTP_SENT for e in found) >= 3 else None
+
+    events = netlab.wait_until(steps, 10, message="tk1's TFTP events")
+    offered = next(e for e in events if e.kind == Kind.DHCP_OFFER)
+    assert (offered.get("boot_file"), offered.get("firmware"), offered.get("ip")) == (
+        "pxelinux.0", "U-Boot", BOARD_IP
+    )  # fmt: skip
+    served = next(e for e in events if e.kind == Kind.HTTP_PXELINUX)
+    assert served.fields == {"file": wanted, "image": "osie", "kernel": "osie/vmlinuz"}
+    sent = {e.get("file"): e for e in events if e.kind == Kind.TFTP_SENT}
+    assert set(sent) == {wanted, "undionly.kpxe", "ipxe.efi"}, sent
+    size = Path("/usr/lib/ipxe/ipxe.efi").stat().st_size
+    assert sent["ipxe.efi"].get("bytes") == size
+    assert sent["ipxe.efi"].get("blksize") == 512  # curl asks for no larger block
+    missed = next(e for e in events if e.kind == Kind.TFTP_FAILED)
+    assert missed.fields["file"] == "pxelinux.cfg/0A51"
+    assert missed.get("reason") == "not-found"
+
+
+def recorded(state: Path, mac: str) -> list[Event]:
+    """`mac`'s events as the running agent stored them (what its API lists)."""
+    store = StateStore(state)
+    try:
+        return store.events(mac)
+    finally:
+        store.close()

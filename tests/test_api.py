@@ -12,6 +12,7 @@ from typing import Any
 
 import netlab
 from agentproc import RunningAgent, lab_toml, start_agent
+from pixiebox.events import Kind, fields_of
 
 SUBNET = "10.82.0.0/24"
 AGENT_IP = "10.82.0.2"
@@ -94,7 +95,9 @@ def test_discover_enroll_and_boot_without_restart(
     # Its timeline over the API, oldest first, names it now.
     events = json.loads(curl(agent_host, "http://127.0.0.1:8080/api/v1/machines/c9/events"))
     kinds = [e["kind"] for e in events]
-    assert kinds[0] == "discovered" and "lease" in kinds, kinds
+    assert kinds[0] == "machine.discovered" and "dhcp.lease" in kinds, kinds
+    bound = next(e for e in events if e["fields"].get("action") == "bound")
+    assert bound["fields"] == {"action": "bound", "ip": "10.82.0.39", "lease_time": 3600}
     assert events[-1]["name"] == "c9"
     # A bad enrollment is refused with pixiebox check's words, nothing written.
     refused_text = pixiebox(agent_host, config, "enroll", "02:00:00:00:82:98", "--name", "c9",
@@ -128,12 +131,12 @@ def test_event_stream_delivers_a_boot_in_order(
         data = [json.loads(line[6:]) for line in stream_out.read_text().splitlines()
                 if line.startswith("data: ")]  # fmt: skip
         found = [e["kind"] for e in data if e["mac"] == C1_MAC]
-        return found if "phone-home" in found else None
+        return found if "os.up" in found else None
 
     assert netlab.wait_until(kinds, 10, message="events over SSE") == [
-        "dhcp",
-        "script",
-        "phone-home",
+        "dhcp.offer",
+        "http.script",
+        "os.up",
     ]
     segment.stop(follower)
     table = pixiebox(agent_host, agent.config, "machines")
@@ -150,11 +153,59 @@ def test_event_stream_delivers_a_boot_in_order(
 
     logged = netlab.wait_until(syslog_event, 10, message="syslog event")
     assert logged["message"].endswith("osie: kubelet started"), logged
+    assert logged["fields"] == {"severity": "notice", "facility": "user", "app": "osie"}
     metrics = curl(agent_host, "http://127.0.0.1:8080/metrics")
     assert 'pixiebox_machines{state="up"} 1.0' in metrics
     assert 'pixiebox_dhcp_packets_total{outcome="answered"}' in metrics
     assert 'pixiebox_dhcp_requests_by_type_total{type="DISCOVER"} 1.0' in metrics
     assert "pixiebox_boot_duration_seconds_count 1.0" in metrics  # DHCP to phone-home, once
+
+
+def test_events_carry_kind_message_and_fields_over_the_api_and_the_stream(
+    netlab_require: object, segment: netlab.Segment, workdir: Path
+) -> None:
+    netlab_require("curl")  # type: ignore[operator]
+    agent = api_agent(
+        segment, workdir, workdir / "t", mode="proxy", subnet=SUBNET,
+        machines=[("c1", C1_MAC, None)],
+    )  # fmt: skip
+    stream_out = workdir / "sse.txt"
+    follower = agent.host.popen(["curl", "-sN", "http://127.0.0.1:8080/api/v1/events"], stream_out)
+    netlab.wait_until(lambda: ": connected" in stream_out.read_text(), 10, message="SSE")
+    # A UEFI PXE ROM (arch 7) asks to boot and is offered its loader.
+    c1 = segment.add_host("c1", mac=C1_MAC, ip="10.82.0.50/24")
+    replies = netlab.pxe_discover(c1, arch=7, uuid=UUID)
+    (offer,) = [r for r in replies if r.src_ip == AGENT_IP]
+    assert offer.file == "ipxe.efi"
+    events = json.loads(curl(agent.host, "http://127.0.0.1:8080/api/v1/machines/c1/events"))
+    assert events, "no events"
+    for event in events:
+        assert isinstance(event["kind"], str) and event["message"], event
+        # Only the fields the catalogue (pixiebox.events.KINDS) documents for that kind.
+        assert set(event["fields"]) <= set(fields_of(Kind(event["kind"]))), event
+    (offered,) = [e for e in events if e["kind"] == "dhcp.offer"]
+    assert offered["fields"] == {
+        "mode": "proxy",
+        "port": 67,
+        "firmware": "UEFI",
+        "arch": "x86_64",
+        "ipxe": False,
+        "boot_file": "ipxe.efi",
+    }
+    assert "ipxe.efi" in offered["message"]  # the sentence for people says it too
+
+    def streamed() -> list[dict[str, Any]] | None:
+        data = [json.loads(line[6:]) for line in stream_out.read_text().splitlines()
+                if line.startswith("data: ")]  # fmt: skip
+        mine = [e for e in data if e["mac"] == C1_MAC]
+        return mine if len(mine) >= len(events) else None
+
+    seen = netlab.wait_until(streamed, 10, message="the same events over SSE")
+    segment.stop(follower)
+    shown = [{k: e[k] for k in ("id", "kind", "message", "fields")} for e in seen]
+    assert shown == [{k: e[k] for k in ("id", "kind", "message", "fields")} for e in events]
+    # The stream's `event:` line is the kind too, so a client can filter without parsing JSON.
+    assert "event: dhcp.offer\n" in stream_out.read_text()
 
 
 def test_unknown_enroll_adds_a_new_machine_with_the_next_free_name_and_address(
@@ -172,7 +223,14 @@ def test_unknown_enroll_adds_a_new_machine_with_the_next_free_name_and_address(
     )
     stranger = segment.add_host("stranger", mac=STRANGER)
     netlab.pxe_discover(stranger, arch=0, uuid=UUID)  # unknown: recorded and enrolled
-    agent.wait_log(f'{STRANGER}: enrolled as node1 at 10.82.0.1 ([boot] unknown = "enroll")')
+
+    def enrolled() -> dict[str, Any] | None:
+        url = f"http://127.0.0.1:8080/api/v1/machines/{STRANGER}/events"
+        events = json.loads(curl(agent.host, url))
+        return next((e for e in events if e["kind"] == "machine.enrolled"), None)
+
+    event = netlab.wait_until(enrolled, 10, message="the machine.enrolled event")
+    assert event["fields"] == {"name": "node1", "ip": "10.82.0.1"}, event
     assert 'name = "node1"' in agent.config.read_text()
     # The next request is answered with the new reservation, no restart.
     lease = netlab.run_dhclient(stranger, workdir / "stranger")

@@ -16,7 +16,9 @@ from pathlib import Path
 import netlab
 import pytest
 import vmlab
-from agentproc import RunningAgent, start_agent
+from agentproc import start_agent
+from pixiebox.events import Event, Kind
+from pixiebox.store.state import StateStore
 
 SUBNET = "10.80.0.0/24"
 ROUTER_IP = "10.80.0.1"
@@ -99,13 +101,22 @@ def report(record_property: Callable[[str, object], None], times: dict[str, floa
     record_property("boot_seconds", {name: round(s, 1) for name, s in times.items()})
 
 
-def assert_chain_logged(agent: RunningAgent, name_or_mac: str) -> None:
-    text = agent.text()
-    lines = [line for line in text.splitlines() if name_or_mac in line]
-    joined = "\n".join(lines)
-    assert "fetched its iPXE script" in joined, joined
-    assert "received the kernel testos/vmlinuz" in joined, joined
-    assert "received the initrd testos/initrd" in joined, joined
+def recorded(workdir: Path, mac: str) -> list[Event]:
+    """`mac`'s events as the running agent stored them (what its API would list)."""
+    store = StateStore(workdir / "state")
+    try:
+        return store.events(mac)
+    finally:
+        store.close()
+
+
+def assert_chain_recorded(workdir: Path, mac: str) -> None:
+    events = recorded(workdir, mac)
+    sent = {(e.kind, e.get("file")) for e in events}
+    assert (Kind.HTTP_SCRIPT, f"/boot/{mac}.ipxe") in sent, events
+    assert (Kind.HTTP_KERNEL, "/assets/testos/vmlinuz") in sent, events
+    assert (Kind.HTTP_INITRD, "/assets/testos/initrd") in sent, events
+    assert any(e.kind in (Kind.DHCP_OFFER, Kind.DHCP_ACK) for e in events), events
 
 
 def test_bios_and_uefi_pxe_boot_in_proxy_mode_beside_a_home_router(
@@ -129,9 +140,11 @@ def test_bios_and_uefi_pxe_boot_in_proxy_mode_beside_a_home_router(
     text = agent.text()
     # UEFI's own PXE client went through port 4011 and TFTP before iPXE took over.
     assert f"unknown machine {UEFI_MAC} (x86_64 UEFI) asked to boot" in text
-    assert "fetched ipxe.efi" in text and "over TFTP" in text
+    uefi_events = recorded(workdir, UEFI_MAC)
+    assert any(e.kind == Kind.DHCP_ACK and e.get("port") == 4011 for e in uefi_events)
+    assert any(e.kind == Kind.TFTP_SENT and e.get("file") == "ipxe.efi" for e in uefi_events)
     for mac in (BIOS_MAC, UEFI_MAC):
-        assert_chain_logged(agent, mac)
+        assert_chain_recorded(workdir, mac)
 
 
 def test_bios_and_uefi_pxe_boot_in_reservation_mode_with_their_reserved_addresses(
@@ -139,7 +152,7 @@ def test_bios_and_uefi_pxe_boot_in_reservation_mode_with_their_reserved_addresse
     record_property: Callable[[str, object], None],
 ) -> None:  # fmt: skip
     agent_host = segment.add_host("agent", ip=f"{AGENT_IP}/24")
-    agent = start_agent(agent_host, lab_config(workdir, testos, "reservation", True), workdir)
+    start_agent(agent_host, lab_config(workdir, testos, "reservation", True), workdir)
     bios = vmlab.start_vm(segment, "bios1", BIOS_MAC, firmware="bios", workdir=workdir)
     uefi = vmlab.start_vm(segment, "uefi1", UEFI_MAC, firmware="uefi", pxe="native",
                           workdir=workdir)  # fmt: skip
@@ -147,5 +160,5 @@ def test_bios_and_uefi_pxe_boot_in_reservation_mode_with_their_reserved_addresse
     for vm, mac, name in ((bios, BIOS_MAC, "bios1"), (uefi, UEFI_MAC, "uefi1")):
         assert booted_address(vm, name) == ipaddress.IPv4Interface(f"{RESERVED[mac]}/24")
     report(record_property, times)
-    for name in ("bios1", "uefi1"):
-        assert_chain_logged(agent, name)
+    for mac in (BIOS_MAC, UEFI_MAC):
+        assert_chain_recorded(workdir, mac)

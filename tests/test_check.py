@@ -800,3 +800,47 @@ def test_line_for() -> None:
     # Nothing at all: no line.
     assert line_for(lines, ("http", "listen")) is None
     assert line_for(lines, ()) is None
+
+
+NESTED_TEXT = """\
+[[machines]]
+name = "a"
+power = [
+  { driver = "wol" },
+  { driver = "tasmota", hots = "plug-a" },
+]
+notes = \"\"\"
+fake = 1
+[not.a.header]
+\"\"\"
+
+[[machines]]
+name = "b"
+
+[machines.power]
+driver = "ipmi"
+"""
+
+
+def test_key_lines_follow_the_toml_structure() -> None:
+    """One scanner (tomlscan) finds lines: elements of a multi-line array have their own line, a
+    sub-table belongs to the array element above it, and a multi-line string holds no keys."""
+    lines = key_lines(NESTED_TEXT)
+    assert lines[("machines", 0, "power")] == 3
+    assert lines[("machines", 0, "power", 1)] == 5
+    assert line_for(lines, ("machines", 0, "power", 1, "hots")) == 5
+    assert lines[("machines", 1, "power")] == 15
+    assert lines[("machines", 1, "power", "driver")] == 16
+    assert ("machines", 0, "fake") not in lines
+    assert ("not", "a", "header") not in lines
+
+
+def test_power_key_in_a_multi_line_chain_is_reported_at_its_own_line(check: Check) -> None:
+    """Not at the `power = [` line: the tasmota entry's own, where `host` is misspelt."""
+    run = check(
+        NETWORK
+        + '\n[[machines]]\nname = "c1"\nmac = "f4:4d:30:64:7a:3a"\npower = [\n'
+        + '  { driver = "wol" },\n  { driver = "tasmota", hots = "plug-c1" },\n]\n'
+    )
+    found = {(error.key, error.line) for error in errors(run)}
+    assert found == {("machines[0].power[1].hots", 12), ("machines[0].power[1].host", 12)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,24 +21,49 @@ def demo_require(netlab_require: Callable[..., None], testos: tuple[Path, Path])
     netlab_require("dnsmasq", vmlab.QEMU)
 
 
-def demo_namespaces() -> set[str]:
-    """Namespaces of any virtual lab except this test run's own."""
-    return {n for n in netlab.list_namespaces() if n.startswith(netlab.NS_PREFIX)} - set(
-        netlab.leftover_namespaces()
-    )
+class DemoRun(subprocess.CompletedProcess[str]):
+    """A finished demo and the namespaces it was seen to make while it ran."""
+
+    prefix: str  # the start of every namespace name this demo makes
+    seen: set[str]
 
 
-def run_demo(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+def run_demo(*args: str, timeout: float) -> DemoRun:
+    """`./build.sh demo ARGS`. build.sh execs `pixiebox demo`, so the demo keeps the pid started
+    here, and every namespace it makes is named `pxb<pid>-...` (virtlab.netns RUN_PREFIX): the
+    leak check looks at those only, never at another lab running on this machine meanwhile."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIXIEBOX_")}
-    return subprocess.run(
-        ["./build.sh", "demo", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
-        env=env, stdin=subprocess.DEVNULL,
+    proc = subprocess.Popen(
+        ["./build.sh", "demo", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL, text=True, env=env,
     )  # fmt: skip
+    prefix = f"{netlab.NS_PREFIX}{proc.pid}-"
+    seen: set[str] = set()
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            out, err = proc.communicate(timeout=1)
+            break
+        except subprocess.TimeoutExpired:
+            seen.update(n for n in netlab.list_namespaces() if n.startswith(prefix))
+            if time.monotonic() > deadline:
+                proc.kill()
+                proc.communicate()
+                raise
+    run = DemoRun(proc.args, proc.returncode, out, err)
+    run.prefix, run.seen = prefix, seen
+    return run
+
+
+def assert_cleaned_up(run: DemoRun) -> None:
+    """The demo removed every namespace it made. Seeing some while it ran proves the prefix is
+    really its own, so an empty leftover list means something."""
+    assert run.seen, f"no namespace {run.prefix}* seen while the demo ran: whose are they now?"
+    assert netlab.leftover_namespaces(run.prefix) == []
 
 
 @pytest.mark.timeout(1600)
 def test_build_sh_demo_boots_two_machines_and_removes_everything(demo_require: None) -> None:
-    before = demo_namespaces()
     # The real OSIE when build.sh built it (build.sh test does), else the small test OS.
     result = run_demo("--machines", "2", "--timeout", "900", timeout=1500)
     out = result.stdout
@@ -57,15 +83,14 @@ def test_build_sh_demo_boots_two_machines_and_removes_everything(demo_require: N
             table
         )
     assert "all machines booted; removing the lab" in out
-    assert demo_namespaces() - before == set()  # (others may run labs at the same time)
+    assert_cleaned_up(result)
 
 
 def test_demo_that_times_out_fails_and_still_cleans_up(demo_require: None) -> None:
-    before = demo_namespaces()
     result = run_demo("--machines", "1", "--timeout", "3", timeout=300)
     assert result.returncode == 1
     assert "not every machine was up within 3 s" in result.stdout
-    assert demo_namespaces() - before == set()  # (others may run labs at the same time)
+    assert_cleaned_up(result)
     kept = re.search(r"files kept in (\S+)", result.stdout)
     assert kept and Path(kept.group(1)).is_dir()
     subprocess.run(["rm", "-rf", kept.group(1)], check=True)

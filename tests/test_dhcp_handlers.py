@@ -20,6 +20,7 @@ from pixiebox.dhcp.policy import BootPolicy
 from pixiebox.dhcp.proxy import ProxyHandler
 from pixiebox.dhcp.reservation import ReservationHandler
 from pixiebox.dhcp.server import DhcpServer, reply_destination
+from pixiebox.events import Event, Kind
 from pixiebox.store.state import StateStore
 
 SERVER = IPv4Address("10.0.0.2")
@@ -76,6 +77,11 @@ def request(
     packet = Packet(op=BOOTREQUEST, xid=0x1234, chaddr=chaddr, ciaddr=IPv4Address(ciaddr),
                     giaddr=IPv4Address(giaddr), options=opts)  # fmt: skip
     return decode(encode(packet))  # through the wire format, as the server sees it
+
+
+def events(handler: object, mac: str) -> list[Event]:
+    """`mac`'s events as the handler recorded them (the agent's API shows the same)."""
+    return handler.inventory.lifecycle.events(mac)  # type: ignore[attr-defined, no-any-return]
 
 
 def answer(handler: object, packet: Packet, port: int = 67) -> Packet | None:
@@ -139,6 +145,13 @@ def test_release_then_decline_in_full_mode(tmp_path: Path, assets: Assets) -> No
     macs = [f"02:00:00:00:01:0{n}" for n in range(3)]
     offers = [answer(handler, request(MessageType.DISCOVER, mac)) for mac in macs]
     assert ip not in {o.yiaddr for o in offers if o is not None}
+    # Each step is a dhcp.lease event (no boot information), its action and address as fields.
+    assert [(e.kind, e.fields) for e in events(handler, STRANGER)] == [
+        (Kind.DHCP_LEASE, {"action": "offered", "ip": str(ip)}),
+        (Kind.DHCP_LEASE, {"action": "bound", "ip": str(ip), "lease_time": 3600}),
+        (Kind.DHCP_LEASE, {"action": "released", "ip": str(ip)}),
+    ]
+    assert events(handler, "02:00:00:00:00:98")[-1].fields == {"action": "declined", "ip": str(ip)}
 
 
 def test_relayed_requests_are_answered_through_the_relay(tmp_path: Path, assets: Assets) -> None:
@@ -163,6 +176,18 @@ def test_reservation_offer_carries_boot_file_for_pxe_clients(
     assert reply.options[Opt.HOSTNAME] == b"c1"
     plain = answer(handler, request(MessageType.DISCOVER))
     assert plain is not None and plain.file == b""  # the OSIE's own dhclient: no boot file
+    booting, leasing = events(handler, C1_MAC)
+    assert booting.kind == Kind.DHCP_OFFER
+    assert booting.fields == {"mode": "reservation", "port": 67, "firmware": "UEFI",
+                              "arch": "x86_64", "ipxe": False, "boot_file": "ipxe.efi",
+                              "ip": str(C1_IP)}  # fmt: skip
+    assert (leasing.kind, leasing.get("action")) == (Kind.DHCP_LEASE, "offered")
+    ours = {Opt.SERVER_ID: SERVER.packed, Opt.REQUESTED_IP: C1_IP.packed}
+    assert answer(handler, request(MessageType.REQUEST, arch=7, options=ours)) is not None
+    acked = events(handler, C1_MAC)[-1]
+    assert (acked.kind, acked.get("boot_file"), acked.get("ip")) == (
+        Kind.DHCP_ACK, "ipxe.efi", str(C1_IP)
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -184,6 +209,25 @@ def test_boot_file_by_architecture(
     assert reply is not None
     assert reply.file.decode() == expected
     assert reply.vendor_class == vendor
+    (offered,) = events(handler, C1_MAC)
+    assert offered.kind == Kind.DHCP_OFFER
+    assert (offered.get("mode"), offered.get("port"), offered.get("boot_file")) == (
+        "proxy", 67, expected
+    )  # fmt: skip
+
+
+def test_proxy_ack_on_4011_to_ipxe_is_a_dhcp_ack_event_naming_the_script(
+    tmp_path: Path, assets: Assets
+) -> None:
+    handler = make(ProxyHandler, tmp_path, assets)
+    ipxe = {Opt.USER_CLASS: b"\x04iPXE"}  # RFC 3004, as iPXE sends it
+    reply = answer(handler, request(MessageType.REQUEST, arch=7, options=ipxe), port=4011)
+    assert reply is not None and reply.message_type is MessageType.ACK
+    (acked,) = events(handler, C1_MAC)
+    assert acked.kind == Kind.DHCP_ACK
+    assert acked.fields == {"mode": "proxy", "port": 4011, "firmware": "iPXE", "arch": "x86_64",
+                            "ipxe": True, "boot_file": reply.file.decode()}  # fmt: skip
+    assert acked.get("boot_file") == f"http://{SERVER}/boot/{C1_MAC}.ipxe"
 
 
 @pytest.mark.parametrize(("arch", "missing"), [(11, "snp.efi"), (10, "snp-arm32.efi"),
@@ -226,6 +270,15 @@ def test_server_survives_a_handler_crash(tmp_path: Path, assets: Assets) -> None
 
         def handle(self, request: Packet, port: int) -> Packet | None:
             raise RuntimeError("boom")
+
+        def flush(self) -> None:
+            pass
+
+        def reload(self) -> None:
+            pass
+
+        def held_addresses(self) -> set[IPv4Address]:
+            return set()
 
     server = DhcpServer(Exploding(), "lo")
     payload = encode(request(MessageType.DISCOVER))

@@ -72,7 +72,7 @@ def test_pxe_client_gets_boot_file_for_its_arch_and_address_from_router(
     assert offer.message_type == netlab.DHCPOFFER
     assert offer.yiaddr == "0.0.0.0"  # proxy: never an address
     assert offer.file == boot_file
-    assert offer.siaddr == AGENT_IP  # FIRMWARE-QUIRKS #2: next-server set
+    assert offer.siaddr == AGENT_IP  # docs/firmware-quirks.md#2: next-server set
     assert offer.option(54) == bytes(map(int, AGENT_IP.split(".")))
     assert offer.option_text(60) == "PXEClient"
     assert offer.option(97) == OPTION_97
@@ -101,7 +101,7 @@ def test_uefi_follow_up_on_port_4011_is_acked_with_the_boot_file(proxy_lab: Prox
 
 
 def test_rom_without_uuid_is_answered_and_a_malformed_uuid_is_not(proxy_lab: ProxyLab) -> None:
-    # FIRMWARE-QUIRKS #1: some ROMs omit option 97; a present one must be 17 bytes, type 0.
+    # docs/firmware-quirks.md#1: some ROMs omit option 97; a present one must be 17 bytes, type 0.
     assert replies_from(netlab.pxe_discover(proxy_lab.client, arch=0, uuid=None), AGENT_IP)
     bad = netlab.pxe_discover(
         proxy_lab.client, arch=0, uuid=None, extra_options={97: b"\x01\x02\x03"}

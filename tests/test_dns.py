@@ -31,8 +31,8 @@ import pytest
 from dnslib import EDNS0, QTYPE, DNSHeader, DNSQuestion, DNSRecord
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pixiebox import dns as dns_module
 from pixiebox.dns import DnsServer
+from pixiebox.dns import zone as dns_zone
 
 TESTS_DIR = Path(__file__).resolve().parent
 DNS_SERVE = TESTS_DIR / "dns_serve.py"
@@ -136,7 +136,7 @@ def test_unknown_name_is_nxdomain_with_the_soa_and_unknown_type_is_nodata() -> N
 def test_nxdomain_is_packed_after_the_first_query_within_a_bound(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(dns_module, "NEGATIVE_CACHE", 2)
+    monkeypatch.setattr(dns_zone, "NEGATIVE_CACHE", 2)
     dns = server()
     data = query("nosuch.lab.internal", "MX", do=True)
     assert dns._fast(data) is None

@@ -10,6 +10,7 @@ Debian's iPXE build.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from email.utils import formatdate
 from ipaddress import IPv4Address
 from pathlib import Path
+from typing import Any
 
 import netlab
 import pytest
@@ -35,6 +37,7 @@ from pixiebox.boot.ipxe_script import (
 )
 from pixiebox.config import ImageSection, load_config
 from pixiebox.core.urls import BootUrls
+from pixiebox.events import Kind, fields_of
 from pixiebox.http.boot import Refused, arch_from_query, resolve_asset
 from pixiebox.store.state import StateStore
 
@@ -107,6 +110,23 @@ class Server:
             return None
 
         return netlab.wait_until(seen, timeout, 0.05, f"{needle!r} in:\n{self.text()[-3000:]}")
+
+    def events(self, after: int = 0) -> list[dict[str, Any]]:
+        """The machine events http_serve.py printed after offset `after` of its output."""
+        return [json.loads(line[6:]) for line in self.text()[after:].splitlines()
+                if line.startswith("EVENT ")]  # fmt: skip
+
+    def wait_event(self, kind: str, after: int = 0, timeout: float = 10.0) -> dict[str, Any]:
+        """The first event of `kind` printed after offset `after`."""
+
+        def seen() -> dict[str, Any] | None:
+            return next((e for e in self.events(after) if e["kind"] == kind), None)
+
+        shown = f"a {kind} event in:\n{self.text()[-3000:]}"
+        event: dict[str, Any] = netlab.wait_until(seen, timeout, 0.05, shown)
+        # Only the fields the catalogue (pixiebox.events.KINDS) documents for that kind.
+        assert set(event["fields"]) <= set(fields_of(Kind(kind))), event
+        return event
 
     def sendfile_bytes(self) -> int:
         """Bytes this process has sent with os.sendfile(2) so far (http_serve.py counts)."""
@@ -231,17 +251,20 @@ def test_kernel_and_initrd_on_one_keep_alive_connection(boot_lab: BootLab) -> No
     assert "Re-using existing connection" in result.stderr, result.stderr
     assert out_kernel.read_bytes() == KERNEL
     assert out_initrd.read_bytes() == INITRD
-    boot_lab.server.wait_log(
-        f"c1 ({ENROLLED_MAC}, {CLIENT_IP}) received the kernel osie/vmlinuz (280.0 kB); "
-        "next: initrd osie/initrd",
-        after=mark,
-    )
-    text = boot_lab.server.wait_log(
-        f"c1 ({ENROLLED_MAC}, {CLIENT_IP}) received the initrd osie/initrd (1.0 MB); "
-        "next: starting the kernel",
-        after=mark,
-    )
-    assert f"EVENT kernel | {ENROLLED_MAC} | received the kernel osie/vmlinuz" in text[mark:]
+    kernel = boot_lab.server.wait_event("http.kernel", after=mark)
+    initrd = boot_lab.server.wait_event("http.initrd", after=mark)
+    assert kernel["who"] == initrd["who"] == ENROLLED_MAC
+    assert kernel["fields"]["file"] == "/assets/osie/vmlinuz"
+    assert kernel["fields"]["bytes"] == len(KERNEL) and kernel["fields"]["seconds"] >= 0
+    assert (initrd["fields"]["file"], initrd["fields"]["bytes"]) == ("/assets/osie/initrd", 2**20)
+    # The log line for people names the machine and what it does next.
+    text = boot_lab.server.text()[mark:]
+    assert re.search(
+        rf"c1 \({ENROLLED_MAC}, {CLIENT_IP}\) received the kernel osie/vmlinuz "
+        r"\(273\.4 KiB in [\d.]+ s\); next: initrd osie/initrd",
+        text,
+    ), text
+    assert "received the initrd osie/initrd (1.0 MiB in " in text
 
 
 @pytest.mark.parametrize(
@@ -313,10 +336,13 @@ def test_script_for_an_enrolled_machine(boot_lab: BootLab) -> None:
     assert "pixiebox.arch=${buildarch}" in kernel_line
     assert f"initrd --name initrd http://{SERVER_IP}/assets/osie/initrd" in script
     assert "prompt" not in script
-    text = boot_lab.server.wait_log(
+    boot_lab.server.wait_log(
         f"c1 ({ENROLLED_MAC}) fetched its iPXE script; next: kernel osie/vmlinuz", after=mark
     )
-    assert f"EVENT ipxe-script | {ENROLLED_MAC} |" in text[mark:]
+    event = boot_lab.server.wait_event("http.script", after=mark)
+    assert event["who"] == ENROLLED_MAC
+    assert event["fields"] == {"file": "/boot/F4-4D-30-64-7A-3A.ipxe", "image": "osie",
+                               "kernel": "osie/vmlinuz", "initrds": "osie/initrd"}  # fmt: skip
     # What iPXE fetches next is what the script names.
     for fetched in re.findall(rf"http://{SERVER_IP}/assets/\S+", script):
         assert boot_lab.status(fetched) == 200, fetched
@@ -365,6 +391,9 @@ def test_unknown_machine_under_ignore_exits_1_with_the_reason(boot_lab: BootLab)
     ignoring.wait_log(
         f"unknown machine {UNKNOWN_MAC} fetched its iPXE script; told it to move on", after=mark
     )
+    ignored = ignoring.wait_event("boot.ignored", after=mark)
+    assert ignored["who"] == UNKNOWN_MAC
+    assert ignored["fields"] == {"reason": "unknown-ignored", "protocol": "http"}
     # An enrolled machine still boots there, and U-Boot gets no config for the unknown one.
     assert "pixiebox.name=c1" in boot_lab.curl(url(f"/boot/{ENROLLED_MAC}.ipxe", IGNORE_IP)).stdout
     unknown_cfg = f"/pxelinux.cfg/01-{UNKNOWN_MAC.replace(':', '-')}"
@@ -373,7 +402,13 @@ def test_unknown_machine_under_ignore_exits_1_with_the_reason(boot_lab: BootLab)
 
 def test_pxelinux_cfg_for_u_boot(boot_lab: BootLab) -> None:
     name = f"01-{ENROLLED_MAC.replace(':', '-')}"
+    mark = len(boot_lab.server.text())
     text = boot_lab.curl(url(f"/pxelinux.cfg/{name}")).stdout
+    served = boot_lab.server.wait_event("http.pxelinux", after=mark)
+    assert (served["who"], served["fields"]) == (
+        ENROLLED_MAC,
+        {"file": f"pxelinux.cfg/{name}", "image": "osie", "kernel": "osie/vmlinuz"},
+    )
     config = load_config(boot_lab.server.config)
     expected = pxelinux_config(
         boot_lab.urls, config.images["osie"], mac=ENROLLED_MAC, name="c1", image_name="osie"
@@ -434,7 +469,9 @@ def test_100_mb_initrd_goes_out_through_sendfile(boot_lab: BootLab) -> None:
     # ...and seen by the kernel's syscall tracer, when strace is installed.
     if traced is not None:
         assert _strace_sendfile_bytes(traced) == BIG_SIZE, traced[-2000:]
-    server.wait_log(f"received the initrd big/initrd.img ({BIG_SIZE / 1e6:.1f} MB)", after=mark)
+    sent = server.wait_event("http.initrd", after=mark)
+    assert (sent["fields"]["file"], sent["fields"]["bytes"]) == ("/assets/big/initrd.img", BIG_SIZE)
+    server.wait_log(f"received the initrd big/initrd.img ({BIG_SIZE / 2**20:.1f} MiB", after=mark)
 
     # The same check fails for a server that streams the file through Python.
     copying = boot_lab.copying
@@ -470,7 +507,11 @@ def test_a_broken_off_download_is_logged_and_a_stop_cuts_transfers_short(
         assert result.returncode == 28  # curl: operation timed out
         text = server.wait_log("broke off the download of the initrd osie/initrd", after=mark)
         assert f"c1 ({ENROLLED_MAC}, {CLIENT_IP}) broke off" in text[mark:]
-        server.wait_log(f"EVENT transfer-broken | {ENROLLED_MAC} |", after=mark)
+        broken = server.wait_event("http.failed", after=mark)
+        assert broken["who"] == ENROLLED_MAC
+        assert broken["fields"]["file"] == "/assets/osie/initrd"
+        assert broken["fields"]["reason"] == "broken" and broken["fields"]["status"] == 200
+        assert 0 <= broken["fields"]["bytes"] < 400_000_000
         assert "Exception in ASGI application" not in text[mark:]
         assert "ASGI callable returned without completing" not in text[mark:]
 
@@ -700,7 +741,7 @@ def test_script_retries_with_back_off_then_boots() -> None:
 def test_script_gives_up_after_ten_tries_and_exits_1_with_a_sentence() -> None:
     initrd = URLS.asset("extra/initrd")
     run = run_ipxe(osie_script(), lambda url, attempt: url != initrd)
-    assert run.status == 1  # FIRMWARE-QUIRKS #24: 1 = next boot device
+    assert run.status == 1  # docs/firmware-quirks.md#24: 1 = next boot device
     assert run.booted is None
     assert run.fetched.count(initrd) == FETCH_TRIES
     assert run.slept == [1, 2, 4, 8] + [MAX_RETRY_WAIT] * (FETCH_TRIES - 5)

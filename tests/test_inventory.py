@@ -8,9 +8,12 @@ from pathlib import Path
 
 import pytest
 from pixiebox.config import LabConfig
+from pixiebox.core.decision import Silence
+from pixiebox.core.evidence import Source
 from pixiebox.core.firmware import arch_info
 from pixiebox.core.inventory import Inventory
 from pixiebox.core.lifecycle import Lifecycle, MachineState
+from pixiebox.events import Kind
 from pixiebox.store.state import StateStore
 
 C1 = "02:00:00:00:00:01"
@@ -29,8 +32,8 @@ def test_a_script_fetch_keeps_the_firmware_dhcp_recorded(tmp_path: Path) -> None
     lab, store = inventory(tmp_path)
     uefi = arch_info(7)
     assert uefi is not None
-    lab.boot_verdict(STRANGER, uefi)  # DHCP saw option 93 = 7
-    lab.boot_verdict(STRANGER, None)  # the iPXE script fetch cannot tell
+    assert lab.seen(STRANGER, uefi)  # DHCP saw option 93 = 7: the first time
+    assert not lab.seen(STRANGER, None)  # the iPXE script fetch cannot tell
     (seen,) = store.seen_machines()
     assert (seen.mac, seen.arch, seen.firmware) == (STRANGER, "x86_64", "UEFI")
     assert seen.last_seen >= seen.first_seen
@@ -38,16 +41,16 @@ def test_a_script_fetch_keeps_the_firmware_dhcp_recorded(tmp_path: Path) -> None
 
 def test_enrolled_machine_boots_its_image_and_unknown_follows_policy(tmp_path: Path) -> None:
     lab, _ = inventory(tmp_path, unknown="ignore")
-    known = lab.boot_verdict(C1, None)
-    assert (known.action, known.image, known.who) == ("boot", "osie", f"c1 ({C1})")
-    stranger = lab.boot_verdict(STRANGER, None)
-    assert (stranger.action, stranger.known) == ("ignore", False)
+    known = lab.decide(C1, None)
+    assert (known.silent, known.image_name, known.who) == (None, "osie", f"c1 ({C1})")
+    stranger = lab.decide(STRANGER, None)
+    assert (stranger.silent, stranger.known) == (Silence.UNKNOWN_IGNORED, False)
 
 
 def test_addresses_name_the_machine(tmp_path: Path) -> None:
     lab, _ = inventory(tmp_path)
     assert lab.describe_address(IPv4Address("10.0.0.31")) == f"c1 ({C1}, 10.0.0.31)"
-    lab.note_address(STRANGER, IPv4Address("10.0.0.77"))
+    lab.learn(STRANGER, IPv4Address("10.0.0.77"), Source.DHCP_REQUEST)
     assert (
         lab.describe_address(IPv4Address("10.0.0.77")) == f"unknown machine {STRANGER} (10.0.0.77)"
     )
@@ -60,7 +63,7 @@ def test_a_discovered_machine_is_named_by_its_vendor(
     lab, _ = inventory(tmp_path)
     bios = arch_info(0)
     with caplog.at_level(logging.INFO, logger="pixiebox"):
-        lab.boot_verdict("00:04:4b:aa:aa:aa", bios)  # the user's Jetson board
+        lab.seen("00:04:4b:aa:aa:aa", bios)  # the user's Jetson board
     assert "unknown machine 00:04:4b:aa:aa:aa (x86_64 BIOS, NVIDIA) asked to boot" in caplog.text
 
 
@@ -68,9 +71,9 @@ def test_a_silent_machine_is_shown_off_and_its_boot_time_is_measured(tmp_path: P
     clock = [1000.0]
     store = StateStore(tmp_path)
     life = Lifecycle(store, clock=lambda: clock[0])
-    life.record(C1, "dhcp", "asked to boot")
+    life.record(C1, Kind.DHCP_OFFER, "asked to boot")
     clock[0] += 25
-    life.record(C1, "phone-home", "the OS is up")
+    life.record(C1, Kind.OS_UP, "the OS is up")
     assert list(life.boot_durations) == [25.0]
     clock[0] += 60
     assert life.mark_silent(off_after=120) == []  # not silent long enough
@@ -78,5 +81,7 @@ def test_a_silent_machine_is_shown_off_and_its_boot_time_is_measured(tmp_path: P
     assert life.mark_silent(off_after=120) == [C1]
     record = store.machine_record(C1)
     assert record is not None and record.state == MachineState.OFF
-    assert life.events(C1)[-1].kind == "off"
+    off = life.events(C1)[-1]
+    assert off.kind == Kind.MACHINE_OFF
+    assert (off.get("cause"), off.get("silent_for"), off.get("was")) == ("silence", 180, "up")
     assert life.mark_silent(off_after=120) == []  # already off: said once

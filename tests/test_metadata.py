@@ -26,8 +26,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pixiebox.config import LabConfig, check_config
 from pixiebox.core import inventory as inventory_module
+from pixiebox.core.evidence import Source
 from pixiebox.core.inventory import Inventory
 from pixiebox.core.urls import BootUrls
+from pixiebox.events import Kind
 from pixiebox.http import metadata as metadata_module
 from pixiebox.http.metadata import metadata_response
 from pixiebox.power.ssh import power_public_key
@@ -316,7 +318,8 @@ def test_the_reserved_machine_gets_its_document(lab: Inventory, tmp_path: Path) 
             "syslog": {"host": "10.84.0.2", "port": 514},
         },
     }
-    assert [e.kind for e in lab.lifecycle.events(MAC_A)] == ["metadata"]
+    (sent,) = lab.lifecycle.events(MAC_A)
+    assert (sent.kind, sent.fields) == (Kind.METADATA_SENT, {"ip": str(RESERVED_IP)})
 
 
 def test_an_unknown_machine_that_booted_gets_a_generated_hostname(
@@ -326,9 +329,9 @@ def test_an_unknown_machine_that_booted_gets_a_generated_hostname(
     ip = "10.84.0.60"
     status, _, _ = answer(lab, identities, ip)
     assert status == 404
-    # It fetched its script from that address: now it is known there.
-    lab.boot_verdict(MAC_B, None)
-    lab.note_address(MAC_B, IPv4Address(ip))
+    # It fetched its script from that address, where the kernel's neighbour entry named it.
+    lab.seen(MAC_B, None)
+    lab.learn(MAC_B, IPv4Address(ip), Source.NEIGHBOUR)
     status, body, _ = answer(lab, identities, ip)
     assert status == 200, body
     document = json.loads(body)
@@ -343,8 +346,8 @@ def test_unknown_machines_get_nothing_under_unknown_ignore(tmp_path: Path, no_ar
     store = StateStore(tmp_path / "state")
     try:
         inventory = Inventory(config, store)
-        inventory.boot_verdict(MAC_B, None)
-        inventory.note_address(MAC_B, IPv4Address("10.84.0.60"))
+        inventory.seen(MAC_B, None)
+        inventory.learn(MAC_B, IPv4Address("10.84.0.60"), Source.NEIGHBOUR)
         status, body, _ = answer(inventory, IdentityStore(tmp_path / "identity"), "10.84.0.60")
     finally:
         store.close()
@@ -538,14 +541,17 @@ def test_proxy_mode_answers_by_the_address_a_script_was_fetched_from(
     assert node_data["kubernetes"]["token"] == c1_data["kubernetes"]["token"]  # one per lab
     agent.wait_log(f"unknown machine {NODE_MAC} (10.84.0.51) fetched its metadata")
 
-    # Naming another machine's MAC in a script URL does not hand over its secrets: the kernel
-    # saw who sent the request.
+    # Naming another machine's MAC in a script URL does not hand over its secrets: a named MAC
+    # is no evidence of who is at an address; the kernel's neighbour entry is, and it names the
+    # impostor, which never booted through Pixiebox.
     status, _, _ = fetch(impostor, f"/boot/{C1_MAC}.ipxe")
     assert status == 200
     status, _, body = fetch(impostor)
     assert status == 404, body
     assert not any(secret in body for secret in secrets_of(c1_data))
-    agent.wait_log("10.84.0.52 asked for /metadata, but it is c1")
+    agent.wait_log(
+        f"10.84.0.52 asked for /metadata, but {impostor.mac} there never booted through Pixiebox"
+    )
 
     # After a restart, the agent has forgotten what it learned from script URLs; the ARP cache
     # and the recorded boots still tell who is who, and the identities are the same.

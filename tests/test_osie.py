@@ -38,6 +38,7 @@ from osie_tools import (
     script_env,
     write_cmdline,
 )
+from pixiebox.events import Kind
 from pixiebox.store.identity import AGENT_TOKEN_FILE, IdentityError, IdentityStore
 
 MIB = 1 << 20
@@ -477,7 +478,7 @@ def test_a_node_waits_for_a_late_appliance_then_comes_up_joins_and_logs(
 
     def syslogged() -> dict[str, Any] | None:
         events = api(agent_host, "/api/v1/machines/c1/events")
-        return next((e for e in events if e["kind"] == "syslog"), None)
+        return next((e for e in events if e["kind"] == Kind.SYSLOG), None)
 
     event = netlab.wait_until(syslogged, 20, 0.3, "the netlogd line never reached c1's events")
     assert event["message"] == 'k3s[812]: level=info msg="Starting k3s agent v1.33"'
@@ -498,8 +499,8 @@ def test_a_node_waits_for_a_late_appliance_then_comes_up_joins_and_logs(
     machine = api(agent_host, "/api/v1/machines/c1")
     assert machine["state"] == "joined"
     events = api(agent_host, "/api/v1/machines/c1/events")
-    assert [e["kind"] for e in events if e["kind"] in ("phone-home", "joined")] == [
-        "phone-home", "joined"]  # fmt: skip
+    assert [e["kind"] for e in events if e["kind"] in (Kind.OS_UP, Kind.OS_JOINED)] == [
+        Kind.OS_UP, Kind.OS_JOINED]  # fmt: skip
 
     # A phone-home that says something else is refused in words.
     for body, expected in (("{", "not JSON"), ('{"state": "ready"}', "unknown phone-home state")):

@@ -19,6 +19,7 @@ from typing import Any
 
 import netlab
 from agentproc import RunningAgent, lab_toml, start_agent
+from pixiebox.events import Kind, fields_of
 
 TESTS = Path(__file__).resolve().parent
 SUBNET = "10.83.0.0/24"
@@ -89,9 +90,20 @@ def get(host: netlab.Host, path: str) -> Any:
     return json.loads(host.run(["curl", "-sS", "--max-time", "10", API + path]).stdout)
 
 
-def messages(host: netlab.Host, name: str) -> list[str]:
-    return [e["message"] for e in get(host, f"/api/v1/machines/{name}/events")
-            if e["kind"] in ("power", "off")]  # fmt: skip
+#: The events a power action writes into a machine's log.
+POWER_KINDS = (Kind.POWER_ON, Kind.POWER_OFF, Kind.POWER_CYCLE, Kind.MACHINE_OFF)
+
+
+def steps(host: netlab.Host, name: str) -> list[dict[str, Any]]:
+    """The power events of `name`, oldest first, each {"kind", "message", "fields"}: the test
+    reads kinds and fields; messages are for people."""
+    return [e for e in get(host, f"/api/v1/machines/{name}/events") if e["kind"] in POWER_KINDS]
+
+
+def step(event: dict[str, Any]) -> tuple[str, str | None, str | None, str | None]:
+    """(kind, driver, outcome, reason) of a power event."""
+    fields = event["fields"]
+    return event["kind"], fields.get("driver"), fields.get("outcome"), fields.get("reason")
 
 
 def start_lab(
@@ -149,10 +161,14 @@ def test_power_actions_are_verified_and_fall_back_along_the_chain(
     # plug reading off.
     code, out = pixiebox(host, config, "power", "c1", "off")
     assert code == 0, out
-    said = messages(host, "c1")
-    ssh_failed = next(i for i, m in enumerate(said) if m.startswith("power off by ssh failed"))
-    assert said[ssh_failed].endswith(f"trying tasmota at {TASMOTA_IP}"), said
-    assert said[-1] == f"powered off by tasmota at {TASMOTA_IP} (it reads off, 0.0 W)", said
+    assert out.splitlines()[-1].startswith(
+        f"c1: powered off by tasmota at {TASMOTA_IP} (it reads off, 0.0 W)"), out  # fmt: skip
+    said = [step(e) for e in steps(host, "c1")]
+    ssh_failed = next(i for i, s in enumerate(said) if s[:3] == ("power.off", "ssh", "failed"))
+    assert said[ssh_failed + 1] == ("power.off", "tasmota", "sent", None), said
+    assert said[-2:] == [("power.off", "tasmota", "done", None),
+                         ("machine.off", None, None, None)], said  # fmt: skip
+    assert steps(host, "c1")[-1]["fields"] == {"cause": "power", "was": "up"}
     c1 = get(host, "/api/v1/machines/c1")
     assert (c1["state"], c1["power"]) == ("off", "off")
     calls = [json.loads(line) for line in (workdir / "plug-calls.jsonl").read_text().splitlines()]
@@ -186,7 +202,7 @@ def test_power_actions_are_verified_and_fall_back_along_the_chain(
     # refused, and the first one ends in failure (exit status 2).
     waiting = host.popen([sys.executable, "-m", "pixiebox.cli", "power", "c5", "on",
                           "--config", str(config)], workdir / "c5-on.log")  # fmt: skip
-    netlab.wait_until(lambda: any("power on by wol sent" in m for m in messages(host, "c5")),
+    netlab.wait_until(lambda: ("power.on", "wol", "sent", None) in map(step, steps(host, "c5")),
                       20, 0.2, "c5's power on to start")  # fmt: skip
     status, body = post(host, "/api/v1/machines/c5/power", '{"action": "status"}', token)
     assert status == 409 and body["error"].startswith("c5 is busy: power on started"), body
@@ -194,6 +210,10 @@ def test_power_actions_are_verified_and_fall_back_along_the_chain(
     out = (workdir / "c5-on.log").read_text()
     assert "not up after 8s; no other driver to try" in out, out
     assert "c5: power on failed: not up after trying wol" in out, out
+    c5_steps = [step(e) for e in steps(host, "c5")]
+    assert c5_steps[-3:] == [("power.on", "wol", "sent", None),
+                             ("power.on", "wol", "timeout", "not-up"),
+                             ("power.on", None, "failed", "not-up")], c5_steps  # fmt: skip
 
     # Refusals, each a sentence and exit status 1.
     code, out = pixiebox(host, config, "power", "c4", "on")
@@ -219,8 +239,8 @@ def test_power_actions_are_verified_and_fall_back_along_the_chain(
     assert code == 2, out
     assert "lab up: 3 of 4 machine(s) with power control up after" in out, out
     assert re.search(r"^c1\s+up\s+[\d.]+ s\s+-\s+tasmota at 10.83.0.5, shelly at", out, re.M), out
-    assert f"power on by shelly at {SHELLY_IP} cycled (it read on, but the machine was not up)" \
-        in " ".join(messages(host, "c1")), messages(host, "c1")  # fmt: skip
+    c1_steps = [step(e) for e in steps(host, "c1")]
+    assert ("power.on", "shelly", "sent", "relay-on") in c1_steps, c1_steps
     for name in ("c2", "c3"):
         assert re.search(rf"^{name}\s+already up\s+-\s", out, re.M), out
     assert re.search(r"^c4\s+skipped\s", out, re.M), out
@@ -235,6 +255,11 @@ def test_power_actions_are_verified_and_fall_back_along_the_chain(
         assert re.search(rf"^{name}\s+off\s+[\d.]+ s\s", out, re.M), out
     not_off = out.split("not off:", 1)[1]
     assert "c3: no driver of c3's power chain (wol) can off it" in not_off, out
+
+    # Every power event carries only the fields the catalogue documents for its kind.
+    for name in MACHINES:
+        for event in steps(host, name):
+            assert set(event["fields"]) <= set(fields_of(Kind(event["kind"]))), event
 
     openapi = get(host, "/api/v1/openapi.json")
     assert "post" in openapi["paths"]["/api/v1/machines/{key}/power"]

@@ -28,7 +28,11 @@ import netlab
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pixiebox.core.firmware import Assets
+from pixiebox.net import paths
 from pixiebox.tftp import packets as tftp
+from pixiebox.tftp.files import BootFiles, places_for
+from pixiebox.tftp.packets import Refused
 
 TESTS_DIR = Path(__file__).resolve().parent
 TFTP_SERVE = TESTS_DIR / "tftp_serve.py"
@@ -185,7 +189,9 @@ def test_curl_gets_whole_file_with_blksize(lab: TftpLab, blksize: int) -> None:
     event = lab.wait_event("sent", "big.bin", after=before)
     assert event["client_ip"] == CLIENT_IP
     assert event["size"] == MIB
-    assert f"{CLIENT_IP} fetched big.bin (1.0 MB) over TFTP" in lab.log_text()
+    assert (event["bytes"], event["blksize"], event["reason"]) == (MIB, blksize, "")
+    assert 0 < event["seconds"] < 30
+    assert f"{CLIENT_IP} fetched big.bin (1.0 MiB) over TFTP" in lab.log_text()
     assert f"acknowledged {{'blksize': '{blksize}', 'tsize': '{MIB}'" in lab.log_text()
 
 
@@ -219,13 +225,13 @@ def test_unusable_options_fall_back_to_plain_rfc1350(lab: TftpLab) -> None:
 
 
 def test_edk2_size_query_then_download_is_not_a_failure(lab: TftpLab) -> None:
-    """FIRMWARE-QUIRKS #17: RRQ tsize=0, ERROR 8 on the OACK, then the real request."""
+    """docs/firmware-quirks.md#17: RRQ tsize=0, ERROR 8 on the OACK, then the real request."""
     before = len(lab.events())
     loud = len(LOUD.findall(lab.log_text()))
     probe = lab.raw("big.bin", "--opt", "tsize=0", "--opt", "blksize=1468", "--probe")
     assert probe["oack"] == {"tsize": str(MIB), "blksize": "1468"}
     event = lab.wait_event("aborted", "big.bin", after=before)
-    assert "ERROR 8" in event["reason"]
+    assert event["reason"] == "size-probe" and "ERROR 8" in event["detail"]
     out = lab.output("after-probe.bin")
     lab.raw("big.bin", "--opt", "blksize=1468", "--out", str(out))
     assert sha256(out) == sha256(lab.root / "big.bin")
@@ -288,7 +294,7 @@ def test_windowsize_is_capped(lab: TftpLab) -> None:
     ],
 )
 def test_a_missing_last_ack_is_still_a_sent_file(lab: TftpLab, hold: str, reason: str) -> None:
-    """FIRMWARE-QUIRKS #18: some clients never ACK the last block, and keep their port open
+    """docs/firmware-quirks.md#18: some clients never ACK the last block, and keep their port open
     or close it; either way the transfer counts as sent, not failed."""
     before = len(lab.events())
     loud = len(LOUD.findall(lab.log_text()))
@@ -296,7 +302,8 @@ def test_a_missing_last_ack_is_still_a_sent_file(lab: TftpLab, hold: str, reason
     lab.raw("ipxe.efi", "--opt", "timeout=1", "--no-last-ack", "--hold", hold, "--out", str(out))
     assert out.read_bytes() == (lab.root / "ipxe.efi").read_bytes()
     event = lab.wait_event("sent", "ipxe.efi", after=before, timeout=20.0)
-    assert event["reason"] == reason
+    assert (event["reason"], event["detail"]) == ("no-last-ack", reason)
+    assert event["bytes"] == event["size"] == (lab.root / "ipxe.efi").stat().st_size
     assert len(LOUD.findall(lab.log_text())) == loud  # no warning about it
 
 
@@ -304,29 +311,34 @@ def test_a_missing_last_ack_is_still_a_sent_file(lab: TftpLab, hold: str, reason
 
 
 @pytest.mark.parametrize(
-    ("name", "code"),
+    ("name", "code", "reason"),
     [
-        ("../outside/secret.txt", 2),
-        ("..\\outside\\secret.txt", 2),
-        ("sub/../../outside/secret.txt", 2),
-        ("escape", 2),
-        ("escape-dir/secret.txt", 2),
-        ("ipxe/../outside/secret.txt", 2),  # a name leaving a fallback dir
-        (f"/{'../' * 12}etc/passwd", 2),
-        ("/etc/passwd", 1),  # the root's /etc/passwd: there is none
+        ("../outside/secret.txt", 2, "climbs-out"),
+        ("..\\outside\\secret.txt", 2, "climbs-out"),
+        ("sub/../../outside/secret.txt", 2, "climbs-out"),
+        ("escape", 2, "outside"),
+        ("escape-dir/secret.txt", 2, "outside"),
+        ("ipxe/../outside/secret.txt", 2, "climbs-out"),  # a name leaving a fallback dir
+        (f"/{'../' * 12}etc/passwd", 2, "climbs-out"),
+        ("/etc/passwd", 1, "not-found"),  # the root's /etc/passwd: there is none
     ],
 )
-def test_names_leaving_the_root_are_refused(lab: TftpLab, name: str, code: int) -> None:
+def test_names_leaving_the_root_are_refused(
+    lab: TftpLab, name: str, code: int, reason: str
+) -> None:
     before = len(lab.events())
     out = lab.output("traversal.out")
     said = lab.tftp_hpa("get", name, str(out))
     assert f"Error code {code}:" in said, said
+    # The client learns that it may not have the file, never where the server keeps things.
+    assert str(lab.root.parent) not in said, said
     assert not out.exists() or out.read_bytes() == b""
     kind = "refused" if code == 2 else "not_found"
     event = netlab.wait_until(
         lambda: [e for e in lab.events()[before:] if e["kind"] == kind], 10.0, 0.05, kind
     )[0]
     assert event["client_ip"] == CLIENT_IP
+    assert event["reason"] == reason
     if code == 2:
         assert f"{CLIENT_IP} asked for" in lab.log_text()
         assert "refused" in lab.log_text()
@@ -343,7 +355,7 @@ def test_curl_traversal_is_an_access_violation(lab: TftpLab) -> None:
     ("name", "expected"),
     [
         ("/ipxe.efi", "ipxe.efi"),  # firmware's leading slash means the root
-        ("sub\\dir\\file.txt", "sub/dir/file.txt"),  # FIRMWARE-QUIRKS #18
+        ("sub\\dir\\file.txt", "sub/dir/file.txt"),  # docs/firmware-quirks.md#18
         ("alias.bin", "big.bin"),  # a symlink that stays inside the root
     ],
 )
@@ -362,7 +374,7 @@ def test_upload_is_refused(lab: TftpLab) -> None:
     assert "Error code 2:" in said, said
     assert not (lab.root / "uploaded.bin").exists()
     event = lab.wait_event("refused", "uploaded.bin", after=before)
-    assert "read-only" in event["reason"]
+    assert event["reason"] == "read-only" and "read-only" in event["detail"]
     assert f"{CLIENT_IP} tried to upload uploaded.bin over TFTP: refused" in lab.log_text()
 
 
@@ -372,7 +384,7 @@ def test_fallback_dir_serves_what_the_root_lacks(lab: TftpLab) -> None:
         out = lab.output("fallback.out")
         assert lab.curl(name, out).returncode == 0
         assert out.read_bytes() == wanted
-    assert "fetched undionly.kpxe (72 KB) over TFTP" in lab.log_text()
+    assert "fetched undionly.kpxe (72.5 KiB) over TFTP" in lab.log_text()
     assert "next it should ask DHCP again as iPXE" in lab.log_text()
     out = lab.output("linked.out")
     assert lab.curl("linked.efi", out).returncode == 0  # links in a package dir are followed
@@ -388,21 +400,22 @@ def test_not_found_names_where_it_looked(lab: TftpLab) -> None:
     result = lab.curl("missing.efi", out)
     assert result.returncode == 68, result.stderr  # TFTP file not found
     event = lab.wait_event("not_found", "missing.efi", after=before)
-    assert str(lab.root / "missing.efi") in event["reason"]
-    assert str(lab.fallback / "missing.efi") in event["reason"]
+    assert event["reason"] == "not-found"
+    assert str(lab.root / "missing.efi") in event["detail"]
+    assert str(lab.fallback / "missing.efi") in event["detail"]
     line = next(line for line in lab.log_text().splitlines() if "asked for missing.efi" in line)
     assert " WARNING " in line and CLIENT_IP in line and str(lab.root / "missing.efi") in line
 
 
 @pytest.mark.parametrize("name", ["autoexec.ipxe", "0123abcd/bootsig.bin"])
 def test_expected_misses_are_answered_fast_and_quietly(lab: TftpLab, name: str) -> None:
-    """FIRMWARE-QUIRKS #25 (iPXE's autoexec.ipxe) and #27 (the Raspberry Pi's bootsig.bin)."""
+    """docs/firmware-quirks.md#25 (iPXE's autoexec.ipxe) and #27 (Raspberry Pi's bootsig.bin)."""
     before = len(lab.events())
     started = time.monotonic()
     result = lab.curl(name, lab.output("expected-miss.out"))
     assert result.returncode == 68, result.stderr
     assert time.monotonic() - started < 5
-    lab.wait_event("not_found", name, after=before)
+    assert lab.wait_event("not_found", name, after=before)["reason"] == "expected-miss"
     lines = [line for line in lab.log_text().splitlines() if f"asked for {name}" in line]
     assert lines and all(" DEBUG " in line for line in lines), lines
 
@@ -449,9 +462,10 @@ def test_vanished_clients_do_not_stop_the_server(lab: TftpLab) -> None:
     assert silent.poll() is None, "the silent client should still hold its port"
 
     closed = lab.wait_event("aborted", "stall-close.bin", after=before, timeout=15.0)
-    assert "port is closed" in closed["reason"], closed
+    assert closed["reason"] == "gone" and "port is closed" in closed["detail"], closed
+    assert 0 < closed["bytes"] < closed["size"]
     quiet = lab.wait_event("aborted", "stall-silent.bin", after=before, timeout=20.0)
-    assert "no ACK" in quiet["reason"], quiet
+    assert quiet["reason"] == "timeout" and "no ACK" in quiet["detail"], quiet
     assert f"{CLIENT_IP} stopped fetching stall-silent.bin over TFTP" in lab.log_text()
     lab.client.segment.stop(silent)
     out = lab.output("after-stalled.bin")
@@ -511,10 +525,67 @@ def test_stop_ends_transfers_and_leaves_no_thread_or_socket(segment: netlab.Segm
     assert "TFTP stopped: threads left 0 [], sockets left 0" in text, text[-3000:]
     assert "stopped fetching stall-stop.bin over TFTP" in text
     stopped = [json.loads(line) for line in events.read_text().splitlines()]
-    assert [e["reason"] for e in stopped if e["kind"] == "aborted"] == [
-        "the TFTP server is stopping"
+    assert [(e["reason"], e["detail"]) for e in stopped if e["kind"] == "aborted"] == [
+        ("stopping", "the TFTP server is stopping")
     ]
     segment.stop(holder)
+
+
+# --------------------------------------------------------------------------- confinement
+
+
+def test_one_confinement_rule_for_tftp_and_http(tmp_path: Path) -> None:
+    """net.paths: links are followed only while they stay inside the root, except in a
+    package directory; the client-facing text names no server path."""
+    root, outside, package = (tmp_path / d for d in ("root", "outside", "package"))
+    for directory in (root / "sub", outside, package):
+        directory.mkdir(parents=True)
+    (root / "sub" / "file").write_bytes(b"inside")
+    (outside / "secret").write_bytes(b"secret")
+    (root / "alias").symlink_to("sub/file")
+    (root / "escape").symlink_to(outside / "secret")
+    (root / "dangling").symlink_to(outside / "missing")
+    (package / "linked.efi").symlink_to(outside / "secret")
+    os.mkfifo(root / "fifo")
+
+    opened = paths.open_file(root, "/sub//./file")
+    assert opened is not None and opened.size == 6
+    os.close(opened.fd)
+    alias = paths.open_file(root, "alias")
+    assert alias is not None
+    os.close(alias.fd)
+    assert paths.open_file(root, "missing") is None
+    for name, reason in [("escape", "outside"), ("dangling", "outside"), ("a/../sub/file",
+                         "climbs-out"), ("", "no-name"), ("fifo", "not-a-file"), ("sub",
+                         "not-a-file")]:  # fmt: skip
+        for check in (paths.open_file, paths.stat_file):
+            with pytest.raises(paths.PathRefused) as refused:
+                check(root, name)
+            assert refused.value.reason == reason, (check, name)
+            assert str(tmp_path) not in refused.value.public
+    with pytest.raises(paths.PathRefused):
+        paths.open_file(package, "linked.efi")  # not declared a package directory
+    linked = paths.open_file(package, "linked.efi", packaged=True)
+    assert linked is not None and os.pread(linked.fd, 6, 0) == b"secret"
+    os.close(linked.fd)
+    with pytest.raises(paths.PathRefused):
+        paths.open_file(package, "../outside/secret", packaged=True)
+
+    # The one boot-file resolver: HTTP's /ipxe/ finds what TFTP's ipxe/NAME finds.
+    (root / "ipxe").mkdir()
+    (root / "ipxe" / "snp.efi").write_bytes(b"arm64")
+    (root / "ipxe" / "leak.efi").symlink_to(outside / "secret")
+    assets = Assets(root, system_ipxe=package)
+    assert assets.ipxe_binary("snp.efi") == (root / "ipxe" / "snp.efi").resolve()
+    assert assets.ipxe_binary("linked.efi") == package / "linked.efi"
+    assert assets.ipxe_binary("leak.efi") is None  # a link out of the assets
+    assert assets.ipxe_binary("none.efi") is None
+    files = BootFiles(places_for(root, assets.fallback_places))
+    for name in ("ipxe/snp.efi", "snp.efi", "ipxe/linked.efi"):
+        _, source = files.open(name, CLIENT_IP)
+        source.close()
+    with pytest.raises(Refused):
+        files.open("ipxe/leak.efi", CLIENT_IP)
 
 
 # --------------------------------------------------------------------------- packets
@@ -617,7 +688,7 @@ def _raw(args: argparse.Namespace) -> dict[str, Any]:
             fields = packet[2:].split(b"\0")[:-1]
             oack = {k.decode(): v.decode() for k, v in zip(fields[0::2], fields[1::2], strict=True)}
             result["oack"] = oack
-            if args.probe:  # EDK2: learn the size, then abort (FIRMWARE-QUIRKS #17)
+            if args.probe:  # EDK2: learn the size, then abort (docs/firmware-quirks.md#17)
                 sock.sendto(struct.pack("!HH", 5, 8) + b"tsize query\0", peer)
                 break
             blksize = int(oack.get("blksize", 512))
@@ -645,7 +716,7 @@ def _raw(args: argparse.Namespace) -> dict[str, Any]:
             if args.ack_blocks is not None and blocks > args.ack_blocks:
                 break  # vanish: this block is never acknowledged
             if last and args.no_last_ack:
-                break  # like Windows clients (FIRMWARE-QUIRKS #18)
+                break  # like Windows clients (docs/firmware-quirks.md#18)
             if blocks == args.stray_after:
                 result["stray"] = _stray(peer, block)
             if last or expected - 1 - acked >= window:  # RFC 7440: the window's last block

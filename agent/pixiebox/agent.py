@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import signal
@@ -11,10 +12,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
+from typing import TypeVar
 
 from pixiebox.boot.pxelinux import tftp_generator
 from pixiebox.config import ConfigError, LabConfig, format_problem, load_config, split_listen
 from pixiebox.config.labfile import EnrollError, enroll, next_free_ip
+from pixiebox.core import wording
 from pixiebox.core.firmware import Assets, Firmware, known_arches
 from pixiebox.core.inventory import Inventory
 from pixiebox.core.lifecycle import MachineState
@@ -27,8 +30,9 @@ from pixiebox.dhcp.proxy import ProxyHandler
 from pixiebox.dhcp.reservation import ReservationHandler
 from pixiebox.dhcp.server import DhcpServer, Handler
 from pixiebox.dns import DnsServer
+from pixiebox.events import Kind
 from pixiebox.http.api import ApiState, api_app, ensure_token, machine_views
-from pixiebox.http.boot import BootHttpState, boot_app
+from pixiebox.http.boot import BootEvent, BootHttpState, boot_app
 from pixiebox.http.metrics import PixieboxCollector, metrics_renderer
 from pixiebox.http.server import BootHttpServer
 from pixiebox.net.netif import interface_info, interface_names
@@ -39,6 +43,11 @@ from pixiebox.syslog import SyslogMessage, SyslogReceiver
 from pixiebox.tftp import TftpEvent, TftpServer
 
 log = logging.getLogger("pixiebox")
+
+T = TypeVar("T")
+
+#: Seconds a worker thread waits for the event loop to apply a reload.
+LOOP_WAIT = 30.0
 
 
 #: The appliance's own DNS name in the lab domain (pixiebox.lab.internal).
@@ -152,23 +161,35 @@ def tftp_recorder(inventory: Inventory) -> Callable[[TftpEvent], None]:
         if mac is None:
             return
         if event.kind == "sent":
-            inventory.record(mac, "tftp", f"fetched {event.path} over TFTP", ip)
+            sent = event.bytes or event.size or 0
+            inventory.record(
+                mac, Kind.TFTP_SENT,
+                f"fetched {event.path} ({wording.size(sent)} in {wording.span(event.seconds)}) "
+                "over TFTP", ip,
+                {"file": event.path, "bytes": sent, "seconds": round(event.seconds, 3),
+                 "blksize": event.blksize},
+            )  # fmt: skip
         else:
-            inventory.record(mac, "tftp-error", f"TFTP {event.path}: {event.reason}", ip)
+            inventory.record(
+                mac, Kind.TFTP_FAILED, f"TFTP {event.path}: {event.detail}", ip,
+                {"file": event.path, "reason": event.reason or _TFTP_REASONS[event.kind],
+                 "detail": event.detail},
+            )  # fmt: skip
 
     return record
 
 
-#: The boot HTTP server's event kinds, as lifecycle kinds (see lifecycle._TRANSITIONS).
-_HTTP_KINDS = {"ipxe-script": "script", "kernel": "kernel", "initrd": "initrd",
-               "pxelinux": "pxelinux", "ignored": "ignored"}  # fmt: skip
+#: A failed TFTP request's `reason` field (pixiebox.events), by the TFTP server's outcome.
+_TFTP_REASONS = {"not_found": "not-found", "refused": "refused", "aborted": "aborted"}
 
 
-def http_recorder(inventory: Inventory) -> Callable[[str, str, str], None]:
-    def record(kind: str, who: str, detail: str) -> None:
-        mac, ip = _mac_for(inventory, who)
+def http_recorder(inventory: Inventory) -> Callable[[BootEvent], None]:
+    """Boot HTTP steps as events of the machine (named by MAC, or found at the address)."""
+
+    def record(event: BootEvent) -> None:
+        mac, ip = _mac_for(inventory, event.who)
         if mac is not None:
-            inventory.record(mac, _HTTP_KINDS.get(kind, "http-error"), detail, ip)
+            inventory.record(mac, event.kind, event.message, ip, event.fields)
 
     return record
 
@@ -179,7 +200,11 @@ def syslog_recorder(inventory: Inventory) -> Callable[[SyslogMessage], None]:
     def record(message: SyslogMessage) -> None:
         mac = inventory.mac_at(message.source)
         if mac is not None:
-            inventory.record(mac, "syslog", message.line, message.source)
+            inventory.record(
+                mac, Kind.SYSLOG, message.line, message.source,
+                {"severity": message.severity_name, "facility": message.facility_name,
+                 "app": message.app},
+            )  # fmt: skip
 
     return record
 
@@ -231,6 +256,7 @@ class Agent:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()  # before any service can enroll a machine
         config = load_config(self.config_path)
         segment = self._segment = resolve_segment(config)
         store = StateStore(config.state.dir)
@@ -245,7 +271,7 @@ class Agent:
                 loop = self._loop = asyncio.get_running_loop()
                 for signum in (signal.SIGTERM, signal.SIGINT):
                     loop.add_signal_handler(signum, self._stop.set)
-                loop.add_signal_handler(signal.SIGHUP, self.reload)
+                loop.add_signal_handler(signal.SIGHUP, self.reload)  # read off the loop
                 # Off the DHCP path: the file is written and fsynced in a worker thread.
                 inventory.on_unknown = lambda mac: loop.run_in_executor(None, self.auto_enroll, mac)
                 log.info(
@@ -275,7 +301,7 @@ class Agent:
         tftp = TftpServer(
             assets.root,
             interface=segment.interface,
-            fallback_dirs=[("ipxe/", assets.root / "ipxe"), ("ipxe/", assets.system_ipxe)],
+            fallback_dirs=assets.fallback_places,
             describe=lambda ip: inventory.describe_address(IPv4Address(ip)),
             generate=tftp_generator(inventory, urls),
             on_event=tftp_recorder(inventory),
@@ -373,9 +399,9 @@ class Agent:
             return
         config = inventory.config
         ip = None
-        if config.network.dhcp_mode != "proxy":
-            book = getattr(handler, "book", None)
-            held = book.held() if book is not None else set()
+        if config.network.dhcp_mode != "proxy" and handler is not None:
+            # The leases change on the event loop: read them there.
+            held = self._on_loop(handler.held_addresses)
             if self._segment is not None:  # the appliance's own address, even when detected
                 held.add(self._segment.server_ip)
             ip = next_free_ip(config, held)
@@ -391,15 +417,52 @@ class Agent:
         log.info("%s: %s", mac, message)
         # Events reach the API's live streams, which belong to the event loop.
         if self._loop is not None:
-            self._loop.call_soon_threadsafe(inventory.record, mac, "enrolled", message)
+            fields = {"name": name, **({"ip": str(ip)} if ip is not None else {})}
+            self._loop.call_soon_threadsafe(
+                inventory.record, mac, Kind.MACHINE_ENROLLED, message, None, fields
+            )
+
+    def _on_loop(self, call: Callable[[], T]) -> T:
+        """`call()` run on the event loop, where the protocols read the lab and the leases, and
+        waited for: from a worker thread through call_soon_threadsafe, directly on the loop."""
+        loop = self._loop
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if loop is None or running is loop:
+            return call()
+        done: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                done.set_result(call())
+            except BaseException as exc:
+                done.set_exception(exc)
+
+        try:
+            loop.call_soon_threadsafe(run)
+        except RuntimeError:  # the loop is closed: no protocol reads the lab any more
+            return call()
+        return done.result(LOOP_WAIT)
 
     def reload(self) -> None:
         """SIGHUP or an enrollment: re-read lab.toml; keep the running config if the new one is
         invalid."""
-        inventory, handler = self._inventory, self._handler
+        inventory, handler, loop = self._inventory, self._handler, self._loop
         if inventory is None or handler is None:
             return
-        with self._reload_lock:  # SIGHUP on the loop, enrollments from worker threads
+        try:
+            on_loop = loop is not None and asyncio.get_running_loop() is loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop and loop is not None:
+            # SIGHUP: parse and validate the file in a worker thread, like enrollments do, so
+            # reloads are applied in the order they were read and the loop never waits for
+            # the lock below.
+            loop.run_in_executor(None, self.reload)
+            return
+        with self._reload_lock:  # one reload at a time, each applied before the next is read
             self._reload(inventory, handler)
 
     def _reload(self, inventory: Inventory, handler: Handler) -> None:
@@ -410,10 +473,18 @@ class Agent:
             return
         if config.network != inventory.config.network:
             log.warning("[network] changed: restart the agent for that part to take effect")
-        inventory.reload(config)
-        reload_handler = getattr(handler, "reload", None)
-        if callable(reload_handler):
-            reload_handler()
+
+        def apply() -> None:
+            # One step on the loop: no request is answered with the new config beside the old
+            # MAC index, or the new machines beside the old reservations.
+            inventory.reload(config)
+            handler.reload()
+
+        try:
+            self._on_loop(apply)
+        except concurrent.futures.TimeoutError:
+            log.error("lab.toml was read but the agent is too busy to apply it; send SIGHUP again")
+            return
         log.info("reloaded %s: %d machines", self.config_path, len(config.machines))
 
     def stop(self) -> None:

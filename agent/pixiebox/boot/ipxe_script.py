@@ -29,7 +29,7 @@ def initrd_names(paths: list[str]) -> list[str]:
     """The image names iPXE registers the initrds under: their base names, made unique.
 
     UEFI iPXE hands the initrds to the kernel by name, and the kernel's EFI stub loads only those
-    named by `initrd=<name>` on its command line (FIRMWARE-QUIRKS #20), so the names must be
+    named by `initrd=<name>` on its command line (docs/firmware-quirks.md#20), so the names must be
     distinct and survive the command line (no spaces)."""
     names: list[str] = []
     for path in paths:
@@ -82,7 +82,7 @@ def _fetch(label: str, command: str, url: str, what: str, path: str, base: str) 
         f"echo Pixiebox: giving up on the {what} {url} after {FETCH_TRIES} attempts.",
         f"echo Check that the Pixiebox appliance at {base} is running and reachable from this"
         f" machine, and that {_one_line(path)} is in its [boot] assets directory.",
-        # FIRMWARE-QUIRKS #24: `exit 0` opens the firmware's boot manager; 1 moves on to the
+        # docs/firmware-quirks.md#24: `exit 0` opens the firmware's boot manager; 1 moves on to the
         # next boot device.
         "exit 1",
         f":{label}_ok",
@@ -95,7 +95,7 @@ def ipxe_script(
     """The iPXE script that boots `image` on the machine with `mac` (named `name` if enrolled)."""
     who = f"{name} ({mac})" if name else f"unknown machine {mac}"
     names = initrd_names(image.initrd)
-    # FIRMWARE-QUIRKS #20: UEFI iPXE boots through the kernel's EFI stub, which only loads the
+    # docs/firmware-quirks.md#20: UEFI iPXE boots via the kernel's EFI stub, which only loads the
     # initrds named on the command line; BIOS kernels ignore the argument.
     args = [f"initrd={n}" for n in names]
     args += kernel_arguments(urls, image, mac=mac, name=name)
@@ -106,10 +106,10 @@ def ipxe_script(
     lines = [
         "#!ipxe",
         f"# Pixiebox boot script for {who}: image {image_name}",
-        # No `prompt` anywhere: RPi 5 firmware hangs on one (FIRMWARE-QUIRKS #29).
+        # No `prompt` anywhere: RPi 5 firmware hangs on one (docs/firmware-quirks.md#29).
         f"echo Pixiebox: {who} boots image {image_name} on ${{buildarch}} (${{platform}})",
         # Drop images loaded before this script (autoexec.ipxe, an earlier attempt): UEFI iPXE
-        # would pass every registered image to the kernel as an initrd (FIRMWARE-QUIRKS #21).
+        # would pass every registered image to the kernel as an initrd (docs/firmware-quirks.md#21).
         "imgfree",
     ]
     lines += _fetch(
@@ -143,7 +143,7 @@ def ipxe_script(
 
 def ignore_script(mac: str, reason: str) -> str:
     """A script that boots nothing: it says why on the console and hands the machine back to its
-    firmware's next boot device (`exit 1`, FIRMWARE-QUIRKS #24)."""
+    firmware's next boot device (`exit 1`, docs/firmware-quirks.md#24)."""
     lines = [
         "#!ipxe",
         f"# Pixiebox: nothing to boot for {mac}",
@@ -180,7 +180,7 @@ def pxelinux_config(
         "# KERNEL and INITRD are TFTP paths under [boot] assets (U-Boot's pxe fetches over TFTP,",
         "# relative to the directory of pxelinux.0, the TFTP root).",
         "DEFAULT pixiebox",
-        # No menu, no prompt: boot at once (FIRMWARE-QUIRKS #29 for the same reason on iPXE).
+        # No menu, no prompt: boot at once (docs/firmware-quirks.md#29 for the same reason on iPXE).
         "PROMPT 0",
         "LABEL pixiebox",
         f"  KERNEL {image.kernel}",

@@ -1,6 +1,6 @@
 """pxelinux.cfg files for U-Boot boards, answered the same way over TFTP and HTTP.
 
-U-Boot's `pxe get` (FIRMWARE-QUIRKS #30: U-Boot ignores proxy offers, so these boards run in
+U-Boot's `pxe get` (docs/firmware-quirks.md#30: U-Boot ignores proxy offers, so these boards run in
 reservation or full mode) asks for pxelinux.cfg/<uuid>, then 01-<mac>, then the address in hex
 ever shorter, then `default`. The MAC file is where a board is recognised and recorded; the others
 are answered "not found" at once so the board gets there quickly.
@@ -15,9 +15,11 @@ from ipaddress import IPv4Address
 
 from pixiebox.boot.ipxe_script import pxelinux_config
 from pixiebox.config import normalize_mac
+from pixiebox.core.decision import Silence
 from pixiebox.core.firmware import DEFAULT_ARCH, arch_info
 from pixiebox.core.inventory import Inventory
 from pixiebox.core.urls import BootUrls
+from pixiebox.events import Fields, Kind
 
 log = logging.getLogger("pixiebox.boot.pxelinux")
 
@@ -32,10 +34,10 @@ def pxelinux_for(
     urls: BootUrls,
     file: str,
     ip: IPv4Address | None,
-    emit: Callable[[str, str, str], None] | None = None,
+    emit: Callable[[Kind, str, str, Fields], None] | None = None,
 ) -> str | None:
-    """The pxelinux.cfg/`file` a board at `ip` should get, or None for "not found"."""
-    config = inventory.config
+    """The pxelinux.cfg/`file` a board at `ip` should get, or None for "not found".
+    `emit(kind, mac, message, fields)` hears of a board recognised (boot HTTP's events)."""
     describe = inventory.describe_address(ip) if ip is not None else "a U-Boot board"
     match = _MAC_FILE.fullmatch(file)
     if match:
@@ -48,46 +50,51 @@ def pxelinux_for(
     if mac is None:
         # `default` from an address no MAC is known for: the fallback for a board whose MAC file
         # was not answered; it cannot be recorded.
-        image = config.images.get(config.boot.image)
-        if config.boot.unknown == "ignore" or image is None:
+        image = inventory.decide(None, UBOOT_ARCH).image
+        if image is None:  # unknown machines ignored, or no such image
             log.info("%s asked for pxelinux.cfg/default; not answered", describe)
             return None
         log.info(
             "%s fetched pxelinux.cfg/default; next: kernel %s of the default image %s",
-            describe, image.kernel, config.boot.image,
+            describe, image.kernel, image.name,
         )  # fmt: skip
-        return pxelinux_config(urls, image, mac=None, name=None, image_name=config.boot.image)
+        return pxelinux_config(urls, image.section, mac=None, name=None, image_name=image.name)
     if ip is not None:
-        inventory.note_address(mac, ip)
-    verdict = inventory.boot_verdict(mac, UBOOT_ARCH)
-    if verdict.action == "ignore":
+        # The MAC in the file name is only what the board says it is: the kernel's neighbour
+        # entry for its address is evidence of who is there.
+        inventory.learn_neighbour(ip)
+    verdict = inventory.decide(mac, UBOOT_ARCH)
+    inventory.seen(mac, UBOOT_ARCH)
+    if verdict.silent is Silence.UNKNOWN_IGNORED:
         log.info(
             "%s fetched pxelinux.cfg/%s; not answered ([boot] unknown = ignore); "
             "enroll it with: pixiebox enroll %s --name NAME",
             verdict.who, file, mac,
         )  # fmt: skip
         if emit is not None:
-            emit("ignored", mac, "not booted ([boot] unknown = ignore)")
+            emit(Kind.BOOT_IGNORED, mac, "not booted ([boot] unknown = ignore)",
+                 {"reason": "unknown-ignored", "protocol": "http"})  # fmt: skip
         return None
-    image_name = verdict.image or config.boot.image
-    found = config.images.get(image_name)
+    found = verdict.image
     if found is None:
         log.error(
             "%s should boot image %s, but lab.toml has no [images.%s]",
-            verdict.who, image_name, image_name,
+            verdict.who, verdict.image_name, verdict.image_name,
         )  # fmt: skip
         return None
+    image_name = found.name
     if len(found.initrd) > 1:
         log.warning(
             "[images.%s] has %d initrds, but U-Boot loads one: concatenate them into one file "
             "for %s", image_name, len(found.initrd), verdict.who,
         )  # fmt: skip
-    name = verdict.machine.name if verdict.machine else None
+    name = verdict.name
     log.info("%s fetched pxelinux.cfg/%s; next: kernel %s over TFTP", verdict.who, file,
              found.kernel)  # fmt: skip
     if emit is not None:
-        emit("pxelinux", mac, f"fetched its pxelinux.cfg for image {image_name}")
-    return pxelinux_config(urls, found, mac=mac, name=name, image_name=image_name)
+        served = {"file": PXELINUX_DIR + file, "image": image_name, "kernel": found.kernel}
+        emit(Kind.HTTP_PXELINUX, mac, f"fetched its pxelinux.cfg for image {image_name}", served)
+    return pxelinux_config(urls, found.section, mac=mac, name=name, image_name=image_name)
 
 
 def tftp_generator(inventory: Inventory, urls: BootUrls) -> Callable[[str, str], bytes | None]:

@@ -17,10 +17,11 @@ from urllib.parse import quote, urlencode
 from pixiebox import config as lab
 from pixiebox import doctor
 from pixiebox.agent import Agent, StartupError
-from pixiebox.cli.client import ApiClient, ApiRefused, ApiUnreachable
+from pixiebox.client import follow as power_follow
+from pixiebox.client.api import ApiClient, ApiRefused, ApiUnreachable
 from pixiebox.config import labfile
+from pixiebox.events import Kind
 from pixiebox.net.netif import interface_info, interface_names
-from pixiebox.power import follow as power_follow
 from pixiebox.virtlab import demo as virtlab_demo
 
 
@@ -256,7 +257,7 @@ def cmd_power(args: argparse.Namespace) -> int:
         outcome = call()
     else:
         follower = power_follow.Follower(client, machine["mac"]).start()
-        shown = {"power", "off", "phone-home"}
+        shown = {Kind.POWER_ON, Kind.POWER_OFF, Kind.POWER_CYCLE, Kind.MACHINE_OFF, Kind.OS_UP}
 
         def show(event: dict[str, Any]) -> None:
             if event["kind"] in shown:

@@ -1,7 +1,7 @@
 """Which firmware is asking, and which first-stage loader it needs.
 
 The client architecture (DHCP option 93, RFC 4578 2.1, IANA "Processor Architecture Types")
-decides the iPXE build to hand out. Real firmware misreports it (FIRMWARE-QUIRKS #12: codes 2, 6,
+decides the iPXE build to hand out. Firmware misreports it (docs/firmware-quirks.md#12: codes 2, 6,
 7, 8 and 9 all come from x86-64 UEFI laptops), so the table maps by what firmware actually does,
 not by the registry's wording alone.
 """
@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+
+from pixiebox.net.paths import PathRefused, Place, candidates, stat_file
 
 SYSTEM_IPXE_DIR = Path("/usr/lib/ipxe")
 
@@ -39,7 +41,7 @@ class ArchInfo:
 
 _ARCHES: dict[int, ArchInfo] = {
     0: ArchInfo(0, "x86_64", Firmware.BIOS, "undionly.kpxe"),
-    # Itanium, Xscale and EBC codes are in practice x86-64 UEFI (FIRMWARE-QUIRKS #12).
+    # Itanium, Xscale and EBC codes are in practice x86-64 UEFI (docs/firmware-quirks.md#12).
     2: ArchInfo(2, "x86_64", Firmware.UEFI, "ipxe.efi"),
     # Genuine 32-bit UEFI tablets exist, but so do x86-64 laptops that send 6 (quirk #12): the
     # i386 build when the user added one, the x86-64 one otherwise.
@@ -53,7 +55,7 @@ _ARCHES: dict[int, ArchInfo] = {
     16: ArchInfo(16, "x86_64", Firmware.UEFI_HTTP, "ipxe.efi"),
     18: ArchInfo(18, "arm32", Firmware.UEFI_HTTP, "snp-arm32.efi", False),
     19: ArchInfo(19, "arm64", Firmware.UEFI_HTTP, "snp.efi", False),
-    # U-Boot (FIRMWARE-QUIRKS #30: Debian's u-boot-qemu sends 21 for armv7, 22 for armv8) reads
+    # U-Boot (docs/firmware-quirks.md#30: Debian's u-boot-qemu sends 21 on armv7, 22 on armv8) reads
     # pxelinux.cfg/01-<mac> relative to the boot file's directory, so the file name only anchors it.
     21: ArchInfo(21, "arm32", Firmware.UBOOT, "pxelinux.0", False),
     22: ArchInfo(22, "arm64", Firmware.UBOOT, "pxelinux.0", False),
@@ -81,16 +83,41 @@ def describe_arch(code: int | None) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Assets:
-    """Where boot files are found: the lab's asset directory first, then Debian's ipxe package."""
+    """Where boot files are found: the lab's asset directory first, then Debian's ipxe package.
+
+    The one boot-file resolver: TFTP looks a requested name up in `places` (tftp.files) and
+    boot HTTP's /ipxe/ and DHCP's "is this loader here?" ask `ipxe_binary`, which looks in the
+    same places the same way, so a loader DHCP hands out is one TFTP and HTTP can send."""
 
     root: Path
     system_ipxe: Path = SYSTEM_IPXE_DIR
 
+    @property
+    def places(self) -> tuple[Place, ...]:
+        """The assets root; then its ipxe/ directory and Debian's ipxe package, where
+        `ipxe/NAME` and `NAME` both find NAME. Only the package directory follows links out of
+        itself (net.paths: Debian's ipxe.efi is a link to /boot/ipxe.efi)."""
+        return (
+            Place(self.root),
+            Place(self.root / "ipxe", "ipxe/"),
+            Place(self.system_ipxe, "ipxe/", packaged=True),
+        )
+
+    @property
+    def fallback_places(self) -> tuple[Place, ...]:
+        """`places` after the root: what TftpServer's `fallback_dirs` takes."""
+        return self.places[1:]
+
     def ipxe_binary(self, name: str) -> Path | None:
-        for directory in (self.root / "ipxe", self.system_ipxe):
-            candidate = directory / name
-            if candidate.is_file():
-                return candidate
+        """The real path of the iPXE build `name`, found as TFTP finds `ipxe/NAME`; None when
+        no place has it, or the first that has it may not serve it (a link leading out)."""
+        for place, relative in candidates(self.places, f"ipxe/{name}"):
+            try:
+                real, found = stat_file(place.directory, relative, packaged=place.packaged)
+            except PathRefused:
+                return None
+            if found is not None:
+                return real
         return None
 
     def missing_loader_hint(self, info: ArchInfo) -> str:

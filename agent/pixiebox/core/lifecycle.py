@@ -16,7 +16,8 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from enum import StrEnum
 
-from pixiebox.store.state import Event, MachineRecord, StateStore
+from pixiebox.events import BOOT_CHAIN, Event, Fields, Kind
+from pixiebox.store.state import MachineRecord, StateStore
 
 log = logging.getLogger("pixiebox.core.lifecycle")
 
@@ -30,14 +31,12 @@ class MachineState(StrEnum):
     OFF = "off"
 
 
-#: Event kinds that mean "this machine is on its way through the boot chain".
-BOOT_KINDS = frozenset({"dhcp", "tftp", "script", "kernel", "initrd", "pxelinux"})
 #: Where each kind of event moves a machine; kinds not listed leave the state alone.
 _TRANSITIONS: dict[str, MachineState] = {
-    **dict.fromkeys(BOOT_KINDS, MachineState.BOOTING),
-    "phone-home": MachineState.UP,
-    "joined": MachineState.JOINED,
-    "off": MachineState.OFF,
+    **dict.fromkeys(BOOT_CHAIN, MachineState.BOOTING),
+    Kind.OS_UP: MachineState.UP,
+    Kind.OS_JOINED: MachineState.JOINED,
+    Kind.MACHINE_OFF: MachineState.OFF,
 }
 #: States a silent machine is taken out of.
 _ALIVE = frozenset({MachineState.BOOTING, MachineState.UP, MachineState.JOINED})
@@ -54,8 +53,17 @@ class Lifecycle:
         #: Seconds from a machine's first boot request to its OS phoning home (recent boots).
         self.boot_durations: collections.deque[float] = collections.deque(maxlen=1000)
 
-    def record(self, mac: str, kind: str, message: str, *, ip: str | None = None) -> Event:
-        """Add an event to `mac`'s log, move its state, and tell the subscribers."""
+    def record(
+        self,
+        mac: str,
+        kind: Kind,
+        message: str,
+        *,
+        ip: str | None = None,
+        fields: Fields | None = None,
+    ) -> Event:
+        """Add an event to `mac`'s log, move its state, and tell the subscribers. `message` is
+        for people; `fields` carry the facts code reads (pixiebox.events.KINDS)."""
         now = self._clock()
         self._store.touch(mac, now, ip)
         target = _TRANSITIONS.get(kind)
@@ -67,7 +75,7 @@ class Lifecycle:
                     self._boot_started[mac] = now
                 elif target is MachineState.UP and mac in self._boot_started:
                     self.boot_durations.append(now - self._boot_started.pop(mac))
-        event = self._store.add_event(mac, kind, message, now)
+        event = self._store.add_event(mac, kind, message, now, fields)
         for queue in list(self._subscribers):
             if queue.full():
                 with contextlib.suppress(asyncio.QueueEmpty):
@@ -75,10 +83,10 @@ class Lifecycle:
             queue.put_nowait(event)
         return event
 
-    def discovered(self, mac: str, message: str) -> None:
+    def discovered(self, mac: str, message: str, fields: Fields | None = None) -> None:
         """An unknown machine showed up for the first time."""
         self._store.set_state(mac, MachineState.DISCOVERED, self._clock())
-        self.record(mac, "discovered", message)
+        self.record(mac, Kind.MACHINE_DISCOVERED, message, fields=fields)
 
     def state_of(self, record: MachineRecord | None, enrolled: bool) -> MachineState:
         if record is None or not record.state:
@@ -113,9 +121,11 @@ class Lifecycle:
         for record in silent:
             minutes = (now - record.last_seen) / 60
             self.record(
-                record.mac, "off",
+                record.mac, Kind.MACHINE_OFF,
                 f"silent for {minutes:.0f} min after it was {record.state}; shown as off "
                 "(powered off, or it crashed: look at its console)",
+                fields={"cause": "silence", "silent_for": round(now - record.last_seen),
+                        "was": record.state},
             )  # fmt: skip
             log.info("%s has been silent for %.0f min; shown as off", names(record.mac), minutes)
         return [record.mac for record in silent]

@@ -9,9 +9,11 @@ import logging
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
+from pixiebox.core.decision import BootDecision, LoaderCheck
 from pixiebox.core.firmware import ArchInfo, Assets, Firmware, arch_info
 from pixiebox.core.urls import BootUrls
 from pixiebox.dhcp.codec import DecodeError, Opt, Packet, encode_suboptions
+from pixiebox.events import FieldValue
 
 log = logging.getLogger("pixiebox.dhcp")
 
@@ -21,7 +23,7 @@ IPXE_USER_CLASS = "iPXE"
 
 #: Option 43, PXE sub-option 6 (PXE_DISCOVERY_CONTROL) = 8: "boot the file in this offer, no
 #: boot-server discovery, no menu". Sent to BIOS ROMs only: many UEFI ROMs ignore a proxy offer
-#: that carries it and only boot after asking on port 4011 (FIRMWARE-QUIRKS #3, pixiecore).
+#: that carries it and only boot after asking on port 4011 (docs/firmware-quirks.md#3).
 PXE_SKIP_DISCOVERY = encode_suboptions({6: b"\x08"})
 
 
@@ -53,7 +55,7 @@ def boot_client(packet: Packet) -> BootClient | None:
     if not (vendor.startswith((PXE_CLIENT, HTTP_CLIENT, "U-Boot")) or ipxe or arches):
         return None
     uuid = packet.client_uuid
-    # FIRMWARE-QUIRKS #1: some ROMs omit 97 (accept), but a present one must be RFC 4578's 17
+    # docs/firmware-quirks.md#1: some ROMs omit 97 (accept), but a present one must be RFC 4578's 17
     # bytes with type 0, otherwise echoing it back confuses the very ROM that sent it.
     if uuid is not None and (len(uuid) != 17 or uuid[0] != 0):
         raise DecodeError(f"option 97 (client UUID) is malformed: {uuid.hex()}")
@@ -88,41 +90,62 @@ class BootPolicy:
     def server_ip(self) -> IPv4Address:
         return self.urls.server_ip
 
-    def boot_file(self, client: BootClient, who: str) -> BootFile | None:
-        """The file for this client, or None (with a log line naming the file to add) when the
-        loader it needs is not on this appliance."""
+    def has_loader(self, name: str) -> bool:
+        return self.assets.ipxe_binary(name) is not None
+
+    def loaders(self, client: BootClient) -> LoaderCheck | None:
+        """What the boot decision checks loaders with: nothing for a client already running
+        iPXE (it gets its script, not a loader)."""
+        return None if client.ipxe else self.has_loader
+
+    def boot_file(self, client: BootClient, decision: BootDecision) -> BootFile | None:
+        """The file for this client as `decision` (asked with `loaders(client)`) resolves it, or
+        None (with a log line naming the file to add) when its loader is not on this appliance."""
         if client.ipxe:
             # iPXE is already running: sending it iPXE again would loop, so it gets its script.
             return BootFile(self.urls.script(client.mac), PXE_CLIENT)
         info = client.arch
-        if info.firmware is Firmware.UBOOT:
-            return BootFile(info.loader, PXE_CLIENT)
-        loader = info.loader
-        if self.assets.ipxe_binary(loader) is None:
-            fallback = info.fallback
-            if fallback is None or self.assets.ipxe_binary(fallback) is None:
-                log.warning(
-                    "%s (%s) asked to boot, but %s is missing; not answering it so that it "
-                    "moves on to its next boot device; to boot it, %s",
-                    who,
-                    info.label,
-                    loader,
-                    self.assets.missing_loader_hint(info),
-                )
-                return None
+        loader = decision.loader
+        if loader is None:
+            log.warning(
+                "%s (%s) asked to boot, but %s is missing; not answering it so that it "
+                "moves on to its next boot device; to boot it, %s",
+                decision.who,
+                info.label,
+                info.loader,
+                self.assets.missing_loader_hint(info),
+            )
+            return None
+        if loader.fallback:
             log.info(
                 "%s reports %s; %s is not in the assets, so it gets %s (most machines that "
                 "report this are x86-64 UEFI); add %s for genuine 32-bit UEFI",
-                who,
+                decision.who,
                 info.label,
-                loader,
-                fallback,
-                loader,
+                loader.wanted,
+                loader.file,
+                loader.wanted,
             )
-            loader = fallback
-        if client.http_boot:
-            return BootFile(self.urls.ipxe_binary(loader), HTTP_CLIENT)
-        return BootFile(loader, PXE_CLIENT)
+        if client.http_boot and info.firmware is not Firmware.UBOOT:
+            return BootFile(self.urls.ipxe_binary(loader.file), HTTP_CLIENT)
+        return BootFile(loader.file, PXE_CLIENT)
+
+
+def boot_fields(
+    mode: str, port: int, client: BootClient, boot_file: BootFile, ip: IPv4Address | None = None
+) -> dict[str, FieldValue]:
+    """The facts of an answer with boot information: a dhcp.offer or dhcp.ack event's fields."""
+    fields: dict[str, FieldValue] = {
+        "mode": mode,
+        "port": port,
+        "firmware": "iPXE" if client.ipxe else str(client.arch.firmware),
+        "arch": client.arch.cpu,
+        "ipxe": client.ipxe,
+        "boot_file": boot_file.name,
+    }
+    if ip is not None:
+        fields["ip"] = str(ip)
+    return fields
 
 
 def add_boot_options(
@@ -131,7 +154,7 @@ def add_boot_options(
     """Put the boot information into a reply, where every firmware looks for it.
 
     The boot server and file go in the fixed siaddr/sname/file fields, never in overloaded
-    options (FIRMWARE-QUIRKS #15); siaddr and option 54 are always set, or PXE ROMs go looking
+    options (docs/firmware-quirks.md#15); siaddr and option 54 are always set or PXE ROMs go looking
     for a boot server on port 4011 (#2)."""
     reply.siaddr = server_ip
     reply.sname = str(server_ip).encode()

@@ -2,7 +2,7 @@
 
 The home router keeps handing out addresses; we answer PXE clients' DISCOVER on port 67 with an
 offer that has yiaddr 0.0.0.0 and the boot file, and their follow-up REQUEST on port 4011 (PXE
-spec 2.1 "ProxyDHCP"; UEFI ROMs and iPXE ask there, FIRMWARE-QUIRKS #3 and #8). Plain DHCP
+spec 2.1 "ProxyDHCP"; UEFI ROMs and iPXE ask there, docs/firmware-quirks.md#3 and #8). Plain DHCP
 clients never hear from us, which is what makes this mode safe on any LAN.
 """
 
@@ -11,20 +11,30 @@ from __future__ import annotations
 import logging
 from ipaddress import IPv4Address
 
-from pixiebox.core.inventory import Inventory
+from pixiebox.core.decision import Silence
+from pixiebox.core.evidence import Source
+from pixiebox.core.inventory import BootBackend
 from pixiebox.dhcp.codec import MessageType, Packet
-from pixiebox.dhcp.policy import BootPolicy, NotABootRequest, add_boot_options, boot_client
+from pixiebox.dhcp.policy import (
+    BootPolicy,
+    NotABootRequest,
+    add_boot_options,
+    boot_client,
+    boot_fields,
+)
+from pixiebox.events import Kind
 
 log = logging.getLogger("pixiebox.dhcp")
 
 PXE_PORT = 4011
+_ZERO = IPv4Address(0)
 
 
 class ProxyHandler:
     mode: str = "proxy"
     ports: tuple[int, ...] = (67, PXE_PORT)
 
-    def __init__(self, inventory: Inventory, policy: BootPolicy) -> None:
+    def __init__(self, inventory: BootBackend, policy: BootPolicy) -> None:
         self.inventory = inventory
         self.policy = policy
 
@@ -32,8 +42,27 @@ class ProxyHandler:
     def server_ip(self) -> IPv4Address:
         return self.policy.server_ip
 
+    def flush(self) -> None:
+        """Nothing to commit: proxy mode hands out no leases."""
+
+    def reload(self) -> None:
+        """Nothing derived from lab.toml: every answer asks the inventory."""
+
+    def held_addresses(self) -> set[IPv4Address]:
+        return set()  # the router's leases, not ours
+
+    def _overheard(self, request: Packet) -> None:
+        """A REQUEST names the address its client takes (option 50 while selecting the router's
+        offer, ciaddr when renewing or asking on port 4011): in proxy mode this is how the
+        router's lease becomes known here."""
+        ip = request.requested_ip or (request.ciaddr if request.ciaddr != _ZERO else None)
+        if ip is not None and ip != _ZERO:
+            self.inventory.learn(request.mac, ip, Source.DHCP_REQUEST)
+
     def handle(self, request: Packet, port: int) -> Packet | None:
         kind = request.message_type
+        if kind is MessageType.REQUEST:
+            self._overheard(request)
         if port == PXE_PORT:
             if kind not in (MessageType.REQUEST, MessageType.INFORM):
                 return None
@@ -53,10 +82,13 @@ class ProxyHandler:
             return None
         if client is None:
             return None  # a plain DHCP client: the router's business, not ours
-        verdict = self.inventory.boot_verdict(client.mac, client.arch)
-        if verdict.action == "ignore":
+        decision = self.inventory.decide(
+            client.mac, client.arch, loaders=self.policy.loaders(client)
+        )
+        self.inventory.seen(client.mac, client.arch)
+        if decision.silent is Silence.UNKNOWN_IGNORED:
             return None
-        boot_file = self.policy.boot_file(client, verdict.who)
+        boot_file = self.policy.boot_file(client, decision)
         if boot_file is None:
             return None
         reply = request.reply(answer)
@@ -67,10 +99,12 @@ class ProxyHandler:
         firmware = "iPXE" if client.ipxe else client.arch.label
         log.info(
             "%s (%s) asked to boot; sent proxy %s with %s %s; next it should fetch it",
-            verdict.who, firmware, answer.name, how, boot_file.name,
+            decision.who, firmware, answer.name, how, boot_file.name,
         )  # fmt: skip
+        event_kind = Kind.DHCP_OFFER if answer is MessageType.OFFER else Kind.DHCP_ACK
         self.inventory.record(
-            client.mac, "dhcp", f"{firmware} asked to boot (port {port}); sent a proxy "
+            client.mac, event_kind, f"{firmware} asked to boot (port {port}); sent a proxy "
             f"{answer.name} with {how} {boot_file.name}",
+            fields=boot_fields(self.mode, port, client, boot_file),
         )  # fmt: skip
         return reply

@@ -1,6 +1,6 @@
 """Reservation mode: full DHCP (RFC 2131), but only for machines in lab.toml, at their fixed IP.
 
-For firmware that ignores proxy offers (U-Boot on ARM boards, FIRMWARE-QUIRKS #30; old EDK2,
+For firmware that ignores proxy offers (U-Boot on ARM boards, docs/firmware-quirks.md#30; old EDK2,
 #6; laptops that never merge two offers, #7): they need one server that gives both the address
 and the boot file.
 """
@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
 from pixiebox.config import MachineSection
+from pixiebox.core.decision import Silence
+from pixiebox.core.evidence import Source
 from pixiebox.core.inventory import Inventory
 from pixiebox.dhcp.codec import MessageType, Opt, Packet
 from pixiebox.dhcp.leases import AddressBook
@@ -22,7 +24,9 @@ from pixiebox.dhcp.policy import (
     NotABootRequest,
     add_boot_options,
     boot_client,
+    boot_fields,
 )
+from pixiebox.events import FieldValue, Kind
 
 log = logging.getLogger("pixiebox.dhcp")
 
@@ -66,6 +70,10 @@ class ReservationHandler:
 
     def reload(self) -> None:
         self.book.set_reservations(self.inventory.machines())
+
+    def held_addresses(self) -> set[IPv4Address]:
+        """Addresses leased or quarantined now: not to be reserved for another machine."""
+        return self.book.held()
 
     def flush(self) -> None:
         """Commit the leases bound since the last call: the server calls it before it sends."""
@@ -115,6 +123,8 @@ class ReservationHandler:
                 mac, request.ciaddr
             ):
                 log.info("%s released %s", self._who(mac, machine), request.ciaddr)
+                self._record(mac, BootAnswer(), f"released {request.ciaddr}", request.ciaddr,
+                             "released")  # fmt: skip
             return None
         if kind is MessageType.DECLINE:
             declined = request.requested_ip
@@ -126,6 +136,8 @@ class ReservationHandler:
                     self._who(mac, machine),
                     declined,
                 )
+                self._record(mac, BootAnswer(), f"declined {declined}: another host uses it",
+                             declined, "declined")  # fmt: skip
             return None
         if kind is MessageType.INFORM:
             return self._inform(request, mac, machine)
@@ -149,7 +161,7 @@ class ReservationHandler:
         reply = self._lease_reply(request, MessageType.OFFER, ip, machine)
         self._add_boot(reply, boot)
         log.info("%s asked for an address; offered %s%s", self._who(mac, machine), ip, boot.note)
-        self._record(mac, boot, f"asked for an address; offered {ip}{boot.note}")
+        self._record(mac, boot, f"asked for an address; offered {ip}{boot.note}", ip, "offered")
         return reply
 
     def _request(self, request: Packet, mac: str, machine: MachineSection | None) -> Packet | None:
@@ -172,12 +184,12 @@ class ReservationHandler:
         boot = self._boot(request)
         lease_time = self.inventory.config.network.lease_time
         self.book.bind(mac, ip, lease_time)
-        self.inventory.note_address(mac, ip)
+        self.inventory.learn(mac, ip, Source.LEASE)
         reply = self._lease_reply(request, MessageType.ACK, ip, machine)
         self._add_boot(reply, boot)
         state = "renewed" if request.ciaddr != _ZERO else "bound"
         log.info("%s %s %s for %ss%s", self._who(mac, machine), state, ip, lease_time, boot.note)
-        self._record(mac, boot, f"{state} {ip} for {lease_time}s{boot.note}", ip)
+        self._record(mac, boot, f"{state} {ip} for {lease_time}s{boot.note}", ip, state)
         return reply
 
     def _inform(self, request: Packet, mac: str, machine: MachineSection | None) -> Packet | None:
@@ -237,18 +249,32 @@ class ReservationHandler:
             return BootAnswer()
         if client is None:
             return BootAnswer()
-        verdict = self.inventory.boot_verdict(client.mac, client.arch)
-        if verdict.action == "ignore":
+        decision = self.inventory.decide(
+            client.mac, client.arch, loaders=self.policy.loaders(client)
+        )
+        self.inventory.seen(client.mac, client.arch)
+        if decision.silent is Silence.UNKNOWN_IGNORED:
             return BootAnswer(silent=True)
-        return BootAnswer(client, self.policy.boot_file(client, verdict.who))
+        return BootAnswer(client, self.policy.boot_file(client, decision))
 
     def _record(
-        self, mac: str, boot: BootAnswer, message: str, ip: IPv4Address | None = None
+        self, mac: str, boot: BootAnswer, message: str, ip: IPv4Address, action: str
     ) -> None:
+        """`action`: offered, bound, renewed, released or declined."""
         # A boot client's request is a step of the boot chain; a plain lease (the booted OS
         # renewing) must not make an `up` machine look like it is booting again.
-        kind = "dhcp" if boot.file is not None else "lease"
-        self.inventory.record(mac, kind, message, ip)
+        fields: dict[str, FieldValue]
+        if boot.client is not None and boot.file is not None:
+            kind = Kind.DHCP_OFFER if action == "offered" else Kind.DHCP_ACK
+            fields = boot_fields(self.mode, 67, boot.client, boot.file, ip)
+        else:
+            kind = Kind.DHCP_LEASE
+            fields = {"action": action, "ip": str(ip)}
+            if action in ("bound", "renewed"):
+                fields["lease_time"] = self.inventory.config.network.lease_time
+        # An offer is not the machine's address yet: only a bound lease says where it is.
+        held = None if action in ("offered", "released", "declined") else ip
+        self.inventory.record(mac, kind, message, held, fields)
 
     def _add_boot(self, reply: Packet, boot: BootAnswer) -> None:
         if boot.client is not None and boot.file is not None:

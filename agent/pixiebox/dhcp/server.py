@@ -6,7 +6,6 @@ hostile packet is counted and logged at debug level and never stops the server.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import socket
 from collections import Counter
@@ -23,6 +22,7 @@ from pixiebox.dhcp.codec import (
     decode,
     encode,
 )
+from pixiebox.net.udp import Address, DatagramListener, udp_socket
 
 log = logging.getLogger("pixiebox.dhcp")
 
@@ -33,12 +33,23 @@ _ZERO = IPv4Address(0)
 
 
 class Handler(Protocol):
+    """A DHCP mode (proxy, reservation, full): everything the server and the agent ask of one."""
+
     @property
     def mode(self) -> str: ...
     @property
     def ports(self) -> tuple[int, ...]: ...
 
     def handle(self, request: Packet, port: int) -> Packet | None: ...
+
+    def flush(self) -> None:
+        """Commit what the handled requests changed (leases), before their replies are sent."""
+
+    def reload(self) -> None:
+        """lab.toml was swapped in (on the event loop): re-read what the mode derives from it."""
+
+    def held_addresses(self) -> set[IPv4Address]:
+        """Addresses this mode has leased out or quarantined (none in proxy mode)."""
 
 
 def reply_destination(
@@ -68,77 +79,46 @@ def reply_destination(
 #: clients have given up by the time they are read (perfdhcp, which waits 1 s, saw every answer
 #: come too late once a 4 MiB queue had filled).
 RECEIVE_BUFFER = 1 << 20
-_SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # linux/socket.h; Python 3.11 lacks it
+#: Datagrams read per wake-up; then the loop gets a turn: HTTP, TFTP, DNS, signals.
+BATCH = 64
 
 
-def open_socket(interface: str, port: int) -> socket.socket:
-    """A UDP socket that hears broadcasts on `interface` only and can send them there."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
-        # Bound to the device: a DHCP server must not answer on the appliance's other networks.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, RECEIVE_BUFFER)
-        except OSError:  # not root (CAP_NET_ADMIN): as much as rmem_max allows
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
-        sock.bind(("0.0.0.0", port))
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-class _Listener:
-    """One port's socket, read straight from the event loop's selector.
-
-    Not an asyncio datagram endpoint, which takes a selector wake-up, a recvfrom and a protocol
-    call per datagram: this reads up to BATCH datagrams per wake-up, answers them, lets the
-    handler commit what they changed (`flush`: the leases of the ACKs), and only then sends the
-    replies, so an ACK never leaves before its lease is on disk and a boot storm costs one
-    commit per batch."""
-
-    BATCH = 64  # then the loop gets a turn: HTTP, TFTP, DNS, signals
+class _Port:
+    """One port's listener. A batch's replies wait until the handler has committed what the
+    batch changed (`flush`: the leases of the ACKs), so an ACK never leaves before its lease is
+    on disk and a boot storm costs one commit per batch."""
 
     def __init__(self, server: DhcpServer, sock: socket.socket, port: int) -> None:
-        self.server = server
-        self.sock = sock
+        self.answer = server.answer
+        self.flush = server.flush
         self.port = port
-        self.loop = asyncio.get_running_loop()
-        self.loop.add_reader(sock.fileno(), self._readable)
+        self.replies: list[tuple[bytes, Address]] = []
+        self.listener = DatagramListener(
+            sock,
+            self.received,
+            batch=BATCH,
+            stats=server.stats,
+            name=f"DHCP port {port}",
+            after_batch=self.send_replies,
+            logger=log,
+        )
 
-    def _readable(self) -> None:
-        sock, answer, port = self.sock, self.server.answer, self.port
-        replies: list[tuple[bytes, tuple[str, int]]] = []
-        for _ in range(self.BATCH):
-            try:
-                data, addr = sock.recvfrom(65535)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as exc:
-                log.debug("DHCP receive failed on port %d: %s", port, exc)
-                break
-            reply = answer(data, port, addr)
-            if reply is not None:
-                replies.append(reply)
-        if not replies:
+    def received(self, data: bytes, source: Address) -> None:
+        reply = self.answer(data, self.port, source)
+        if reply is not None:
+            self.replies.append(reply)
+
+    def send_replies(self) -> None:
+        if not self.replies:
             return
-        self.server.flush()
+        replies, self.replies = self.replies, []
+        self.flush()
+        send = self.listener.send
         for payload, destination in replies:
-            try:
-                sock.sendto(payload, destination)
-            except (BlockingIOError, InterruptedError):
-                # Send buffer full: lost like any datagram; the client asks again.
-                self.server.stats["send_dropped"] += 1
-            except OSError as exc:
-                log.debug("DHCP reply to %s:%d not sent: %s", *destination, exc)
+            send(payload, destination)
 
     def close(self) -> None:
-        if self.sock.fileno() >= 0:
-            self.loop.remove_reader(self.sock.fileno())
-            self.sock.close()
+        self.listener.close()
 
 
 class DhcpServer:
@@ -148,14 +128,23 @@ class DhcpServer:
         self.stats: Counter[str] = Counter()
         #: Requests by DHCP message type (DISCOVER, REQUEST, ...), for /metrics.
         self.by_type: Counter[str] = Counter()
-        self._listeners: list[_Listener] = []
-        self._flush: Callable[[], None] | None = getattr(handler, "flush", None)
+        self._listeners: list[_Port] = []
+        self._flush: Callable[[], None] = handler.flush
 
     async def start(self) -> None:
         for port in self.handler.ports:
-            sock = open_socket(self.interface, port)
+            # Bound to the device: a DHCP server must not answer on the appliance's other
+            # networks; broadcast, as a client without an address can hear nothing else.
+            sock = udp_socket(
+                port,
+                device=self.interface,
+                broadcast=True,
+                receive_buffer=RECEIVE_BUFFER,
+                force_buffer=True,
+                reuse=True,
+            )
             try:
-                self._listeners.append(_Listener(self, sock, port))
+                self._listeners.append(_Port(self, sock, port))
             except BaseException:
                 sock.close()
                 raise
@@ -173,8 +162,6 @@ class DhcpServer:
 
     def flush(self) -> None:
         """Commit what the answered requests changed (the handler's leases), before sending."""
-        if self._flush is None:
-            return
         try:
             self._flush()
         except Exception:

@@ -28,20 +28,16 @@ from starlette.routing import Route
 
 from pixiebox import doctor
 from pixiebox.config import normalize_mac, split_listen
+from pixiebox.core.decision import decide
 from pixiebox.core.inventory import Inventory
 from pixiebox.core.lifecycle import MachineState
 from pixiebox.core.oui import vendor_of
+from pixiebox.events import Event, FieldValue
 from pixiebox.power.base import PowerAction, PowerState
-from pixiebox.power.controller import (
-    NoPowerControl,
-    PowerBusy,
-    PowerController,
-    PowerOutcome,
-    PowerView,
-    derived_power,
-)
+from pixiebox.power.controller import NoPowerControl, PowerBusy, PowerController
 from pixiebox.power.lab import LabReport, LabRequest, lab_down, lab_up
-from pixiebox.store.state import Event, MachineRecord
+from pixiebox.power.views import PowerOutcome, PowerView, derived_power
+from pixiebox.store.state import MachineRecord
 
 log = logging.getLogger("pixiebox.api")
 
@@ -89,11 +85,15 @@ class MachineView(BaseModel):
 
 
 class EventView(BaseModel):
+    """One event as the API shows it: code reads `kind` and `fields`, people read `message`
+    (pixiebox.events lists every kind and its fields)."""
+
     id: int
     mac: str
     name: str | None
     time: float
     kind: str
+    fields: dict[str, FieldValue]
     message: str
 
 
@@ -131,7 +131,8 @@ PowerOf = Callable[[str, MachineRecord | None], PowerView]
 def machine_views(inventory: Inventory, power_of: PowerOf | None = None) -> list[MachineView]:
     """Every machine: enrolled ones from lab.toml, then those only seen on the wire."""
     records = inventory.lifecycle.records()
-    config = inventory.config
+    lab = inventory.lab
+    config = lab.config
     views: list[MachineView] = []
 
     def power(mac: str, record: MachineRecord | None) -> dict[str, Any]:
@@ -148,7 +149,7 @@ def machine_views(inventory: Inventory, power_of: PowerOf | None = None) -> list
             arch=record.arch or None if record else None,
             firmware=record.firmware or None if record else None, vendor=vendor_of(machine.mac),
             state=inventory.lifecycle.state_of(record, enrolled=True), enrolled=True,
-            image=machine.image or config.boot.image,
+            image=decide(lab, machine.mac, None).image_name,
             first_seen=record.first_seen if record else None,
             last_seen=record.last_seen if record else None,
         ))  # fmt: skip
@@ -161,7 +162,7 @@ def machine_views(inventory: Inventory, power_of: PowerOf | None = None) -> list
             name=None, mac=mac, ip=record.ip or None, arch=record.arch or None,
             firmware=record.firmware or None, vendor=vendor_of(mac),
             state=inventory.lifecycle.state_of(record, enrolled=False), enrolled=False,
-            image=config.boot.image if config.boot.unknown != "ignore" else None,
+            image=decide(lab, mac, None).image_name,
             first_seen=record.first_seen, last_seen=record.last_seen,
         ))  # fmt: skip
     return views
@@ -184,7 +185,8 @@ def find_machine(
 def event_view(inventory: Inventory, event: Event) -> EventView:
     machine = inventory.who_is(event.mac)
     return EventView(id=event.id, mac=event.mac, name=machine.name if machine else None,
-                     time=event.time, kind=event.kind, message=event.message)  # fmt: skip
+                     time=event.time, kind=event.kind, fields=dict(event.fields),
+                     message=event.message)  # fmt: skip
 
 
 def _json(model: BaseModel | list[Any], status: int = 200) -> Response:

@@ -6,12 +6,12 @@
 - `/ssh.keys`: [boot] ssh_keys, for the OSIE;
 - `/pxelinux.cfg/{01-mac | default}`: the same decision for U-Boot boards.
 
-The decision itself is the inventory's (`Inventory.boot_verdict`): this module only turns it
+The decision itself is core.decision's (`Inventory.decide`): this module only turns it
 into text and files. Every step is logged in one line that names the machine and says what comes
-next, and reported to `on_event(kind, who, detail)`, where `who` is the machine's MAC when known,
-else the client's address, and `kind` is one of EVENT_KINDS.
+next, and reported to `on_event` as a `BootEvent`: its kind and fields (pixiebox.events), a
+sentence, and `who`, the machine's MAC when known, else the client's address.
 
-No boot URL ever redirects (FIRMWARE-QUIRKS #23: UEFI HTTP boot fails on a 301), so the router's
+No boot URL redirects (docs/firmware-quirks.md#23: UEFI HTTP boot fails on a 301), so the router's
 trailing-slash redirects are off and `//` inside an asset path is accepted as `/`.
 """
 
@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import re
-import stat
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -38,34 +38,37 @@ from starlette.types import Message, Receive, Scope, Send
 
 from pixiebox.boot.ipxe_script import ignore_script, ipxe_script
 from pixiebox.boot.pxelinux import pxelinux_for
-from pixiebox.config import ImageSection, LabConfig, normalize_mac
+from pixiebox.config import LabConfig, normalize_mac
+from pixiebox.core import wording
+from pixiebox.core.decision import Silence
+from pixiebox.core.evidence import Source
 from pixiebox.core.firmware import DEFAULT_ARCH, ArchInfo, Assets, arch_info
-from pixiebox.core.inventory import BootVerdict, Inventory
+from pixiebox.core.inventory import Inventory
 from pixiebox.core.urls import BootUrls
+from pixiebox.events import Fields, Kind
 from pixiebox.http.metadata import metadata_response
 from pixiebox.http.server import PATHSEND
+from pixiebox.net import paths
 from pixiebox.store.identity import IdentityStore
 
 log = logging.getLogger("pixiebox.http")
 
-EventSink = Callable[[str, str, str], None]
 
-#: ipxe-script: a script that boots an image was served; ignored: the "move on" script;
-#: kernel / initrd: that file was sent completely; transfer-broken: a kernel or initrd download
-#: ended early; pxelinux: a U-Boot config was served; missing: a boot file the machine needs is
-#: not on this appliance.
-EVENT_KINDS = (
-    "ipxe-script",
-    "ignored",
-    "kernel",
-    "initrd",
-    "transfer-broken",
-    "pxelinux",
-    "missing",
-)
+@dataclass(frozen=True, slots=True)
+class BootEvent:
+    """A boot step seen over HTTP. `who` is the machine's MAC when the URL or the address told
+    it, else the client's address (the agent looks the MAC up, as for TFTP)."""
+
+    kind: Kind
+    who: str
+    message: str
+    fields: Fields = field(default_factory=dict)
+
+
+EventSink = Callable[[BootEvent], None]
 
 #: U-Boot fetches pxelinux.cfg without saying its architecture; DHCP recorded the exact option-93
-#: code a moment earlier (FIRMWARE-QUIRKS #30: 21 armv7, 22 armv8), most boards are armv8.
+#: code a moment earlier (docs/firmware-quirks.md#30: 21 armv7, 22 armv8), most boards are armv8.
 
 # ${buildarch} and ${platform} of the running iPXE build to the option-93 code of the firmware
 # that runs it (RFC 4578 2.1): BIOS iPXE (undionly.kpxe) is an i386 build even on x86-64.
@@ -83,9 +86,11 @@ _BUILDARCH_CODES: dict[tuple[str, str | None], int] = {
 }
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+#: The fields of a boot.ignored event sent over HTTP ([boot] unknown = "ignore").
+_IGNORED: Fields = {"reason": "unknown-ignored", "protocol": "http"}
 
 
-def _no_events(kind: str, who: str, detail: str) -> None:
+def _no_events(event: BootEvent) -> None:
     return None
 
 
@@ -102,9 +107,9 @@ class BootHttpState:
     #: Boot files sent, for /metrics: "bytes", and transfers by outcome.
     stats: Counter[str] = field(default_factory=Counter)
 
-    def emit(self, kind: str, who: str, detail: str) -> None:
+    def emit(self, kind: Kind, who: str, message: str, fields: Fields | None = None) -> None:
         try:
-            self.on_event(kind, who, detail)
+            self.on_event(BootEvent(kind, who, message, dict(fields or {})))
         except Exception:
             # A broken event consumer must not stop a machine from booting.
             log.exception("recording the %s event for %s failed", kind, who)
@@ -135,17 +140,15 @@ def client_ip(request: Request) -> IPv4Address | None:
         return None
 
 
-def _size(count: int) -> str:
-    if count >= 1_000_000:
-        return f"{count / 1_000_000:.1f} MB"
-    if count >= 1000:
-        return f"{count / 1000:.1f} kB"
-    return f"{count} bytes"
-
-
-def _path_parts(path: str) -> list[str]:
-    """An asset path's segments; empty and "." segments dropped, as a file system would."""
-    return [part for part in path.split("/") if part not in ("", ".")]
+#: net.paths' refusals as (HTTP status, the log's words): a name that cannot mean a file is a
+#: 404, one that tries to reach beyond the assets or cannot be read a 403.
+_REFUSALS: dict[paths.Reason, tuple[int, str]] = {
+    "no-name": (404, "names no file"),
+    "climbs-out": (403, "climbs out of the assets directory"),
+    "outside": (403, "leads outside the assets directory (to {target})"),
+    "not-a-file": (404, "is not a file ({target})"),
+    "unreadable": (403, "cannot be read: {error}"),
+}
 
 
 class Refused(Exception):
@@ -160,26 +163,16 @@ class Refused(Exception):
 def resolve_asset(root: Path, requested: str) -> tuple[Path, os.stat_result]:
     """The real path and stat of `requested` under `root`, or Refused.
 
-    The check is on the fully resolved path, so neither `..` (also when sent as %2e%2e, which
-    the server decodes before routing) nor a symlink can reach outside the root."""
-    parts = _path_parts(requested)
-    if not parts:
-        raise Refused(404, "names no file")
-    if ".." in parts or any("\0" in part for part in parts):
-        raise Refused(403, "climbs out of the assets directory")
-    base = os.path.realpath(root)
-    target = os.path.realpath(os.path.join(base, *parts))
-    if os.path.commonpath([base, target]) != base:
-        raise Refused(403, f"leads outside the assets directory (to {target})")
+    net.paths decides, by the rule TFTP follows too: neither `..` (also when sent as %2e%2e,
+    which the server decodes before routing) nor a symlink can reach outside the root."""
     try:
-        result = os.stat(target)
-    except (FileNotFoundError, NotADirectoryError):
-        raise Refused(404, f"does not exist ({target})") from None
-    except OSError as exc:
-        raise Refused(403, f"cannot be read: {exc.strerror}") from None
-    if not stat.S_ISREG(result.st_mode):
-        raise Refused(404, f"is not a file ({target})")
-    return Path(target), result
+        target, result = paths.stat_file(root, requested)
+    except paths.PathRefused as refused:
+        status, words = _REFUSALS[refused.reason]
+        raise Refused(status, words.format(target=refused.target, error=refused.error)) from None
+    if result is None:
+        raise Refused(404, f"does not exist ({target})")
+    return target, result
 
 
 def _not_modified(headers: Mapping[str, str], etag: str, mtime: float) -> bool:
@@ -201,6 +194,18 @@ def _not_modified(headers: Mapping[str, str], etag: str, mtime: float) -> bool:
 
 
 TransferDone = Callable[[int, bool, int, BaseException | None], None]
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    """How a file response ended: status, whether to its last byte, bytes sent, the error that
+    cut it short, and seconds from the request to the end."""
+
+    status: int
+    complete: bool
+    sent: int
+    error: BaseException | None
+    seconds: float
 
 
 class _TrackedFile(FileResponse):
@@ -245,11 +250,11 @@ class _TrackedFile(FileResponse):
 
 def _file_role(config: LabConfig, path: str) -> tuple[str, str] | None:
     """("kernel" | "initrd", what comes next) when some image boots the asset at `path`."""
-    wanted = _path_parts(path)
+    wanted = paths.split(path)
     for image in config.images.values():
         files = [image.kernel, *image.initrd]
         for index, candidate in enumerate(files):
-            if _path_parts(candidate) != wanted:
+            if paths.split(candidate) != wanted:
                 continue
             role = "kernel" if index == 0 else "initrd"
             following = files[index + 1 :]
@@ -278,10 +283,6 @@ class _Handlers:
             return "unknown"
         return self.inventory.mac_at(ip) or str(ip)
 
-    def _image(self, verdict: BootVerdict) -> tuple[str, ImageSection | None]:
-        name = verdict.image or self.inventory.config.boot.image
-        return name, self.inventory.config.images.get(name)
-
     # /boot/{mac}.ipxe
 
     async def boot_script(self, request: Request) -> Response:
@@ -309,10 +310,11 @@ class _Handlers:
                 DEFAULT_ARCH.label,
             )
             arch = DEFAULT_ARCH
-        if ip is not None:
-            self.inventory.note_address(mac, ip)
-        verdict = self.inventory.boot_verdict(mac, arch)
-        if verdict.action == "ignore":
+        if ip is not None:  # the URL's MAC is only a claim; the neighbour entry is evidence
+            self.inventory.learn_neighbour(ip)
+        verdict = self.inventory.decide(mac, arch)
+        self.inventory.seen(mac, arch)
+        if verdict.silent is Silence.UNKNOWN_IGNORED:
             reason = (
                 f"unknown machine {mac} is not booted ([boot] unknown = ignore); "
                 f"enroll it with: pixiebox enroll {mac} --name NAME"
@@ -323,28 +325,32 @@ class _Handlers:
                 verdict.who,
                 mac,
             )
-            self.state.emit("ignored", mac, reason)
+            self.state.emit(Kind.BOOT_IGNORED, mac, reason, _IGNORED)
             return _script(ignore_script(mac, reason))
-        image_name, image = self._image(verdict)
-        if image is None:
+        booted, image_name = verdict.image, verdict.image_name
+        if booted is None:
             reason = (
                 f"{verdict.who} should boot image {image_name}, but lab.toml has no "
                 f"[images.{image_name}]; add it, or give the machine another image"
             )
             log.error("%s", reason)
-            self.state.emit("missing", mac, reason)
+            self.state.emit(Kind.HTTP_FAILED, mac, reason, {"file": request.url.path,
+                            "reason": "no-image", "image": image_name, "status": 200})  # fmt: skip
             return _script(ignore_script(mac, reason))
-        name = verdict.machine.name if verdict.machine else None
+        image, image_name = booted.section, booted.name
+        name = verdict.name
         text = ipxe_script(self.state.urls, image, mac=mac, name=name, image_name=image_name)
         default = "" if verdict.known else f" (default image {image_name})"
         log.info(
             "%s fetched its iPXE script%s; next: kernel %s", verdict.who, default, image.kernel
         )
         self.state.emit(
-            "ipxe-script",
+            Kind.HTTP_SCRIPT,
             mac,
             f"fetched its iPXE script for image {image_name}; next: kernel {image.kernel}",
-        )
+            {"file": request.url.path, "image": image_name, "kernel": image.kernel,
+             "initrds": ",".join(image.initrd)},
+        )  # fmt: skip
         return _script(text)
 
     # /assets/{path}
@@ -367,7 +373,10 @@ class _Handlers:
                     root,
                 )
                 if role:
-                    self.state.emit("missing", self._who_id(ip), f"{what} {refused.reason}")
+                    self.state.emit(
+                        Kind.HTTP_FAILED, self._who_id(ip), f"{what} {refused.reason}",
+                        {"file": request.url.path, "reason": "missing", "status": 404},
+                    )  # fmt: skip
             else:
                 log.warning(
                     "refused %s's request for %s: the path %s",
@@ -380,11 +389,11 @@ class _Handlers:
             return PlainTextResponse(text, refused.status)
         role = _file_role(self.inventory.config, requested)
         label = f"the {role[0]} {requested}" if role else f"assets/{requested}"
+        started = time.monotonic()
 
         def done(status: int, complete: bool, sent: int, error: BaseException | None) -> None:
-            self._transfer_done(
-                request, ip, label, role, stat_result.st_size, status, complete, sent, error
-            )
+            outcome = _Outcome(status, complete, sent, error, time.monotonic() - started)
+            self._transfer_done(request, ip, label, role, stat_result.st_size, outcome)
 
         return self._file(request, path, stat_result, done)
 
@@ -407,13 +416,12 @@ class _Handlers:
         label: str,
         role: tuple[str, str] | None,
         size: int,
-        status: int,
-        complete: bool,
-        sent: int,
-        error: BaseException | None,
+        outcome: _Outcome,
     ) -> None:
         if request.method == "HEAD":
             return
+        status, complete, sent, error = (outcome.status, outcome.complete, outcome.sent,
+                                         outcome.error)  # fmt: skip
         stats = self.state.stats
         stats["bytes"] += sent if sent else (size if complete else 0)
         stats["complete" if complete else "broken"] += 1
@@ -424,18 +432,32 @@ class _Handlers:
             return
         if complete:
             if role is None:
-                log.debug("%s received %s (%s)", who, label, _size(size))
+                log.debug("%s received %s (%s)", who, label, wording.size(size))
                 return
-            log.info("%s received %s (%s); next: %s", who, label, _size(size), role[1])
-            self.state.emit(role[0], self._who_id(ip), f"received {label} ({_size(size)})")
+            took = wording.span(outcome.seconds)
+            log.info("%s received %s (%s in %s); next: %s", who, label, wording.size(size), took,
+                     role[1])  # fmt: skip
+            self.state.emit(
+                Kind.HTTP_KERNEL if role[0] == "kernel" else Kind.HTTP_INITRD,
+                self._who_id(ip),
+                f"received {label} ({wording.size(size)} in {took})",
+                {"file": request.url.path, "bytes": size, "seconds": round(outcome.seconds, 3)},
+            )
             return
         how = f": {error}" if error is not None else ""
         # A failed sendfile does not say how far it got: then only "before the end" is known.
-        part = f"after {_size(sent)} of {_size(size)}" if 0 < sent < size else "before the end"
+        part = (
+            f"after {wording.size(sent)} of {wording.size(size)}"
+            if 0 < sent < size
+            else "before the end"
+        )
         log.warning("%s broke off the download of %s %s%s", who, label, part, how)
         if role is not None:
             self.state.emit(
-                "transfer-broken", self._who_id(ip), f"broke off the download of {label} {part}"
+                Kind.HTTP_FAILED,
+                self._who_id(ip),
+                f"broke off the download of {label} {part}",
+                {"file": request.url.path, "reason": "broken", "bytes": sent, "status": status},
             )
 
     # /ipxe/{name}
@@ -476,8 +498,8 @@ class _Handlers:
 
     async def phone_home(self, request: Request) -> Response:
         """The OS (OSIE, or the demo's test OS) reports that it is up. It is known by its
-        source address (its lease, the address its script was fetched from, or the ARP cache);
-        `?mac=` helps only when the address tells nothing.
+        source address (core.evidence: its lease, DHCP request, neighbour entry); `?mac=` helps
+        only when the address tells nothing, and is no evidence of the address.
 
         An empty body (or `{"state": "up"}`) says the OS is up; the OSIE sends
         `{"state": "joined"}` once its k3s agent's kubelet answers healthy, which moves the
@@ -487,6 +509,8 @@ class _Handlers:
             return PlainTextResponse(report, 400)
         ip = client_ip(request)
         mac = self.inventory.mac_at(ip) if ip is not None else None
+        if mac is not None and ip is not None:  # already known there: it confirms the address
+            self.inventory.learn(mac, ip, Source.PHONE_HOME)
         if mac is None and request.query_params.get("mac"):
             try:
                 mac = normalize_mac(request.query_params["mac"])
@@ -495,16 +519,15 @@ class _Handlers:
         if mac is None:
             log.warning("%s phoned home, but no machine is known at that address", ip)
             return PlainTextResponse("unknown machine: boot it through Pixiebox first\n", 404)
-        if ip is not None:
-            self.inventory.note_address(mac, ip)
         if report == "joined":
             self.inventory.record(
-                mac, "joined", f"its Kubernetes node is running (kubelet healthy) at {ip}", ip
-            )
+                mac, Kind.OS_JOINED, f"its Kubernetes node is running (kubelet healthy) at {ip}",
+                ip, _address_fields(ip),
+            )  # fmt: skip
             log.info("%s phoned home: joined Kubernetes", self.inventory.describe_address(ip)
                      if ip else self.inventory.name_of(mac))  # fmt: skip
             return PlainTextResponse("ok\n")
-        self.inventory.record(mac, "phone-home", f"the OS is up at {ip}", ip)
+        self.inventory.record(mac, Kind.OS_UP, f"the OS is up at {ip}", ip, _address_fields(ip))
         log.info("%s phoned home: the OS is up", self.inventory.describe_address(ip) if ip
                  else self.inventory.name_of(mac))  # fmt: skip
         return PlainTextResponse("ok\n")
@@ -524,6 +547,10 @@ class _Handlers:
             client_ip(request), self.state.emit,
         )  # fmt: skip
         return PlainTextResponse("not found\n", 404) if text is None else _script(text)
+
+
+def _address_fields(ip: IPv4Address | None) -> Fields:
+    return {"ip": str(ip)} if ip is not None else {}
 
 
 #: What a phone-home may report; the empty body of older clients means "up".
@@ -564,7 +591,7 @@ def boot_app(state: BootHttpState) -> Starlette:
         Route("/metadata", handlers.metadata, methods=["GET"]),
     ]
     app = Starlette(routes=routes)
-    # FIRMWARE-QUIRKS #23: a redirect (here: the router's trailing-slash one) fails UEFI HTTP boot.
+    # docs/firmware-quirks.md#23: UEFI HTTP boot fails on a redirect (the router's slash one).
     app.router.redirect_slashes = False
     app.state.boot = state
     return app

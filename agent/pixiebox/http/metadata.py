@@ -4,9 +4,10 @@ The OSIE fetches it once it is up (overlays/osie/usr/lib/pixiebox/pixiebox-osie)
 hostname, the SSH keys to let in, its own SSH host key and k3s node password (the same on every
 boot, see identity.py), the k3s server to join and the lab's agent token, where to ship
 telemetry and its journal, and which local disk to mount for persistent volumes. A machine is
-known by the address it asks from (its reservation, its lease, the address it fetched its iPXE
-script from, or the ARP cache), and where the ARP cache knows that address it must name the same
-MAC (anyone can fetch /boot/<another mac>.ipxe). So a machine gets only its own secrets: an
+known by the address it asks from, by the address evidence (core.evidence: its reservation, its
+lease, its DHCP request, the neighbour entry seen when it fetched its script, or the ARP cache),
+never by a MAC it merely named (anyone can fetch /boot/<another mac>.ipxe); where the ARP cache
+knows that address it must name the same MAC. So a machine gets only its own secrets: an
 address that maps to no machine that booted through Pixiebox gets a 404 and nothing else.
 
 The document (JSON):
@@ -37,8 +38,10 @@ from pathlib import Path
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from pixiebox.config import LabConfig, MachineSection
+from pixiebox.core.decision import Silence
 from pixiebox.core.inventory import Inventory
 from pixiebox.core.urls import BootUrls
+from pixiebox.events import Kind
 from pixiebox.net.netif import neighbour_mac
 from pixiebox.store.identity import IdentityError, IdentityStore, NodeIdentity
 from pixiebox.syslog import SYSLOG_PORT
@@ -150,21 +153,22 @@ def _machine_at(inventory: Inventory, ip: IPv4Address) -> tuple[str | None, str]
     mac = inventory.mac_at(ip)
     if mac is None:
         return None, "no machine is known at that address"
-    # A reservation or a script URL only says which MAC *should* be there, and anyone can fetch
-    # /boot/<another mac>.ipxe; on the lab's own segment the kernel saw who really sent this.
+    # A reservation only says which MAC *should* be there, and what was learned may be old; on
+    # the lab's own segment the kernel saw who really sent this request.
     seen = neighbour_mac(str(ip))
     if seen is not None and seen != mac:
         return None, (
             f"it is {inventory.name_of(mac)}'s address, yet the ARP cache says {seen} sent "
-            "the request (a spoofed script URL, or a machine on another's address)"
+            "the request (a machine on another's address)"
         )
-    if inventory.who_is(mac) is not None:
+    decision = inventory.decide(mac, None)
+    if decision.known:
         return mac, ""
     # Not enrolled: answer only a machine that booted through Pixiebox (any other device on the
     # LAN has a MAC in the ARP cache too, but no business with a node identity).
     if mac not in inventory.lifecycle.records():
         return None, f"{mac} there never booted through Pixiebox"
-    if inventory.config.boot.unknown == "ignore":
+    if decision.silent is Silence.UNKNOWN_IGNORED:
         return None, f'unknown machine {mac} there is not booted ([boot] unknown = "ignore")'
     return mac, ""
 
@@ -219,5 +223,5 @@ async def metadata_response(
     )
     who = inventory.describe_address(ip)
     log.info("%s fetched its metadata", who)
-    inventory.record(mac, "metadata", "fetched its metadata", ip)
+    inventory.record(mac, Kind.METADATA_SENT, "fetched its metadata", ip, {"ip": str(ip)})
     return JSONResponse(document, headers=_NO_STORE)

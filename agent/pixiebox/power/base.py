@@ -17,13 +17,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Protocol, TypeVar, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict
-
 T = TypeVar("T")
-
-#: Bound for one network exchange with a plug, BMC or node (connect + answer). A plug on the
-#: LAN answers in milliseconds; one that has not answered in this long is not there.
-NETWORK_TIMEOUT = 10.0
 
 
 class PowerAction(StrEnum):
@@ -67,15 +61,6 @@ class PowerDriver(Protocol):
     async def off(self) -> None: ...
     async def cycle(self) -> None: ...
     async def status(self) -> PowerState: ...  # UNKNOWN when the driver cannot tell
-
-
-class Options(BaseModel):
-    """A driver's own keys in lab.toml (everything in `power = { ... }` but `driver`).
-
-    Unknown keys are errors: `pasword = "..."` silently ignored would leave a plug unpowered
-    with no hint why."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 ALL_ACTIONS = frozenset(PowerAction)

@@ -9,11 +9,14 @@ or an HTTP call was sent.
 - `cycle` as a fresh phone-home after the cycle was sent; a chain without a driver that can
   cycle (or whose cycles were not seen) is switched off and on again instead.
 
-A machine's `power` may chain drivers: an action not seen within its timeout is tried with the
-next driver of the chain that can do it, graceful ones (ssh) first for `off`, so that the hard
-cut of a plug only comes after the OS had its chance to stop. Every attempt and the outcome are
-events in the machine's log, in sentences ("power on by wol sent; waiting up to 5m for it to
-phone home", "not up after 5m; trying tasmota at 10.0.0.5").
+A machine's `power` may chain drivers (chain.py): an action not seen within its timeout is
+tried with the next driver of the chain that can do it, graceful ones (ssh) first for `off`, so
+that the hard cut of a plug only comes after the OS had its chance to stop. Every step is an
+event in the machine's log: `power.on`, `power.off` or `power.cycle` (the sub-action the step
+belongs to: the off and on of a cycle done as off-then-on are `power.off` and `power.on`) with
+the fields driver, outcome (asked, sent, failed, done, timeout, nothing-to-do) and reason, and a
+sentence for people ("power on by wol sent; waiting up to 5m for it to phone home"). An off
+that is seen is also `machine.off` (cause = power), which moves the machine's state.
 
 Concurrent actions on one machine are refused, not queued: a second request gets PowerBusy
 (HTTP 409) naming the action in progress. Queuing would run contradictory requests (`on` then
@@ -26,41 +29,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
-import os
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Literal
-from urllib.parse import urlsplit
 
-import icmplib  # type: ignore[import-untyped]
-from pydantic import BaseModel
-
-from pixiebox.config import MachineSection, PowerSection
+from pixiebox.config import MachineSection
+from pixiebox.core import wording
 from pixiebox.core.inventory import Inventory
 from pixiebox.core.lifecycle import MachineState
-from pixiebox.power.base import PowerAction, PowerDriver, PowerError, PowerState, PowerTarget
+from pixiebox.events import FieldValue, Kind
+from pixiebox.power.base import PowerAction, PowerState, PowerTarget
+from pixiebox.power.chain import DriverFactory, Failure, Link, make_links
+from pixiebox.power.verify import Pinger, Watch, ping
+from pixiebox.power.views import PowerOutcome, PowerView, derived_power, no_power_message
 from pixiebox.store.identity import IdentityError, IdentityStore
-from pixiebox.store.state import Event, MachineRecord
+from pixiebox.store.state import MachineRecord
 
 log = logging.getLogger("pixiebox.power")
 
-#: Bound on one driver call. Drivers bound their own network exchanges; this only keeps a
-#: driver that hangs from holding its machine's lock forever.
-CALL_TIMEOUT = 90.0
-#: Seconds between reads of a driver's status, or pings, while waiting for a state.
-POLL = 2.0
-#: Seconds one ping waits for its answer.
-PING_WAIT = 1.0
-#: Event kinds that are not traffic from the machine itself (they do not break its silence).
-_NOT_TRAFFIC = frozenset({"power", "off", "enrolled", "discovered"})
-#: Lifecycle states in which a machine is drawing power.
-_RUNNING = frozenset({MachineState.BOOTING, MachineState.UP, MachineState.JOINED})
-
-DriverFactory = Callable[[PowerSection, PowerTarget], PowerDriver]
-Pinger = Callable[[IPv4Address], Awaitable[bool]]
+#: The `outcome` field of power.on / power.off / power.cycle events.
+Outcome = Literal["asked", "sent", "failed", "done", "timeout", "nothing-to-do"]
 
 
 class PowerBusy(Exception):
@@ -71,115 +60,15 @@ class NoPowerControl(Exception):
     """The machine has no `power` in lab.toml; the message says how to add it."""
 
 
-class PowerOutcome(BaseModel):
-    """The answer of POST /api/v1/machines/{key}/power: what was seen, not what was sent."""
-
-    machine: str
-    mac: str
-    action: PowerAction
-    outcome: Literal["ok", "failed"]
-    #: True when nothing had to be done (asked `on`, it was up already).
-    already: bool = False
-    #: The drivers tried, in order ("wol", "tasmota at 10.0.0.5").
-    drivers: list[str]
-    seconds: float
-    #: The power state seen at the end.
-    state: PowerState
-    message: str
-
-
-class PowerView(BaseModel):
-    """A machine's last known power state, for the machine views."""
-
-    state: PowerState = PowerState.UNKNOWN
-    since: float | None = None
-    #: How it is known ("tasmota at 10.0.0.5 reads off", "from its events: up").
-    detail: str = ""
-
-
-def minutes(seconds: float) -> str:
-    """ "5m", "90s", "1m30s": how timeouts read in event sentences."""
-    seconds = round(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    return f"{seconds // 60}m{seconds % 60}s" if seconds % 60 else f"{seconds // 60}m"
-
-
-def describe_spec(spec: PowerSection) -> str:
-    """How events name a link of a chain: "tasmota at 10.0.0.5", "qemu at /run/vm1.qmp"."""
-    options = spec.options()
-    for key in ("host", "address", "qmp"):
-        value = options.get(key)
-        if isinstance(value, str) and value:
-            return f"{spec.driver} at {value}"
-    for request in options.values():  # the http driver: on = { url = "..." }, ...
-        if isinstance(request, dict) and isinstance(request.get("url"), str):
-            host = urlsplit(request["url"]).hostname  # never a password from the URL
-            if host:
-                return f"{spec.driver} at {host}"
-    return spec.driver
-
-
-def no_power_message(machine: MachineSection) -> str:
-    return (
-        f'{machine.name} has no power control: add power = {{ driver = "wol" }} (or ssh, '
-        "tasmota, shelly, http, redfish, ipmi, qemu) to its [[machines]] entry in lab.toml"
-    )
-
-
-async def ping(address: IPv4Address) -> bool:
-    """True when `address` answers one ICMP echo within PING_WAIT seconds."""
-    try:
-        host = await icmplib.async_ping(
-            str(address), count=1, timeout=PING_WAIT, privileged=os.geteuid() == 0
-        )
-    except (icmplib.ICMPLibError, OSError) as exc:
-        log.debug("ping %s: %s", address, exc)
-        return False
-    return bool(host.is_alive)
-
-
-def derived_power(record: MachineRecord | None) -> PowerView:
-    """What a machine's events say about its power, when no driver has read it."""
-    if record is None or not record.state:
-        return PowerView()
-    state = MachineState(record.state)
-    if state in _RUNNING:
-        return PowerView(state=PowerState.ON, since=record.state_since,
-                         detail=f"from its events: {state}")  # fmt: skip
-    if state is MachineState.OFF:
-        return PowerView(state=PowerState.OFF, since=record.state_since,
-                         detail="from its events: off (powered off, or silent)")  # fmt: skip
-    return PowerView()
-
-
-@dataclass
-class _Link:
-    """One entry of a machine's power chain, with its driver (None: it could not be made)."""
-
-    spec: PowerSection
-    label: str
-    driver: PowerDriver | None
-    problem: str = ""
-
-    def can(self, action: PowerAction) -> bool:
-        # A driver that could not be made is still "tried", so its problem shows in the log.
-        return self.driver is None or action in self.driver.actions
-
-    @property
-    def reads_status(self) -> bool:
-        return self.driver is not None and PowerAction.STATUS in self.driver.actions
-
-
 @dataclass
 class _Run:
-    """One action on one machine: its context, the drivers tried, its event subscription."""
+    """One action on one machine: its context, the drivers tried, what is seen of it."""
 
     machine: MachineSection
     action: PowerAction
     target: PowerTarget
-    links: list[_Link]
-    queue: asyncio.Queue[Event]
+    links: list[Link]
+    watch: Watch
     started: float = field(default_factory=time.monotonic)
     used: list[str] = field(default_factory=list)
 
@@ -187,7 +76,7 @@ class _Run:
     def mac(self) -> str:
         return self.machine.mac
 
-    def use(self, link: _Link) -> None:
+    def use(self, link: Link) -> None:
         if link.label not in self.used:
             self.used.append(link.label)
 
@@ -278,15 +167,22 @@ class PowerController:
         lock = self._locks.setdefault(machine.mac, asyncio.Lock())
         try:
             async with lock, self.inventory.lifecycle.subscription() as queue:
-                run = _Run(machine, action, self._target(machine), [], queue)
-                run.links = self._links(machine, run.target)
+                target = self._target(machine)
+                watch = Watch(machine.mac, target.ip, queue, self._ping)
+                run = _Run(machine, action, target, [], watch)
+                run.links = make_links(machine, target, self._factory)
                 try:
                     result = await self._dispatch(run, timeout)
                 except Exception as exc:  # a driver bug must not leave the action unreported
                     log.exception("power %s of %s failed", action, machine.name)
                     result = _Result(False, PowerState.UNKNOWN,
                                      f"power {action} failed: internal error ({exc})")  # fmt: skip
-                    self._event(run, result.message)
+                    if action is PowerAction.STATUS:
+                        self.inventory.record(machine.mac, Kind.POWER_STATUS, result.message,
+                                              fields={"state": PowerState.UNKNOWN})  # fmt: skip
+                    else:
+                        kind = _KIND_OF[action]
+                        self._step(run, kind, "failed", result.message, reason="internal-error")
         finally:
             self._running.pop(machine.mac, None)
         seconds = round(time.monotonic() - run.started, 1)
@@ -314,7 +210,7 @@ class PowerController:
             return await self._cycle(run, on_timeout, off_timeout)
         return await self._status(run)
 
-    # -- the chain ------------------------------------------------------------------------
+    # -- the chain and the log ------------------------------------------------------------
 
     def _target(self, machine: MachineSection) -> PowerTarget:
         config = self.inventory.config
@@ -338,66 +234,55 @@ class PowerController:
             state_dir=config.state.dir, ssh_host_public=host_key,
         )  # fmt: skip
 
-    def _links(self, machine: MachineSection, target: PowerTarget) -> list[_Link]:
-        factory = self._factory
-        if factory is None:
-            from pixiebox.power import (
-                make_driver,  # the drivers import heavy libraries; load them on use
-            )
+    def _step(
+        self,
+        run: _Run,
+        kind: Kind,
+        outcome: Outcome,
+        message: str,
+        *,
+        link: Link | None = None,
+        reason: str | None = None,
+        detail: str | None = None,
+    ) -> None:
+        """One step of the action in the machine's log (kind power.on, power.off or
+        power.cycle; its fields as pixiebox.events.KINDS documents them)."""
+        fields: dict[str, FieldValue] = {"outcome": outcome}
+        if link is not None:
+            fields["driver"] = link.spec.driver
+        if reason is not None:
+            fields["reason"] = reason
+        if detail is not None:
+            fields["detail"] = detail
+        self.inventory.record(run.mac, kind, message, fields=fields)
 
-            factory = make_driver
-        links = []
-        for spec in machine.power_chain():
-            label = describe_spec(spec)
-            try:
-                links.append(_Link(spec, label, factory(spec, target)))
-            except PowerError as exc:
-                links.append(_Link(spec, label, None, str(exc)))
-        return links
+    def _seen_off(self, run: _Run, how: str) -> None:
+        """The machine is off and a power action saw it: its state moves to off."""
+        was = self._lifecycle_state(run.mac)
+        fields: dict[str, FieldValue] = {"cause": "power"}
+        if was is not None:
+            fields["was"] = was.value
+        self.inventory.record(run.mac, Kind.MACHINE_OFF, f"off: {how}", fields=fields)
 
-    def _event(self, run: _Run, message: str, kind: str = "power") -> None:
-        self.inventory.record(run.mac, kind, message)
+    def _failed(self, run: _Run, kind: Kind, link: Link, failure: Failure, then: str) -> None:
+        action = _ACTION_OF[kind]
+        self._step(run, kind, "failed", f"power {action} by {link.label} failed: "
+                   f"{failure.detail}; {then}", link=link, reason=failure.reason,
+                   detail=failure.detail)  # fmt: skip
 
-    async def _call(self, run: _Run, link: _Link, action: PowerAction) -> str | None:
-        """Send `action` through `link`; None when sent, else why it could not be."""
+    async def _send(self, run: _Run, link: Link, action: PowerAction) -> Failure | None:
         run.use(link)
-        if link.driver is None:
-            return f"{link.label} cannot be used: {link.problem}"
-        calls = {PowerAction.ON: link.driver.on, PowerAction.OFF: link.driver.off,
-                 PowerAction.CYCLE: link.driver.cycle}  # fmt: skip
-        try:
-            await asyncio.wait_for(calls[action](), CALL_TIMEOUT)
-        except PowerError as exc:
-            return str(exc)
-        except TimeoutError:
-            return f"{link.label} did not finish sending power {action} in {CALL_TIMEOUT:g} s"
-        return None
+        return await link.send(action)
 
-    async def _read(self, link: _Link) -> PowerState:
-        """`link`'s reading of the power; UNKNOWN when it cannot tell (or failed to)."""
-        if link.driver is None or not link.reads_status:
-            return PowerState.UNKNOWN
-        try:
-            return await asyncio.wait_for(link.driver.status(), CALL_TIMEOUT)
-        except (PowerError, TimeoutError) as exc:
-            log.info("reading the power of %s through %s: %s", link.driver, link.label, exc)
-            return PowerState.UNKNOWN
-
-    async def _watts(self, link: _Link) -> str:
-        """ ", 0.0 W" from a plug with an energy sensor (the drivers' optional power_watts)."""
-        reader = getattr(link.driver, "power_watts", None)
-        if reader is None:
-            return ""
-        try:
-            watts = await asyncio.wait_for(reader(), CALL_TIMEOUT)
-        except (PowerError, TimeoutError):
-            return ""
-        return f", {watts:.1f} W" if isinstance(watts, int | float) else ""
+    async def _watts(self, link: Link) -> str:
+        """ ", 0.0 W" from a plug with an energy sensor, else ""."""
+        watts = await link.watts()
+        return f", {watts:.1f} W" if watts is not None else ""
 
     async def _reading(self, run: _Run) -> tuple[PowerState, str]:
         """The first definite reading of the chain: (state, "tasmota at 10.0.0.5 reads on")."""
         for link in run.links:
-            state = await self._read(link)
+            state = await link.read()
             if state is not PowerState.UNKNOWN:
                 return state, f"{link.label} reads {state}"
         return PowerState.UNKNOWN, ""
@@ -407,77 +292,20 @@ class PowerController:
         return MachineState(record.state) if record is not None and record.state else None
 
     @staticmethod
-    def _next(links: list[_Link], index: int) -> str:
+    def _next(links: list[Link], index: int) -> str:
         rest = links[index + 1 :]
         return f"trying {rest[0].label}" if rest else "no other driver to try"
 
     # -- waiting for what is seen ---------------------------------------------------------
 
-    async def _wait(
-        self,
-        run: _Run,
-        deadline: float,
-        seen: Callable[[Event], bool],
-        poll: Callable[[], Awaitable[bool]] | None = None,
-    ) -> bool:
-        """Until an event of the machine is `seen`, or `poll` answers True (asked every POLL
-        seconds), or the monotonic `deadline`."""
-        next_poll = time.monotonic()
-        while True:
-            if poll is not None and time.monotonic() >= next_poll:
-                if await poll():
-                    return True
-                next_poll = time.monotonic() + POLL
-            now = time.monotonic()
-            if now >= deadline:
-                return False
-            wait = deadline - now if poll is None else min(deadline, next_poll) - now
-            try:
-                event = await asyncio.wait_for(run.queue.get(), max(wait, 0.0))
-            except TimeoutError:
-                continue
-            if event.mac == run.mac and seen(event):
-                return True
-
-    async def _silent(self, run: _Run, deadline: float, settle: float) -> bool:
-        """True once the machine sent nothing and answered no ping for `settle` seconds."""
-        ip = run.target.ip
-        quiet_since = time.monotonic()
-        next_ping = quiet_since
-        while True:
-            now = time.monotonic()
-            if now - quiet_since >= settle:
-                return True
-            if now >= deadline:
-                return False
-            if ip is not None and now >= next_ping:
-                if await self._ping(ip):
-                    quiet_since = time.monotonic()
-                next_ping = time.monotonic() + POLL
-            wake = min(quiet_since + settle, deadline, next_ping if ip is not None else math.inf)
-            try:
-                event = await asyncio.wait_for(run.queue.get(), max(wake - time.monotonic(), 0.0))
-            except TimeoutError:
-                continue
-            if event.mac == run.mac and event.kind not in _NOT_TRAFFIC:
-                quiet_since = time.monotonic()
+    def _by_ping(self, run: _Run) -> bool:
+        return self.inventory.config.power.verify_on == "ping" and run.target.ip is not None
 
     async def _seen_up(self, run: _Run, since: float, deadline: float) -> bool:
-        """A phone-home after the wall-clock time `since` (or, with verify_on = "ping", a ping
-        answer) before `deadline`."""
-        ip = run.target.ip
-        by_ping = self.inventory.config.power.verify_on == "ping" and ip is not None
-
-        async def answers() -> bool:
-            return ip is not None and await self._ping(ip)
-
-        return await self._wait(
-            run, deadline, lambda e: e.kind == "phone-home" and e.time >= since,
-            answers if by_ping else None,
-        )  # fmt: skip
+        return await run.watch.seen_up(since, deadline, self._by_ping(run))
 
     def _up_wording(self, run: _Run) -> str:
-        if self.inventory.config.power.verify_on == "ping" and run.target.ip is not None:
+        if self._by_ping(run):
             return f"to answer ping at {run.target.ip}"
         return "for it to phone home"
 
@@ -493,16 +321,18 @@ class PowerController:
         if state is PowerState.OFF:
             return None
         if run.target.ip is not None:
-            if await self._ping(run.target.ip):
+            if await run.watch.answers():
                 return f"already on: it answers ping at {run.target.ip}"
             return None
         state_now = self._lifecycle_state(run.mac)
         return f"already {state_now} (from its events; nothing can read its power)"
 
     async def _on(self, run: _Run, timeout: float) -> _Result:
+        on = Kind.POWER_ON
         already = await self._already_on(run)
         if already is not None:
-            self._event(run, f"power on asked: {already}; nothing to do")
+            self._step(run, on, "nothing-to-do", f"power on asked: {already}; nothing to do",
+                       reason="already-on")  # fmt: skip
             return _Result(True, PowerState.ON, already, already=True)
         if self._lifecycle_state(run.mac) is MachineState.BOOTING:
             # Booting already (someone pressed its button): sending `on` again could only hurt
@@ -511,11 +341,12 @@ class PowerController:
             if state is not PowerState.OFF:
                 sent = time.time()
                 reading = f" ({how})" if how else ""
-                wait = f"waiting up to {minutes(timeout)} {self._up_wording(run)}"
-                self._event(run, f"power on asked while it is booting{reading}; {wait}")
+                wait = f"waiting up to {wording.timeout(timeout)} {self._up_wording(run)}"
+                self._step(run, on, "asked", f"power on asked while it is booting{reading}; "
+                           f"{wait}", reason="booting")  # fmt: skip
                 if await self._seen_up(run, sent, time.monotonic() + timeout):
                     message = f"up {time.time() - sent:.0f} s later (it was booting already)"
-                    self._event(run, message)
+                    self._step(run, on, "done", message, reason="booting")
                     return _Result(True, PowerState.ON, message)
         links = [link for link in run.links if link.can(PowerAction.ON)]
         if not links:
@@ -526,117 +357,128 @@ class PowerController:
             # A plug whose relay is on while the machine is not up (its OS was shut down over
             # SSH, or it hung) must cut the power and give it back: `on` would change nothing.
             if (
-                link.driver is not None and not link.driver.graceful
-                and PowerAction.CYCLE in link.driver.actions
-                and await self._read(link) is PowerState.ON
+                link.driver is not None and not link.graceful and link.can(PowerAction.CYCLE)
+                and await link.read() is PowerState.ON
             ):  # fmt: skip
                 action = PowerAction.CYCLE
-            problem = await self._call(run, link, action)
-            if problem is not None:
-                self._event(run, f"power on by {link.label} failed: {problem}; "
-                            f"{self._next(links, index)}")  # fmt: skip
+            failure = await self._send(run, link, action)
+            if failure is not None:
+                self._failed(run, on, link, failure, self._next(links, index))
                 continue
-            how = "cycled (it read on, but the machine was not up)" if action is PowerAction.CYCLE \
-                else "sent"  # fmt: skip
-            self._event(run, f"power on by {link.label} {how}; waiting up to {minutes(timeout)} "
-                        f"{self._up_wording(run)}")  # fmt: skip
+            waiting = f"waiting up to {wording.timeout(timeout)} {self._up_wording(run)}"
+            if action is PowerAction.CYCLE:
+                self._step(run, on, "sent", f"power on by {link.label} cycled (it read on, but "
+                           f"the machine was not up); {waiting}", link=link,
+                           reason="relay-on")  # fmt: skip
+            else:
+                self._step(run, on, "sent", f"power on by {link.label} sent; {waiting}",
+                           link=link)  # fmt: skip
             if await self._seen_up(run, sent, time.monotonic() + timeout):
                 seconds = time.time() - sent
                 message = f"up {seconds:.0f} s after power on by {link.label}"
-                self._event(run, message)
+                self._step(run, on, "done", message, link=link)
                 return _Result(True, PowerState.ON, message)
-            self._event(run, f"not up after {minutes(timeout)}; {self._next(links, index)}")
+            self._step(run, on, "timeout", f"not up after {wording.timeout(timeout)}; "
+                       f"{self._next(links, index)}", link=link, reason="not-up")  # fmt: skip
         message = (f"power on failed: not up after trying {', '.join(run.used)}; "
                    f"pixiebox doctor {run.machine.name} tells how far it got")  # fmt: skip
-        self._event(run, message)
+        self._step(run, on, "failed", message, reason="not-up")
         return _Result(False, PowerState.UNKNOWN, message)
 
     def _cannot(self, run: _Run, action: PowerAction) -> _Result:
         chain = ", ".join(link.label for link in run.links)
         message = (f"no driver of {run.machine.name}'s power chain ({chain}) can {action} it; "
                    "add one that can to its power list in lab.toml")  # fmt: skip
-        self._event(run, message)
+        self._step(run, _KIND_OF[action], "failed", message, reason="no-driver")
         return _Result(False, PowerState.UNKNOWN, message)
 
     # -- off ------------------------------------------------------------------------------
 
     async def _off(self, run: _Run, timeout: float) -> _Result:
+        off = Kind.POWER_OFF
         state, how = await self._reading(run)
         if state is PowerState.OFF:
             message = f"already off ({how})"
             if self._lifecycle_state(run.mac) is not MachineState.OFF:
-                self._event(run, f"power off asked: {message}", kind="off")
+                self._step(run, off, "nothing-to-do", f"power off asked: {message}",
+                           reason="already-off")  # fmt: skip
+                self._seen_off(run, how)
             else:
-                self._event(run, f"power off asked: {message}; nothing to do")
+                self._step(run, off, "nothing-to-do", f"power off asked: {message}; nothing "
+                           "to do", reason="already-off")  # fmt: skip
             return _Result(True, PowerState.OFF, message, already=True)
         # Graceful drivers first (the OS shuts down cleanly), then the hard cut; otherwise in
         # the order of lab.toml (sorted() is stable).
-        links = sorted(
-            (link for link in run.links if link.can(PowerAction.OFF)),
-            key=lambda link: not (link.driver is not None and link.driver.graceful),
-        )
+        links = sorted((link for link in run.links if link.can(PowerAction.OFF)),
+                       key=lambda link: not link.graceful)  # fmt: skip
         if not links:
             return self._cannot(run, PowerAction.OFF)
         settle = float(self.inventory.config.power.off_settle)
         for index, link in enumerate(links):
-            problem = await self._call(run, link, PowerAction.OFF)
-            if problem is not None:
-                self._event(run, f"power off by {link.label} failed: {problem}; "
-                            f"{self._next(links, index)}")  # fmt: skip
+            failure = await self._send(run, link, PowerAction.OFF)
+            if failure is not None:
+                self._failed(run, off, link, failure, self._next(links, index))
                 continue
-            seen = await self._seen_off(run, link, timeout, settle)
+            seen = await self._wait_off(run, link, timeout, settle)
             if seen is not None:
                 message = f"powered off by {link.label} ({seen})"
-                self._event(run, message, kind="off")
+                self._step(run, off, "done", message, link=link)
+                self._seen_off(run, f"powered off by {link.label}")
                 return _Result(True, PowerState.OFF, message)
-            self._event(run, f"still on {minutes(timeout)} after power off by {link.label}; "
-                        f"{self._next(links, index)}")  # fmt: skip
+            self._step(run, off, "timeout", f"still on {wording.timeout(timeout)} after power "
+                       f"off by {link.label}; {self._next(links, index)}", link=link,
+                       reason="still-on")  # fmt: skip
         message = f"power off failed: still on after trying {', '.join(run.used)}"
-        self._event(run, message)
+        self._step(run, off, "failed", message, reason="still-on")
         return _Result(False, PowerState.ON, message)
 
-    async def _seen_off(self, run: _Run, link: _Link, timeout: float, settle: float) -> str | None:
+    async def _wait_off(self, run: _Run, link: Link, timeout: float, settle: float) -> str | None:
         """How the machine was seen off after `link` switched it off, or None."""
         deadline = time.monotonic() + timeout
-        if link.reads_status and await self._read(link) is not PowerState.UNKNOWN:
-            self._event(run, f"power off by {link.label} sent; waiting up to {minutes(timeout)} "
-                        f"for {link.label} to read it off")  # fmt: skip
+        waiting = f"power off by {link.label} sent; waiting up to {wording.timeout(timeout)}"
+        if link.reads_status and await link.read() is not PowerState.UNKNOWN:
+            self._step(run, Kind.POWER_OFF, "sent", f"{waiting} for {link.label} to read it "
+                       "off", link=link)  # fmt: skip
 
             async def reads_off() -> bool:
-                return await self._read(link) is PowerState.OFF
+                return await link.read() is PowerState.OFF
 
-            if await self._wait(run, deadline, lambda e: False, reads_off):
+            if await run.watch.until(deadline, lambda e: False, reads_off):
                 return f"it reads off{await self._watts(link)}"
             return None
         where = f" and no ping answer at {run.target.ip}" if run.target.ip else ""
-        self._event(run, f"power off by {link.label} sent; waiting up to {minutes(timeout)} for "
-                    f"{minutes(settle)} of silence (no boot request, phone-home or "
-                    f"syslog{where})")  # fmt: skip
-        if await self._silent(run, deadline, settle):
-            return f"silent for {minutes(settle)}{where}"
+        self._step(run, Kind.POWER_OFF, "sent", f"{waiting} for {wording.timeout(settle)} of "
+                   f"silence (no boot request, phone-home or syslog{where})",
+                   link=link)  # fmt: skip
+        if await run.watch.silent(deadline, settle):
+            return f"silent for {wording.timeout(settle)}{where}"
         return None
 
     # -- cycle ----------------------------------------------------------------------------
 
     async def _cycle(self, run: _Run, on_timeout: float, off_timeout: float) -> _Result:
+        cycle = Kind.POWER_CYCLE
         links = [link for link in run.links if link.can(PowerAction.CYCLE)]
         timeout = on_timeout + off_timeout
         for index, link in enumerate(links):
             then = (self._next(links, index) if index + 1 < len(links)
                     else "switching it off and on instead")  # fmt: skip
             sent = time.time()
-            problem = await self._call(run, link, PowerAction.CYCLE)
-            if problem is not None:
-                self._event(run, f"power cycle by {link.label} failed: {problem}; {then}")
+            failure = await self._send(run, link, PowerAction.CYCLE)
+            if failure is not None:
+                self._failed(run, cycle, link, failure, then)
                 continue
-            self._event(run, f"power cycle by {link.label} sent; waiting up to "
-                        f"{minutes(timeout)} {self._up_wording(run)} again")  # fmt: skip
+            self._step(run, cycle, "sent", f"power cycle by {link.label} sent; waiting up to "
+                       f"{wording.timeout(timeout)} {self._up_wording(run)} again",
+                       link=link)  # fmt: skip
             if await self._seen_up(run, sent, time.monotonic() + timeout):
                 message = f"back up {time.time() - sent:.0f} s after power cycle by {link.label}"
-                self._event(run, message)
+                self._step(run, cycle, "done", message, link=link)
                 return _Result(True, PowerState.ON, message)
-            self._event(run, f"not back up {minutes(timeout)} after power cycle by "
-                        f"{link.label}; {then}")  # fmt: skip
+            self._step(run, cycle, "timeout", f"not back up {wording.timeout(timeout)} after "
+                       f"power cycle by {link.label}; {then}", link=link,
+                       reason="not-up")  # fmt: skip
+        # Off then on: their steps are power.off and power.on events.
         off = await self._off(run, off_timeout)
         if not off.ok:
             return _Result(False, off.state, f"power cycle failed: {off.message}")
@@ -648,28 +490,24 @@ class PowerController:
     # -- status ---------------------------------------------------------------------------
 
     async def _status(self, run: _Run) -> _Result:
+        # No event: reading the power says nothing new about the machine, and an event would
+        # count as its being heard from (it would never be marked off as silent).
         problems = []
         for link in run.links:
-            if link.driver is None:
-                problems.append(f"{link.label} cannot be used: {link.problem}")
+            if link.driver is not None and not link.reads_status:
                 continue
-            if not link.reads_status:
-                continue
-            run.use(link)
-            try:
-                state = await asyncio.wait_for(link.driver.status(), CALL_TIMEOUT)
-            except PowerError as exc:
-                problems.append(str(exc))
-                continue
-            except TimeoutError:
-                problems.append(f"{link.label} did not answer in {CALL_TIMEOUT:g} s")
+            if link.driver is not None:
+                run.use(link)
+            state = await link.status()
+            if isinstance(state, Failure):
+                problems.append(state.detail)
                 continue
             if state is not PowerState.UNKNOWN:
                 return _Result(True, state, f"{state} ({link.label} reads {state})")
         record = self.inventory.lifecycle.records().get(run.mac)
         derived = derived_power(record)
         note = f" ({'; '.join(problems)})" if problems else ""
-        if run.target.ip is not None and await self._ping(run.target.ip):
+        if await run.watch.answers():
             return _Result(True, PowerState.ON, f"on (it answers ping at {run.target.ip}){note}")
         if derived.state is not PowerState.UNKNOWN:
             message = f"{derived.state} ({derived.detail}; no driver can read it){note}"
@@ -684,3 +522,9 @@ class PowerController:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+
+#: The event kind of each action's steps.
+_KIND_OF = {PowerAction.ON: Kind.POWER_ON, PowerAction.OFF: Kind.POWER_OFF,
+            PowerAction.CYCLE: Kind.POWER_CYCLE}  # fmt: skip
+_ACTION_OF = {kind: action for action, kind in _KIND_OF.items()}

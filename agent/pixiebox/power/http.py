@@ -18,66 +18,11 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Annotated, Any, Literal
+from typing import Any
 
-from pydantic import AfterValidator, Field, model_validator
-
-from pixiebox.config import _url
-from pixiebox.power.base import NETWORK_TIMEOUT, Options, PowerAction, PowerState, PowerTarget
+from pixiebox.config.power_options import HttpOptions, HttpRequest
+from pixiebox.power.base import PowerAction, PowerState, PowerTarget
 from pixiebox.power.plugs import HttpDriverBase, cycle_by_off_on
-
-Url = Annotated[str, AfterValidator(lambda v: _url(v, ("http", "https")))]
-
-
-def _pattern(value: str) -> str:
-    try:
-        re.compile(value)
-    except re.error as exc:
-        raise ValueError(f"{value!r} is not a regular expression: {exc}") from None
-    return value
-
-
-def _pointer(value: str) -> str:
-    if value and not value.startswith("/"):
-        raise ValueError(f'{value!r} is not a JSON pointer: it starts with "/", e.g. "/POWER"')
-    return value
-
-
-class HttpRequest(Options):
-    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "GET"
-    url: Url
-    body: str | None = None
-    headers: dict[str, str] = Field(default_factory=dict)
-
-
-class HttpStatusRequest(HttpRequest):
-    pointer: Annotated[str, AfterValidator(_pointer)] | None = None
-    on_value: Any = True
-    regex: Annotated[str, AfterValidator(_pattern)] | None = None
-
-    @model_validator(mode="after")
-    def _says_how(self) -> HttpStatusRequest:
-        if self.pointer is None and self.regex is None:
-            raise ValueError(
-                "status needs pointer (a JSON pointer and on_value) or regex to tell on from off"
-            )
-        return self
-
-
-class HttpOptions(Options):
-    on: HttpRequest | None = None
-    off: HttpRequest | None = None
-    cycle: HttpRequest | None = None
-    status: HttpStatusRequest | None = None
-    cycle_wait: float = Field(default=5.0, ge=0, le=300)
-    timeout: float = Field(default=NETWORK_TIMEOUT, gt=0, le=120)
-    verify_tls: bool = True
-
-    @model_validator(mode="after")
-    def _something(self) -> HttpOptions:
-        if not (self.on or self.off or self.cycle or self.status):
-            raise ValueError("the http driver needs at least one of on, off, cycle, status")
-        return self
 
 
 def resolve_pointer(document: Any, pointer: str) -> Any:

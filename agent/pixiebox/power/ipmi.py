@@ -13,45 +13,17 @@ import asyncio
 import logging
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import pyghmi.exceptions
-from pydantic import Field, model_validator
 from pyghmi.ipmi import command
 
-from pixiebox.power.base import (
-    NETWORK_TIMEOUT,
-    BaseDriver,
-    Options,
-    PowerState,
-    PowerTarget,
-    read_secret,
-)
-from pixiebox.power.plugs import Host
+from pixiebox.config.power_options import IpmiOptions
+from pixiebox.power.base import BaseDriver, PowerState, PowerTarget, read_secret
 
 T = TypeVar("T")
 
 log = logging.getLogger("pixiebox.power.ipmi")
-
-
-class IpmiOptions(Options):
-    host: Host
-    port: int = Field(default=623, ge=1, le=65535)
-    user: str
-    password: str | None = None
-    password_file: Path | None = None
-    # Boot from the network once before `on` and `cycle`.
-    pxe_once: bool = True
-    timeout: float = Field(default=NETWORK_TIMEOUT * 3, gt=0, le=300)
-
-    @model_validator(mode="after")
-    def _has_password(self) -> IpmiOptions:
-        if self.password is None and self.password_file is None:
-            raise ValueError(
-                "password or password_file is needed (password_file keeps it out of lab.toml)"
-            )
-        return self
 
 
 class IpmiDriver(BaseDriver):

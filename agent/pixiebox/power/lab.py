@@ -24,7 +24,8 @@ from pixiebox import doctor
 from pixiebox.config import MachineSection, split_listen
 from pixiebox.core.lifecycle import MachineState
 from pixiebox.power.base import PowerAction
-from pixiebox.power.controller import PowerBusy, PowerController, PowerOutcome
+from pixiebox.power.controller import PowerBusy, PowerController
+from pixiebox.power.views import PowerOutcome
 
 #: Seconds between looks at the lifecycle while waiting for machines to join Kubernetes.
 JOIN_POLL = 1.0

@@ -9,39 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
-from typing import Annotated, Any
+from typing import Any
 
 import httpx
-from pydantic import AfterValidator, Field
 
-from pixiebox.power.base import NETWORK_TIMEOUT, BaseDriver, Options, PowerTarget, describe
-
-_HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.\-]*[A-Za-z0-9])?(:\d{1,5})?$")
-
-
-def check_host(value: str) -> str:
-    """A plug's host name or address, optionally with a port: no scheme, no path."""
-    text = value.strip()
-    if "://" in text or "/" in text:
-        raise ValueError(
-            f"{value!r} is not a host: write only the plug's name or address, e.g. "
-            '"192.168.1.50" or "plug-c1.lan"'
-        )
-    if not _HOST.match(text):
-        raise ValueError(f"{value!r} is not a host name or address")
-    return text
-
-
-Host = Annotated[str, AfterValidator(check_host)]
-
-
-class PlugOptions(Options):
-    host: Host
-    # Seconds the relay stays open in `cycle`, long enough for the NUC's capacitors to drain
-    # (a shorter blip may not reset it).
-    cycle_wait: float = Field(default=5.0, ge=0, le=300)
-    timeout: float = Field(default=NETWORK_TIMEOUT, gt=0, le=120)
+from pixiebox.power.base import BaseDriver, PowerTarget, describe
 
 
 class HttpDriverBase(BaseDriver):

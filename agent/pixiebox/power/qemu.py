@@ -19,28 +19,20 @@ import logging
 import os
 import socket
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
-from pydantic import Field
 from qemu.qmp import QMPClient, QMPError
 
-from pixiebox.power.base import BaseDriver, Options, PowerState, PowerTarget, describe
+from pixiebox.config.power_options import QemuOptions
+from pixiebox.power.base import BaseDriver, PowerState, PowerTarget, describe
 
 #: QEMU run states (qapi RunState) that mean the machine is not running a guest.
 OFF_STATES = frozenset({"shutdown", "paused", "prelaunch", "suspended"})
 #: Run states from which `cont` needs a reset first (QEMU refuses it otherwise).
 NEEDS_RESET = frozenset({"shutdown", "paused", "internal-error", "guest-panicked", "io-error"})
 
-QMP_TIMEOUT = 10.0
-
 # qemu.qmp logs every failed connection at ERROR level with a traceback; our PowerError says it.
 logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
-
-
-class QemuOptions(Options):
-    qmp: Path  # the VM's QMP unix socket (-qmp unix:PATH,server=on,wait=off)
-    timeout: float = Field(default=QMP_TIMEOUT, gt=0, le=120)
 
 
 class QemuDriver(BaseDriver):

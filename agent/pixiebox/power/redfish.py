@@ -12,49 +12,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import sushy
 import sushy.exceptions
-from pydantic import AfterValidator, Field, model_validator
 
-from pixiebox.config import _url
-from pixiebox.power.base import (
-    NETWORK_TIMEOUT,
-    BaseDriver,
-    Options,
-    PowerState,
-    PowerTarget,
-    read_secret,
-)
+from pixiebox.config.power_options import NETWORK_TIMEOUT, RedfishOptions
+from pixiebox.power.base import BaseDriver, PowerState, PowerTarget, read_secret
 
 T = TypeVar("T")
-
-Url = Annotated[str, AfterValidator(lambda v: _url(v, ("http", "https")))]
-
-
-class RedfishOptions(Options):
-    url: Url  # the BMC, e.g. "https://10.0.0.20" (the service root /redfish/v1 is added)
-    username: str
-    password: str | None = None
-    password_file: Path | None = None
-    # The system's id ("1", "System.Embedded.1") or path ("/redfish/v1/Systems/1"); unset:
-    # the BMC's only system.
-    system: str | None = None
-    verify_tls: bool = True
-    # Boot from the network once before `on` and `cycle`.
-    pxe_once: bool = True
-    timeout: float = Field(default=NETWORK_TIMEOUT * 3, gt=0, le=300)
-
-    @model_validator(mode="after")
-    def _has_password(self) -> RedfishOptions:
-        if self.password is None and self.password_file is None:
-            raise ValueError(
-                "password or password_file is needed (password_file keeps it out of lab.toml)"
-            )
-        return self
 
 
 class RedfishDriver(BaseDriver):

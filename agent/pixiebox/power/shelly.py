@@ -11,22 +11,13 @@ answers `{"was_on": false}`; `/rpc/Switch.GetStatus?id=<channel>` answers `{"id"
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import httpx
-from pydantic import Field
 
+from pixiebox.config.power_options import ShellyOptions
 from pixiebox.power.base import PowerError, PowerState, PowerTarget, read_secret
-from pixiebox.power.plugs import HttpDriverBase, PlugOptions, cycle_by_off_on
-
-
-class ShellyOptions(PlugOptions):
-    generation: int = Field(default=2, ge=1, le=9)
-    channel: int = Field(default=0, ge=0, le=15)
-    user: str = "admin"  # Gen1 only: Gen2+ always authenticates as "admin"
-    password: str | None = None
-    password_file: Path | None = None
+from pixiebox.power.plugs import HttpDriverBase, cycle_by_off_on
 
 
 class ShellyDriver(HttpDriverBase):

@@ -19,17 +19,10 @@ import os
 from pathlib import Path
 
 import asyncssh
-from pydantic import Field
 
-from pixiebox.power.base import (
-    NETWORK_TIMEOUT,
-    BaseDriver,
-    Options,
-    PowerAction,
-    PowerTarget,
-    describe,
-)
-from pixiebox.store.identity import _create_file
+from pixiebox.config.power_options import SshOptions
+from pixiebox.power.base import BaseDriver, PowerAction, PowerTarget, describe
+from pixiebox.store.identity import create_file_once
 
 log = logging.getLogger("pixiebox.power.ssh")
 
@@ -52,7 +45,7 @@ def power_key(state_dir: Path) -> asyncssh.SSHKey:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(path.parent, 0o700)
         key = asyncssh.generate_private_key("ssh-ed25519", comment=KEY_COMMENT)
-        if _create_file(path, key.export_private_key().decode("ascii")):
+        if create_file_once(path, key.export_private_key().decode("ascii")):
             log.info("made the appliance's power SSH key %s", path)
     try:
         return asyncssh.read_private_key(path)
@@ -67,19 +60,6 @@ def power_public_key(state_dir: Path) -> str:
     """The public line of the appliance's power key, for the nodes' authorized keys."""
     key = power_key(state_dir)
     return key.export_public_key("openssh").decode("ascii").strip()
-
-
-class SshOptions(Options):
-    user: str = "root"
-    # Where to log in; the machine's IP when unset.
-    host: str | None = None
-    port: int = Field(default=22, ge=1, le=65535)
-    off_command: str = "poweroff"
-    cycle_command: str = "reboot"
-    # The node's host public key ("ssh-ed25519 AAAA..."), for a machine whose host key the
-    # appliance does not keep (one that does not boot the OSIE).
-    host_key: str | None = None
-    timeout: float = Field(default=NETWORK_TIMEOUT, gt=0, le=120)
 
 
 class SshDriver(BaseDriver):

@@ -8,21 +8,11 @@ have one: `{"StatusSNS": {"ENERGY": {"Power": 4.2, ...}}}`.
 
 from __future__ import annotations
 
-from pathlib import Path
 from urllib.parse import quote
 
-from pydantic import Field
-
+from pixiebox.config.power_options import TasmotaOptions
 from pixiebox.power.base import PowerState, PowerTarget, read_secret
-from pixiebox.power.plugs import HttpDriverBase, PlugOptions, cycle_by_off_on
-
-
-class TasmotaOptions(PlugOptions):
-    user: str = "admin"
-    password: str | None = None
-    password_file: Path | None = None
-    # The relay of a multi-relay device (Power1, Power2, ...); None: the only one ("Power").
-    relay: int | None = Field(default=None, ge=1, le=32)
+from pixiebox.power.plugs import HttpDriverBase, cycle_by_off_on
 
 
 class TasmotaDriver(HttpDriverBase):

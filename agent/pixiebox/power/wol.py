@@ -14,38 +14,14 @@ import contextlib
 import errno
 import socket
 from ipaddress import IPv4Address
-from typing import Annotated
 
-from pydantic import BeforeValidator, Field
-
-from pixiebox.config import normalize_mac
-from pixiebox.power.base import BaseDriver, Options, PowerAction, PowerTarget, describe
+from pixiebox.config.power_options import WolOptions
+from pixiebox.config.values import normalize_mac
+from pixiebox.power.base import BaseDriver, PowerAction, PowerTarget, describe
 
 #: Copies sent per `on`: UDP has no acknowledgement, and a switch port that just came up may
 #: drop the first frame; every NIC treats extra copies as one wake-up.
 COPIES = 3
-
-
-def _password(value: object) -> object:
-    """SecureOn passwords are written like a MAC ("aa:bb:cc:dd:ee:ff")."""
-    if not isinstance(value, str):
-        return value
-    try:
-        return normalize_mac(value)
-    except ValueError:
-        raise ValueError(
-            f"{value!r} is not a SecureOn password: write six hex pairs like a MAC address, "
-            '"aa:bb:cc:dd:ee:ff"'
-        ) from None
-
-
-class WolOptions(Options):
-    port: int = Field(default=9, ge=1, le=65535)
-    # Where to send instead of the lab subnet's broadcast address (a directed broadcast).
-    address: IPv4Address | None = None
-    password: Annotated[str, BeforeValidator(_password)] | None = None
-    # Send out of this interface instead of [network] interface.
-    interface: str | None = None
 
 
 def magic_packet(mac: str, password: str | None = None) -> bytes:

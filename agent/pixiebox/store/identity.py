@@ -133,7 +133,7 @@ def _ensure_mode(path: Path, mode: int) -> None:
         log.warning("%s had mode %o; set it back to %o", path, current, mode)
 
 
-def _create_file(path: Path, text: str) -> bool:
+def create_file_once(path: Path, text: str) -> bool:
     """Write `text` to `path` unless it exists: whole or not at all, mode 0600.
 
     True when this call created the file, False when another writer got there first (then
@@ -167,13 +167,13 @@ def _secret(
     path: Path, make: Callable[[], str], pattern: re.Pattern[str], what: str, remedy: str
 ) -> tuple[str, bool]:
     """The secret in `path`, made by `make` if the file does not exist yet (whoever creates it
-    first wins, see `_create_file`); (secret, True when this call made it). A file that does
+    first wins, see `create_file_once`); (secret, True when this call made it). A file that does
     not hold one is an error that says how to recover, never silently replaced: nodes and the
     k3s server already trust what is in it."""
     text = _read(path)
     made = False
     if text is None:
-        made = _create_file(path, make())
+        made = create_file_once(path, make())
         text = _read(path)
         assert text is not None
     secret = text.strip()
@@ -214,7 +214,7 @@ class IdentityStore:
     def agent_token(self) -> str:
         """The lab's k3s agent token, made on first use (0600). The appliance's k3s server reads
         the same file with `--agent-token-file`, so whichever starts first makes it and the
-        other reads it (files are created whole and never replaced, see `_create_file`)."""
+        other reads it (files are created whole and never replaced, see `create_file_once`)."""
         with self._lock:
             if self._agent_token is None:
                 path = self.agent_token_file
@@ -263,7 +263,7 @@ class IdentityStore:
         key_path = directory / HOST_KEY_FILE
         private = _read(key_path)
         if private is None:
-            if _create_file(key_path, new_host_key()):
+            if create_file_once(key_path, new_host_key()):
                 made.append("an SSH host key")
             private = _read(key_path)
             assert private is not None
@@ -272,7 +272,7 @@ class IdentityStore:
         public_path = directory / HOST_PUBLIC_FILE
         stored_public = _read(public_path)
         if stored_public is None:
-            _create_file(public_path, public + "\n")
+            create_file_once(public_path, public + "\n")
         elif stored_public.split()[:2] != public.split()[:2]:
             raise IdentityError(
                 f"{public_path} does not belong to the private key {key_path}; delete the .pub "

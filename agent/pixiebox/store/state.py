@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import sqlite3
 import threading
@@ -26,6 +27,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
+
+from pixiebox.events import LEGACY_KINDS, Event, Fields
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS machines (
@@ -57,6 +60,7 @@ _ADDED_COLUMNS = (
     ("machines", "state", "TEXT NOT NULL DEFAULT ''"),
     ("machines", "state_since", "REAL NOT NULL DEFAULT 0"),
     ("machines", "ip", "TEXT NOT NULL DEFAULT ''"),
+    ("events", "fields", "TEXT NOT NULL DEFAULT '{}'"),
 )
 
 log = logging.getLogger("pixiebox.store.state")
@@ -67,15 +71,6 @@ RETRY_COMMIT = 0.5
 #: Events kept per machine: enough for many boots' timelines, bounded so that a machine that
 #: logs in a loop cannot fill the appliance's USB stick.
 EVENTS_PER_MACHINE = 2000
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    id: int
-    mac: str
-    time: float
-    kind: str
-    message: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,10 +121,18 @@ class StateStore:
             have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
             if column not in have:
                 self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+                if (table, column) == ("events", "fields"):
+                    self._rename_legacy_kinds()
         # The open transaction of a loop turn (see the module's doc); the lock keeps a worker
         # thread's write from interleaving with opening or committing it.
         self._lock = threading.Lock()
         self._pending = False
+
+    def _rename_legacy_kinds(self) -> None:
+        """A database from before typed events: its kinds get their dotted names, so the
+        doctor and the lifecycle read old boots too (their fields stay empty)."""
+        for old, new in LEGACY_KINDS.items():
+            self._db.execute("UPDATE events SET kind = ? WHERE kind = ?", (str(new), old))
 
     def close(self) -> None:
         self.flush()
@@ -224,10 +227,13 @@ class StateStore:
 
     # events
 
-    def add_event(self, mac: str, kind: str, message: str, now: float) -> Event:
+    def add_event(
+        self, mac: str, kind: str, message: str, now: float, fields: Fields | None = None
+    ) -> Event:
+        stored = dict(fields or {})
         cursor = self._write(
-            "INSERT INTO events (mac, time, kind, message) VALUES (?, ?, ?, ?)",
-            (mac, now, kind, message),
+            "INSERT INTO events (mac, time, kind, message, fields) VALUES (?, ?, ?, ?, ?)",
+            (mac, now, kind, message, json.dumps(stored, separators=(",", ":"))),
         )
         event_id = int(cursor.lastrowid or 0)
         if event_id % 100 == 0:  # trim now and then, not on every insert
@@ -236,21 +242,24 @@ class StateStore:
                 "ORDER BY id DESC LIMIT 1 OFFSET ?)",
                 (mac, mac, EVENTS_PER_MACHINE - 1),
             )
-        return Event(event_id, mac, now, kind, message)
+        return Event(event_id, mac, now, kind, message, stored)
 
     def events(self, mac: str | None = None, after: int = 0, limit: int = 500) -> list[Event]:
         """Events (oldest first) after id `after`: of one machine, or of all."""
         if mac is None:
             rows = self._db.execute(
-                "SELECT id, mac, time, kind, message FROM events WHERE id > ? "
+                "SELECT id, mac, time, kind, message, fields FROM events WHERE id > ? "
                 "ORDER BY id DESC LIMIT ?", (after, limit),
             )  # fmt: skip
         else:
             rows = self._db.execute(
-                "SELECT id, mac, time, kind, message FROM events WHERE mac = ? AND id > ? "
+                "SELECT id, mac, time, kind, message, fields FROM events WHERE mac = ? AND id > ? "
                 "ORDER BY id DESC LIMIT ?", (mac, after, limit),
             )  # fmt: skip
-        return [Event(*row) for row in reversed(rows.fetchall())]
+        return [
+            Event(id, mac, time, kind, message, json.loads(fields))
+            for id, mac, time, kind, message, fields in reversed(rows.fetchall())
+        ]
 
     # leases
 

@@ -28,12 +28,16 @@ _U16 = struct.Struct("!H")
 
 
 class Refused(Exception):
-    """A request that gets an ERROR `code` (access violation, illegal operation) for `why`."""
+    """A request that gets an ERROR `code` (access violation, illegal operation): `reason` is a
+    short code for the event, `why` the log's words (it may name server paths), `public` what
+    the client's ERROR packet says (it never does)."""
 
-    def __init__(self, code: int, why: str) -> None:
+    def __init__(self, code: int, why: str, *, reason: str = "refused", public: str = "") -> None:
         super().__init__(why)
         self.code = code
         self.why = why
+        self.reason = reason
+        self.public = public or why
 
 
 def parse_request(data: bytes) -> tuple[int, str, str, dict[str, str]]:
@@ -56,20 +60,6 @@ def parse_request(data: bytes) -> tuple[int, str, str, dict[str, str]]:
     return opcode, os.fsdecode(name), mode.decode("ascii", "replace").lower(), options
 
 
-def normalise(name: str) -> str:
-    """The requested name as a path relative to a served directory, or _Refused.
-
-    Windows clients send `\\` (FIRMWARE-QUIRKS #18, dnsmasq src/tftp.c); firmware often asks for
-    `/ipxe.efi`, meaning the root, not the disk's `/`. A `..` component is refused outright,
-    even one that would stay inside: no boot loader needs it."""
-    parts = [part for part in name.replace("\\", "/").split("/") if part not in ("", ".")]
-    if ".." in parts:
-        raise Refused(ERR_ACCESS, "the path contains '..'")
-    if not parts:
-        raise Refused(ERR_ACCESS, "the name is empty or a directory")
-    return "/".join(parts)
-
-
 def printable(name: str) -> str:
     """`name` safe for one log line: undecodable bytes and control characters escaped."""
     text = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
@@ -88,13 +78,13 @@ def negotiate(
     blksize = _int(options.get("blksize"))
     if blksize is not None and blksize >= MIN_BLKSIZE:
         # RFC 2348 lets the server answer smaller. Blocks that fit the path MTU are never
-        # IP-fragmented, which firmware handles badly (FIRMWARE-QUIRKS #16: QEMU's UEFI needs
+        # IP-fragmented, which firmware handles badly (docs/firmware-quirks.md#16: QEMU's UEFI needs
         # <= 1024 on a small MTU; dnsmasq src/tftp.c caps at MTU - 32 the same way).
         limit = MAX_BLKSIZE if mtu is None else max(MIN_BLKSIZE, min(MAX_BLKSIZE, mtu - _HEADERS))
         accepted["blksize"] = str(min(blksize, limit))
     if "tsize" in options:
         # RFC 2349: a reading client sends 0 and the OACK carries the size. EDK2 asks this
-        # way and then aborts with ERROR 8 (FIRMWARE-QUIRKS #17): see _peer_error.
+        # way and then aborts with ERROR 8 (docs/firmware-quirks.md#17): see _peer_error.
         accepted["tsize"] = str(size)
     seconds = _int(options.get("timeout"))
     if seconds is not None and 1 <= seconds <= 255:  # RFC 2349: 1..255, echoed as asked

@@ -1,1 +1,8 @@
-"""The virtual lab: namespaces, a home router, QEMU machines, and the demo."""
+"""The virtual lab: network namespaces, a home router (dnsmasq), QEMU machines (BIOS and UEFI),
+a Wake-on-LAN responder, and the demo (`pixiebox demo`) that shows each machine's boot stages
+live from the agent's event stream. The VM tests use the same machinery, so the demo is what the
+tests prove.
+
+May import config, events, client (the event follower) and power (the qemu driver's options);
+never the agent's servers: the demo runs the agent as a process, as a user would.
+"""

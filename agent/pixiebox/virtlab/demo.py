@@ -9,24 +9,36 @@ Every VM is under power control, as a NUC with a smart plug would be: `on` by Wa
 responder on the lab bridge plays the VMs' NICs and powers them on through QMP), `off` by the
 qemu driver on their QMP sockets. With --power-cycle, once all are up the demo runs
 `pixiebox lab down` and then `pixiebox lab up`, and the whole lab boots a second time.
+
+The stages shown are read from the agent's event stream (its API's server-sent events), by
+kind only, and from the VMs' serial consoles: never from the agent's log, whose sentences are
+for people and may be reworded.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import json
 import os
-import re
+import queue
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
+from pixiebox.client.api import ApiClient, ApiRefused, ApiUnreachable
+from pixiebox.client.follow import Follower
+from pixiebox.events import Kind
 from pixiebox.virtlab import appliance_lab, netns, vm, wake
 
 SUBNET = "10.88.0.0/24"
@@ -34,22 +46,35 @@ ROUTER_IP = "10.88.0.1"
 AGENT_IP = "10.88.0.2"
 ROUTER_RANGE = ("10.88.0.100", "10.88.0.199")
 READY = "Pixiebox serving"
+#: The agent's API port in the demo's lab.toml (the demo follows its event stream there).
+API_PORT = 8080
 DEMO_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPixieboxDemoKeyReplaceMe demo@pixiebox"
 
-#: The stages a machine goes through, each with how it is recognised: (source, text). "agent"
-#: lines are the agent's log lines that name the machine; "console" is the VM's serial console.
-#: The same for the real OSIE and the small test OS (which fetches no metadata: that stage is
-#: then skipped); `up` is the phone-home both send.
-STAGES: tuple[tuple[str, str, str], ...] = (
-    ("DHCP", "agent", "asked to boot; sent proxy"),
-    ("TFTP", "agent", "over TFTP in"),  # UEFI's own PXE client fetching ipxe.efi
-    ("script", "agent", "fetched its iPXE script"),
-    ("kernel", "agent", "received the kernel"),
-    ("initrd", "agent", "received the initrd"),
-    ("OS", "console", "Run /init as init process"),
-    ("metadata", "agent", "fetched its metadata"),
-    ("up", "agent", "phoned home"),
+
+@dataclass(frozen=True, slots=True)
+class Stage:
+    """A stage of a boot, reached at the first agent event of one of `kinds` for the machine,
+    or when `console` shows up on its serial console (the kernel's, which the agent cannot see)."""
+
+    name: str
+    kinds: frozenset[str] = frozenset()
+    console: str | None = None
+
+
+#: The stages a machine goes through. The same for the real OSIE and the small test OS (which
+#: fetches no metadata: that stage is then skipped); `up` is the phone-home both send.
+STAGES: tuple[Stage, ...] = (
+    Stage("DHCP", frozenset({Kind.DHCP_OFFER, Kind.DHCP_ACK})),
+    Stage("TFTP", frozenset({Kind.TFTP_SENT})),  # UEFI's own PXE client fetching ipxe.efi
+    Stage("script", frozenset({Kind.HTTP_SCRIPT})),
+    Stage("kernel", frozenset({Kind.HTTP_KERNEL})),
+    Stage("initrd", frozenset({Kind.HTTP_INITRD})),
+    Stage("OS", console="Run /init as init process"),
+    Stage("metadata", frozenset({Kind.METADATA_SENT})),
+    Stage("up", frozenset({Kind.OS_UP})),
 )
+#: Linux's CLONE_NEWNET (sched.h), for setns(2).
+_CLONE_NEWNET = 0x40000000
 
 
 class DemoError(Exception):
@@ -145,7 +170,7 @@ cmdline = "console=ttyS0"
 listen = ":80"
 
 [api]
-listen = "0.0.0.0:8080"
+listen = "0.0.0.0:{API_PORT}"
 token_file = "{workdir / "api-token"}"
 
 [state]
@@ -176,7 +201,7 @@ class Display:
     def redraw(self, started: float) -> None:
         if not self.tty:
             return
-        names = [s[0] for s in STAGES]
+        names = [s.name for s in STAGES]
         lines = [
             f"Pixiebox virtual lab, {time.monotonic() - started:5.1f}s",
             f"{'machine':<28} {'stage':<8} " + " ".join(f"{n:>7}" for n in names),
@@ -193,31 +218,84 @@ class Display:
         self._drawn = len(lines)
 
 
-_PHONED_HOME = re.compile(r", ([\d.]+)\) phoned home")
+def _enter_namespace(name: str) -> None:
+    """Move the calling thread into the network namespace `ip netns` calls `name`. setns(2)
+    moves only the calling thread, and the threads it starts are born there (Python 3.11 has no
+    os.setns)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open(f"/run/netns/{name}", "rb") as handle:
+        if libc.setns(handle.fileno(), _CLONE_NEWNET) != 0:
+            error = ctypes.get_errno()
+            raise OSError(error, f"cannot enter network namespace {name}: {os.strerror(error)}")
 
 
-def follow(machines: list[Machine], agent_log: Path, display: Display) -> None:
-    """Advance each machine's stage from the agent's log and its console."""
-    try:
-        agent_text = agent_log.read_text(errors="replace")
-    except OSError:
-        agent_text = ""
+def agent_events(host: netns.Host, port: int = API_PORT) -> Follower:
+    """The agent's event stream (its API's server-sent events, replayed from the first event),
+    read by a power.follow.Follower whose thread lives in the agent's namespace: the demo itself
+    runs outside every namespace of the lab."""
+    started: list[Follower] = []
+    failed: list[str] = []
+
+    def start() -> None:
+        try:
+            _enter_namespace(host.name)
+            client = ApiClient(f"http://127.0.0.1:{port}")
+            client.call("GET", "/api/v1/machines")  # says why, should the API not answer
+            started.append(Follower(client).start())
+        except (OSError, ApiUnreachable, ApiRefused) as exc:
+            failed.append(str(exc))
+
+    # A thread of its own enters the namespace and ends there; the Follower's thread, started
+    # from it, stays in the agent's namespace, and this one never leaves the demo's.
+    opener = threading.Thread(target=start, name="demo-events", daemon=True)
+    opener.start()
+    opener.join()
+    if failed or not started:
+        raise DemoError(f"cannot follow the agent's events: {failed[0] if failed else '?'}")
+    return started[0]
+
+
+def _pending(events: Follower, wait: float) -> list[dict[str, Any]]:
+    """The events that arrived, waiting up to `wait` seconds for the first one."""
+    found: list[dict[str, Any]] = []
+    with contextlib.suppress(queue.Empty):
+        found.append(events.events.get(timeout=wait) if wait > 0 else events.events.get_nowait())
+        while True:
+            found.append(events.events.get_nowait())
+    return found
+
+
+def _reach(machine: Machine, stage: Stage, display: Display) -> None:
+    if stage.name in machine.seconds or machine.vm is None:
+        return
+    seconds = machine.vm.elapsed()
+    machine.seconds[stage.name] = seconds
+    machine.stage = stage.name
+    display.change(machine, stage.name, seconds)
+
+
+def follow(
+    machines: Sequence[Machine], events: Follower, display: Display, wait: float = 0.0
+) -> None:
+    """Advance each machine's stage from the agent's events (waiting up to `wait` seconds for
+    one) and its serial console."""
+    by_mac = {machine.mac: machine for machine in machines}
+    for event in _pending(events, wait):
+        machine = by_mac.get(event["mac"])
+        if machine is None:
+            continue
+        for stage in STAGES:
+            if event["kind"] in stage.kinds:
+                _reach(machine, stage, display)
+        if event["kind"] == Kind.OS_UP and not machine.address:
+            machine.address = str(event["fields"].get("ip") or "")
     for machine in machines:
         if machine.vm is None:
             continue
         console = machine.vm.console_text()
-        mine = "\n".join(line for line in agent_text.splitlines() if machine.mac in line)
-        for stage, source, needle in STAGES:
-            if stage in machine.seconds:
-                continue
-            if needle in (mine if source == "agent" else console):
-                seconds = machine.vm.elapsed()
-                machine.seconds[stage] = seconds
-                machine.stage = stage
-                display.change(machine, stage, seconds)
-        if not machine.address and "up" in machine.seconds:
-            found = _PHONED_HOME.search(mine)
-            machine.address = found.group(1) if found else ""
+        for stage in STAGES:
+            if stage.console is not None and stage.console in console:
+                _reach(machine, stage, display)
 
 
 def summary(machines: list[Machine]) -> str:
@@ -327,6 +405,7 @@ def run(args: argparse.Namespace) -> int:
         if agent.poll() is not None:
             raise DemoError(f"the agent exited:\n{agent_log.read_text(errors='replace')[-2000:]}")
         print(f"Pixiebox agent at {AGENT_IP} in proxy mode (log: {agent_log})")
+        events = agent_events(agent_host)
         started = time.monotonic()
         for machine in machines:
             machine.vm = vm.start_vm(
@@ -341,12 +420,11 @@ def run(args: argparse.Namespace) -> int:
         start_wake_responder(segment, machines, workdir)
         deadline = started + args.timeout
         while time.monotonic() < deadline:
-            follow(machines, agent_log, display)
+            follow(machines, events, display, wait=0.5)
             display.redraw(started)
             if all("up" in m.seconds for m in machines):
                 booted = True
                 break
-            time.sleep(0.5)
         print(summary(machines))
         if booted and args.power_cycle and not power_cycle(agent_host, config, args.timeout):
             print("\nlab down / lab up did not do all it should (see above); consoles and logs: "
@@ -367,8 +445,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"\nthe lab keeps running (--keep). Its agent: ip netns exec {agent_host.name} "
                   f"...; consoles in {workdir}. Ctrl-C removes everything.")  # fmt: skip
             while True:
-                follow(machines, agent_log, display)
-                time.sleep(1)
+                follow(machines, events, display, wait=1.0)
         else:
             print("\nall machines booted; removing the lab")
     except KeyboardInterrupt:

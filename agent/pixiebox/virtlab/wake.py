@@ -31,8 +31,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from pixiebox.config import normalize_mac
+from pixiebox.config.power_options import QemuOptions
 from pixiebox.power.base import PowerError, PowerTarget
-from pixiebox.power.qemu import QemuDriver, QemuOptions
+from pixiebox.power.qemu import QemuDriver
 
 log = logging.getLogger("pixiebox.virtlab.wake")
 

@@ -14,8 +14,8 @@ from collections.abc import Callable
 from typing import IO, Any, TypeVar
 from urllib.parse import quote
 
-from pixiebox.cli.client import ApiClient, ApiRefused, ApiUnreachable
-from pixiebox.core.lifecycle import BOOT_KINDS
+from pixiebox.client.api import ApiClient, ApiRefused, ApiUnreachable
+from pixiebox.events import BOOT_CHAIN, Kind
 
 T = TypeVar("T")
 
@@ -130,19 +130,19 @@ class LiveTable:
         if row is None or row["state"] == "skipped":
             return
         kind, message = event["kind"], event["message"]
-        if kind == "power":
+        if kind in (Kind.POWER_ON, Kind.POWER_OFF, Kind.POWER_CYCLE):
             state = "powering on" if self.action == "up" else "powering off"
             if row["state"] not in ("booting", "up", "joined", "off"):
                 self._set(row, state, message)
             else:
                 row["note"] = message
-        elif kind in BOOT_KINDS:
+        elif kind in BOOT_CHAIN:
             self._set(row, "booting", kind)
-        elif kind == "phone-home":
+        elif kind == Kind.OS_UP:
             self._set(row, "up", message, done=row["seconds"] is None or self.action == "up")
-        elif kind == "joined":
+        elif kind == Kind.OS_JOINED:
             self._set(row, "joined", message)
-        elif kind == "off":
+        elif kind == Kind.MACHINE_OFF:
             self._set(row, "off", message, done=self.action == "down")
 
     def draw(self) -> None:

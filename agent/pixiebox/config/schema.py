@@ -1,0 +1,226 @@
+"""The lab.toml schema: one pydantic model per section, and `LabConfig`, the whole file.
+
+Unknown keys are errors (a typo must not silently disable a setting). Checks that span several
+keys live in problems.py, the power drivers' own keys in power_options.py.
+"""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from pixiebox.config.values import (
+    Duration,
+    HttpsUrl,
+    IPRange,
+    Listen,
+    MacAddress,
+    WebUrl,
+    check_hostname,
+)
+
+#: Environment variables with this prefix override single keys of lab.toml.
+ENV_PREFIX = "PIXIEBOX_"
+
+
+class Section(BaseModel):
+    """Unknown keys are errors, not silently ignored: a typo must not disable a setting."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class LabSection(Section):
+    name: str = "homelab"
+    domain: str = "lab.internal"
+    # A machine that was booting or up and has not been heard from for this long is shown as
+    # off (powered off, or crashed).
+    off_after: Duration = 600
+
+
+DhcpMode = Literal["proxy", "reservation", "full"]
+
+
+class NetworkSection(Section):
+    interface: str = "eth0"
+    server_ip: IPv4Address | None = None
+    subnet: IPv4Network | None = None
+    gateway: IPv4Address | None = None
+    dns: list[IPv4Address] = Field(default_factory=list)
+    dhcp_mode: DhcpMode = "proxy"
+    pool: IPRange | None = None
+    lease_time: Duration = 3600
+    # Checked before answering in reservation/full mode: a second DHCP server on a household
+    # LAN breaks everyone's network, so starting beside one must be a deliberate choice.
+    allow_other_dhcp_servers: bool = False
+    dhcp_probe_time: Duration = 2
+
+    @field_validator("lease_time")
+    @classmethod
+    def _lease_not_tiny(cls, value: int) -> int:
+        if value < 10:
+            raise ValueError("a lease shorter than 10 seconds would keep every client renewing")
+        return value
+
+
+UnknownPolicy = Literal["discover", "enroll", "ignore"]
+
+
+class BootSection(Section):
+    unknown: UnknownPolicy = "discover"
+    ssh_keys: list[str] = Field(default_factory=list)
+    assets: Path = Path("/var/lib/pixiebox/assets")
+    image: str = "osie"
+
+
+class ImageSection(Section):
+    kernel: str
+    initrd: list[str] = Field(default_factory=list)
+    cmdline: str = ""
+
+
+def default_images() -> dict[str, ImageSection]:
+    return {
+        "osie": ImageSection(
+            kernel="osie/vmlinuz",
+            initrd=["osie/initrd"],
+            cmdline="console=tty0 console=ttyS0,115200",
+        )
+    }
+
+
+class HttpSection(Section):
+    listen: Listen = ":80"
+
+
+class ApiSection(Section):
+    listen: Listen = "0.0.0.0:8080"
+    token_file: Path = Path("/var/lib/pixiebox/api-token")
+
+
+class StateSection(Section):
+    dir: Path = Path("/var/lib/pixiebox/state")
+
+
+class KubernetesSection(Section):
+    # The API server the lab's nodes join, e.g. "https://192.168.1.64:6443"; each node gets it
+    # in its metadata with the lab's k3s agent token. None: the nodes are not told to join.
+    server: HttpsUrl | None = None
+
+
+class TelemetrySection(Section):
+    # The InfluxDB the nodes' Telegraf ships to; handed to each node in its metadata.
+    url: WebUrl | None = None
+    org: str | None = None
+    bucket: str | None = None
+    # A file holding the InfluxDB write token (kept out of lab.toml); read on every request.
+    token_file: Path | None = None
+
+
+PowerDriver = Literal["wol", "ssh", "redfish", "ipmi", "tasmota", "shelly", "http", "qemu"]
+
+
+class PowerSection(BaseModel):
+    """Driver-specific keys are checked by the driver's option model (power_options.py,
+    `spec_problems`); only the driver name is fixed here."""
+
+    model_config = ConfigDict(extra="allow")
+
+    driver: PowerDriver
+
+    def options(self) -> dict[str, Any]:
+        """The driver's own keys (everything but `driver`)."""
+        return dict(self.model_extra or {})
+
+
+class PowerSettings(Section):
+    """[power]: how long a power action may take before it counts as failed (and the next
+    driver of a machine's chain is tried), and the pause between machines in `lab up` so that
+    a rack of NUCs does not draw its inrush current at once."""
+
+    on_timeout: Duration = 300
+    off_timeout: Duration = 120
+    stagger: Duration = 5
+    # How `on` is seen: the OS phoning home (the OSIE does), or the machine answering ping
+    # (an OS that does not phone home, e.g. one installed on the machine's own disk).
+    verify_on: Literal["phone-home", "ping"] = "phone-home"
+    # `off` without a driver that can read the power: this long with no DHCP, boot request,
+    # phone-home, syslog line or ping answer from the machine counts as off.
+    off_settle: Duration = 15
+
+
+DiskFormat = Literal["never", "if-blank"]
+
+
+def _disk_path(value: str) -> str:
+    if not value.startswith("/dev/"):
+        raise ValueError(
+            f"{value!r} is not a device path; name the disk by a stable path such as "
+            '"/dev/disk/by-id/nvme-Samsung_SSD_980_S64DNX0R123456"'
+        )
+    return value
+
+
+class MachineSection(Section):
+    name: Annotated[str, BeforeValidator(lambda v: v.strip().lower() if isinstance(v, str) else v)]
+    mac: MacAddress
+    ip: IPv4Address | None = None
+    image: str | None = None
+    # One driver, or a chain tried in order for each action it can do: e.g. `on` by wol, then
+    # a smart plug if the node never came up; `off` by ssh (graceful), then the plug.
+    power: PowerSection | list[PowerSection] | None = None
+    # A local disk for persistent volumes, mounted by the OSIE at the OpenEBS host path. It is
+    # never formatted unless format = "if-blank" and the disk carries no partition table,
+    # filesystem or other signature.
+    disk: Annotated[str, AfterValidator(_disk_path)] | None = None
+    format: DiskFormat = "never"
+
+    def power_chain(self) -> list[PowerSection]:
+        if self.power is None:
+            return []
+        return self.power if isinstance(self.power, list) else [self.power]
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_hostname(cls, value: str) -> str:
+        return check_hostname(value)
+
+
+class LabConfig(BaseSettings):
+    """The whole of lab.toml. Environment variables override single keys
+    (`PIXIEBOX_NETWORK__DHCP_MODE=full`), which is how a systemd drop-in or a test changes one
+    setting without editing the file."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        nested_model_default_partial_update=True,
+    )
+
+    lab: LabSection = Field(default_factory=LabSection)
+    network: NetworkSection = Field(default_factory=NetworkSection)
+    boot: BootSection = Field(default_factory=BootSection)
+    images: dict[str, ImageSection] = Field(default_factory=default_images)
+    http: HttpSection = Field(default_factory=HttpSection)
+    api: ApiSection = Field(default_factory=ApiSection)
+    state: StateSection = Field(default_factory=StateSection)
+    kubernetes: KubernetesSection = Field(default_factory=KubernetesSection)
+    telemetry: TelemetrySection = Field(default_factory=TelemetrySection)
+    power: PowerSettings = Field(default_factory=PowerSettings)
+    machines: list[MachineSection] = Field(default_factory=list)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file's contents arrive as init arguments; the environment overrides them.
+        return (env_settings, init_settings)

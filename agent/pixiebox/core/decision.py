@@ -1,0 +1,171 @@
+"""The one boot decision: what a machine that asks to boot gets, or why it gets nothing.
+
+Like pixiecore's `Booter.BootSpec`, one function resolves everything (the machine, its image's
+kernel, initrds and command line, the first-stage loader its firmware needs) and every protocol
+only renders the answer: DHCP in each mode, pxelinux.cfg over TFTP and HTTP, the iPXE script,
+metadata and the API. `decide` has no side effects (no store, no log, no event) so it can be
+asked as often as a protocol likes and tested with plain data; recording that a machine showed
+up is `Inventory.seen`.
+
+Imports `pixiebox.config` (the schema) and `core.firmware`; nothing else of pixiebox.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from ipaddress import IPv4Address
+
+from pixiebox.config import ImageSection, LabConfig, MachineSection, UnknownPolicy
+from pixiebox.core import wording
+from pixiebox.core.firmware import ArchInfo, Firmware
+
+
+@dataclass(frozen=True, slots=True)
+class LabView:
+    """One lab.toml as decisions read it: the config and its indexes, built together and swapped
+    in one assignment, so no reader ever sees a new config with an old MAC index."""
+
+    config: LabConfig
+    by_mac: Mapping[str, MachineSection] = field(default_factory=dict)
+    #: Reserved address → MAC (lab.toml `ip`).
+    by_ip: Mapping[IPv4Address, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, config: LabConfig) -> LabView:
+        return cls(
+            config,
+            {machine.mac: machine for machine in config.machines},
+            {m.ip: m.mac for m in config.machines if m.ip is not None},
+        )
+
+
+class Silence(StrEnum):
+    """Why a machine gets no boot answer; the value is what events' `reason` fields say."""
+
+    #: Not in lab.toml and [boot] unknown = "ignore": no protocol answers it.
+    UNKNOWN_IGNORED = "unknown-ignored"
+    #: The first-stage loader its firmware needs is not on this appliance: DHCP stays silent so
+    #: the firmware moves on to its next boot device instead of failing a download.
+    NO_LOADER = "no-loader"
+    #: lab.toml names an image that has no [images.NAME] section: nothing to boot. DHCP still
+    #: hands out the loader, because the iPXE script then says why on the machine's console,
+    #: where a person looks; a silent DHCP server would look like a network problem.
+    NO_IMAGE = "no-image"
+
+
+@dataclass(frozen=True, slots=True)
+class BootImage:
+    """A resolved [images.NAME]: what the machine fetches after its loader."""
+
+    name: str
+    section: ImageSection
+
+    @property
+    def kernel(self) -> str:
+        return self.section.kernel
+
+    @property
+    def initrd(self) -> tuple[str, ...]:
+        return tuple(self.section.initrd)
+
+    @property
+    def cmdline(self) -> str:
+        return self.section.cmdline
+
+
+@dataclass(frozen=True, slots=True)
+class Loader:
+    """The first-stage loader for the asking firmware (core.firmware's table)."""
+
+    #: The file to hand out: the firmware's own loader, or its fallback when that is missing.
+    file: str
+    #: The firmware's own loader (`file` differs when the fallback is used).
+    wanted: str
+
+    @property
+    def fallback(self) -> bool:
+        return self.file != self.wanted
+
+
+@dataclass(frozen=True, slots=True)
+class BootDecision:
+    """The answer for one machine: boot `image` (through `loader`), or stay silent and why."""
+
+    mac: str | None  # None: asked without saying who (pxelinux.cfg/default from an unknown board)
+    machine: MachineSection | None  # None: not in lab.toml
+    arch: ArchInfo | None  # None: the asking protocol cannot tell (an iPXE script fetch)
+    policy: UnknownPolicy  # [boot] unknown when decided (what an unknown machine follows)
+    #: The image lab.toml says it boots (its own, else [boot] image); None when ignored.
+    image_name: str | None
+    #: That image resolved; None when ignored or when lab.toml has no [images.<image_name>].
+    image: BootImage | None
+    #: The loader its firmware needs; None when not asked for (no arch, or a client already
+    #: running iPXE) or when missing.
+    loader: Loader | None
+    #: Why it gets nothing; None when it boots. The first of: unknown-ignored, no-loader,
+    #: no-image.
+    silent: Silence | None
+
+    @property
+    def boots(self) -> bool:
+        return self.silent is None
+
+    @property
+    def known(self) -> bool:
+        return self.machine is not None
+
+    @property
+    def name(self) -> str | None:
+        return self.machine.name if self.machine is not None else None
+
+    @property
+    def who(self) -> str:
+        """How log lines name the machine: "c1 (mac)" when enrolled, else "unknown machine mac"."""
+        return wording.machine(self.mac or "(MAC not known)", self.name)
+
+
+#: Whether a loader file is on this appliance (firmware.Assets.ipxe_binary, as a yes or no).
+LoaderCheck = Callable[[str], bool]
+
+
+def decide(
+    lab: LabView,
+    mac: str | None,
+    arch: ArchInfo | None,
+    *,
+    loaders: LoaderCheck | None = None,
+) -> BootDecision:
+    """What `mac` (firmware `arch`) boots, or why it gets nothing. Pass `loaders` when the asker
+    needs a first-stage loader (a DHCP answer to firmware, not to iPXE): the decision then
+    carries the loader, and is silent (no-loader) when neither it nor its fallback is here."""
+    config = lab.config
+    machine = lab.by_mac.get(mac) if mac is not None else None
+    policy = config.boot.unknown
+    if machine is None and policy == "ignore":
+        return BootDecision(mac, None, arch, policy, None, None, None, Silence.UNKNOWN_IGNORED)
+    image_name = machine.image if machine is not None and machine.image else config.boot.image
+    section = config.images.get(image_name)
+    image = BootImage(image_name, section) if section is not None else None
+    loader = None
+    silent = None if image is not None else Silence.NO_IMAGE
+    if arch is not None and loaders is not None:
+        loader = first_stage_loader(arch, loaders)
+        if loader is None:
+            silent = Silence.NO_LOADER
+    return BootDecision(mac, machine, arch, policy, image_name, image, loader, silent)
+
+
+def first_stage_loader(arch: ArchInfo, loaders: LoaderCheck) -> Loader | None:
+    """The loader for `arch` that is on this appliance, or None.
+
+    U-Boot gets `pxelinux.0` as a name only: it reads pxelinux.cfg relative to that file's
+    directory and never fetches the file (docs/firmware-quirks.md#30). Code 6 (and 15) is sent
+    by genuine 32-bit UEFI and by x86-64 laptops alike (#12): the i386 build when the user added
+    one, the x86-64 one otherwise."""
+    if arch.firmware is Firmware.UBOOT or loaders(arch.loader):
+        return Loader(arch.loader, arch.loader)
+    if arch.fallback is not None and loaders(arch.fallback):
+        return Loader(arch.fallback, arch.loader)
+    return None

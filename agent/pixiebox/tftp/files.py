@@ -1,0 +1,104 @@
+"""What file a TFTP request names: the engine's Handler for boot files.
+
+A name is looked up in the served root, then in each fallback place (net.paths.Place: the
+assets' ipxe/ directory, Debian's ipxe package), then asked of `generate` (files on no disk,
+such as U-Boot's pxelinux.cfg/01-<mac>); "not found" says every place looked in. Which names
+may be served at all is net.paths' rule, the same as boot HTTP's.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from pixiebox.net.paths import PathRefused, Place, candidates, inside, open_file, segments
+from pixiebox.tftp.engine import NotFound
+from pixiebox.tftp.packets import ERR_ACCESS, Refused, printable
+from pixiebox.tftp.transfers import Source
+
+#: generate(path, client_ip): the content of a file that is on no disk, or None.
+Generate = Callable[[str, str], bytes | None]
+
+# Files firmware asks for first and is fine without: answered "not found" at once and logged at
+# debug level. iPXE tries autoexec.ipxe (docs/firmware-quirks.md#25, tinkerbell/tinkerbell#424); the
+# Raspberry Pi 3 ROM needs "file not found" for bootsig.bin (#27, raspberrypi/documentation
+# boot-net.adoc), possibly under its <serial>/ prefix.
+EXPECTED_MISSING = {
+    "autoexec.ipxe": "iPXE looks for it before running its own script (docs/firmware-quirks.md#25)",
+    "bootsig.bin": "the Raspberry Pi ROM expects 'not found' for it (docs/firmware-quirks.md#27)",
+}
+
+
+def normalise(name: str) -> str:
+    """The requested name as a path relative to a served directory, or Refused.
+
+    Windows clients send `\\` (docs/firmware-quirks.md#18, dnsmasq src/tftp.c); the rest (a leading
+    `/` means the root, `..` is refused) is net.paths', as for boot HTTP."""
+    try:
+        return "/".join(segments(name.replace("\\", "/")))
+    except PathRefused as refused:
+        raise _refused(refused) from None
+
+
+def _refused(refused: PathRefused) -> Refused:
+    why = printable(refused.detail)
+    return Refused(ERR_ACCESS, why, reason=refused.reason, public=refused.public)
+
+
+def generated(content: bytes) -> Source:
+    """`content` as a Source: in a memfd, so the engine reads it like any file."""
+    fd = os.memfd_create("pixiebox-tftp", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(content)
+        while view:
+            view = view[os.write(fd, view) :]
+    except BaseException:
+        os.close(fd)
+        raise
+    return Source(fd, len(content), "generated")
+
+
+def places_for(root: Path, fallback_dirs: Sequence[tuple[str, Path] | Place]) -> list[Place]:
+    """The root, then the fallback places. A (prefix, directory) pair outside the root names a
+    package directory (links followed, as Debian's /usr/lib/ipxe needs); one inside it does
+    not (a link in the assets must stay in the assets)."""
+    places = [Place(root)]
+    real_root = os.path.realpath(root)
+    for item in fallback_dirs:
+        if isinstance(item, Place):
+            places.append(item)
+            continue
+        prefix, directory = item
+        packaged = not inside(os.path.realpath(directory), real_root)
+        places.append(Place(Path(directory), prefix, packaged))
+    return places
+
+
+class BootFiles:
+    """Opens what a TFTP client names: in `places` (the root first), else from `generate`."""
+
+    def __init__(self, places: Sequence[Place], generate: Generate | None = None) -> None:
+        self.places = list(places)
+        self.generate = generate
+        first, *rest = self.places
+        where = [str(first.directory), *(f"{p.directory} (as {p.prefix or '/'})" for p in rest)]
+        self.where = ", then ".join(where)
+
+    def open(self, name: str, client_ip: str) -> tuple[str, Source]:
+        path = normalise(name)
+        looked: list[str] = []
+        for place, relative in candidates(self.places, path):
+            try:
+                opened = open_file(place.directory, relative, packaged=place.packaged)
+            except PathRefused as refused:
+                raise _refused(refused) from None
+            if opened is not None:
+                return path, Source(opened.fd, opened.size, printable(opened.path))
+            looked.append(printable(str(place.directory / relative)))
+        if self.generate is not None:
+            content = self.generate(path, client_ip)
+            if content is not None:
+                return path, generated(content)
+            looked.append("generated files")
+        raise NotFound(path, looked, EXPECTED_MISSING.get(path.rsplit("/", 1)[-1].lower()))

@@ -1,0 +1,132 @@
+"""What became of a TFTP request: the TftpEvent the agent records, and the log's sentences.
+
+The sentences are worded from the event alone, so what a person reads and what code reads
+(kind, reason, bytes...) cannot drift apart. Sizes are binary (core.wording.size).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+from pixiebox.core.wording import size as size_text
+
+log = logging.getLogger("pixiebox.tftp")
+
+EventKind = Literal["sent", "aborted", "refused", "not_found"]
+
+
+@dataclass(frozen=True)
+class TftpEvent:
+    """The outcome of one request, for the agent's event log.
+
+    `path` is the requested name relative to the root (after `\\` → `/` and dropping a leading
+    `/`), or the name as sent when it could not be made one. `size` is the file's size when it
+    was found.
+
+    `reason` is a short code, empty for a plain "sent":
+    - sent: "no-last-ack" (all blocks sent, the last ACK never came: docs/firmware-quirks.md#18);
+    - aborted: "size-probe" (UEFI's tsize query, normal), "peer-error" (the client sent an
+      ERROR), "timeout" (no ACK), "gone" (its port closed, or the socket failed), "stopping",
+      "read-error", "socket-error", "internal-error";
+    - refused: "read-only" (an upload), "mail-mode", and net.paths' codes: "climbs-out" (`..`),
+      "outside" (a link leading out of the root), "no-name", "not-a-file", "unreadable";
+    - not_found: "not-found", or "expected-miss" for files firmware asks for first and is fine
+      without (autoexec.ipxe, bootsig.bin).
+    `detail` says it for people (the client's error text, the places looked in). `bytes` is
+    the file's size for sent, else what the client acknowledged before it stopped; `seconds`
+    how long the transfer ran; `blksize` the negotiated block size (0: no transfer began)."""
+
+    kind: EventKind
+    client_ip: str
+    client_port: int
+    path: str
+    size: int | None
+    reason: str = ""
+    detail: str = ""
+    bytes: int = 0
+    seconds: float = 0.0
+    blksize: int = 0
+
+
+def next_step(path: str) -> str:
+    """What a client does after fetching `path`, for the log line of a finished transfer."""
+    name = path.rsplit("/", 1)[-1].lower()
+    if name.endswith((".kpxe", ".kkpxe", ".pxe")) or (
+        name.endswith(".efi") and ("ipxe" in name or name.startswith("snp"))
+    ):
+        return "next it should ask DHCP again as iPXE"
+    if name == "pxelinux.0":
+        return "next it should fetch its pxelinux.cfg file"
+    if path.lower().startswith("pxelinux.cfg/"):
+        return "next it should fetch the kernel and initrd the file names"
+    return "next the client runs or reads it"
+
+
+def log_finished(event: TftpEvent, who: str, level: int) -> None:
+    """The one line for a transfer that began (sent or aborted)."""
+    size = size_text(event.size or 0)
+    if event.kind == "sent":
+        note = f" ({event.detail})" if event.detail else ""
+        log.log(
+            level,
+            "%s fetched %s (%s) over TFTP in %.1f s%s; %s",
+            who,
+            event.path,
+            size,
+            event.seconds,
+            note,
+            next_step(event.path),
+        )
+    elif event.reason == "size-probe":
+        log.log(
+            level,
+            "%s asked for the size of %s (%s) over TFTP: %s (docs/firmware-quirks.md#17); it "
+            "should ask for the file again",
+            who,
+            event.path,
+            size,
+            event.detail,
+        )
+    else:
+        log.log(
+            level,
+            "%s stopped fetching %s over TFTP after %s of %s: %s; other transfers carry on, "
+            "and the machine starts over if it asks again",
+            who,
+            event.path,
+            size_text(event.bytes),
+            size,
+            event.detail,
+        )
+
+
+def log_refused(event: TftpEvent, who: str, code: int, *, upload: bool) -> None:
+    action = "tried to upload" if upload else "asked for"
+    log.warning(
+        "%s %s %s over TFTP: refused, %s; it got ERROR %d",
+        who,
+        action,
+        event.path,
+        event.detail,
+        code,
+    )
+
+
+def log_not_found(event: TftpEvent, who: str, looked: list[str]) -> None:
+    if event.reason == "expected-miss":
+        log.debug(
+            "%s asked for %s over TFTP: none here, normal: %s",
+            event.client_ip,
+            event.path,
+            event.detail,
+        )
+        return
+    log.warning(
+        "%s asked for %s over TFTP: not found (looked in %s); it got 'file not found' and "
+        "will try its next boot option or give up",
+        who,
+        event.path,
+        ", ".join(looked),
+    )
