@@ -98,6 +98,8 @@ def test_discover_enroll_and_boot_without_restart(
     assert kinds[0] == "machine.discovered" and "dhcp.lease" in kinds, kinds
     bound = next(e for e in events if e["fields"].get("action") == "bound")
     assert bound["fields"] == {"action": "bound", "ip": "10.82.0.39", "lease_time": 3600}
+    enrolled = next(e for e in events if e["kind"] == "machine.enrolled")
+    assert enrolled["fields"] == {"name": "c9", "ip": "10.82.0.39"}
     assert events[-1]["name"] == "c9"
     # A bad enrollment is refused with pixiebox check's words, nothing written.
     refused_text = pixiebox(agent_host, config, "enroll", "02:00:00:00:82:98", "--name", "c9",

@@ -25,6 +25,7 @@ import pytest
 import vmlab
 from pixiebox.cli.appliance import FALLBACK_NETWORK, network_unit, prepare
 from pixiebox.config import LabConfig
+from pixiebox.events import Kind
 from pixiebox.virtlab import appliance_lab
 
 REPO = Path(__file__).resolve().parent.parent
@@ -185,12 +186,12 @@ def node_state(laptop: netlab.Host) -> dict[str, Any] | None:
 
 def syslog_lines(laptop: netlab.Host) -> list[str]:
     events = api(laptop, f"/api/v1/machines/{NODE_MAC}/events") or []
-    return [event.get("message", "") for event in events if event.get("kind") == "syslog"]
+    return [event.get("message", "") for event in events if event.get("kind") == Kind.SYSLOG]
 
 
 def phone_homes(laptop: netlab.Host) -> int:
     events = api(laptop, f"/api/v1/machines/{NODE_MAC}/events") or []
-    return sum(1 for event in events if event.get("kind") == "phone-home")
+    return sum(1 for event in events if event.get("kind") == Kind.OS_UP)
 
 
 def ssh(

@@ -73,8 +73,10 @@ def test_a_silent_machine_is_shown_off_and_its_boot_time_is_measured(tmp_path: P
     life = Lifecycle(store, clock=lambda: clock[0])
     life.record(C1, Kind.DHCP_OFFER, "asked to boot")
     clock[0] += 25
-    life.record(C1, Kind.OS_UP, "the OS is up")
+    up = life.record(C1, Kind.OS_UP, "the OS is up", fields={"ip": "10.0.0.5"})
     assert list(life.boot_durations) == [25.0]
+    assert up.fields == {"ip": "10.0.0.5", "boot_seconds": 25.0}  # the same fact, on the event
+    assert life.events(C1)[-1].fields == up.fields  # and as stored
     clock[0] += 60
     assert life.mark_silent(off_after=120) == []  # not silent long enough
     clock[0] += 120

@@ -12,6 +12,7 @@ import re
 from pathlib import PurePosixPath
 
 from pixiebox.config import ImageSection
+from pixiebox.core import wording
 from pixiebox.core.urls import BootUrls
 
 #: Downloads are tried this many times before the script gives up.
@@ -93,7 +94,7 @@ def ipxe_script(
     urls: BootUrls, image: ImageSection, *, mac: str, name: str | None, image_name: str
 ) -> str:
     """The iPXE script that boots `image` on the machine with `mac` (named `name` if enrolled)."""
-    who = f"{name} ({mac})" if name else f"unknown machine {mac}"
+    who = wording.machine(mac, name)
     names = initrd_names(image.initrd)
     # docs/firmware-quirks.md#20: UEFI iPXE boots via the kernel's EFI stub, which only loads the
     # initrds named on the command line; BIOS kernels ignore the argument.

@@ -74,7 +74,10 @@ class Lifecycle:
                 if target is MachineState.BOOTING:
                     self._boot_started[mac] = now
                 elif target is MachineState.UP and mac in self._boot_started:
-                    self.boot_durations.append(now - self._boot_started.pop(mac))
+                    took = now - self._boot_started.pop(mac)
+                    self.boot_durations.append(took)
+                    # The boot's length is a fact of the os.up event (KINDS), not only a metric.
+                    fields = {**(fields or {}), "boot_seconds": round(took, 1)}
         event = self._store.add_event(mac, kind, message, now, fields)
         for queue in list(self._subscribers):
             if queue.full():

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
 from pixiebox.config import MachineSection
+from pixiebox.core import wording
 from pixiebox.core.decision import Silence
 from pixiebox.core.evidence import Source
 from pixiebox.core.inventory import Inventory
@@ -282,4 +283,4 @@ class ReservationHandler:
 
     @staticmethod
     def _who(mac: str, machine: MachineSection | None) -> str:
-        return f"{machine.name} ({mac})" if machine else f"unknown machine {mac}"
+        return wording.machine(mac, machine.name if machine else None)

@@ -32,7 +32,7 @@ from pixiebox.core.decision import decide
 from pixiebox.core.inventory import Inventory
 from pixiebox.core.lifecycle import MachineState
 from pixiebox.core.oui import vendor_of
-from pixiebox.events import Event, FieldValue
+from pixiebox.events import Event, FieldValue, Kind
 from pixiebox.power.base import PowerAction, PowerState
 from pixiebox.power.controller import NoPowerControl, PowerBusy, PowerController
 from pixiebox.power.lab import LabReport, LabRequest, lab_down, lab_up
@@ -280,6 +280,11 @@ class _Handlers:
             return _error(409, f"{mac} was not enrolled", str(exc).splitlines())
         view = find_machine(self.inventory, mac)
         log.info("enrolled %s as %s through the API", mac, name)
+        fields: dict[str, FieldValue] = {"name": name}
+        if view is not None and view.ip is not None:
+            fields["ip"] = str(view.ip)
+        self.inventory.record(mac, Kind.MACHINE_ENROLLED, f"enrolled as {name} through the API",
+                              fields=fields)  # fmt: skip
         return _json(view, 201) if view else _error(500, "enrolled but not found after reload")
 
     def _refused(self, request: Request) -> Response | None:

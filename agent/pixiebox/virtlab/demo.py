@@ -398,9 +398,15 @@ def run(args: argparse.Namespace) -> int:
         agent = agent_host.popen(
             [sys.executable, "-m", "pixiebox.cli.main", "serve", "--config", str(config)], agent_log
         )
+        api = f"http://127.0.0.1:{API_PORT}/api/v1/machines"
+
+        def answering() -> bool:  # the API answers once every service is up (agent.run)
+            probe = ["curl", "-sf", "-o", "/dev/null", "--max-time", "2", api]
+            return agent_host.run(probe, timeout=5, check=False).returncode == 0
+
         netns.wait_until(
-            lambda: READY in agent_log.read_text(errors="replace") or agent.poll() is not None,
-            20, 0.1, f"the agent did not start; see {agent_log}",
+            lambda: agent.poll() is not None or answering(),
+            20, 0.2, f"the agent did not start; see {agent_log}",
         )  # fmt: skip
         if agent.poll() is not None:
             raise DemoError(f"the agent exited:\n{agent_log.read_text(errors='replace')[-2000:]}")
