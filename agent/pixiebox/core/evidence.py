@@ -87,6 +87,10 @@ class EvidenceBook:
         if self._by_mac.get(old.mac) is old:
             del self._by_mac[old.mac]
 
+    def now(self) -> float:
+        """The book's clock (what `time` of its evidence is measured by)."""
+        return self._clock()
+
     def at(self, ip: IPv4Address) -> AddressEvidence | None:
         """The latest evidence about who is at `ip`."""
         return self._by_ip.get(ip)
