@@ -65,6 +65,10 @@ _ADDED_COLUMNS = (
 
 log = logging.getLogger("pixiebox.store.state")
 
+#: One encoder for every event's fields: json.dumps would build a new one per event, and a boot
+#: storm records two events per DHCP exchange.
+_FIELDS_JSON = json.JSONEncoder(separators=(",", ":"))
+
 #: Seconds before a commit that failed (the database busy) is tried again.
 RETRY_COMMIT = 0.5
 
@@ -233,7 +237,7 @@ class StateStore:
         stored = dict(fields or {})
         cursor = self._write(
             "INSERT INTO events (mac, time, kind, message, fields) VALUES (?, ?, ?, ?, ?)",
-            (mac, now, kind, message, json.dumps(stored, separators=(",", ":"))),
+            (mac, now, kind, message, _FIELDS_JSON.encode(stored) if stored else "{}"),
         )
         event_id = int(cursor.lastrowid or 0)
         if event_id % 100 == 0:  # trim now and then, not on every insert
