@@ -19,7 +19,7 @@ from typing import Protocol
 from pixiebox.config import LabConfig, MachineSection
 from pixiebox.core import wording
 from pixiebox.core.decision import BootDecision, LabView, LoaderCheck, decide
-from pixiebox.core.evidence import AddressEvidence, EvidenceBook, Source
+from pixiebox.core.evidence import MAX_ADDRESSES, AddressEvidence, EvidenceBook, Source
 from pixiebox.core.firmware import ArchInfo
 from pixiebox.core.lifecycle import Lifecycle
 from pixiebox.core.oui import vendor_of
@@ -69,6 +69,9 @@ class Inventory:
         self.on_unknown: Callable[[str], object] | None = None
         #: Who is at which address, learned at run time (leases, requests, neighbours).
         self.evidence = EvidenceBook()
+        #: Addresses the neighbour table had no entry for, and when it was read (see
+        #: learn_neighbour): a client off the segment must not cost a read per request either.
+        self._no_neighbour: dict[IPv4Address, float] = {}
         self._lab = LabView.of(config)
 
     @property
@@ -179,13 +182,21 @@ class Inventory:
         A neighbour entry read less than NEIGHBOUR_FRESH seconds ago is taken as it is: the
         neighbour table is a file to read and parse (/proc/net/arp), which cost the iPXE script
         endpoint a third of its requests per second when read on every request (bench/)."""
+        now = self.evidence.now()
         known = self.evidence.at(ip)
-        fresh = known is not None and self.evidence.now() - known.time < NEIGHBOUR_FRESH
+        fresh = known is not None and now - known.time < NEIGHBOUR_FRESH
         if known is not None and fresh and known.source is Source.NEIGHBOUR:
             return known.mac
+        if now - self._no_neighbour.get(ip, -NEIGHBOUR_FRESH) < NEIGHBOUR_FRESH:
+            return None
         mac = neighbour_mac(str(ip))
         if mac is not None:
+            self._no_neighbour.pop(ip, None)
             self.evidence.add(mac, ip, Source.NEIGHBOUR)
+        else:
+            if len(self._no_neighbour) >= MAX_ADDRESSES:
+                self._no_neighbour.clear()
+            self._no_neighbour[ip] = now
         return mac
 
     def evidence_at(self, ip: IPv4Address) -> AddressEvidence | None:
