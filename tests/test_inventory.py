@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 from pixiebox.config import LabConfig
+from pixiebox.core import inventory as inventory_module
 from pixiebox.core.decision import Silence
-from pixiebox.core.evidence import Source
+from pixiebox.core.evidence import EvidenceBook, Source
 from pixiebox.core.firmware import arch_info
 from pixiebox.core.inventory import Inventory
 from pixiebox.core.lifecycle import Lifecycle, MachineState
@@ -87,3 +88,34 @@ def test_a_silent_machine_is_shown_off_and_its_boot_time_is_measured(tmp_path: P
     assert off.kind == Kind.MACHINE_OFF
     assert (off.get("cause"), off.get("silent_for"), off.get("was")) == ("silence", 180, "up")
     assert life.mark_silent(off_after=120) == []  # already off: said once
+
+
+def test_the_neighbour_table_is_read_once_per_address_in_a_few_seconds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A script fetch records neighbour evidence for its source address; a client fetching again
+    and again (or one off the segment, with no entry) must not cost a table read each time."""
+    table = {"10.0.0.50": STRANGER}
+    reads: list[str] = []
+
+    def neighbour_mac(ip: str) -> str | None:
+        reads.append(ip)
+        return table.get(ip)
+
+    monkeypatch.setattr(inventory_module, "neighbour_mac", neighbour_mac)
+    inv, _ = inventory(tmp_path)
+    clock = [1000.0]
+    inv.evidence = EvidenceBook(clock=lambda: clock[0])
+    here, away = IPv4Address("10.0.0.50"), IPv4Address("10.9.9.9")
+    for _ in range(3):
+        assert inv.learn_neighbour(here) == STRANGER
+        assert inv.learn_neighbour(away) is None
+    assert reads == ["10.0.0.50", "10.9.9.9"]
+    evidence = inv.evidence_at(here)
+    assert evidence is not None and evidence.source is Source.NEIGHBOUR
+    # Past NEIGHBOUR_FRESH the table is read again, and a new entry is seen.
+    clock[0] += inventory_module.NEIGHBOUR_FRESH + 1
+    table["10.9.9.9"] = C1
+    assert inv.learn_neighbour(away) == C1
+    assert inv.learn_neighbour(here) == STRANGER
+    assert reads == ["10.0.0.50", "10.9.9.9", "10.9.9.9", "10.0.0.50"]
