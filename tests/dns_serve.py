@@ -2,7 +2,8 @@
 
 Started inside a test namespace (``Host.popen``). The records come from ``--record NAME=IP``
 (repeatable); on SIGHUP ``--records-file`` (JSON: {"name": "ip"}) replaces them in place, in the
-same dict object, as an inventory would. Logs at debug level to stderr, prints ``DNS serving``
+same dict object, as an inventory would. ``--forward-for NETWORK`` (repeatable) says whose other
+names are forwarded (none given: nobody's). Logs at debug level to stderr, prints ``DNS serving``
 once it listens, writes the server's stats as JSON to ``--stats`` on SIGUSR1 and on exit, and on
 SIGTERM closes the server and prints how many tasks and sockets it left behind.
 """
@@ -15,7 +16,7 @@ import json
 import logging
 import signal
 import sys
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 from pixiebox.dns import DnsServer
@@ -32,6 +33,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--record", action="append", default=[], metavar="NAME=IP")
     parser.add_argument("--records-file", type=Path, help="JSON records, re-read on SIGHUP")
     parser.add_argument("--upstream", action="append", default=[], metavar="IP")
+    parser.add_argument("--forward-for", action="append", default=[], metavar="NETWORK")
     parser.add_argument("--listen-ip", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=53)
     parser.add_argument("--interface")
@@ -63,11 +65,13 @@ async def serve(args: argparse.Namespace) -> None:
     if args.records_file is not None:
         loop.add_signal_handler(signal.SIGHUP, reload)
 
+    forward_for = [IPv4Network(network) for network in args.forward_for]
     sockets_before = open_sockets()
     server = DnsServer(
         domain=args.domain,
         records=lambda: records,
         upstreams=[IPv4Address(ip) for ip in args.upstream],
+        forward_for=lambda: forward_for,
         listen_ip=args.listen_ip,
         port=args.port,
         interface=args.interface,

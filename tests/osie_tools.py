@@ -77,7 +77,7 @@ def metadata(
     token = identities.agent_token() if server else None
     return build_metadata(
         config, BootUrls(IPv4Address(APPLIANCE)), MAC, IPv4Address(IP),
-        config.machines[0], identities.for_machine(MAC), token,
+        config.machines[0], identities.for_machine(MAC), token, telemetry_token=INFLUX_TOKEN,
     )  # fmt: skip
 
 

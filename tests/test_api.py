@@ -22,11 +22,10 @@ UUID = bytes(range(16))
 
 
 def api_lab(workdir: Path, token_file: Path, **kwargs: Any) -> str:
-    """A test lab.toml (agentproc.lab_toml) with the API on port 8080 and its token file."""
+    """A test lab.toml (agentproc.lab_toml) with its token file and the API where it listens
+    by default: the lab address and 127.0.0.1, port 8080."""
     text = lab_toml(assets=workdir / "assets", state=workdir / "state", **kwargs)
-    return text.replace(
-        "[http]", f'[api]\nlisten = "0.0.0.0:8080"\ntoken_file = "{token_file}"\n[http]'
-    )
+    return text.replace("[http]", f'[api]\ntoken_file = "{token_file}"\n[http]')
 
 
 def api_agent(
@@ -300,3 +299,48 @@ def test_sighup_reloads_lab_toml_and_an_invalid_file_keeps_the_old_settings(
     assert "machines[1].ip" in text and "Traceback" not in text
     c1 = segment.add_host("c1", mac=C1_MAC)
     assert netlab.run_dhclient(c1, workdir / "c1").ip == C1_IP
+
+
+GROUP_MACS = ("01:00:5e:00:00:01", "ff:ff:ff:ff:ff:ff", "00:00:00:00:00:00")
+
+
+def test_group_and_zero_macs_are_never_enrolled_answered_or_recorded(
+    netlab_require: object, segment: netlab.Segment, workdir: Path
+) -> None:
+    # No network card has a multicast, broadcast or zero MAC: a request naming one is forged,
+    # and would otherwise enroll, record or boot "every machine".
+    netlab_require("curl")  # type: ignore[operator]
+    token_file = workdir / "api-token"
+    agent = api_agent(segment, workdir, token_file, mode="proxy", subnet=SUBNET,
+                      machines=[("c1", C1_MAC, None)], unknown="enroll")  # fmt: skip
+    host, config = agent.host, agent.config
+    before = config.read_text()
+    bearer = f"Authorization: Bearer {token_file.read_text().strip()}"
+    for mac in GROUP_MACS:
+        url = f"http://127.0.0.1:8080/api/v1/machines/{mac}/enroll"
+        said = curl(host, "-X", "POST", "-H", bearer, "-w", "\n%{http_code}", url)
+        body, _, status = said.rpartition("\n")
+        assert status == "400", said
+        error = json.loads(body)["error"]
+        assert error.startswith(f"{mac} is ") and "no network card has it" in error, error
+    refused = pixiebox(host, config, "enroll", "01-00-5E-00-00-01", "--name", "c9", check=False)
+    assert "01:00:5e:00:00:01 is a multicast address (its first octet is odd)" in refused
+    # DHCP from a host that forges chaddr (its frames carry its own Ethernet source: a bridge
+    # drops frames from a group source) gets no answer, and no machine is recorded or enrolled.
+    forger_mac, forger_ip = "02:00:00:00:82:60", "10.82.0.60"
+    forger = segment.add_host("forger", mac=forger_mac, ip=f"{forger_ip}/24")
+    for mac in GROUP_MACS:
+        replies = netlab.pxe_request_4011(
+            forger, AGENT_IP, arch=7, uuid=UUID, client_ip=forger_ip, mac=mac, timeout=1.5
+        )
+        assert [r for r in replies if r.src_ip == AGENT_IP] == [], mac
+    metrics = curl(host, "http://127.0.0.1:8080/metrics")
+    assert 'pixiebox_dhcp_packets_total{outcome="not-unicast"} 3.0' in metrics
+    listed = {m["mac"] for m in json.loads(pixiebox(host, config, "machines", "--json"))}
+    assert listed.isdisjoint(GROUP_MACS), listed
+    assert config.read_text() == before
+    # The same request with the forger's own MAC is answered, recorded and enrolled: the path
+    # refused above is the one a real machine takes.
+    replies = netlab.pxe_request_4011(forger, AGENT_IP, arch=7, uuid=UUID, client_ip=forger_ip)
+    assert [r for r in replies if r.src_ip == AGENT_IP], replies
+    netlab.wait_until(lambda: forger_mac in config.read_text(), 10, message="auto-enrollment")

@@ -26,6 +26,7 @@ from pixiebox.config import (
     normalize_mac,
     parse_duration,
 )
+from pixiebox.config.values import unicast_mac_problem
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "config" / "lab.toml"
@@ -239,6 +240,57 @@ ip = "192.168.1.31"
     assert repr(spelling) in error.message
     assert "f4:4d:30:64:7a:3a" in error.hint
     assert run.stdout == ""
+
+
+GROUP_MACS = [
+    ("01:00:5E:00:00:01", "01:00:5e:00:00:01 is a multicast address (its first octet is odd)"),
+    ("ff-ff-ff-ff-ff-ff", "ff:ff:ff:ff:ff:ff is the broadcast address"),
+    ("000000000000", "00:00:00:00:00:00 is the all-zero address"),
+]
+NO_CARD = ": no network card has it; check the MAC on the machine's label or in `pixiebox machines`"
+
+
+@pytest.mark.parametrize(("spelling", "why"), GROUP_MACS)
+def test_group_and_zero_macs_are_config_errors(check: Check, spelling: str, why: str) -> None:
+    run = check(NETWORK + f'\n[[machines]]\nname = "c1"\nmac = "{spelling}"\n')
+    error = one_error(run)
+    assert (error.line, error.key) == (9, "machines[0].mac")
+    assert error.message == why + NO_CARD
+    assert error.hint == ""  # not "write six hex pairs": the spelling is not the problem
+
+
+@pytest.mark.parametrize(
+    ("mac", "problem"),
+    [
+        ("f4:4d:30:64:7a:3a", None),
+        ("02:00:00:00:00:01", None),  # locally administered, unicast: a VM's NIC
+        ("fe:ff:ff:ff:ff:ff", None),
+        ("01:00:5e:00:00:01", "multicast"),  # IPv4 multicast
+        ("33:33:00:00:00:01", "multicast"),  # IPv6 multicast
+        ("ab:cd:ef:01:02:03", "multicast"),
+        ("ff:ff:ff:ff:ff:ff", "broadcast"),
+        ("00:00:00:00:00:00", "all-zero"),
+    ],
+)
+def test_unicast_mac_problem(mac: str, problem: str | None) -> None:
+    said = unicast_mac_problem(mac)
+    if problem is None:
+        assert said is None
+    else:
+        assert said is not None and said.startswith(f"{mac} is ") and problem in said
+
+
+@pytest.mark.parametrize(("spelling", "why"), GROUP_MACS)
+def test_enroll_command_refuses_group_and_zero_macs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], spelling: str, why: str
+) -> None:
+    path = write(tmp_path, NETWORK)
+    code = cli.main(["enroll", spelling, "--name", "c9", "--config", str(path)])
+    out = capsys.readouterr()
+    assert code == 1
+    assert out.err == f"pixiebox: {why}{NO_CARD}\n" and out.out == ""
+    assert path.read_text() == NETWORK
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lab.toml"]  # not even a lock file
 
 
 # --- 3. duplicates -----------------------------------------------------------------------------

@@ -228,7 +228,7 @@ def test_the_book_is_bounded() -> None:
 def no_arp(monkeypatch: pytest.MonkeyPatch) -> None:
     from pixiebox.core import inventory as inventory_module
 
-    monkeypatch.setattr(inventory_module, "neighbour_mac", lambda ip: None)
+    monkeypatch.setattr(inventory_module, "neighbour_mac", lambda ip, device=None: None)
 
 
 def test_who_is_at_an_address_rests_on_evidence(tmp_path: Path, no_arp: None) -> None:
@@ -253,7 +253,7 @@ def test_the_neighbour_table_is_read_once_and_kept(
 
     asked: list[str] = []
 
-    def neighbour(ip: str) -> str | None:
+    def neighbour(ip: str, device: str | None = None) -> str | None:
         asked.append(ip)
         return C2
 

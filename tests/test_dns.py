@@ -4,7 +4,9 @@ Unit tests feed `DnsServer.answer` queries packed by dnslib and garbage: the fas
 packed in advance) must give what the dnslib path gives, and nothing a packet holds may raise.
 The integration tests run the server in its own namespace (tests/dns_serve.py), `dig` in a
 client namespace, and dnsmasq as the upstream resolver in a third (local answers only: no
-traffic leaves the segment). The senders at the bottom of this file (``python tests/test_dns.py
+traffic leaves the segment). A routed client (a second subnet behind a router namespace) shows
+the open-resolver rule: lab names for anyone who reaches the server, forwarding only for the
+lab subnet. The senders at the bottom of this file (``python tests/test_dns.py
 fuzz|flood ...``) run inside a client namespace.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import random
 import re
 import signal
@@ -22,7 +25,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +34,9 @@ import pytest
 from dnslib import EDNS0, QTYPE, DNSHeader, DNSQuestion, DNSRecord
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pixiebox.config import LabConfig
 from pixiebox.dns import DnsServer
+from pixiebox.dns import forward as dns_forward
 from pixiebox.dns import zone as dns_zone
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -39,12 +44,16 @@ DNS_SERVE = TESTS_DIR / "dns_serve.py"
 THIS = Path(__file__).resolve()
 
 DOMAIN = "lab.internal"
+LAB_NET = "10.53.0.0/24"
 DNS_IP = "10.53.0.2"
 UPSTREAM_IP = "10.53.0.3"
 CLIENT_IP = "10.53.0.10"
 ATTACKER_IP = "10.53.0.66"
 SILENT_IP = "10.53.0.99"  # on the segment, but nobody has it: queries to it vanish
 C1_IP = "10.53.0.31"
+ROUTER_IP = "10.53.0.254"
+REMOTE_NET = "10.54.0.0/24"  # behind the router: off the lab segment
+REMOTE_IP = "10.54.0.5"  # Segment.add_routed_host's host address in it
 PRINTER_IP = "10.53.0.77"  # no machine's: the upstream has its PTR
 RECORDS = {"c1": C1_IP, "pixiebox": DNS_IP}
 BIG_ANSWERS = 100  # A records of big.example.test: ~1.7 KB, more than 512 bytes
@@ -54,9 +63,17 @@ LOUD = re.compile(r"^\S+ \S+ (?:WARNING|ERROR|CRITICAL) ", re.MULTILINE)
 # --------------------------------------------------------------------------- in process
 
 
-def server(records: Mapping[str, str] = RECORDS) -> DnsServer:
+def server(
+    records: Mapping[str, str] = RECORDS, forward_for: Sequence[str] = (LAB_NET,)
+) -> DnsServer:
     table = {name: IPv4Address(ip) for name, ip in records.items()}
-    return DnsServer(domain=DOMAIN, records=lambda: table, upstreams=[IPv4Address(UPSTREAM_IP)])
+    networks = [IPv4Network(n) for n in forward_for]
+    return DnsServer(
+        domain=DOMAIN,
+        records=lambda: table,
+        upstreams=[IPv4Address(UPSTREAM_IP)],
+        forward_for=lambda: networks,
+    )
 
 
 def query(name: str, qtype: str = "A", *, edns: bool = True, do: bool = False) -> bytes:
@@ -67,8 +84,8 @@ def query(name: str, qtype: str = "A", *, edns: bool = True, do: bool = False) -
     return bytes(request.pack())
 
 
-def local(dns: DnsServer, data: bytes) -> DNSRecord:
-    reply = dns.answer(data, ("10.53.0.10", 5353))
+def local(dns: DnsServer, data: bytes, source: tuple[str, int] = (CLIENT_IP, 5353)) -> DNSRecord:
+    reply = dns.answer(data, source)
     assert isinstance(reply, bytes), f"not answered locally: {reply!r}"
     return DNSRecord.parse(reply)
 
@@ -167,9 +184,97 @@ def test_other_names_and_unknown_reverse_names_are_forwarded() -> None:
         assert job.udp_size == 4096
 
 
+def test_only_lab_clients_have_other_names_forwarded() -> None:
+    dns = server()
+    outside = (REMOTE_IP, 5353)
+    # The lab's names, their PTRs and NXDOMAIN under the domain: answered to anyone.
+    assert [str(rr.rdata) for rr in local(dns, query("c1.lab.internal"), outside).rr] == [C1_IP]
+    ptr = local(dns, query("31.0.53.10.in-addr.arpa", "PTR", edns=False), outside)
+    assert [str(rr.rdata) for rr in ptr.rr] == ["c1.lab.internal."]
+    assert local(dns, query("nosuch.lab.internal", "TXT"), outside).header.rcode == 3
+    # Anything that would be forwarded: REFUSED, no larger than the query (no amplification).
+    for name, qtype, tcp in (
+        ("example.test", "A", False),
+        ("99.0.53.10.in-addr.arpa", "PTR", False),
+        ("example.test", "ANY", True),
+    ):
+        data = query(name, qtype)
+        reply = dns.answer(data, outside, tcp=tcp)
+        assert isinstance(reply, bytes), reply
+        refused = DNSRecord.parse(reply)
+        assert (refused.header.rcode, refused.header.aa, refused.rr) == (5, 0, [])
+        assert str(refused.q.qname) == f"{name}." and len(reply) <= len(data)
+    assert dns.stats["refused"] == 3
+    # The lab subnet still has them forwarded; a source that is no address has nothing.
+    assert not isinstance(dns.answer(query("example.test"), (CLIENT_IP, 5353)), bytes)
+    assert local(dns, query("example.test"), ("?", 0)).header.rcode == 5
+    # An explicit list (lab.toml [dns] forward_for) replaces the lab subnet; empty: nobody.
+    vpn = server(forward_for=[REMOTE_NET])
+    assert not isinstance(vpn.answer(query("example.test"), outside), bytes)
+    assert local(vpn, query("example.test")).header.rcode == 5
+    assert local(server(forward_for=[]), query("example.test")).header.rcode == 5
+
+
+def test_the_allow_list_is_read_again_when_it_changes() -> None:
+    networks = [IPv4Network(LAB_NET)]
+    table = {"c1": IPv4Address(C1_IP)}
+    dns = DnsServer(
+        domain=DOMAIN, records=lambda: table, upstreams=[], forward_for=lambda: networks
+    )
+    assert local(dns, query("example.test"), (REMOTE_IP, 53)).header.rcode == 5
+    networks.append(IPv4Network(REMOTE_NET))  # a reloaded lab.toml
+    assert not isinstance(dns.answer(query("example.test"), (REMOTE_IP, 53)), bytes)
+    networks.clear()
+    assert local(dns, query("example.test")).header.rcode == 5
+
+
+def test_refusals_are_logged_once_per_source_a_minute_in_a_bounded_table(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(dns_forward, "REFUSAL_LOG_SOURCES", 3)
+    caplog.set_level(logging.WARNING, "pixiebox.dns")
+    dns = server()
+    now = [1000.0]
+    dns.forward_for.clock = lambda: now[0]
+
+    def lines(words: str) -> list[str]:
+        return [r.getMessage() for r in caplog.records if words in r.getMessage()]
+
+    for _ in range(50):
+        dns.answer(query("example.test"), (REMOTE_IP, 4000))
+    (line,) = lines("refused to forward")
+    assert "example.test" in line and REMOTE_IP in line and "[dns] forward_for" in line
+    assert LAB_NET in line  # who may: the list as it stands
+    now[0] += 30
+    dns.answer(query("example.test"), (REMOTE_IP, 4000))
+    assert len(lines("refused to forward")) == 1  # still within the minute
+    now[0] += 31
+    dns.answer(query("example.test"), (REMOTE_IP, 4000))
+    assert len(lines("refused to forward")) == 2
+    # A flood from many (spoofed) sources: two more fill the table of 3, the rest are counted
+    # and summed up in one line a minute, and the table does not grow.
+    for i in range(200):
+        dns.answer(query("example.test"), (f"10.55.{i // 250}.{i % 250}", 4000))
+    assert len(lines("refused to forward")) == 4
+    assert len(lines("refusing to forward names for more than 3 sources")) == 1
+    assert len(dns.forward_for._logged) == 3
+    now[0] += 61  # the old lines expire: new sources are logged again
+    dns.answer(query("example.test"), ("10.56.0.1", 4000))
+    assert len(lines("refused to forward")) == 5
+    assert dns.stats["refused"] == 50 + 2 + 200 + 1
+
+
+def test_dns_forward_for_in_lab_toml() -> None:
+    assert LabConfig().dns.forward_for == []  # the agent reads it as the lab subnet
+    config = LabConfig.model_validate({"dns": {"forward_for": [LAB_NET, REMOTE_NET]}})
+    assert config.dns.forward_for == [IPv4Network(LAB_NET), IPv4Network(REMOTE_NET)]
+    with pytest.raises(ValueError, match="not a valid IPv4 network"):  # host bits set
+        LabConfig.model_validate({"dns": {"forward_for": ["10.54.0.5/24"]}})
+
+
 def test_records_are_reread_when_they_change_in_place() -> None:
     table = {"c1": IPv4Address(C1_IP)}
-    dns = DnsServer(domain=DOMAIN, records=lambda: table, upstreams=[])
+    dns = DnsServer(domain=DOMAIN, records=lambda: table, upstreams=[], forward_for=list)
     assert [str(rr.rdata) for rr in local(dns, query("c1.lab.internal")).rr] == [C1_IP]
     serial = local(dns, query("lab.internal", "SOA")).rr[0].rdata.times[0]
     table["c1"] = IPv4Address("10.53.0.32")
@@ -188,7 +293,7 @@ def test_an_equal_view_of_the_records_does_not_rebuild_the_answers() -> None:
         calls += 1  # a new dict and new address objects on every call, same contents
         return {"c1": IPv4Address(C1_IP)}
 
-    dns = DnsServer(domain=DOMAIN, records=records, upstreams=[])
+    dns = DnsServer(domain=DOMAIN, records=records, upstreams=[], forward_for=list)
     zone = dns._current()
     for _ in range(5):
         assert local(dns, query("c1.lab.internal")).rr
@@ -283,10 +388,10 @@ class DnsLab:
     stats_path: Path
     workdir: Path
 
-    def dig(self, *args: str, timeout: float = 8.0) -> DigResult:
-        """`dig` from the client namespace; asserts that it got an answer."""
+    def dig(self, *args: str, timeout: float = 8.0, host: netlab.Host | None = None) -> DigResult:
+        """`dig` from the client namespace (or `host`); asserts that it got an answer."""
         argv = ["dig", f"@{DNS_IP}", "+tries=1", f"+timeout={int(timeout)}", *args]
-        result = self.client.run(argv, timeout=timeout * 3 + 10, check=False)
+        result = (host or self.client).run(argv, timeout=timeout * 3 + 10, check=False)
         text = result.stdout
         assert result.returncode == 0, f"dig {' '.join(args)} got no answer:\n{text}{result.stderr}"
         status = re.search(r"status: (\w+)", text)
@@ -375,6 +480,7 @@ def start_lab(
     timeout: float = 1.0,
     extra: Sequence[str] = (),
     run_upstream: bool = True,
+    forward_for: Sequence[str] = (LAB_NET,),
 ) -> DnsLab:
     dns_host = segment.add_host("dns", ip=f"{DNS_IP}/24")
     upstream_host = segment.add_host("up", ip=f"{UPSTREAM_IP}/24")
@@ -387,6 +493,7 @@ def start_lab(
         "--domain", DOMAIN,
         *(f"--record={name}={ip}" for name, ip in RECORDS.items()),
         *(f"--upstream={ip}" for ip in upstreams),
+        *(f"--forward-for={network}" for network in forward_for),
         "--listen-ip", DNS_IP,
         "--interface", dns_host.iface,
         "--timeout", str(timeout),
@@ -472,6 +579,42 @@ def test_other_names_are_forwarded_over_udp_and_tcp(segment: netlab.Segment, wor
     assert stats["forwarded"] == 4 and stats["upstream_refused"] == 1
     assert lab.stop().startswith("DNS stopped: tasks left 0, sockets left 0")
     assert_quiet(lab)
+
+
+def test_a_routed_client_gets_lab_names_and_refused_for_the_rest(
+    segment: netlab.Segment, workdir: Path
+) -> None:
+    """No open resolver: a host one router away (another VLAN, a VPN) that reaches the server
+    still resolves the lab's names, but has nothing forwarded: REFUSED, over UDP and TCP."""
+    lab = start_lab(segment, workdir)
+    _router, remote = segment.add_routed_host("router", "remote", f"{ROUTER_IP}/24", REMOTE_NET)
+    lab.dns_host.add_route(REMOTE_NET, via=ROUTER_IP)
+    assert remote.addresses() == [f"{REMOTE_IP}/24"]
+
+    # From the lab subnet an outside name is forwarded, to the upstream the lab has.
+    assert lab.dig("up.example.test").values() == ["10.9.9.8"]
+    # From the routed host: the lab's names, their PTRs and NXDOMAIN, as for anyone.
+    a = lab.dig("c1.lab.internal", host=remote)
+    assert (a.status, a.values()) == ("NOERROR", [C1_IP]) and "aa" in a.flags
+    assert lab.dig("-x", C1_IP, host=remote).values() == ["c1.lab.internal."]
+    assert lab.dig("nosuch.lab.internal", host=remote).status == "NXDOMAIN"
+    assert lab.dig("+tcp", "pixiebox.lab.internal", host=remote).values() == [DNS_IP]
+    # ...but nothing that would be forwarded.
+    for args in (("www.example.test",), ("+tcp", "up.example.test"), ("-x", PRINTER_IP)):
+        refused = lab.dig(*args, host=remote)
+        assert (refused.status, refused.answer) == ("REFUSED", []), refused.text
+        assert "aa" not in refused.flags
+    upstream_log = netlab._tail(lab.segment.log_of(lab.upstream), 20000) if lab.upstream else ""
+    assert "up.example.test from" in upstream_log  # the lab client's query went upstream
+    assert "www.example.test" not in upstream_log and "printer" not in upstream_log
+    stats = lab.stats()
+    assert (stats["refused"], stats["forwarded"]) == (3, 1), stats
+    # One line for the routed source, however many refusals: not one per query.
+    lines = [line for line in lab.log_text().splitlines() if "refused to forward" in line]
+    assert len(lines) == 1 and REMOTE_IP in lines[0] and "[dns] forward_for" in lines[0], lines
+    assert " WARNING " in lines[0]
+    assert lab.stop().startswith("DNS stopped: tasks left 0, sockets left 0")
+    assert "Traceback" not in lab.log_text()
 
 
 def test_a_truncated_upstream_answer_is_fetched_over_tcp(

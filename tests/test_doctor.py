@@ -260,6 +260,20 @@ def test_os_that_logs_but_never_phones_home() -> None:
     assert "never phoned home" in verdict and "pixiebox events c1" in verdict
 
 
+def test_its_own_os_refused_its_metadata_says_so_before_the_boot_timeout() -> None:
+    log = Log().full_boot(up_after=None)
+    log.at(21.0, Kind.SECRET_REFUSED, secret="metadata", ip="10.86.0.50", reason="no-token",
+           seen_mac=MAC)  # fmt: skip
+    verdict = doc(log, now_after=5).verdict
+    assert "refused it its metadata" in verdict and "(no-token)" in verdict, verdict
+    assert "boot the machine again through Pixiebox" in verdict
+    # A refusal of its secrets to someone else (another MAC at the address) is not its failure.
+    other = Log().full_boot(up_after=None)
+    other.at(21.0, Kind.SECRET_REFUSED, secret="boot-token", ip="10.86.0.77",
+             reason="not-owner", seen_mac="02:00:00:00:86:99")  # fmt: skip
+    assert "still booting" in doc(other, now_after=5).verdict
+
+
 def test_ignored_unknown_machine_says_how_to_enroll() -> None:
     log = Log().at(0, Kind.MACHINE_DISCOVERED, arch="x86_64", firmware="BIOS", policy="ignore")
     d = doc(log, 60, MachineState.DISCOVERED, name=MAC)

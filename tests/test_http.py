@@ -45,6 +45,7 @@ HTTP_SERVE = Path(__file__).resolve().parent / "http_serve.py"
 SUBNET = "10.77.0.0/24"
 SERVER_IP = "10.77.0.1"  # unknown = "discover", zero-copy
 CLIENT_IP = "10.77.0.2"  # c1's reserved address
+UNKNOWN_IP = "10.77.0.61"  # where the unknown machine is
 IGNORE_IP = "10.77.0.3"  # unknown = "ignore"
 COPY_IP = "10.77.0.4"  # pathsend switched off: files are copied through Python
 ENROLLED_MAC = "f4:4d:30:64:7a:3a"
@@ -157,13 +158,18 @@ class BootLab:
     server: Server
     ignoring: Server
     copying: Server
+    #: The unknown machine (UNKNOWN_MAC) on the segment.
+    unknown: netlab.Host
     urls: BootUrls = field(init=False)
 
     def __post_init__(self) -> None:
         self.urls = BootUrls(IPv4Address(SERVER_IP))
 
-    def curl(self, url: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return self.client.run(
+    def curl(
+        self, url: str, *args: str, check: bool = True, host: netlab.Host | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """curl from c1 (the client), or from `host`."""
+        return (host or self.client).run(
             ["curl", "-sS", "--path-as-is", "--max-time", "60", *args, url], check=check
         )
 
@@ -203,6 +209,7 @@ def boot_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BootLab]:
             server("srv", SERVER_IP, "discover"),
             server("srvi", IGNORE_IP, "ignore"),
             server("srvc", COPY_IP, "discover", "--no-pathsend"),
+            segment.add_host("unknown", mac=UNKNOWN_MAC, ip=f"{UNKNOWN_IP}/24"),
         )
         yield lab
 
@@ -352,8 +359,11 @@ def test_script_for_an_unknown_machine_under_discover_boots_the_default_image(
     boot_lab: BootLab,
 ) -> None:
     mark = len(boot_lab.server.text())
-    script = boot_lab.curl(url(f"/boot/{UNKNOWN_MAC}.ipxe?arch=x86_64&platform=efi")).stdout
+    script = boot_lab.curl(
+        url(f"/boot/{UNKNOWN_MAC}.ipxe?arch=x86_64&platform=efi"), host=boot_lab.unknown
+    ).stdout
     assert "osie/vmlinuz" in script and "initrd=initrd" in script
+    assert re.search(r" pixiebox\.token=\S{20,} ", script), script
     assert "pixiebox.name=" not in script
     assert f"pixiebox.mac={UNKNOWN_MAC}" in script
     boot_lab.server.wait_log(
@@ -380,7 +390,9 @@ def test_a_path_that_is_no_mac_gets_a_plain_400(boot_lab: BootLab) -> None:
 def test_unknown_machine_under_ignore_exits_1_with_the_reason(boot_lab: BootLab) -> None:
     ignoring = boot_lab.ignoring
     mark = len(ignoring.text())
-    script = boot_lab.curl(url(f"/boot/{UNKNOWN_MAC}.ipxe", IGNORE_IP)).stdout
+    script = boot_lab.curl(
+        url(f"/boot/{UNKNOWN_MAC}.ipxe", IGNORE_IP), host=boot_lab.unknown
+    ).stdout
     assert script.startswith("#!ipxe\n")
     assert "kernel" not in script
     assert script.rstrip().endswith("exit 1")
@@ -397,7 +409,37 @@ def test_unknown_machine_under_ignore_exits_1_with_the_reason(boot_lab: BootLab)
     # An enrolled machine still boots there, and U-Boot gets no config for the unknown one.
     assert "pixiebox.name=c1" in boot_lab.curl(url(f"/boot/{ENROLLED_MAC}.ipxe", IGNORE_IP)).stdout
     unknown_cfg = f"/pxelinux.cfg/01-{UNKNOWN_MAC.replace(':', '-')}"
-    assert boot_lab.status(url(unknown_cfg, IGNORE_IP)) == 404
+    assert boot_lab.curl(url(unknown_cfg, IGNORE_IP), "-o", "/dev/null", "-w", "%{http_code}",
+                         host=boot_lab.unknown, check=False).stdout == "404"  # fmt: skip
+
+
+def test_a_script_fetched_for_another_mac_carries_no_token_and_records_nothing(
+    boot_lab: BootLab,
+) -> None:
+    """c1 asks for the unknown machine's script: what it boots is public, but c1 is not that
+    machine (the neighbour table says so), so no boot token and nothing in that machine's name."""
+    other = "f4:4d:30:64:99:01"
+    mark = len(boot_lab.server.text())
+    script = boot_lab.curl(url(f"/boot/{other}.ipxe")).stdout
+    assert script.startswith("#!ipxe") and "osie/vmlinuz" in script
+    assert "pixiebox.token=" not in script
+    # Not a machine the lab knows: the refusal goes to the lab's own log, not a new record.
+    boot_lab.server.wait_log(
+        f"refused boot token to {CLIENT_IP}: the neighbour table names another", after=mark
+    )
+    assert not [e for e in boot_lab.server.events(mark) if e["who"] == other]
+    store = StateStore(boot_lab.workdir / "srv")
+    try:
+        assert other not in {machine.mac for machine in store.seen_machines()}
+        refused = [e for e in store.events("") if e.kind == "secret.refused"]
+    finally:
+        store.close()
+    assert refused and refused[-1].fields == {
+        "secret": "boot-token",
+        "ip": CLIENT_IP,
+        "reason": "not-owner",
+        "seen_mac": ENROLLED_MAC,
+    }
 
 
 def test_pxelinux_cfg_for_u_boot(boot_lab: BootLab) -> None:
@@ -413,7 +455,9 @@ def test_pxelinux_cfg_for_u_boot(boot_lab: BootLab) -> None:
     expected = pxelinux_config(
         boot_lab.urls, config.images["osie"], mac=ENROLLED_MAC, name="c1", image_name="osie"
     )
-    assert text == expected
+    # The board asked from its own address: its boot token is on the kernel command line.
+    assert re.search(r" pixiebox\.token=\S{20,} ", text), text
+    assert re.sub(r" pixiebox\.token=\S+", "", text) == expected
     lines = [line.strip() for line in text.splitlines() if not line.lstrip().startswith("#")]
     assert lines[:3] == ["DEFAULT pixiebox", "PROMPT 0", "LABEL pixiebox"]
     assert "KERNEL osie/vmlinuz" in lines
@@ -422,7 +466,8 @@ def test_pxelinux_cfg_for_u_boot(boot_lab: BootLab) -> None:
     assert f"BOOTIF=01-{ENROLLED_MAC.replace(':', '-')}" in append
     assert "pixiebox.name=c1" in append and "initrd=" not in append
     # `default` from c1's address is c1's file; U-Boot's UUID and hex-IP names are not served.
-    assert boot_lab.curl(url("/pxelinux.cfg/default")).stdout == expected
+    default = boot_lab.curl(url("/pxelinux.cfg/default")).stdout
+    assert re.sub(r" pixiebox\.token=\S+", "", default) == expected
     assert boot_lab.status(url("/pxelinux.cfg/0A4D0002")) == 404
     assert boot_lab.status(url("/pxelinux.cfg/0A4D")) == 404
 

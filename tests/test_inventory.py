@@ -98,7 +98,7 @@ def test_the_neighbour_table_is_read_once_per_address_in_a_few_seconds(
     table = {"10.0.0.50": STRANGER}
     reads: list[str] = []
 
-    def neighbour_mac(ip: str) -> str | None:
+    def neighbour_mac(ip: str, device: str | None = None) -> str | None:
         reads.append(ip)
         return table.get(ip)
 

@@ -310,6 +310,42 @@ def test_bad_mac_refused_before_anything(tmp_path: Path) -> None:
     assert "f4:4d:30:64:7a:3a" in problem.hint
 
 
+MULTICAST = "is a multicast address (its first octet is odd)"
+
+
+@pytest.mark.parametrize(
+    ("spelling", "mac", "why"),
+    [
+        ("01:00:5E:00:00:01", "01:00:5e:00:00:01", MULTICAST),
+        ("33-33-00-00-00-01", "33:33:00:00:00:01", MULTICAST),
+        ("ffff.ffff.ffff", "ff:ff:ff:ff:ff:ff", "is the broadcast address"),
+        ("00:00:00:00:00:00", "00:00:00:00:00:00", "is the all-zero address"),
+    ],
+)
+def test_group_and_zero_macs_are_refused_and_nothing_written(
+    tmp_path: Path, spelling: str, mac: str, why: str
+) -> None:
+    # No network card has one: enrolling it would make a machine that stands for every machine
+    # on the segment (or none).
+    path = lab(tmp_path)
+    before = Unchanged(path)
+    with pytest.raises(EnrollError) as caught:
+        enroll(path, spelling, "c9")
+    before.assert_same()
+    [problem] = caught.value.problems
+    assert format_loc(problem.loc) == "machines[2].mac"
+    assert problem.message == (
+        f"{mac} {why}: no network card has it; check the MAC on the machine's label or in "
+        "`pixiebox machines`"
+    )
+    assert "six hex pairs" not in problem.hint  # the spelling is fine; the address is not
+    # Nor can an enrolled machine be given one.
+    with pytest.raises(EnrollError) as caught:
+        update_machine(path, "c2", mac=spelling)
+    before.assert_same()
+    assert shown(caught.value.problems) == [("machines[1].mac", problem.message)]
+
+
 def test_file_with_errors_is_not_touched(tmp_path: Path) -> None:
     path = lab(tmp_path, NETWORK + 'dhcp_mode = "fulll"\n')
     before = Unchanged(path)

@@ -26,11 +26,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pixiebox.config import LabConfig, check_config
 from pixiebox.core import inventory as inventory_module
-from pixiebox.core.evidence import Source
 from pixiebox.core.inventory import Inventory
 from pixiebox.core.urls import BootUrls
 from pixiebox.events import Kind
-from pixiebox.http import metadata as metadata_module
 from pixiebox.http.metadata import metadata_response
 from pixiebox.power.ssh import power_public_key
 from pixiebox.store.identity import (
@@ -140,7 +138,9 @@ def test_node_passwords_are_random_hex() -> None:
 
 def test_not_a_mac_is_refused_and_makes_nothing(tmp_path: Path) -> None:
     root = tmp_path / "identity"
-    for bad in ("../../etc", "", "02:00:00:00:84"):
+    # Nor a group or zero MAC: no machine has one, so no identity is ever made for it.
+    for bad in ("../../etc", "", "02:00:00:00:84", "ff:ff:ff:ff:ff:ff", "01:00:5e:00:00:01",
+                "00:00:00:00:00:00"):  # fmt: skip
         with pytest.raises(ValueError):
             IdentityStore(root).for_machine(bad)
     assert not root.exists()
@@ -245,19 +245,23 @@ URLS = BootUrls(IPv4Address("10.84.0.2"))
 
 
 @pytest.fixture
-def no_arp(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The test process's own ARP cache plays no part."""
-    monkeypatch.setattr(inventory_module, "neighbour_mac", lambda ip: None)
-    monkeypatch.setattr(metadata_module, "neighbour_mac", lambda ip: None)
+def arp(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The neighbour table the inventory reads (address -> MAC), instead of the test process's
+    own ARP cache."""
+    table: dict[str, str] = {}
+    monkeypatch.setattr(
+        inventory_module, "neighbour_mac", lambda ip, device=None: table.get(str(ip))
+    )
+    return table
 
 
 @pytest.fixture
-def lab(tmp_path: Path, no_arp: None) -> Iterator[Inventory]:
+def lab(tmp_path: Path, arp: dict[str, str]) -> Iterator[Inventory]:
     token_file = tmp_path / "influx-token"
     token_file.write_text("influx-secret\n")
     config = LabConfig(
         lab={"domain": "lab.test"},
-        network={"dns": ["10.84.0.254"]},
+        network={"dns": ["10.84.0.254"], "subnet": "10.84.0.0/24"},
         boot={"ssh_keys": [USER_KEY, "  "]},
         kubernetes={"server": "https://10.84.0.2:6443"},
         telemetry={"url": "http://10.84.0.2:8086", "org": "home", "bucket": "lab",
@@ -265,6 +269,7 @@ def lab(tmp_path: Path, no_arp: None) -> Iterator[Inventory]:
         machines=[{"name": "c1", "mac": MAC_A, "ip": str(RESERVED_IP)}],
     )  # fmt: skip
     store = StateStore(tmp_path / "state")
+    arp[str(RESERVED_IP)] = MAC_A  # c1 is on the segment at its reserved address
     try:
         yield Inventory(config, store)
     finally:
@@ -272,17 +277,22 @@ def lab(tmp_path: Path, no_arp: None) -> Iterator[Inventory]:
 
 
 def answer(
-    inventory: Inventory, identities: IdentityStore | None, ip: str | None
+    inventory: Inventory, identities: IdentityStore | None, ip: str | None, token: str | None
 ) -> tuple[int, str, dict[str, str]]:
     response = asyncio.run(
-        metadata_response(inventory, URLS, identities, IPv4Address(ip) if ip else None)
+        metadata_response(inventory, URLS, identities, IPv4Address(ip) if ip else None, token)
     )
     return response.status_code, bytes(response.body).decode(), dict(response.headers)
 
 
+def refusals(inventory: Inventory, mac: str = "") -> list[dict[str, object]]:
+    return [dict(e.fields) for e in inventory.lifecycle.events(mac) if e.kind == "secret.refused"]
+
+
 def test_the_reserved_machine_gets_its_document(lab: Inventory, tmp_path: Path) -> None:
     identities = IdentityStore(tmp_path / "identity")
-    status, body, headers = answer(lab, identities, str(RESERVED_IP))
+    token = lab.tokens.issue(MAC_A)
+    status, body, headers = answer(lab, identities, str(RESERVED_IP), token)
     assert status == 200, body
     assert headers["cache-control"] == "no-store"
     document = json.loads(body)
@@ -319,36 +329,72 @@ def test_the_reserved_machine_gets_its_document(lab: Inventory, tmp_path: Path) 
         },
     }
     (sent,) = lab.lifecycle.events(MAC_A)
-    assert (sent.kind, sent.fields) == (Kind.METADATA_SENT, {"ip": str(RESERVED_IP)})
+    assert (sent.kind, sent.fields) == (
+        Kind.METADATA_SENT,
+        {"ip": str(RESERVED_IP), "secrets": "ssh-host-key,node-password,k3s-token,telemetry-token"},
+    )
 
 
-def test_an_unknown_machine_that_booted_gets_a_generated_hostname(
-    lab: Inventory, tmp_path: Path
+def test_the_boot_token_is_required_and_retired(lab: Inventory, tmp_path: Path) -> None:
+    identities = IdentityStore(tmp_path / "identity")
+    for token, reason in ((None, "no-token"), ("guessed", "bad-token")):
+        status, body, _ = answer(lab, identities, str(RESERVED_IP), token)
+        assert status == 401 and "BEGIN" not in body, body
+        assert refusals(lab, MAC_A)[-1] == {"secret": "metadata", "ip": str(RESERVED_IP),
+                                            "reason": reason, "seen_mac": MAC_A}  # fmt: skip
+    first = lab.tokens.issue(MAC_A)
+    second = lab.tokens.issue(MAC_A)  # the machine booted again: only the newest counts
+    assert answer(lab, identities, str(RESERVED_IP), first)[0] == 401
+    assert answer(lab, identities, str(RESERVED_IP), second)[0] == 200
+    lab.tokens.retire(MAC_A)  # its OS phoned home
+    assert answer(lab, identities, str(RESERVED_IP), second)[0] == 401
+    # The same refusal again within a minute is not recorded twice.
+    count = len(refusals(lab, MAC_A))
+    answer(lab, identities, str(RESERVED_IP), second)
+    assert len(refusals(lab, MAC_A)) == count
+
+
+def test_an_unknown_machine_that_booted_gets_a_name_and_no_secrets(
+    lab: Inventory, tmp_path: Path, arp: dict[str, str]
 ) -> None:
     identities = IdentityStore(tmp_path / "identity")
     ip = "10.84.0.60"
-    status, _, _ = answer(lab, identities, ip)
+    arp[ip] = MAC_B
+    status, _, _ = answer(lab, identities, ip, None)
     assert status == 404
+    assert refusals(lab)[-1]["reason"] == "not-booted"
     # It fetched its script from that address, where the kernel's neighbour entry named it.
     lab.seen(MAC_B, None)
-    lab.learn(MAC_B, IPv4Address(ip), Source.NEIGHBOUR)
-    status, body, _ = answer(lab, identities, ip)
+    token = lab.tokens.issue(MAC_B)
+    status, body, _ = answer(lab, identities, ip, token)
     assert status == 200, body
     document = json.loads(body)
     assert document["name"] is None
     assert document["hostname"] == document["kubernetes"]["node_name"] == "node-020000008402"
     assert document["fqdn"] == "node-020000008402.lab.test"
-    assert document["ssh_host_key"]["public"] == identities.for_machine(MAC_B).ssh_host_public
+    # Not enrolled: no node identity, no k3s token, no telemetry token, nothing made for it.
+    assert document["ssh_host_key"] is None
+    assert document["kubernetes"]["node_password"] is None
+    assert document["kubernetes"]["token"] is None
+    assert document["telemetry"]["token"] is None
+    assert not (tmp_path / "identity" / MAC_B).exists()
+    sent = [e for e in lab.lifecycle.events(MAC_B) if e.kind == Kind.METADATA_SENT]
+    assert sent[-1].fields == {"ip": ip, "secrets": ""}
 
 
-def test_unknown_machines_get_nothing_under_unknown_ignore(tmp_path: Path, no_arp: None) -> None:
+def test_unknown_machines_get_nothing_under_unknown_ignore(
+    tmp_path: Path, arp: dict[str, str]
+) -> None:
     config = LabConfig(boot={"unknown": "ignore"})
     store = StateStore(tmp_path / "state")
+    arp["10.84.0.60"] = MAC_B
     try:
         inventory = Inventory(config, store)
         inventory.seen(MAC_B, None)
-        inventory.learn(MAC_B, IPv4Address("10.84.0.60"), Source.NEIGHBOUR)
-        status, body, _ = answer(inventory, IdentityStore(tmp_path / "identity"), "10.84.0.60")
+        token = inventory.tokens.issue(MAC_B)
+        status, body, _ = answer(
+            inventory, IdentityStore(tmp_path / "identity"), "10.84.0.60", token
+        )
     finally:
         store.close()
     assert status == 404, body
@@ -356,27 +402,39 @@ def test_unknown_machines_get_nothing_under_unknown_ignore(tmp_path: Path, no_ar
 
 
 def test_no_address_or_no_store(lab: Inventory, tmp_path: Path) -> None:
-    status, body, _ = answer(lab, None, str(RESERVED_IP))
+    status, body, _ = answer(lab, None, str(RESERVED_IP), None)
     assert (status, body) == (503, "metadata is not configured\n")
-    status, _, _ = answer(lab, IdentityStore(tmp_path / "identity"), None)
+    status, _, _ = answer(lab, IdentityStore(tmp_path / "identity"), None, None)
     assert status == 404
 
 
-def test_the_arp_cache_must_agree_with_the_claimed_mac(
-    lab: Inventory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_the_neighbour_table_must_name_the_machine(
+    lab: Inventory, tmp_path: Path, arp: dict[str, str]
 ) -> None:
     identities = IdentityStore(tmp_path / "identity")
-    monkeypatch.setattr(metadata_module, "neighbour_mac", lambda ip: MAC_B)
-    status, body, _ = answer(lab, identities, str(RESERVED_IP))
+    token = lab.tokens.issue(MAC_A)
+    # Another machine on c1's reserved address: the reservation says who should be there, the
+    # neighbour table who is. It is a machine that never booted here: nothing for it.
+    arp[str(RESERVED_IP)] = MAC_B
+    status, body, _ = answer(lab, identities, str(RESERVED_IP), token)
     assert status == 404 and "BEGIN" not in body
     assert not (tmp_path / "identity" / MAC_A).exists()
-    monkeypatch.setattr(metadata_module, "neighbour_mac", lambda ip: MAC_A)
-    assert answer(lab, identities, str(RESERVED_IP))[0] == 200
+    # No neighbour entry at all (a routed source with a lab address cannot complete TCP).
+    del arp[str(RESERVED_IP)]
+    lab._neighbours.clear()
+    assert answer(lab, identities, str(RESERVED_IP), token)[0] == 404
+    # Outside the lab subnet: refused before anything is looked up.
+    assert answer(lab, identities, "10.85.0.5", token)[0] == 404
+    assert refusals(lab)[-1] == {"secret": "metadata", "ip": "10.85.0.5", "reason": "off-link"}
+    arp[str(RESERVED_IP)] = MAC_A
+    lab._neighbours.clear()
+    assert answer(lab, identities, str(RESERVED_IP), token)[0] == 200
 
 
 def test_an_unreadable_telemetry_token_is_null(lab: Inventory, tmp_path: Path) -> None:
     (tmp_path / "influx-token").unlink()
-    status, body, _ = answer(lab, IdentityStore(tmp_path / "identity"), str(RESERVED_IP))
+    token = lab.tokens.issue(MAC_A)
+    status, body, _ = answer(lab, IdentityStore(tmp_path / "identity"), str(RESERVED_IP), token)
     assert status == 200
     assert json.loads(body)["telemetry"]["token"] is None
 
@@ -385,7 +443,8 @@ def test_a_damaged_identity_is_a_500_without_secrets(lab: Inventory, tmp_path: P
     root = tmp_path / "identity"
     IdentityStore(root).for_machine(MAC_A)
     (root / MAC_A / NODE_PASSWORD_FILE).write_text("garbage\n")
-    status, body, _ = answer(lab, IdentityStore(root), str(RESERVED_IP))
+    token = lab.tokens.issue(MAC_A)
+    status, body, _ = answer(lab, IdentityStore(root), str(RESERVED_IP), token)
     assert status == 500 and "garbage" not in body and "BEGIN" not in body
 
 
@@ -398,9 +457,14 @@ NODE_MAC = "02:00:00:00:84:07"
 INFLUX_TOKEN = "influx-write-token-84"
 
 
-def fetch(host: netlab.Host, path: str = "/metadata") -> tuple[int, dict[str, str], str]:
-    """(status, headers, body) of GET http://AGENT<path> from `host`."""
-    raw = host.run(["curl", "-sS", "-i", "--max-time", "10", f"http://{AGENT_IP}{path}"]).stdout
+def fetch(
+    host: netlab.Host, path: str = "/metadata", token: str | None = None
+) -> tuple[int, dict[str, str], str]:
+    """(status, headers, body) of GET http://AGENT<path> from `host` (with a boot token)."""
+    auth = ["-H", f"Authorization: Bearer {token}"] if token else []
+    raw = host.run(
+        ["curl", "-sS", "-i", "--max-time", "10", *auth, f"http://{AGENT_IP}{path}"]
+    ).stdout
     head, _, body = raw.replace("\r\n", "\n").partition("\n\n")
     status_line, *header_lines = head.split("\n")
     headers = {}
@@ -410,8 +474,16 @@ def fetch(host: netlab.Host, path: str = "/metadata") -> tuple[int, dict[str, st
     return int(status_line.split()[1]), headers, body
 
 
-def metadata_of(host: netlab.Host) -> dict[str, Any]:
-    status, headers, body = fetch(host)
+def boot_token(host: netlab.Host, mac: str) -> str | None:
+    """The pixiebox.token= of the iPXE script `host` gets for `mac` (None: the script has none)."""
+    status, _, script = fetch(host, f"/boot/{mac}.ipxe")
+    assert status == 200 and script.startswith("#!ipxe"), script
+    found = re.search(r"pixiebox\.token=(\S+)", script)
+    return found.group(1) if found else None
+
+
+def metadata_of(host: netlab.Host, token: str | None) -> dict[str, Any]:
+    status, headers, body = fetch(host, token=token)
     assert status == 200, body
     assert headers.get("cache-control") == "no-store"
     document: dict[str, Any] = json.loads(body)
@@ -461,7 +533,9 @@ def test_reserved_machine_gets_its_own_metadata_and_keeps_it_across_restarts(
     lease = netlab.run_dhclient(c1, workdir / "c1")
     assert (lease.ip, lease.hostname) == (C1_IP, "c1")
 
-    first = metadata_of(c1)
+    token = boot_token(c1, C1_MAC)
+    assert token is not None
+    first = metadata_of(c1, token)
     assert (first["name"], first["mac"], first["ip"]) == ("c1", C1_MAC, C1_IP)
     assert (first["hostname"], first["domain"], first["fqdn"]) == ("c1", "lab.test", "c1.lab.test")
     user_key, appliance_key = first["ssh_authorized_keys"]
@@ -491,23 +565,24 @@ def test_reserved_machine_gets_its_own_metadata_and_keeps_it_across_restarts(
     assert (directory / HOST_KEY_FILE).read_text() == first["ssh_host_key"]["private"]
     assert all(mode_of(path) == 0o600 for path in directory.iterdir())
 
-    assert metadata_of(c1) == first  # the same on a second request
+    assert metadata_of(c1, token) == first  # the same on a second request
 
-    # A host at another address gets a sentence, and none of c1's secrets.
+    # A host at another address gets a sentence, and none of c1's secrets, even with c1's token.
     stranger = segment.add_host("stranger", ip="10.84.0.77/24")
-    status, headers, body = fetch(stranger)
+    status, headers, body = fetch(stranger, token=token)
     assert status == 404, body
     assert headers.get("cache-control") == "no-store"
     assert body.startswith("no machine is known at 10.84.0.77")
     assert not any(secret in body for secret in secrets_of(first))
     assert "ssh-ed25519" not in body
-    agent.wait_log("10.84.0.77 asked for /metadata")
-    assert re.search(r"WARNING 10\.84\.0\.77 asked for /metadata", agent.text())
+    assert re.search(r"WARNING refused metadata to 10\.84\.0\.77: that machine never booted",
+                     agent.wait_log("refused metadata to 10.84.0.77"))  # fmt: skip
 
-    # After a restart of the agent: the same host key, node password and agent token.
+    # After a restart of the agent: the same host key, node password and agent token, and the
+    # boot token of c1's current boot is still known (it was on disk before the script went).
     assert agent.stop() == 0
     agent.start()
-    assert metadata_of(c1) == first
+    assert metadata_of(c1, token) == first
 
 
 def test_proxy_mode_answers_by_the_address_a_script_was_fetched_from(
@@ -527,35 +602,34 @@ def test_proxy_mode_answers_by_the_address_a_script_was_fetched_from(
     status, _, _ = fetch(node)
     assert status == 404
 
-    for host, mac in ((c1, C1_MAC), (node, NODE_MAC)):
-        status, _, script = fetch(host, f"/boot/{mac}.ipxe")
-        assert status == 200 and script.startswith("#!ipxe"), script
-    c1_data = metadata_of(c1)
+    c1_token, node_token = boot_token(c1, C1_MAC), boot_token(node, NODE_MAC)
+    assert c1_token and node_token and c1_token != node_token
+    c1_data = metadata_of(c1, c1_token)
     assert (c1_data["name"], c1_data["mac"], c1_data["ip"]) == ("c1", C1_MAC, "10.84.0.50")
-    node_data = metadata_of(node)
+    node_data = metadata_of(node, node_token)
     assert node_data["name"] is None
     assert (node_data["mac"], node_data["ip"]) == (NODE_MAC, "10.84.0.51")
     assert node_data["hostname"] == node_data["kubernetes"]["node_name"] == "node-020000008407"
-    assert node_data["ssh_host_key"] != c1_data["ssh_host_key"]
-    assert node_data["kubernetes"]["node_password"] != c1_data["kubernetes"]["node_password"]
-    assert node_data["kubernetes"]["token"] == c1_data["kubernetes"]["token"]  # one per lab
-    agent.wait_log(f"unknown machine {NODE_MAC} (10.84.0.51) fetched its metadata")
+    # Merely discovered: no node identity and no k3s agent token.
+    assert node_data["ssh_host_key"] is None
+    assert node_data["kubernetes"]["node_password"] is None
+    assert node_data["kubernetes"]["token"] is None and node_data["telemetry"]["token"] is None
+    assert c1_data["kubernetes"]["token"] == (workdir / "state" / "k3s-agent-token").read_text()
+    agent.wait_log(f"unknown machine {NODE_MAC} (10.84.0.51) fetched its metadata (no secrets")
+    # Each machine's token opens only its own metadata.
+    assert fetch(node, token=c1_token)[0] == 401
 
     # Naming another machine's MAC in a script URL does not hand over its secrets: a named MAC
     # is no evidence of who is at an address; the kernel's neighbour entry is, and it names the
-    # impostor, which never booted through Pixiebox.
-    status, _, _ = fetch(impostor, f"/boot/{C1_MAC}.ipxe")
-    assert status == 200
-    status, _, body = fetch(impostor)
+    # impostor, so its script carries no token and c1's state does not move.
+    assert boot_token(impostor, C1_MAC) is None
+    status, _, body = fetch(impostor, token=c1_token)
     assert status == 404, body
     assert not any(secret in body for secret in secrets_of(c1_data))
-    agent.wait_log(
-        f"10.84.0.52 asked for /metadata, but {impostor.mac} there never booted through Pixiebox"
-    )
+    agent.wait_log("refused c1's boot token to 10.84.0.52: the neighbour table names")
 
-    # After a restart, the agent has forgotten what it learned from script URLs; the ARP cache
-    # and the recorded boots still tell who is who, and the identities are the same.
+    # After a restart the identities are the same and the current boots' tokens still count.
     assert agent.stop() == 0
     agent.start()
-    assert metadata_of(node) == node_data
-    assert metadata_of(c1) == c1_data
+    assert metadata_of(node, node_token) == node_data
+    assert metadata_of(c1, c1_token) == c1_data

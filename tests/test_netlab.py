@@ -129,6 +129,37 @@ def test_teardown_removes_namespaces_and_processes(tmp_path: Path, netlab_requir
         seg.add_host("late")
 
 
+def test_routed_host_reaches_the_segment_through_its_router(
+    tmp_path: Path, netlab_require: Require
+) -> None:
+    netlab_require()
+    seg = Segment(tmp_path / "lab")
+    try:
+        lab = seg.add_host("lab", ip="10.84.0.10/24")
+        router, routed = seg.add_routed_host("router", "far", "10.84.0.254/24", "10.85.0.0/24")
+        assert router.addresses() == ["10.84.0.254/24"]
+        assert routed.addresses() == ["10.85.0.5/24"]
+        assert routed.name.endswith("-far") and router.name.endswith("-router")
+        with pytest.raises(ValueError, match="already used"):
+            seg.add_routed_host("router2", "far", "10.84.0.253/24", "10.86.0.0/24")
+
+        # Without the return route the segment host cannot answer (no default route).
+        no_route = routed.run(["busybox", "ping", "-c", "1", "-W", "1", "10.84.0.10"], check=False)
+        assert no_route.returncode != 0
+        lab.add_route("10.85.0.0/24", via="10.84.0.254")
+        routed.run(["busybox", "ping", "-c", "1", "-W", "2", "10.84.0.10"], timeout=10)
+
+        # Off-link: the segment host only knows the router's MAC, never the routed address.
+        neigh = json.loads(lab.run(["ip", "-j", "neigh", "show", "dev", "eth0"]).stdout)
+        assert {n["dst"]: n.get("lladdr") for n in neigh} == {"10.84.0.254": router.mac}
+        names = seg.namespaces
+        assert len(names) == 4  # switch, lab, router, routed host
+        assert set(names) <= set(netlab.list_namespaces())
+    finally:
+        seg.close()
+    assert not set(names) & set(netlab.list_namespaces())
+
+
 # --------------------------------------------------------------------------- dhclient
 
 

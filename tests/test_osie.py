@@ -438,18 +438,28 @@ def test_a_node_waits_for_a_late_appliance_then_comes_up_joins_and_logs(
 ) -> None:
     agent_host, node = lab_hosts
     root = workdir / "c1-root"
-    write_cmdline(root, f"console=ttyS0 pixiebox.url=http://{APPLIANCE} pixiebox.mac={MAC} "
-                  "pixiebox.name=c1")  # fmt: skip
-    # The lab powers on at once: the node asks before the appliance's agent runs.
-    log = node.log_path("pixiebox-osie")
-    osie = node.popen(env_argv(root, "pixiebox-osie"), log)
-    wait_for_text(log, "try 2, trying again in 2 s", 60, osie)
-    assert "the appliance did not answer: the connection was refused" in log.read_text()
     agent = start_agent(agent_host, osie_lab(workdir), workdir)
     # The agent makes the lab's k3s agent token as it starts (before it serves anything), so the
     # appliance's k3s server, reading the same file, can start before any node asks.
     text = agent.text()
     assert -1 < text.find("made the lab's k3s agent token") < text.find("Pixiebox serving")
+    # The node's iPXE fetches its script: the kernel command line it boots with, boot token and
+    # all (what iPXE would pass to the kernel).
+    script = node.run(["curl", "-sS", "--max-time", "10", f"http://{APPLIANCE}/boot/{MAC}.ipxe"])
+    kernel = next(line for line in script.stdout.splitlines() if line.startswith("kernel "))
+    arguments = kernel.partition(" && ")[0].split()[4:]  # after `kernel --name NAME URL`
+    cmdline = " ".join(arg for arg in arguments if "${" not in arg)
+    token = re.search(r"pixiebox\.token=(\S+)", cmdline)
+    assert token and f"pixiebox.mac={MAC}" in cmdline, script.stdout
+    write_cmdline(root, cmdline)
+    # Then the appliance goes down (a power blip) while the node boots: it asks before the agent
+    # runs again, and waits.
+    assert agent.stop() == 0
+    log = node.log_path("pixiebox-osie")
+    osie = node.popen(env_argv(root, "pixiebox-osie"), log)
+    wait_for_text(log, "try 2, trying again in 2 s", 60, osie)
+    assert "the appliance did not answer: the connection was refused" in log.read_text()
+    agent.start()  # the boot token was on disk before the script went out: it still counts
     assert osie.wait(120) == 0, log.read_text()
     said = log.read_text()
     assert re.search(r"got this machine's metadata from http://\S+ after \d+ tries", said), said
@@ -467,6 +477,11 @@ def test_a_node_waits_for_a_late_appliance_then_comes_up_joins_and_logs(
     up = node.run(env_argv(root, "pixiebox-phone-home"), timeout=120)
     assert "phoned home: the appliance at http://10.85.0.2 shows c1 up" in up.stdout, up.stdout
     assert api(agent_host, "/api/v1/machines/c1")["state"] == "up"
+    # Up: its boot token is retired, so the metadata is not handed out again in this boot.
+    again = node.run(["curl", "-sS", "--max-time", "10", "-o", "/dev/null", "-w", "%{http_code}",
+                      "-H", f"Authorization: Bearer {token.group(1)}",
+                      f"http://{APPLIANCE}/metadata"])  # fmt: skip
+    assert again.stdout == "401"
 
     # Its journal, as systemd-netlogd sends it (netlog-protocol.c format_rfc5424 with the
     # address pixiebox-osie configured), lands in its event log.

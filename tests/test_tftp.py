@@ -329,8 +329,9 @@ def test_names_leaving_the_root_are_refused(
     before = len(lab.events())
     out = lab.output("traversal.out")
     said = lab.tftp_hpa("get", name, str(out))
-    assert f"Error code {code}:" in said, said
-    # The client learns that it may not have the file, never where the server keeps things.
+    # The client learns that it may not have the file, never why or where the server keeps
+    # things: the code's fixed words only.
+    assert said.strip() == f"Error code {code}: {tftp.CLIENT_TEXT[code]}", said
     assert str(lab.root.parent) not in said, said
     assert not out.exists() or out.read_bytes() == b""
     kind = "refused" if code == 2 else "not_found"
@@ -339,9 +340,49 @@ def test_names_leaving_the_root_are_refused(
     )[0]
     assert event["client_ip"] == CLIENT_IP
     assert event["reason"] == reason
+    # The reason stays with the server: in the event and the log line.
+    assert event["detail"], event
     if code == 2:
-        assert f"{CLIENT_IP} asked for" in lab.log_text()
-        assert "refused" in lab.log_text()
+        line = f"{CLIENT_IP} asked for {event['path']} over TFTP: refused, {event['detail']}"
+        assert line in lab.log_text()
+    if reason == "outside":
+        assert str(lab.outside) in event["detail"]
+
+
+@pytest.mark.parametrize(
+    ("name", "reason", "target"),
+    [
+        ("../../etc/passwd", "climbs-out", None),
+        ("passwd-link", "outside", "/etc/passwd"),  # a link in the root to the server's files
+    ],
+)
+def test_error_packets_name_no_server_path_but_the_log_does(
+    lab: TftpLab, name: str, reason: str, target: str | None
+) -> None:
+    """The ERROR a client gets says "Access violation" and nothing more; the reason, the root
+    and the link's target are in the server's log line and the event."""
+    link = lab.root / "passwd-link"
+    link.symlink_to("/etc/passwd")
+    try:
+        before = len(lab.events())
+        said = lab.tftp_hpa("get", name, str(lab.output("no-path.out")))
+        assert said.strip() == "Error code 2: Access violation", said
+        # The packet itself, byte for byte, as a raw client reads it.
+        assert lab.raw(name)["error"] == [2, "Access violation"]
+        event = lab.wait_event("refused", name, after=before)
+        assert event["reason"] == reason and event["client_ip"] == CLIENT_IP
+        for secret in (str(lab.root), target or "/etc/passwd", "leads outside", "'..'"):
+            assert secret not in said, (secret, said)
+        if target is not None:
+            # tftp.failed's `detail` (from TftpEvent.detail) says where the link led.
+            detail = f"{name} leads outside {os.path.realpath(lab.root)} (to {target})"
+            assert event["detail"] == detail, event
+        else:
+            assert event["detail"] == "the path contains '..'", event
+        line = f"{CLIENT_IP} asked for {name} over TFTP: refused, {event['detail']}; it got ERROR 2"
+        assert line in lab.log_text()
+    finally:
+        link.unlink()
 
 
 def test_curl_traversal_is_an_access_violation(lab: TftpLab) -> None:
@@ -371,7 +412,7 @@ def test_upload_is_refused(lab: TftpLab) -> None:
     local = lab.output("upload.bin")
     local.write_bytes(b"should not land\n")
     said = lab.tftp_hpa("put", str(local), "uploaded.bin")
-    assert "Error code 2:" in said, said
+    assert said.strip() == "Error code 2: Access violation", said
     assert not (lab.root / "uploaded.bin").exists()
     event = lab.wait_event("refused", "uploaded.bin", after=before)
     assert event["reason"] == "read-only" and "read-only" in event["detail"]
@@ -613,14 +654,14 @@ def test_any_datagram_on_the_request_port_parses_or_is_malformed(data: bytes) ->
     assert all(key == key.lower() for key in options)
 
 
-@given(st.integers(0, 0xFFFF), st.integers(0, 0xFFFF), st.text(max_size=40))
-def test_ack_and_error_bytes(block: int, code: int, message: str) -> None:
+@given(st.integers(0, 0xFFFF), st.sampled_from(sorted(tftp.CLIENT_TEXT)))
+def test_ack_and_error_bytes(block: int, code: int) -> None:
     assert tftp.parse_reply(struct.pack("!HH", 4, block)) == (4, block, "")
     assert tftp.parse_reply(struct.pack("!HH", 4, block) + b"pad") == (4, block, "")
-    sent = tftp.error_packet(code, message)
+    sent = tftp.error_packet(code)
     assert sent[:4] == struct.pack("!HH", 5, code) and sent.endswith(b"\0")
-    opcode, got_code, text = tftp.parse_reply(sent) or (0, 0, "")
-    assert (opcode, got_code) == (5, code) and text.isprintable()
+    # A client is told the code's fixed words, nothing else (no path, no reason).
+    assert tftp.parse_reply(sent) == (5, code, tftp.CLIENT_TEXT[code])
     assert tftp.parse_reply(b"\x00\x05\x00\x08") == (5, 8, "")  # EDK2: no message at all
 
 

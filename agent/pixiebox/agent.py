@@ -17,10 +17,13 @@ from typing import TypeVar
 from pixiebox.boot.pxelinux import tftp_generator
 from pixiebox.config import ConfigError, LabConfig, format_problem, load_config, split_listen
 from pixiebox.config.labfile import EnrollError, enroll, next_free_ip
+from pixiebox.config.schema import DEFAULT_API_PORT
+from pixiebox.config.values import unicast_mac_problem
 from pixiebox.core import wording
 from pixiebox.core.firmware import Assets, Firmware, known_arches
 from pixiebox.core.inventory import Inventory
 from pixiebox.core.lifecycle import MachineState
+from pixiebox.core.trust import LabLink, redact
 from pixiebox.core.urls import BootUrls
 from pixiebox.dhcp.full import FullHandler
 from pixiebox.dhcp.guard import find_other_dhcp_servers
@@ -145,12 +148,13 @@ async def guard_segment(config: LabConfig, segment: Segment) -> None:
 
 
 def _mac_for(inventory: Inventory, who: str) -> tuple[str | None, IPv4Address | None]:
-    """(MAC, IP) for a protocol's `who`: a MAC already, or an address to look up."""
+    """(MAC, IP) for a protocol's `who`: a MAC already, or an address to look up (by evidence
+    only, on the lab segment: core.trust)."""
     try:
         ip = IPv4Address(who)
     except ValueError:
         return who, None
-    return inventory.mac_at(ip), ip
+    return inventory.prove(ip, strict=False).mac, ip
 
 
 def tftp_recorder(inventory: Inventory) -> Callable[[TftpEvent], None]:
@@ -198,10 +202,11 @@ def syslog_recorder(inventory: Inventory) -> Callable[[SyslogMessage], None]:
     """Syslog lines as events of the machine that sent them (by source address)."""
 
     def record(message: SyslogMessage) -> None:
-        mac = inventory.mac_at(message.source)
+        # By the evidence at the source address, never by the HOSTNAME the line claims.
+        mac = inventory.prove(message.source, strict=False).mac
         if mac is not None:
             inventory.record(
-                mac, Kind.SYSLOG, message.line, message.source,
+                mac, Kind.SYSLOG, redact(message.line), message.source,
                 {"severity": message.severity_name, "facility": message.facility_name,
                  "app": message.app},
             )  # fmt: skip
@@ -261,7 +266,8 @@ class Agent:
         segment = self._segment = resolve_segment(config)
         store = StateStore(config.state.dir)
         try:
-            inventory = self._inventory = Inventory(config, store)
+            link = LabLink(segment.interface, segment.subnet)
+            inventory = self._inventory = Inventory(config, store, link)
             handler = self._handler = build_handler(config, segment, inventory, store)
             await guard_segment(config, segment)
             assets = prepare_assets(config.boot.assets)
@@ -311,6 +317,7 @@ class Agent:
         http_host, http_port = split_listen(config.http.listen)
         # Per-MAC SSH host keys and k3s node passwords, served to each machine in its /metadata.
         identities = IdentityStore(config.state.dir / "identity")
+        await asyncio.to_thread(identities.tighten_existing)  # 0600/0700 after a copy or restore
         if config.kubernetes.server is not None:
             # The appliance's k3s server reads the same file (--agent-token-file): made now, it
             # is there before the first node asks for its metadata.
@@ -321,7 +328,8 @@ class Agent:
         boot_state = BootHttpState(
             inventory, urls, assets, http_recorder(inventory), identities=identities
         )
-        http = BootHttpServer(boot_app(boot_state), http_host, http_port)
+        # Only the lab interface: /metadata answers by source address (SECURITY.md).
+        http = BootHttpServer(boot_app(boot_state), http_host, http_port, device=segment.interface)
         await http.start()
         services.push_async_callback(http.stop)
         appliance = (APPLIANCE_NAME, segment.server_ip)
@@ -331,6 +339,8 @@ class Agent:
             # No [network] dns: the router is the usual resolver of a home LAN.
             upstreams=config.network.dns
             or ([config.network.gateway] if config.network.gateway else []),
+            # The current lab.toml's list (a reload applies at once); empty: the lab subnet.
+            forward_for=lambda: inventory.config.dns.forward_for or [segment.subnet],
             listen_ip=str(segment.server_ip),
             interface=segment.interface,
         )
@@ -369,8 +379,13 @@ class Agent:
             metrics_renderer(collector),
             power=power,
         )
-        api_host, api_port = split_listen(config.api.listen)
-        api = BootHttpServer(api_app(api_state), api_host, api_port, pathsend=False)
+        if config.api.listen is None:  # the lab address (lab interface only) and loopback
+            lab_ip = str(segment.server_ip)
+            api = BootHttpServer(api_app(api_state), lab_ip, DEFAULT_API_PORT, pathsend=False,
+                                 device=segment.interface, loopback=True)  # fmt: skip
+        else:
+            api_host, api_port = split_listen(config.api.listen)
+            api = BootHttpServer(api_app(api_state), api_host, api_port, pathsend=False)
         await api.start()
         services.push_async_callback(api.stop)
         watcher = asyncio.create_task(
@@ -395,8 +410,8 @@ class Agent:
         """[boot] unknown = "enroll": add a machine that just showed up, with the next free
         name and, where Pixiebox hands out addresses, the next free address."""
         inventory, handler = self._inventory, self._handler
-        if inventory is None:
-            return
+        if inventory is None or unicast_mac_problem(mac) is not None:
+            return  # a multicast, broadcast or zero MAC is never a machine (Inventory.seen)
         config = inventory.config
         ip = None
         if config.network.dhcp_mode != "proxy" and handler is not None:

@@ -41,6 +41,7 @@ class Kind(StrEnum):
     HTTP_FAILED = "http.failed"
     BOOT_IGNORED = "boot.ignored"
     METADATA_SENT = "metadata.sent"
+    SECRET_REFUSED = "secret.refused"
     OS_UP = "os.up"
     OS_JOINED = "os.joined"
     SYSLOG = "syslog"
@@ -156,8 +157,26 @@ KINDS: dict[Kind, tuple[str, dict[str, str]]] = {
         {"reason": "unknown-ignored ([boot] unknown = ignore)", "protocol": "dhcp, tftp, http"},
     ),
     Kind.METADATA_SENT: (
-        "the booted OS fetched its /metadata",
-        {"ip": "the address it asked from"},
+        "the booted OS fetched its /metadata: who received which secrets, and when",
+        {
+            "ip": "the address it asked from",
+            "secrets": "the secrets in the document, comma-separated: ssh-host-key, "
+            "node-password, k3s-token, telemetry-token (empty for a merely discovered machine)",
+        },
+    ),
+    Kind.SECRET_REFUSED: (
+        "a machine's secret (its metadata, a boot token, its phone-home) was refused to a "
+        "request the evidence does not tie to that machine (SECURITY.md); recorded on the "
+        'machine asked about, or lab-wide (mac "") when none is known',
+        {
+            "secret": "metadata, boot-token or phone-home",
+            "ip": "the address the request came from",
+            "reason": "off-link (not on the lab segment), not-owner (the neighbour table names "
+            "another MAC at that address), no-evidence (nothing ties the address to a machine), "
+            "no-token / bad-token (the boot token is missing, unknown or retired), not-booted "
+            "(never booted through Pixiebox, or [boot] unknown = ignore)",
+            "seen_mac": "the MAC the neighbour table has at that address, when it has one",
+        },
     ),
     Kind.OS_UP: (
         "the OS phoned home: it is up",

@@ -50,13 +50,17 @@ def _one_line(text: str) -> str:
 
 
 def kernel_arguments(
-    urls: BootUrls, image: ImageSection, *, mac: str, name: str | None
+    urls: BootUrls, image: ImageSection, *, mac: str, name: str | None, token: str | None = None
 ) -> list[str]:
-    """What the OSIE reads from /proc/cmdline to find the appliance and itself."""
+    """What the OSIE reads from /proc/cmdline to find the appliance and itself, and the boot
+    token (core.trust) it presents for its metadata when this boot was served to the machine
+    itself."""
     args = [image.cmdline] if image.cmdline.strip() else []
     args += [f"pixiebox.url={urls.base}", f"pixiebox.mac={mac}"]
     if name:
         args.append(f"pixiebox.name={name}")
+    if token:
+        args.append(f"pixiebox.token={token}")
     return [_one_line(arg) for arg in args]
 
 
@@ -91,7 +95,13 @@ def _fetch(label: str, command: str, url: str, what: str, path: str, base: str) 
 
 
 def ipxe_script(
-    urls: BootUrls, image: ImageSection, *, mac: str, name: str | None, image_name: str
+    urls: BootUrls,
+    image: ImageSection,
+    *,
+    mac: str,
+    name: str | None,
+    image_name: str,
+    token: str | None = None,
 ) -> str:
     """The iPXE script that boots `image` on the machine with `mac` (named `name` if enrolled)."""
     who = wording.machine(mac, name)
@@ -99,7 +109,7 @@ def ipxe_script(
     # docs/firmware-quirks.md#20: UEFI iPXE boots via the kernel's EFI stub, which only loads the
     # initrds named on the command line; BIOS kernels ignore the argument.
     args = [f"initrd={n}" for n in names]
-    args += kernel_arguments(urls, image, mac=mac, name=name)
+    args += kernel_arguments(urls, image, mac=mac, name=name, token=token)
     # iPXE expands these itself: the architecture of the running iPXE build and the MAC of the
     # interface it booted from, in pxelinux's BOOTIF form (01- = Ethernet).
     args += ["pixiebox.arch=${buildarch}", "BOOTIF=01-${mac:hexhyp}"]
@@ -156,7 +166,13 @@ def ignore_script(mac: str, reason: str) -> str:
 
 
 def pxelinux_config(
-    urls: BootUrls, image: ImageSection, *, mac: str | None, name: str | None, image_name: str
+    urls: BootUrls,
+    image: ImageSection,
+    *,
+    mac: str | None,
+    name: str | None,
+    image_name: str,
+    token: str | None = None,
 ) -> str:
     """A pxelinux.cfg file for U-Boot's `pxe get` / `pxe boot` (ARM boards).
 
@@ -174,7 +190,7 @@ def pxelinux_config(
         args = [_one_line(image.cmdline)] if image.cmdline.strip() else []
         args.append(f"pixiebox.url={urls.base}")
     else:
-        args = kernel_arguments(urls, image, mac=mac, name=name)
+        args = kernel_arguments(urls, image, mac=mac, name=name, token=token)
         args.append(f"BOOTIF=01-{mac.replace(':', '-')}")
     lines = [
         f"# Pixiebox pxelinux.cfg for {who}: image {image_name}",

@@ -35,9 +35,13 @@ def pxelinux_for(
     file: str,
     ip: IPv4Address | None,
     emit: Callable[[Kind, str, str, Fields], None] | None = None,
+    *,
+    strict: bool = True,
 ) -> str | None:
     """The pxelinux.cfg/`file` a board at `ip` should get, or None for "not found".
-    `emit(kind, mac, message, fields)` hears of a board recognised (boot HTTP's events)."""
+    `emit(kind, mac, message, fields)` hears of a board recognised (boot HTTP's events).
+    `strict`: False over TFTP, where the kernel may have no neighbour entry for the board yet
+    (core.inventory `prove`)."""
     describe = inventory.describe_address(ip) if ip is not None else "a U-Boot board"
     match = _MAC_FILE.fullmatch(file)
     if match:
@@ -59,10 +63,17 @@ def pxelinux_for(
             describe, image.kernel, image.name,
         )  # fmt: skip
         return pxelinux_config(urls, image.section, mac=None, name=None, image_name=image.name)
-    if ip is not None:
-        # The MAC in the file name is only what the board says it is: the kernel's neighbour
-        # entry for its address is evidence of who is there.
-        inventory.learn_neighbour(ip)
+    # The MAC in the file name is only what the board says it is: only the board the evidence
+    # shows at `ip` is recorded as booting and gets a boot token (core.trust).
+    owner = inventory.prove(ip, mac, strict=strict)
+    if not owner.proven:
+        inventory.refuse(mac, "boot-token", ip, owner)
+        bystander = inventory.decide(mac, UBOOT_ARCH).image
+        if bystander is None:
+            return None
+        return pxelinux_config(
+            urls, bystander.section, mac=mac, name=None, image_name=bystander.name
+        )
     verdict = inventory.decide(mac, UBOOT_ARCH)
     inventory.seen(mac, UBOOT_ARCH)
     if verdict.silent is Silence.UNKNOWN_IGNORED:
@@ -94,7 +105,10 @@ def pxelinux_for(
     if emit is not None:
         served = {"file": PXELINUX_DIR + file, "image": image_name, "kernel": found.kernel}
         emit(Kind.HTTP_PXELINUX, mac, f"fetched its pxelinux.cfg for image {image_name}", served)
-    return pxelinux_config(urls, found.section, mac=mac, name=name, image_name=image_name)
+    token = inventory.tokens.issue(mac)
+    return pxelinux_config(
+        urls, found.section, mac=mac, name=name, image_name=image_name, token=token
+    )
 
 
 def tftp_generator(inventory: Inventory, urls: BootUrls) -> Callable[[str, str], bytes | None]:
@@ -107,7 +121,7 @@ def tftp_generator(inventory: Inventory, urls: BootUrls) -> Callable[[str, str],
             ip: IPv4Address | None = IPv4Address(client_ip)
         except ValueError:
             ip = None
-        text = pxelinux_for(inventory, urls, path.removeprefix(PXELINUX_DIR), ip)
+        text = pxelinux_for(inventory, urls, path.removeprefix(PXELINUX_DIR), ip, strict=False)
         return None if text is None else text.encode()
 
     return generate

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TextIO
 
 from pixiebox.config import LabConfig, check_config, format_problem
+from pixiebox.store.private import private_dir, replace_file
 
 NETWORK_FILE = "10-pixiebox.network"
 
@@ -75,11 +76,10 @@ def install_root_keys(keys: list[str], path: Path) -> None:
     """root's authorized_keys on the appliance: the same [boot] ssh_keys the nodes get, so the
     person who wrote lab.toml can log into the appliance too. Replaced on every boot, so a key
     removed from lab.toml is removed here."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text("".join(key.strip() + "\n" for key in keys if key.strip()), "utf-8")
-    temporary.chmod(0o600)
-    temporary.replace(path)
+    private_dir(path.parent)  # ~/.ssh: sshd's StrictModes wants it no looser than 0700
+    # 0600 from the first byte: a file chmodded after writing can be opened for writing in
+    # between (with umask 000), and the descriptor kept to add a key later.
+    replace_file(path, "".join(key.strip() + "\n" for key in keys if key.strip()))
 
 
 def prepare(

@@ -20,6 +20,7 @@ from pixiebox.agent import Agent, StartupError
 from pixiebox.client import follow as power_follow
 from pixiebox.client.api import ApiClient, ApiRefused, ApiUnreachable
 from pixiebox.config import labfile
+from pixiebox.config.values import unicast_mac
 from pixiebox.events import Kind
 from pixiebox.net.netif import interface_info, interface_names
 from pixiebox.virtlab import demo as virtlab_demo
@@ -146,7 +147,7 @@ def machines_table(machines: list[dict[str, Any]]) -> str:
 
 def _event_line(event: dict[str, Any]) -> str:
     stamp = time.strftime("%H:%M:%S", time.localtime(event["time"]))
-    who = event.get("name") or event["mac"]
+    who = event.get("name") or event["mac"] or "(lab)"
     return f"{stamp} {who:<17} {event['kind']:<10} {event['message']}"
 
 
@@ -180,8 +181,8 @@ def cmd_events(args: argparse.Namespace) -> int:
     client = _client(args)
     if args.machine:
         events = client.call("GET", f"/api/v1/machines/{quote(args.machine)}/events")
-    else:
-        events = []
+    else:  # the lab's own log: refusals of secrets no machine could be named for
+        events = client.call("GET", "/api/v1/lab/events")
     for event in events[-args.last :]:
         print(_event_line(event), flush=True)
     if args.follow:
@@ -196,6 +197,13 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 @_api_command
 def cmd_enroll(args: argparse.Namespace) -> int:
+    try:
+        # Said here, before the agent or lab.toml is asked: a multicast, broadcast or zero MAC
+        # is a typo or a forged address, never a machine (both would refuse it too).
+        unicast_mac(args.mac)
+    except ValueError as exc:
+        print(f"pixiebox: {exc}", file=sys.stderr)
+        return 1
     body: dict[str, str] = {}
     if args.name:
         body["name"] = args.name
@@ -315,7 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
     machines.set_defaults(func=cmd_machines)
     events = commands.add_parser("events", help="a machine's event log; --follow for live events")
     _api_arguments(events)
-    events.add_argument("machine", nargs="?", help="a name or MAC (default: every machine)")
+    events.add_argument(
+        "machine",
+        nargs="?",
+        help="a name or MAC (default: the lab's own log, "
+        "e.g. refused secrets, and with --follow every machine's events)",
+    )
     events.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
     events.add_argument("--last", type=int, default=50, help="how many past events (default 50)")
     events.set_defaults(func=cmd_events)

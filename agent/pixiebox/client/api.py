@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pixiebox.config import LabConfig, split_listen
+from pixiebox.config.schema import DEFAULT_API_PORT
 
 
 class ApiUnreachable(Exception):
@@ -35,8 +36,11 @@ class ApiClient:
     @classmethod
     def for_config(cls, config: LabConfig, url: str | None = None) -> ApiClient:
         if url is None:
-            host, port = split_listen(config.api.listen)
-            host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+            # Unset [api] listen includes 127.0.0.1 (the CLI runs on the appliance).
+            host, port = "127.0.0.1", DEFAULT_API_PORT
+            if config.api.listen is not None:
+                host, port = split_listen(config.api.listen)
+                host = "127.0.0.1" if host in ("0.0.0.0", "") else host
             url = f"http://{host}:{port}"
         return cls(url.rstrip("/"), config.api.token_file)
 

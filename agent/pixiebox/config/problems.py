@@ -130,7 +130,7 @@ _HINTS: dict[tuple[str, str], str] = {
 
 def _hint_for(loc: Loc, error_type: str) -> str:
     named = tuple(p for p in loc if isinstance(p, str))
-    if named[-1:] == ("mac",):
+    if named[-1:] == ("mac",) and error_type != "mac_not_unicast":  # values.MAC_NOT_UNICAST
         return 'write six hex pairs, e.g. "f4:4d:30:64:7a:3a" (dashes and dots also work)'
     if named[-1:] == ("ip",) or error_type.startswith("ip_v4"):
         return 'write a dotted IPv4 address such as "192.168.1.31"'

@@ -4,6 +4,14 @@ Writes are atomic (temp file with the original's mode and owner, fsync, rename, 
 directory: a crash leaves the old file or the new one, never a part of one) and serialised by a
 lock file next to lab.toml, so two enrollments at once both land. A file changed by someone
 else between the read and the rename (an editor saving) wins: nothing is written over it.
+
+Modes (issue 12): lab.toml is the user's file, so an edit keeps the mode and owner it has; the
+temp file is made 0600 by mkstemp and given them before a byte is written, so it is never
+looser than the original meanwhile. Nothing here creates lab.toml (a missing file is an
+error), so there is no new file whose mode to choose; the user decides who may read it (on the
+appliance it lies on the stick's FAT partition, whose mount options set the modes). The lock
+file holds nothing and is made at most 0644 on purpose: flock works on a read-only descriptor,
+so a lock file made by root can still serve a user's `pixiebox enroll`.
 """
 
 from __future__ import annotations

@@ -66,6 +66,12 @@ class NetworkSection(Section):
         return value
 
 
+class DnsSection(Section):
+    # Sources for which names that are not the lab's are forwarded upstream; anyone else gets
+    # REFUSED (no open resolver). Empty: the lab subnet ([network] subnet or the interface's).
+    forward_for: list[IPv4Network] = Field(default_factory=list)
+
+
 UnknownPolicy = Literal["discover", "enroll", "ignore"]
 
 
@@ -96,8 +102,16 @@ class HttpSection(Section):
     listen: Listen = ":80"
 
 
+#: The API's port when [api] listen is unset.
+DEFAULT_API_PORT = 8080
+
+
 class ApiSection(Section):
-    listen: Listen = "0.0.0.0:8080"
+    # Unset (the default): the appliance's lab address, accepting connections from the lab
+    # interface only, and 127.0.0.1 (the CLI on the appliance), both on DEFAULT_API_PORT.
+    # "host:port" listens there alone; "0.0.0.0:8080" exposes the API on every network the
+    # appliance is on: meant for a management network, the token guards every change.
+    listen: Listen | None = None
     token_file: Path = Path("/var/lib/pixiebox/api-token")
 
 
@@ -203,6 +217,7 @@ class LabConfig(BaseSettings):
 
     lab: LabSection = Field(default_factory=LabSection)
     network: NetworkSection = Field(default_factory=NetworkSection)
+    dns: DnsSection = Field(default_factory=DnsSection)
     boot: BootSection = Field(default_factory=BootSection)
     images: dict[str, ImageSection] = Field(default_factory=default_images)
     http: HttpSection = Field(default_factory=HttpSection)

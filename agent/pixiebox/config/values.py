@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from netaddr import EUI, AddrFormatError, mac_unix_expanded
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, model_validator
+from pydantic_core import PydanticCustomError
 
 # --- MAC addresses ---------------------------------------------------------------------------
 
@@ -35,7 +36,58 @@ def normalize_mac(value: object) -> str:
     return str(eui)
 
 
-MacAddress = Annotated[str, BeforeValidator(normalize_mac)]
+_ZERO_MAC = "00:00:00:00:00:00"
+_BROADCAST_MAC = "ff:ff:ff:ff:ff:ff"
+_MAC_REMEDY = "check the MAC on the machine's label or in `pixiebox machines`"
+
+
+def unicast_mac_problem(mac: str) -> str | None:
+    """Why `mac` (canonical, as normalize_mac gives it) cannot be a machine's network card, or
+    None when it can.
+
+    IEEE 802 reserves the I/G bit (the lowest bit of the first octet) for group addresses:
+    multicast and the broadcast address ff:ff:ff:ff:ff:ff are destinations, never the source
+    address of a card, and 00:00:00:00:00:00 is what firmware reports when it has none. A
+    request that names one of them is forged or broken; accepting it would enroll, record or
+    boot a machine that stands for every machine (or none). One rule for lab.toml, enrollment
+    (CLI, API, [boot] unknown = "enroll"), the DHCP server and the inventory. Cheap enough
+    for the DHCP hot path: two string compares and one hex digit."""
+    if mac == _ZERO_MAC:
+        return f"{mac} is the all-zero address: no network card has it; {_MAC_REMEDY}"
+    if mac == _BROADCAST_MAC:
+        return f"{mac} is the broadcast address: no network card has it; {_MAC_REMEDY}"
+    if int(mac[1:2] or "0", 16) & 1:
+        return (
+            f"{mac} is a multicast address (its first octet is odd): no network card has it; "
+            f"{_MAC_REMEDY}"
+        )
+    return None
+
+
+def unicast_mac(value: object) -> str:
+    """normalize_mac, refusing what cannot be a machine's card (`unicast_mac_problem`)."""
+    mac = normalize_mac(value)
+    problem = unicast_mac_problem(mac)
+    if problem is not None:
+        raise ValueError(problem)
+    return mac
+
+
+#: The pydantic error type of a machine MAC that is multicast, broadcast or all-zero.
+MAC_NOT_UNICAST = "mac_not_unicast"
+
+
+def _check_machine_mac(mac: str) -> str:
+    problem = unicast_mac_problem(mac)
+    if problem is not None:
+        # Its own error type, so that lab.toml's problem gets no "write six hex pairs" hint:
+        # the spelling is fine, the address is not a card's.
+        raise PydanticCustomError(MAC_NOT_UNICAST, "{problem}", {"problem": problem})
+    return mac
+
+
+#: A machine's MAC in lab.toml: any usual spelling, kept canonical; never a group or zero MAC.
+MacAddress = Annotated[str, BeforeValidator(normalize_mac), AfterValidator(_check_machine_mac)]
 
 # --- durations -------------------------------------------------------------------------------
 

@@ -17,12 +17,22 @@ from ipaddress import IPv4Address
 from typing import Protocol
 
 from pixiebox.config import LabConfig, MachineSection
+from pixiebox.config.values import unicast_mac_problem
 from pixiebox.core import wording
 from pixiebox.core.decision import BootDecision, LabView, LoaderCheck, decide
 from pixiebox.core.evidence import MAX_ADDRESSES, AddressEvidence, EvidenceBook, Source
 from pixiebox.core.firmware import ArchInfo
 from pixiebox.core.lifecycle import Lifecycle
 from pixiebox.core.oui import vendor_of
+from pixiebox.core.trust import (
+    REFUSAL_WORDS,
+    SECRET_WORDS,
+    BootTokens,
+    LabLink,
+    Refusal,
+    RefusalNotes,
+    Verdict,
+)
 from pixiebox.events import Fields, FieldValue, Kind
 from pixiebox.net.netif import neighbour_mac
 from pixiebox.store.state import StateStore
@@ -61,17 +71,22 @@ NEIGHBOUR_FRESH = 5.0
 
 
 class Inventory:
-    def __init__(self, config: LabConfig, store: StateStore) -> None:
+    def __init__(self, config: LabConfig, store: StateStore, link: LabLink | None = None) -> None:
+        """`link`: the lab segment (the agent passes its interface and subnet); by default the
+        subnet lab.toml names and neighbour entries on any interface."""
         self._store = store
+        self.link = link if link is not None else LabLink(None, config.network.subnet)
         self.lifecycle = Lifecycle(store)
+        #: Each machine's current boot token (core.trust).
+        self.tokens = BootTokens(store)
+        self._refusals = RefusalNotes()
+        #: The kernel's neighbour entries read lately: address -> (MAC or None, when read).
+        self._neighbours: dict[IPv4Address, tuple[str | None, float]] = {}
         #: Called with the MAC of an unknown machine seen for the first time under
         #: [boot] unknown = "enroll" (the agent adds it to lab.toml).
         self.on_unknown: Callable[[str], object] | None = None
         #: Who is at which address, learned at run time (leases, requests, neighbours).
         self.evidence = EvidenceBook()
-        #: Addresses the neighbour table had no entry for, and when it was read (see
-        #: learn_neighbour): a client off the segment must not cost a read per request either.
-        self._no_neighbour: dict[IPv4Address, float] = {}
         self._lab = LabView.of(config)
 
     @property
@@ -130,6 +145,8 @@ class Inventory:
         say what it is, what happens next and how to enroll it (the user should never have to
         dig a MAC out of "unexpected end of JSON input"); under [boot] unknown = "enroll" the
         agent is told to enroll it."""
+        if unicast_mac_problem(mac) is not None:
+            return False  # a multicast, broadcast or zero MAC is no machine: never recorded
         lab = self._lab
         if arch is None:
             first_time = self._store.record_seen(mac, None, None)
@@ -175,47 +192,112 @@ class Inventory:
         """Evidence that `mac` is at `ip` (core.evidence says which sources count)."""
         self.evidence.add(mac, ip, source)
 
-    def learn_neighbour(self, ip: IPv4Address) -> str | None:
-        """Read the kernel's neighbour entry for `ip` (a client on the lab's segment that just
-        talked to us has one) and keep it as evidence; the MAC it names, or None.
+    def neighbour_at(self, ip: IPv4Address) -> str | None:
+        """The MAC the kernel's neighbour entry on the lab interface has for `ip` (a client on
+        the lab's segment that just talked to us over TCP has one; a routed one never does).
 
-        A neighbour entry read less than NEIGHBOUR_FRESH seconds ago is taken as it is: the
-        neighbour table is a file to read and parse (/proc/net/arp), which cost the iPXE script
-        endpoint a third of its requests per second when read on every request (bench/)."""
+        A read less than NEIGHBOUR_FRESH seconds old is taken as it is, entries and misses alike:
+        the neighbour table is a file to read and parse (/proc/net/arp), which cost the iPXE
+        script endpoint a third of its requests per second when read on every request (bench/)."""
         now = self.evidence.now()
-        known = self.evidence.at(ip)
-        fresh = known is not None and now - known.time < NEIGHBOUR_FRESH
-        if known is not None and fresh and known.source is Source.NEIGHBOUR:
-            return known.mac
-        if now - self._no_neighbour.get(ip, -NEIGHBOUR_FRESH) < NEIGHBOUR_FRESH:
-            return None
-        mac = neighbour_mac(str(ip))
+        cached = self._neighbours.get(ip)
+        if cached is not None and now - cached[1] < NEIGHBOUR_FRESH:
+            return cached[0]
+        mac = neighbour_mac(str(ip), device=self.link.interface)
+        if len(self._neighbours) >= MAX_ADDRESSES:
+            self._neighbours.clear()
+        self._neighbours[ip] = (mac, now)
+        return mac
+
+    def learn_neighbour(self, ip: IPv4Address) -> str | None:
+        """Read the neighbour entry for `ip` (neighbour_at) and keep it as evidence; its MAC."""
+        mac = self.neighbour_at(ip)
         if mac is not None:
-            self._no_neighbour.pop(ip, None)
-            self.evidence.add(mac, ip, Source.NEIGHBOUR)
-        else:
-            if len(self._no_neighbour) >= MAX_ADDRESSES:
-                self._no_neighbour.clear()
-            self._no_neighbour[ip] = now
+            known = self.evidence.at(ip)
+            if known is None or known.mac != mac:
+                self.evidence.add(mac, ip, Source.NEIGHBOUR)
         return mac
 
     def evidence_at(self, ip: IPv4Address) -> AddressEvidence | None:
-        """The best evidence of who is at `ip`: a reservation in lab.toml, else the latest
-        learned, else the kernel's neighbour entry (kept from then on)."""
-        lab = self._lab
-        reserved = lab.by_ip.get(ip)
+        """The best evidence of who is at `ip`: the kernel's neighbour entry when it has one
+        (what is there now: it outranks a reservation, which only says who *should* be there),
+        else a reservation in lab.toml, else what was learned (leases, DHCP requests)."""
+        if self.learn_neighbour(ip) is not None:
+            return self.evidence.at(ip)
+        reserved = self._lab.by_ip.get(ip)
         if reserved is not None:
             # The time a reservation was known from is not kept: 0 says "always".
             return AddressEvidence(reserved, ip, Source.RESERVATION, 0.0)
-        learned = self.evidence.at(ip)
-        if learned is None and self.learn_neighbour(ip) is not None:
-            learned = self.evidence.at(ip)
-        return learned
+        return self.evidence.at(ip)
 
     def mac_at(self, ip: IPv4Address) -> str | None:
         """The MAC at `ip` by the best evidence (see evidence_at)."""
         evidence = self.evidence_at(ip)
         return evidence.mac if evidence is not None else None
+
+    # -- who may have a machine's secrets (core.trust, SECURITY.md)
+
+    def prove(
+        self, ip: IPv4Address | None, claimed: str | None = None, *, strict: bool = True
+    ) -> Verdict:
+        """Which machine the evidence says is asking from `ip`, or why none.
+
+        `claimed`: the MAC the request names (a URL, a query), which must be the one found.
+        `strict` (TCP requests): the kernel's neighbour entry on the lab interface must name
+        the machine; the kernel resolved the peer to answer it, so it has one for any on-link
+        client. Not strict (UDP: a TFTP request, a syslog line, to which nothing was sent yet):
+        without a neighbour entry, our DHCP evidence or a reservation names it."""
+        if ip is None:
+            return Verdict(None, Refusal.NO_EVIDENCE)
+        if not self.link.on_link(ip):
+            return Verdict(None, Refusal.OFF_LINK)
+        seen = self.learn_neighbour(ip)
+        mac = seen
+        if mac is None and not strict:
+            evidence = self.evidence_at(ip)
+            mac = evidence.mac if evidence is not None else None
+        if mac is None:
+            return Verdict(None, Refusal.NO_EVIDENCE)
+        if claimed is not None and claimed != mac:
+            return Verdict(None, Refusal.NOT_OWNER, seen_mac=seen)
+        return Verdict(mac, None, seen_mac=seen)
+
+    def refuse(
+        self, about: str | None, secret: str, ip: IPv4Address | None, verdict: Verdict
+    ) -> str:
+        """Record that `secret` of the machine `about` (None: no machine can be named) was
+        refused to `ip` for `verdict.refusal`: a secret.refused event in that machine's log, or
+        the lab's ("" MAC) when `about` is no machine the lab knows (a stranger must not be able
+        to create machine records), once a minute per refusal; returns the sentence."""
+        reason = verdict.refusal or Refusal.NO_EVIDENCE
+        known = about is not None and (about in self._lab.by_mac or self._store.machine_record(
+            about) is not None)  # fmt: skip
+        what = SECRET_WORDS.get(secret, secret)
+        machine = self._lab.by_mac.get(about) if about else None
+        whose = f"{machine.name if machine else about}'s {what}" if known and about else what
+        seen = ""
+        if reason is Refusal.NOT_OWNER and verdict.seen_mac:
+            seen = f" ({verdict.seen_mac})"
+        sentence = f"refused {whose} to {ip}: {REFUSAL_WORDS[reason]}{seen}"
+        target = about if known and about else ""
+        if self._refusals.first_in_a_while(target, str(ip), secret, reason):
+            log.warning("%s", sentence)
+            fields: dict[str, FieldValue] = {"secret": secret, "ip": str(ip), "reason": str(reason)}
+            if verdict.seen_mac:
+                fields["seen_mac"] = verdict.seen_mac
+            self.lifecycle.note(target, Kind.SECRET_REFUSED, sentence, fields)
+        return sentence
+
+    def boot_token_for(
+        self, mac: str, ip: IPv4Address | None, *, strict: bool = True
+    ) -> str | None:
+        """A new boot token for `mac`'s boot when the evidence says `mac` itself is asking from
+        `ip` (on-link, its neighbour entry); else None, and the refusal is recorded."""
+        verdict = self.prove(ip, mac, strict=strict)
+        if not verdict.proven:
+            self.refuse(mac, "boot-token", ip, verdict)
+            return None
+        return self.tokens.issue(mac)
 
     def dns_records(
         self, appliance: tuple[str, IPv4Address] | None = None

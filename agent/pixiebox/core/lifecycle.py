@@ -79,12 +79,23 @@ class Lifecycle:
                     # The boot's length is a fact of the os.up event (KINDS), not only a metric.
                     fields = {**(fields or {}), "boot_seconds": round(took, 1)}
         event = self._store.add_event(mac, kind, message, now, fields)
+        self._publish(event)
+        return event
+
+    def note(self, mac: str, kind: Kind, message: str, fields: Fields | None = None) -> Event:
+        """An event in `mac`'s log that says nothing about the machine itself (a refusal of
+        its secrets to someone else): neither its state nor when it was last heard changes.
+        `mac` "" is the lab's own log (a refusal no machine can be named for)."""
+        event = self._store.add_event(mac, kind, message, self._clock(), fields)
+        self._publish(event)
+        return event
+
+    def _publish(self, event: Event) -> None:
         for queue in list(self._subscribers):
             if queue.full():
                 with contextlib.suppress(asyncio.QueueEmpty):
                     queue.get_nowait()
             queue.put_nowait(event)
-        return event
 
     def discovered(self, mac: str, message: str, fields: Fields | None = None) -> None:
         """An unknown machine showed up for the first time."""

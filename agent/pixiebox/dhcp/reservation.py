@@ -8,6 +8,9 @@ and the boot file.
 from __future__ import annotations
 
 import logging
+import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
@@ -50,6 +53,48 @@ class BootAnswer:
 
 _LOGGED_ONCE_LIMIT = 4096
 
+#: Refused DECLINEs and RELEASEs logged (and recorded as events) per REFUSALS_PERIOD seconds at
+#: most: anyone on the segment can send them as fast as the link carries them, and neither the
+#: log nor the event table may grow with that. The first line after a quiet spell says how many
+#: were left out.
+REFUSALS_LOGGED = 10
+REFUSALS_PERIOD = 60.0
+
+
+def client_id(request: Packet) -> str:
+    """The client identifier (option 61) as hex, "" when the client sent none."""
+    return request.options.get(Opt.CLIENT_ID, b"").hex()
+
+
+class RefusalLog:
+    """Whether one more refusal may be logged now (see REFUSALS_LOGGED)."""
+
+    def __init__(
+        self,
+        per_period: int = REFUSALS_LOGGED,
+        period: float = REFUSALS_PERIOD,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.per_period = per_period
+        self.period = period
+        self._clock = clock
+        self._start = -math.inf
+        self._logged = 0
+        self._left_out = 0
+
+    def admit(self) -> int | None:
+        """None: stay quiet about this one; else how many were left out before it."""
+        now = self._clock()
+        if now - self._start >= self.period:
+            self._start = now
+            self._logged = 0
+        if self._logged >= self.per_period:
+            self._left_out += 1
+            return None
+        self._logged += 1
+        left_out, self._left_out = self._left_out, 0
+        return left_out
+
 
 class ReservationHandler:
     mode: str = "reservation"
@@ -63,6 +108,7 @@ class ReservationHandler:
         self.book = book
         self.subnet = subnet
         self._told: set[str] = set()
+        self._refusals = RefusalLog()
         book.set_reservations(inventory.machines())
 
     @property
@@ -120,29 +166,74 @@ class ReservationHandler:
         if kind is MessageType.REQUEST:
             return self._request(request, mac, machine)
         if kind is MessageType.RELEASE:
-            if request.server_id in (None, self.server_ip) and self.book.release(
-                mac, request.ciaddr
-            ):
-                log.info("%s released %s", self._who(mac, machine), request.ciaddr)
-                self._record(mac, BootAnswer(), f"released {request.ciaddr}", request.ciaddr,
-                             "released")  # fmt: skip
+            self._release(request, mac, machine)
             return None
         if kind is MessageType.DECLINE:
-            declined = request.requested_ip
-            if request.server_id == self.server_ip and declined is not None:
-                self.book.decline(mac, declined)
-                log.warning(
-                    "%s declined %s: another host on the LAN is using that address; it is "
-                    "taken out of use for 10 minutes; find that host",
-                    self._who(mac, machine),
-                    declined,
-                )
-                self._record(mac, BootAnswer(), f"declined {declined}: another host uses it",
-                             declined, "declined")  # fmt: skip
+            self._decline(request, mac, machine)
             return None
         if kind is MessageType.INFORM:
             return self._inform(request, mac, machine)
         return None
+
+    # A DECLINE or RELEASE reaches a handler only from the lab interface: the server's sockets
+    # are bound to it (server.DhcpServer.start, SO_BINDTODEVICE). Within the segment, DHCP has
+    # no proof of the sender, so the lease book honours them only from the lease's holder
+    # (leases.AddressBook.holds: chaddr and client identifier) and the rest is refused here.
+
+    def _release(self, request: Packet, mac: str, machine: MachineSection | None) -> None:
+        """RFC 2131 4.3.4: the client gives its address (ciaddr) back."""
+        if request.server_id not in (None, self.server_ip):
+            return  # a lease of another server's
+        ip = request.ciaddr
+        if not self.book.release(mac, ip, client_id(request)):
+            self._refuse(request, mac, machine, "RELEASE", ip)
+            return
+        log.info("%s released %s", self._who(mac, machine), ip)
+        self._record(mac, BootAnswer(), f"released {ip}", ip, "released")
+
+    def _decline(self, request: Packet, mac: str, machine: MachineSection | None) -> None:
+        """RFC 2131 4.3.3: the client found the address it was just given (option 50) in use by
+        another host, so the address is quarantined (leases.DECLINE_QUARANTINE)."""
+        declined = request.requested_ip
+        if request.server_id != self.server_ip or declined is None:
+            return  # another server's offer, or no address named (4.3.3 requires both)
+        if not self.book.decline(mac, declined, client_id(request)):
+            self._refuse(request, mac, machine, "DECLINE", declined)
+            return
+        log.warning(
+            "%s declined %s: another host on the LAN is using that address; it is taken out "
+            "of use for %s; find that host",
+            self._who(mac, machine),
+            declined,
+            wording.span(self.book.quarantine),
+        )
+        self._record(mac, BootAnswer(), f"declined {declined}: another host uses it",
+                     declined, "declined")  # fmt: skip
+
+    def _refuse(
+        self, request: Packet, mac: str, machine: MachineSection | None, what: str, ip: IPv4Address
+    ) -> None:
+        """A DECLINE or RELEASE not from the lease's holder: nothing changes, and it is said in
+        the log, rate-limited (RefusalLog). It is a dhcp.refused event in the log of the machine
+        whose MAC it carries only when the lab knows that MAC (enrolled, or seen before), and
+        recorded without touching that machine's state or last-seen time: a forger must not be
+        able to create machine records, fill the event table or make a machine look alive."""
+        left_out = self._refusals.admit()
+        if left_out is None:
+            return
+        why = self.book.not_holder(mac, ip, client_id(request))
+        verb, clause = ("decline", "4.3.3") if what == "DECLINE" else ("release", "4.3.4")
+        sentence = (
+            f"ignored a DHCP{what} for {ip} sent with the MAC of {self._who(mac, machine)}: "
+            f"{why}; only a lease's holder may {verb} it (RFC 2131 {clause}), so nothing "
+            "changes; a host on the lab LAN sent a forged or stale message"
+        )
+        if left_out:
+            sentence += f" ({left_out} more refusals were not logged)"
+        log.warning("%s", sentence)
+        if machine is not None or mac in self.inventory.lifecycle.records():
+            fields: dict[str, FieldValue] = {"reason": f"{verb}-not-holder", "ip": str(ip)}
+            self.inventory.lifecycle.note(mac, Kind.DHCP_REFUSED, sentence, fields)
 
     def _discover(self, request: Packet, mac: str, machine: MachineSection | None) -> Packet | None:
         boot = self._boot(request)
@@ -184,7 +275,7 @@ class ReservationHandler:
             return self._nak(request, f"{ip} is not yours; ask again (DHCPDISCOVER)")
         boot = self._boot(request)
         lease_time = self.inventory.config.network.lease_time
-        self.book.bind(mac, ip, lease_time)
+        self.book.bind(mac, ip, lease_time, client_id(request))
         self.inventory.learn(mac, ip, Source.LEASE)
         reply = self._lease_reply(request, MessageType.ACK, ip, machine)
         self._add_boot(reply, boot)

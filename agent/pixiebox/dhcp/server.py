@@ -13,6 +13,7 @@ from collections.abc import Callable
 from ipaddress import IPv4Address
 from typing import Protocol
 
+from pixiebox.config.values import unicast_mac_problem
 from pixiebox.dhcp.codec import (
     BOOTREQUEST,
     DecodeError,
@@ -177,6 +178,13 @@ class DhcpServer:
             kind = request.message_type
             if request.op != BOOTREQUEST or kind is None:
                 self.stats["ignored"] += 1
+                return None
+            problem = request.htype == 1 and unicast_mac_problem(request.chaddr[:6].hex(":"))
+            if problem:
+                # A group or zero chaddr is no card's (forged or broken): no machine record,
+                # no lease, no boot file; debug only, so a flood of them cannot fill the log.
+                self.stats["not-unicast"] += 1
+                log.debug("DHCP %s from %s:%d not answered: %s", kind.name, *source, problem)
                 return None
             self.by_type[kind.name] += 1
             reply = self.handler.handle(request, port)

@@ -5,6 +5,12 @@ Over UDP, and over TCP for TCP clients and for answers an upstream truncated (RF
 the next one, and when every upstream fails the client gets SERVFAIL instead of silence. The
 number of queries in flight is bounded, so a flood (or a dead upstream) costs a bounded number
 of sockets and tasks.
+
+Only for sources in `forward_for` (`ForwardFor`, the lab's subnet unless lab.toml's `[dns]
+forward_for` says otherwise): anyone else who reaches the server gets REFUSED for a name that
+is not the lab's. A resolver that recurses for any source is an open resolver: a routed host
+(another VLAN, a VPN, a port forward gone wrong) could use the appliance to resolve, to probe
+what the upstream answers, or to reflect traffic at a spoofed address.
 """
 
 from __future__ import annotations
@@ -14,10 +20,11 @@ import contextlib
 import logging
 import secrets
 import socket
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 from pixiebox.dns.wire import (
@@ -37,6 +44,12 @@ log = logging.getLogger("pixiebox.dns")
 #: Forwarded queries in flight at once; past this a query is answered SERVFAIL at once, so a
 #: flood (or a dead upstream) costs a bounded number of sockets and tasks.
 MAX_FORWARDS = 256
+#: One log line per refused source per this many seconds: a refusal is not an event of its own
+#: (a flood of queries would fill the log and the event table), the first one a minute is.
+REFUSAL_LOG_EVERY = 60.0
+#: Sources whose last refusal line is remembered; a flood from more (spoofed) addresses than
+#: this within REFUSAL_LOG_EVERY costs no more memory, and gets one summary line a minute.
+REFUSAL_LOG_SOURCES = 1024
 
 
 @dataclass(slots=True)
@@ -47,6 +60,78 @@ class Forward:
     request: Any  # dnslib DNSRecord
     question: bytes  # the question section, lowercased: what an upstream answer must echo
     udp_size: int  # what the client can take over UDP
+
+
+class ForwardFor:
+    """Which sources may have names forwarded: `networks()` is read on every refusal check (it is
+    the current lab.toml's list, so a reload applies at once) and compiled again only when what
+    it returns changes. Refusals are logged at most once per source per REFUSAL_LOG_EVERY."""
+
+    def __init__(
+        self,
+        networks: Callable[[], Sequence[IPv4Network]],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.networks = networks
+        self.clock = clock
+        self._current: tuple[IPv4Network, ...] = ()
+        self._masks: tuple[tuple[int, int], ...] = ()
+        #: source -> when its last line was logged; oldest line first (insertion order).
+        self._logged: dict[str, float] = {}
+        self._summary_at: float | None = None
+
+    def current(self) -> tuple[IPv4Network, ...]:
+        networks = tuple(self.networks())
+        if networks != self._current:
+            self._current = networks
+            self._masks = tuple((int(n.network_address), int(n.netmask)) for n in networks)
+        return self._current
+
+    def allows(self, host: str) -> bool:
+        """May `host` (the source address of a query) have a name forwarded?"""
+        self.current()
+        try:
+            address = int(IPv4Address(host))
+        except ValueError:
+            return False
+        return any(address & mask == network for network, mask in self._masks)
+
+    def refused(self, host: str, name: str) -> None:
+        """Log the refusal of `name` for `host`, unless `host` had its line within the minute."""
+        now = self.clock()
+        logged = self._logged
+        # Forget lines older than the window, oldest first (insertion order is logging order).
+        while logged:
+            oldest = next(iter(logged))
+            if now - logged[oldest] < REFUSAL_LOG_EVERY:
+                break
+            del logged[oldest]
+        if host in logged:
+            return  # counted in the server's stats; its line was logged within the minute
+        if len(logged) >= REFUSAL_LOG_SOURCES:
+            if self._summary_at is None or now - self._summary_at >= REFUSAL_LOG_EVERY:
+                self._summary_at = now
+                log.warning(
+                    "DNS: refusing to forward names for more than %d sources a minute (a flood, "
+                    "perhaps from spoofed addresses); for a minute, refusals for further "
+                    "sources are only counted (outcome 'refused' of pixiebox_dns_queries)",
+                    REFUSAL_LOG_SOURCES,
+                )
+            return
+        logged[host] = now
+        allowed = ", ".join(map(str, self.current())) or "nowhere"
+        log.warning(
+            "DNS: refused to forward %s for %s: the appliance resolves other names only for "
+            "%s (lab names are still answered). If %s should use it as its resolver, add its "
+            "network to [dns] forward_for in lab.toml; further refusals for %s are logged at "
+            "most once a minute",
+            name,
+            host,
+            allowed,
+            host,
+            host,
+        )
 
 
 class _UpstreamEndpoint(asyncio.DatagramProtocol):

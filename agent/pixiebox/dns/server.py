@@ -14,12 +14,12 @@ import logging
 import socket
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 from dnslib import DNSRecord  # type: ignore[import-untyped]
 
-from pixiebox.dns.forward import MAX_FORWARDS, Forward, Forwarder
+from pixiebox.dns.forward import MAX_FORWARDS, Forward, Forwarder, ForwardFor
 from pixiebox.dns.wire import (
     BADVERS,
     CLASS_IN,
@@ -30,6 +30,7 @@ from pixiebox.dns.wire import (
     ONE_QUESTION,
     OPT_DO,
     OPT_PLAIN,
+    REFUSED,
     TYPE_OPT,
     empty_reply,
     error_reply,
@@ -54,13 +55,16 @@ BATCH = 64
 
 
 class DnsServer:
-    """Answers `<name>.<domain>` from `records()` and forwards the rest to `upstreams`.
+    """Answers `<name>.<domain>` from `records()` to anyone, and forwards the rest to
+    `upstreams` for sources in `forward_for()` only (REFUSED for any other: no open resolver).
 
     `records()` is called for every query (it is the inventory's current view, cheap) and maps
     short names ("c1", the appliance's own name) to addresses; answers are rebuilt only when
     what it returns has other contents (a new mapping, or the same dict changed in place).
     `port` 0 picks a free port (the same one for UDP and TCP); `port` holds it after start().
     `max_forwards` bounds forwarded queries in flight; `upstream_port` is where upstreams listen.
+    `forward_for()` is read whenever a query would be forwarded (the current lab.toml's list,
+    so a reload applies at once); an empty list forwards for nobody.
     """
 
     def __init__(
@@ -69,6 +73,7 @@ class DnsServer:
         domain: str,
         records: Callable[[], Mapping[str, IPv4Address]],
         upstreams: Sequence[IPv4Address],
+        forward_for: Callable[[], Sequence[IPv4Network]],
         listen_ip: str = "0.0.0.0",
         port: int = DNS_PORT,
         interface: str | None = None,
@@ -92,6 +97,7 @@ class DnsServer:
         self.upstream_port = upstream_port
         self.stats: Counter[str] = Counter()
         self.names = LabNames(labels, records, ttl)
+        self.forward_for = ForwardFor(forward_for)
         self.forwarder = Forwarder(
             self.upstreams,
             stats=self.stats,
@@ -141,13 +147,16 @@ class DnsServer:
             raise
         self.port = port
         upstreams = ", ".join(map(str, self.upstreams)) or "nowhere (no upstreams)"
+        clients = ", ".join(map(str, self.forward_for.current())) or "nobody"
         log.info(
-            "DNS for *.%s on %s%s port %d (UDP, TCP); other names are forwarded to %s",
+            "DNS for *.%s on %s%s port %d (UDP, TCP); other names are forwarded to %s for "
+            "clients in %s (REFUSED for others)",
             self.domain,
             self.listen_ip,
             f"%{self.interface}" if self.interface else "",
             port,
             upstreams,
+            clients,
         )
 
     def _tcp_socket(self, port: int) -> socket.socket:
@@ -328,6 +337,12 @@ class DnsServer:
             if not tcp and end is not None and len(packed) > udp_size(opt):
                 return truncated(packed, data[12:end])
             return packed
+        if not self.forward_for.allows(source[0]):
+            # Not the lab's name, and not a lab client: recursion is refused (RFC 1035 section
+            # 4.1.1, RCODE 5), no open resolver. The reply is no larger than the query, so a
+            # spoofed source gains no amplification from it.
+            self.forward_for.refused(source[0], str(question.qname))
+            return self._reject(request, REFUSED, opt, "refused")
         end = question_end(data)
         if end is None:
             # A compressed or odd question name: no client sends one, and an upstream's answer

@@ -265,6 +265,22 @@ def _after_kernel(
     with_initrd = Kind.HTTP_INITRD in kinds or Kind.HTTP_PXELINUX in kinds
     sent = "kernel and initrd" if with_initrd else "kernel"
     files = f"the {sent}"
+    after = attempt[attempt.index(last_step) + 1 :]
+    # Its own OS (the refusal names its MAC at the address) was refused its metadata: the OSIE
+    # waits for it forever, so that, not the console, is the answer.
+    refused = next(
+        (e for e in reversed(after) if e.kind == Kind.SECRET_REFUSED
+         and e.get("secret") == "metadata" and e.get("seen_mac") == c.mac),
+        None,
+    )  # fmt: skip
+    if refused is not None:
+        return (
+            f"{c.name} received {files} and its OS started, but the appliance refused it its "
+            f"metadata at {_clock(refused.time, c.now)} ({refused.get('reason')}): "
+            f"{refused.message}. The OS waits for it; boot the machine again through Pixiebox "
+            "(its iPXE script hands it a new boot token).",
+            False,
+        )
     if quiet < c.boot_timeout:
         return (
             f"{c.name} is still booting: {files} were sent {wording.span(quiet)} ago; the OS "
@@ -272,7 +288,6 @@ def _after_kernel(
             "calling it failed). Run it again in a minute.",
             False,
         )
-    after = attempt[attempt.index(last_step) + 1 :]
     sign = next((e for e in after if e.kind in _OS_SIGNS), None)
     if sign is not None:
         return (

@@ -11,7 +11,6 @@ import contextlib
 import hmac
 import json
 import logging
-import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
@@ -28,6 +27,7 @@ from starlette.routing import Route
 
 from pixiebox import doctor
 from pixiebox.config import normalize_mac, split_listen
+from pixiebox.config.values import unicast_mac
 from pixiebox.core.decision import decide
 from pixiebox.core.inventory import Inventory
 from pixiebox.core.lifecycle import MachineState
@@ -37,6 +37,7 @@ from pixiebox.power.base import PowerAction, PowerState
 from pixiebox.power.controller import NoPowerControl, PowerBusy, PowerController
 from pixiebox.power.lab import LabReport, LabRequest, lab_down, lab_up
 from pixiebox.power.views import PowerOutcome, PowerView, derived_power
+from pixiebox.store.private import FILE_MODE, private_dir, replace_file, tighten
 from pixiebox.store.state import MachineRecord
 
 log = logging.getLogger("pixiebox.api")
@@ -47,19 +48,18 @@ SSE_KEEPALIVE = 15.0
 
 
 def ensure_token(path: Path) -> str:
-    """The API token, created (random, mode 0600) when the file does not exist yet."""
+    """The API token, created (random, mode 0600 whatever the umask: whoever reads it can
+    change the lab) when the file does not exist yet; an existing one is set back to 0600."""
     try:
         token = path.read_text().strip()
         if token:
+            tighten(path, FILE_MODE)
             return token
     except FileNotFoundError:
         pass
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent, tighten_existing=False)  # may be shared (/var/lib/pixiebox)
     token = secrets.token_urlsafe(32)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w") as file:
-        file.write(token + "\n")
-    os.chmod(path, 0o600)
+    replace_file(path, token + "\n")
     log.info("created the API token in %s (mode 0600)", path)
     return token
 
@@ -238,6 +238,13 @@ class _Handlers:
         events = self.inventory.lifecycle.events(view.mac, after=after)
         return _json([event_view(self.inventory, e) for e in events])
 
+    async def lab_events(self, request: Request) -> Response:
+        """The lab's own log (MAC ""): refusals of secrets no machine could be named for, e.g.
+        a routed host asking for /metadata (core.trust)."""
+        after = int(request.query_params.get("after", "0") or 0)
+        events = self.inventory.lifecycle.events("", after=after)
+        return _json([event_view(self.inventory, e) for e in events])
+
     async def machine_doctor(self, request: Request) -> Response:
         """Why did (or didn't) this machine boot: its last boot attempts and a verdict."""
         key = str(request.path_params["key"])
@@ -265,9 +272,9 @@ class _Handlers:
                           "(the token is in [api] token_file)")  # fmt: skip
         raw = str(request.path_params["mac"])
         try:
-            mac = normalize_mac(raw)
-        except ValueError:
-            return _error(400, f"{raw!r} is not a MAC address")
+            mac = unicast_mac(raw)  # never a multicast, broadcast or zero MAC
+        except ValueError as exc:
+            return _error(400, str(exc))
         try:
             body = await request.body()
             wanted = EnrollRequest.model_validate_json(body or b"{}")
@@ -462,6 +469,13 @@ def openapi_document() -> dict[str, Any]:
                     },
                 }
             },
+            "/api/v1/lab/events": {
+                "get": {
+                    "summary": "the lab's own log, oldest first: refusals of secrets no "
+                    "machine could be named for (SECURITY.md)",
+                    "responses": {"200": ok({"type": "array", "items": ref("EventView")})},
+                }
+            },
             "/api/v1/machines/{key}/doctor": {
                 "get": {
                     "summary": "why did (or didn't) the machine boot: its last boot attempts "
@@ -539,6 +553,7 @@ def api_app(state: ApiState) -> Starlette:
         Route("/api/v1/machines/{key}/doctor", handlers.machine_doctor, methods=["GET"]),
         Route("/api/v1/machines/{mac}/enroll", handlers.enroll, methods=["POST"]),
         Route("/api/v1/machines/{key}/power", handlers.power, methods=["POST"]),
+        Route("/api/v1/lab/events", handlers.lab_events, methods=["GET"]),
         Route("/api/v1/lab/up", handlers.lab_up, methods=["POST"]),
         Route("/api/v1/lab/down", handlers.lab_down, methods=["POST"]),
         Route("/api/v1/events", handlers.events, methods=["GET"]),

@@ -17,7 +17,6 @@ trailing-slash redirects are off and `//` inside an asset path is accepted as `/
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -41,12 +40,13 @@ from pixiebox.boot.pxelinux import pxelinux_for
 from pixiebox.config import LabConfig, normalize_mac
 from pixiebox.core import wording
 from pixiebox.core.decision import Silence
-from pixiebox.core.evidence import Source
 from pixiebox.core.firmware import DEFAULT_ARCH, ArchInfo, Assets, arch_info
 from pixiebox.core.inventory import Inventory
+from pixiebox.core.trust import Verdict
 from pixiebox.core.urls import BootUrls
 from pixiebox.events import Fields, Kind
 from pixiebox.http.metadata import metadata_response
+from pixiebox.http.phonehome import phone_home_response
 from pixiebox.http.server import PATHSEND
 from pixiebox.net import paths
 from pixiebox.store.identity import IdentityStore
@@ -138,6 +138,12 @@ def client_ip(request: Request) -> IPv4Address | None:
         return IPv4Address(client.host)
     except ValueError:
         return None
+
+
+def bearer_token(request: Request) -> str | None:
+    """The boot token an OS presents (`Authorization: Bearer <token>`, core.trust)."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
 
 
 #: net.paths' refusals as (HTTP status, the log's words): a name that cannot mean a file is a
@@ -310,8 +316,12 @@ class _Handlers:
                 DEFAULT_ARCH.label,
             )
             arch = DEFAULT_ARCH
-        if ip is not None:  # the URL's MAC is only a claim; the neighbour entry is evidence
-            self.inventory.learn_neighbour(ip)
+        # The URL's MAC is only a claim: the script is public (which kernel, which initrds),
+        # but only the machine itself, proven by its neighbour entry, is recorded as booting
+        # and gets a boot token (core.trust): a client naming another MAC moves nothing.
+        owner = self.inventory.prove(ip, mac)
+        if not owner.proven:
+            return self._script_for_a_bystander(mac, arch, ip, owner)
         verdict = self.inventory.decide(mac, arch)
         self.inventory.seen(mac, arch)
         if verdict.silent is Silence.UNKNOWN_IGNORED:
@@ -339,7 +349,10 @@ class _Handlers:
             return _script(ignore_script(mac, reason))
         image, image_name = booted.section, booted.name
         name = verdict.name
-        text = ipxe_script(self.state.urls, image, mac=mac, name=name, image_name=image_name)
+        token = self.inventory.tokens.issue(mac)
+        text = ipxe_script(
+            self.state.urls, image, mac=mac, name=name, image_name=image_name, token=token
+        )
         default = "" if verdict.known else f" (default image {image_name})"
         log.info(
             "%s fetched its iPXE script%s; next: kernel %s", verdict.who, default, image.kernel
@@ -352,6 +365,21 @@ class _Handlers:
              "initrds": ",".join(image.initrd)},
         )  # fmt: skip
         return _script(text)
+
+    def _script_for_a_bystander(
+        self, mac: str, arch: ArchInfo | None, ip: IPv4Address | None, owner: Verdict
+    ) -> Response:
+        """`mac`'s script for a client the evidence does not show to be `mac`: what the script
+        boots is no secret, so it is served, but without a boot token and without recording
+        anything in `mac`'s name; the refusal of the token is recorded."""
+        self.inventory.refuse(mac, "boot-token", ip, owner)
+        decision = self.inventory.decide(mac, arch)
+        booted = decision.image
+        if booted is None:
+            return _script(ignore_script(mac, "no image is booted for this machine here"))
+        return _script(ipxe_script(
+            self.state.urls, booted.section, mac=mac, name=decision.name, image_name=booted.name
+        ))  # fmt: skip
 
     # /assets/{path}
 
@@ -385,7 +413,7 @@ class _Handlers:
                     refused.reason,
                 )
             # The reason (with server paths) goes to the log, not to the client.
-            text = "not found\n" if refused.status == 404 else "refused\n"
+            text = "not found\n" if refused.status == 404 else "access denied\n"
             return PlainTextResponse(text, refused.status)
         role = _file_role(self.inventory.config, requested)
         label = f"the {role[0]} {requested}" if role else f"assets/{requested}"
@@ -474,7 +502,7 @@ class _Handlers:
                 name,
                 hint,
             )
-            return PlainTextResponse(f"no iPXE build named {name!r} here; {hint}\n", 404)
+            return PlainTextResponse("not found\n", 404)  # the hint names a server path
         real = Path(os.path.realpath(found))
         stat_result = real.stat()
         label = f"the iPXE build {name}"
@@ -494,50 +522,18 @@ class _Handlers:
         log.info("%s fetched the SSH keys (%d)", self._describe(client_ip(request)), len(keys))
         return PlainTextResponse("".join(f"{key}\n" for key in keys))
 
-    # /api/v1/phone-home: the booted OS says it is up
+    # /api/v1/phone-home: the booted OS says it is up (http.phonehome)
 
     async def phone_home(self, request: Request) -> Response:
-        """The OS (OSIE, or the demo's test OS) reports that it is up. It is known by its
-        source address (core.evidence: its lease, DHCP request, neighbour entry); `?mac=` helps
-        only when the address tells nothing, and is no evidence of the address.
-
-        An empty body (or `{"state": "up"}`) says the OS is up; the OSIE sends
-        `{"state": "joined"}` once its k3s agent's kubelet answers healthy, which moves the
-        machine to `joined`."""
-        report = await _phone_home_state(request)
-        if report not in _PHONE_HOME_STATES:
-            return PlainTextResponse(report, 400)
-        ip = client_ip(request)
-        mac = self.inventory.mac_at(ip) if ip is not None else None
-        if mac is not None and ip is not None:  # already known there: it confirms the address
-            self.inventory.learn(mac, ip, Source.PHONE_HOME)
-        if mac is None and request.query_params.get("mac"):
-            try:
-                mac = normalize_mac(request.query_params["mac"])
-            except ValueError:
-                return PlainTextResponse("mac is not a MAC address\n", 400)
-        if mac is None:
-            log.warning("%s phoned home, but no machine is known at that address", ip)
-            return PlainTextResponse("unknown machine: boot it through Pixiebox first\n", 404)
-        if report == "joined":
-            self.inventory.record(
-                mac, Kind.OS_JOINED, f"its Kubernetes node is running (kubelet healthy) at {ip}",
-                ip, _address_fields(ip),
-            )  # fmt: skip
-            log.info("%s phoned home: joined Kubernetes", self.inventory.describe_address(ip)
-                     if ip else self.inventory.name_of(mac))  # fmt: skip
-            return PlainTextResponse("ok\n")
-        self.inventory.record(mac, Kind.OS_UP, f"the OS is up at {ip}", ip, _address_fields(ip))
-        log.info("%s phoned home: the OS is up", self.inventory.describe_address(ip) if ip
-                 else self.inventory.name_of(mac))  # fmt: skip
-        return PlainTextResponse("ok\n")
+        return await phone_home_response(self.inventory, request, client_ip(request))
 
     # /metadata: the calling machine's own metadata, found by its source address
 
     async def metadata(self, request: Request) -> Response:
         return await metadata_response(
-            self.inventory, self.state.urls, self.state.identities, client_ip(request)
-        )
+            self.inventory, self.state.urls, self.state.identities, client_ip(request),
+            bearer_token(request),
+        )  # fmt: skip
 
     # /pxelinux.cfg/{name}
 
@@ -547,35 +543,6 @@ class _Handlers:
             client_ip(request), self.state.emit,
         )  # fmt: skip
         return PlainTextResponse("not found\n", 404) if text is None else _script(text)
-
-
-def _address_fields(ip: IPv4Address | None) -> Fields:
-    return {"ip": str(ip)} if ip is not None else {}
-
-
-#: What a phone-home may report; the empty body of older clients means "up".
-_PHONE_HOME_STATES = ("up", "joined")
-#: Bytes of a phone-home body read at most: it is one small JSON object.
-_PHONE_HOME_MAX = 4096
-
-
-async def _phone_home_state(request: Request) -> str:
-    """The state a phone-home reports ("up" or "joined"), else the sentence that refuses it."""
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > _PHONE_HOME_MAX:
-            return f"the phone-home body is over {_PHONE_HOME_MAX} bytes\n"
-    if not body.strip():
-        return "up"
-    try:
-        document = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return 'the phone-home body is not JSON; send nothing, or {"state": "up" | "joined"}\n'
-    state = document.get("state", "up") if isinstance(document, dict) else None
-    if state not in _PHONE_HOME_STATES:
-        return f'unknown phone-home state {state!r}; send {{"state": "up" | "joined"}}\n'
-    return str(state)
 
 
 def boot_app(state: BootHttpState) -> Starlette:

@@ -223,10 +223,17 @@ class PathsendProtocol(HttpToolsProtocol):
             cycle.__class__ = _PathsendCycle
 
 
-def listening_socket(host: str, port: int) -> socket.socket:
+def listening_socket(host: str, port: int, device: str | None = None) -> socket.socket:
+    """A listening TCP socket on host:port. `device` (SO_BINDTODEVICE) confines it to one
+    interface: boot HTTP hands out machines' secrets by source address, so it must accept
+    connections only from the lab segment, not from a routed or management network that can
+    reach the appliance's addresses (Linux accepts a packet for any local address on any
+    interface; binding an address alone does not stop that)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if device:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
         sock.bind((host, port))
         sock.listen(socket.SOMAXCONN)
         sock.setblocking(False)
@@ -245,13 +252,27 @@ class BootHttpServer:
     short. start() binds and returns; stop() lets transfers finish for a few seconds, then cuts
     them off at the socket."""
 
-    def __init__(self, app: ASGIApp, host: str, port: int, *, pathsend: bool = True) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        host: str,
+        port: int,
+        *,
+        pathsend: bool = True,
+        device: str | None = None,
+        loopback: bool = False,
+    ) -> None:
         """`pathsend=False` leaves the extension out (files are then copied through Python),
-        for comparisons."""
+        for comparisons. `device` confines the host:port socket to one interface (see
+        listening_socket); `loopback` also listens on 127.0.0.1 at the same port (the API: the
+        appliance's own CLI reaches it there while its lab address is bound to the lab
+        interface)."""
         self.app = app
         self.host = host
         self.port = port
         self.pathsend = pathsend
+        self.device = device
+        self.loopback = loopback
         self._server: uvicorn.Server | None = None
         self._sockets: list[socket.socket] = []
         self._ticker: asyncio.Task[None] | None = None
@@ -275,12 +296,15 @@ class BootHttpServer:
         server.lifespan = config.lifespan_class(config)
         # Our own socket: a port in use or port 80 without privileges becomes an OSError for
         # the agent to explain, instead of uvicorn's sys.exit().
-        sock = listening_socket(self.host, self.port)
-        self._sockets = [sock]
+        self._sockets = [listening_socket(self.host, self.port, self.device)]
         try:
+            if self.loopback:
+                self._sockets.append(listening_socket("127.0.0.1", self.bound_port))
             await server.startup(sockets=self._sockets)
         except BaseException:
-            sock.close()
+            for sock in self._sockets:
+                sock.close()
+            self._sockets = []
             raise
         self._server = server
         # main_loop refreshes the Date header once a second and returns on should_exit.
@@ -289,7 +313,18 @@ class BootHttpServer:
             log.warning(
                 "this event loop has no native sendfile; boot files are copied through Python"
             )
-        log.info("boot HTTP listening on %s:%d", self.host, self.bound_port)
+        log.info("HTTP listening on %s", ", ".join(self.addresses))
+
+    @property
+    def addresses(self) -> list[str]:
+        """Where it listens, as "host:port" or "host:port%device" (for the log)."""
+        found = []
+        for sock in self._sockets:
+            host, port = sock.getsockname()[:2]
+            device = sock.getsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, 16)
+            name = device.rstrip(b"\0").decode()
+            found.append(f"{host}:{port}{f'%{name}' if name else ''}")
+        return found
 
     @property
     def bound_port(self) -> int:

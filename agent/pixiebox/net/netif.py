@@ -42,18 +42,42 @@ def interface_info(name: str) -> InterfaceInfo | None:
     return InterfaceInfo(name, index, mac, tuple(addresses))
 
 
-def neighbour_mac(ip: str, arp_table: Path = Path("/proc/net/arp")) -> str | None:
+#: /proc/net/arp's flag for a resolved entry (ATF_COM, linux/if_arp.h). An entry still being
+#: resolved, or whose resolution failed, lacks it and shows the all-zero MAC.
+_ATF_COM = 0x2
+_NO_MAC = "00:00:00:00:00:00"
+
+
+def neighbour_mac(
+    ip: str, arp_table: Path = Path("/proc/net/arp"), *, device: str | None = None
+) -> str | None:
     """The MAC the kernel last saw at `ip` on a directly attached network (the ARP cache).
 
     In proxy mode the router, not us, hands out addresses; a machine fetching a file over TFTP
-    is then known to us only by its address, and the ARP cache is where its MAC is."""
+    is then known to us only by its address, and the ARP cache is where its MAC is. `device`
+    counts only entries on that interface: an address on another network the appliance is on
+    (a management LAN) is not a machine of the lab, however its MAC looks."""
     try:
-        lines = arp_table.read_text().splitlines()[1:]
+        text = arp_table.read_text()
     except OSError:
         return None
-    for line in lines:
+    return arp_lookup(text, ip, device)
+
+
+def arp_lookup(text: str, ip: str, device: str | None = None) -> str | None:
+    """The MAC of `ip` in the text of /proc/net/arp, complete entries only, on `device` if
+    given. Columns: IP address, HW type, Flags, HW address, Mask, Device."""
+    for line in text.splitlines()[1:]:
         fields = line.split()
-        # IP address, HW type, Flags, HW address, Mask, Device; flags 0x0 = incomplete entry.
-        if len(fields) >= 4 and fields[0] == ip and fields[2] != "0x0":
-            return fields[3].lower()
+        if len(fields) < 6 or fields[0] != ip:
+            continue
+        if device is not None and fields[5] != device:
+            continue
+        try:
+            flags = int(fields[2], 16)
+        except ValueError:
+            continue
+        mac = fields[3].lower()
+        if flags & _ATF_COM and mac != _NO_MAC:
+            return mac
     return None

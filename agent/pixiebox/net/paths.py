@@ -24,8 +24,9 @@ directory) and this module never guesses: a *package directory* (`packaged=True`
 only by the package manager, e.g. /usr/lib/ipxe, whose ipxe.efi is a link to /boot/ipxe.efi.
 There links may lead anywhere readable; the name itself must still stay inside (no `..`).
 
-A refusal carries a short `reason` code, a `detail` for the server's log (it may name server
-paths) and `public`, the only text meant for the client, which names no server path.
+A refusal carries a short `reason` code and a `detail` for the server's log (it may name server
+paths). Neither goes to the client: TFTP and HTTP tell it only "not found" or "access denied"
+(SECURITY.md).
 
 Imports nothing of pixiebox.
 """
@@ -45,14 +46,6 @@ from typing import Literal
 #: unreadable: permission denied or another open error.
 Reason = Literal["no-name", "climbs-out", "outside", "not-a-file", "unreadable"]
 
-_PUBLIC: dict[Reason, str] = {
-    "no-name": "the name is empty or a directory",
-    "climbs-out": "the path contains '..'",
-    "outside": "the path leads outside the served directory",
-    "not-a-file": "not a regular file",
-    "unreadable": "the file cannot be read",
-}
-
 
 class PathRefused(Exception):
     """A name that may not be served: `reason` (see Reason), `detail` for the log; `target`
@@ -66,11 +59,6 @@ class PathRefused(Exception):
         self.detail = detail
         self.target = target
         self.error = error
-
-    @property
-    def public(self) -> str:
-        """What a client may be told: no server path in it."""
-        return _PUBLIC[self.reason]
 
 
 def split(name: str) -> list[str]:

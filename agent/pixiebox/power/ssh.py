@@ -15,14 +15,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from pathlib import Path
 
 import asyncssh
 
 from pixiebox.config.power_options import SshOptions
 from pixiebox.power.base import BaseDriver, PowerAction, PowerTarget, describe
-from pixiebox.store.identity import create_file_once
+from pixiebox.store.private import FILE_MODE, create_file_once, private_dir, tighten
 
 log = logging.getLogger("pixiebox.power.ssh")
 
@@ -41,13 +40,13 @@ def power_key_path(state_dir: Path) -> Path:
 def power_key(state_dir: Path) -> asyncssh.SSHKey:
     """The appliance's power SSH key (ed25519, file 0600 in a 0700 directory), made once."""
     path = power_key_path(state_dir)
+    private_dir(path.parent)
     if not path.exists():
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(path.parent, 0o700)
         key = asyncssh.generate_private_key("ssh-ed25519", comment=KEY_COMMENT)
         if create_file_once(path, key.export_private_key().decode("ascii")):
             log.info("made the appliance's power SSH key %s", path)
     try:
+        tighten(path, FILE_MODE)  # it logs in as root on every node: for no one else's eyes
         return asyncssh.read_private_key(path)
     except (OSError, asyncssh.KeyImportError) as exc:
         raise OSError(

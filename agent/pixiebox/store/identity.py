@@ -19,26 +19,31 @@ joins with; the appliance's k3s server reads the same file (`--agent-token-file`
 
 Each file is written whole to a temporary name, fsynced and then linked into place, so that a
 power cut leaves either no file or a complete one, and two writers cannot both win: the second
-one reads what the first wrote.
+one reads what the first wrote. The modes hold whatever the umask (store.private); the agent
+sets loosened ones back when it starts (`tighten_existing`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import re
 import secrets
-import stat
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from pixiebox.config import normalize_mac
+from pixiebox.config.values import unicast_mac
+from pixiebox.store.private import (
+    DIR_MODE,
+    FILE_MODE,
+    create_file_once,
+    private_dir,
+    tighten,
+)
 
 log = logging.getLogger("pixiebox.store.identity")
 
@@ -46,9 +51,6 @@ HOST_KEY_FILE = "ssh_host_ed25519_key"
 HOST_PUBLIC_FILE = "ssh_host_ed25519_key.pub"
 NODE_PASSWORD_FILE = "k3s-node-password"
 AGENT_TOKEN_FILE = "k3s-agent-token"
-
-DIR_MODE = 0o700
-FILE_MODE = 0o600
 
 #: What a stored node password may look like: k3s compares it as an opaque string; this shape
 #: keeps it one plain word in a file or a YAML line. Made as 32 hex digits.
@@ -117,52 +119,6 @@ def public_line(private_key: str, where: Path | None = None) -> str:
     return data.decode("ascii")
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _ensure_mode(path: Path, mode: int) -> None:
-    """Tighten permissions that someone loosened (a copy, a restore from backup)."""
-    current = stat.S_IMODE(path.stat().st_mode)
-    if current != mode:
-        os.chmod(path, mode)
-        log.warning("%s had mode %o; set it back to %o", path, current, mode)
-
-
-def create_file_once(path: Path, text: str) -> bool:
-    """Write `text` to `path` unless it exists: whole or not at all, mode 0600.
-
-    True when this call created the file, False when another writer got there first (then
-    theirs stands: an identity handed out once must never change)."""
-    temp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-    try:
-        with os.fdopen(fd, "w", encoding="ascii") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temp, FILE_MODE)  # O_CREAT's mode is filtered by the umask
-        try:
-            os.link(temp, path)  # unlike rename, never replaces an existing file
-        except FileExistsError:
-            return False
-        except OSError:
-            # A file system without hard links: rename, which the store's lock serialises
-            # within this agent (and only one agent owns a state directory).
-            if path.exists():
-                return False
-            os.replace(temp, path)
-        _fsync_dir(path.parent)
-        return True
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-
-
 def _secret(
     path: Path, make: Callable[[], str], pattern: re.Pattern[str], what: str, remedy: str
 ) -> tuple[str, bool]:
@@ -218,7 +174,7 @@ class IdentityStore:
         with self._lock:
             if self._agent_token is None:
                 path = self.agent_token_file
-                path.parent.mkdir(parents=True, exist_ok=True)
+                private_dir(path.parent, tighten_existing=False)  # [state] dir: StateStore's
                 token, made = _secret(
                     path, new_agent_token, AGENT_TOKEN, "a k3s agent token",
                     "delete it and restart both the agent and the k3s server so that a new one "
@@ -226,38 +182,56 @@ class IdentityStore:
                 )  # fmt: skip
                 if made:
                     log.info("made the lab's k3s agent token in %s", path)
-                _ensure_mode(path, FILE_MODE)
+                tighten(path, FILE_MODE)
                 self._agent_token = token
             return self._agent_token
 
     def directory(self, mac: str) -> Path:
         """Where `mac`'s identity lives (the MAC is normalised: it is part of a path)."""
-        return self.root / normalize_mac(mac)
+        return self.root / unicast_mac(mac)
 
     def for_machine(self, mac: str) -> NodeIdentity:
         """`mac`'s identity, made now if it has none. Raises ValueError for a string that is
-        not a MAC address, IdentityError when a stored file is unusable."""
-        mac = normalize_mac(mac)
+        not a machine's MAC (malformed, multicast, broadcast or zero: no identity is ever made
+        for an address that stands for many machines or none), IdentityError when a stored
+        file is unusable."""
+        mac = unicast_mac(mac)
         with self._lock:
             found = self._cache.get(mac)
             if found is None:
                 found = self._cache[mac] = self._load_or_create(mac)
             return found
 
-    def _make_dir(self, path: Path) -> None:
-        try:
-            path.mkdir(mode=DIR_MODE)
-        except FileExistsError:
-            pass
-        else:
-            _fsync_dir(path.parent)
-        _ensure_mode(path, DIR_MODE)
+    def tighten_existing(self) -> None:
+        """Set every stored identity file back to 0600 and its directories to 0700, the agent
+        token file too (the agent calls this at start: a copy or a restore from backup loosens
+        modes; `for_machine` does it again for each machine it loads). Makes nothing; a file it
+        cannot change is logged, not fatal: the lab keeps booting."""
+        with self._lock:
+            for path, mode in self._stored():
+                try:
+                    tighten(path, mode)
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    log.warning("cannot set %s to mode %o: %s", path, mode, exc.strerror)
+
+    def _stored(self) -> Iterator[tuple[Path, int]]:
+        yield self.agent_token_file, FILE_MODE
+        if not self.root.is_dir():
+            return
+        yield self.root, DIR_MODE
+        for directory in self.root.iterdir():
+            if directory.is_symlink() or not directory.is_dir():
+                continue
+            yield directory, DIR_MODE
+            for path in directory.iterdir():
+                if path.is_file() and not path.is_symlink():
+                    yield path, FILE_MODE
 
     def _load_or_create(self, mac: str) -> NodeIdentity:
-        self.root.parent.mkdir(parents=True, exist_ok=True)
-        self._make_dir(self.root)
-        directory = self.root / mac
-        self._make_dir(directory)
+        private_dir(self.root)
+        directory = private_dir(self.root / mac)
         made: list[str] = []
 
         key_path = directory / HOST_KEY_FILE
@@ -291,7 +265,7 @@ class IdentityStore:
             made.append("a k3s node password")
 
         for path in (key_path, public_path, password_path):
-            _ensure_mode(path, FILE_MODE)
+            tighten(path, FILE_MODE)
         if made:
             log.info("made %s for %s in %s", " and ".join(made), mac, directory)
         return NodeIdentity(mac, private, public, password)

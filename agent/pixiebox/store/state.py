@@ -29,6 +29,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 from pixiebox.events import LEGACY_KINDS, Event, Fields
+from pixiebox.store.private import private_dir, private_file, tighten_if_present
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS machines (
@@ -53,6 +54,11 @@ CREATE TABLE IF NOT EXISTS events (
     message TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_by_mac ON events (mac, id);
+CREATE TABLE IF NOT EXISTS boot_tokens (
+    mac TEXT PRIMARY KEY,
+    digest TEXT NOT NULL,  -- sha256 of the token in the machine's current boot script
+    issued REAL NOT NULL
+);
 """
 
 #: Columns added after the first release of a table: (table, column, declaration).
@@ -61,6 +67,9 @@ _ADDED_COLUMNS = (
     ("machines", "state_since", "REAL NOT NULL DEFAULT 0"),
     ("machines", "ip", "TEXT NOT NULL DEFAULT ''"),
     ("events", "fields", "TEXT NOT NULL DEFAULT '{}'"),
+    # The lease holder's client identifier (option 61, hex; '' when it sent none): RFC 2131
+    # 4.3.3 / 4.3.4 honour a DECLINE or RELEASE only from the holder (dhcp.leases).
+    ("leases", "client_id", "TEXT NOT NULL DEFAULT ''"),
 )
 
 log = logging.getLogger("pixiebox.store.state")
@@ -106,6 +115,8 @@ class Lease:
     mac: str
     expires: float
     state: str
+    #: The holder's client identifier (option 61) as hex, "" when it sent none.
+    client_id: str = ""
 
     def active(self, now: float) -> bool:
         return self.state == "bound" and self.expires > now
@@ -115,8 +126,13 @@ class StateStore:
     """One SQLite database file under [state] dir."""
 
     def __init__(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
+        private_dir(directory)  # [state] dir: 0700, whatever the umask (store.private)
         self.path = directory / "pixiebox.db"
+        # Made 0600 before SQLite opens it (SQLite would make it 0644), and an existing one set
+        # back: SQLite gives its -wal, -shm and -journal files the database file's own mode.
+        private_file(self.path)
+        for suffix in ("-wal", "-shm", "-journal"):
+            tighten_if_present(self.path.with_name(self.path.name + suffix))
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -268,15 +284,39 @@ class StateStore:
     # leases
 
     def leases(self) -> Iterator[Lease]:
-        for ip, mac, expires, state in self._db.execute(
-            "SELECT ip, mac, expires, state FROM leases"
+        for ip, mac, expires, state, client_id in self._db.execute(
+            "SELECT ip, mac, expires, state, client_id FROM leases"
         ):
-            yield Lease(IPv4Address(ip), mac, expires, state)
+            yield Lease(IPv4Address(ip), mac, expires, state, client_id)
 
     def save_lease(self, lease: Lease) -> None:
         self._write(
-            "INSERT INTO leases (ip, mac, expires, state) VALUES (?, ?, ?, ?) "
+            "INSERT INTO leases (ip, mac, expires, state, client_id) VALUES (?, ?, ?, ?, ?) "
             "ON CONFLICT (ip) DO UPDATE SET mac = excluded.mac, expires = excluded.expires, "
-            "state = excluded.state",
-            (str(lease.ip), lease.mac, lease.expires, lease.state),
+            "state = excluded.state, client_id = excluded.client_id",
+            (str(lease.ip), lease.mac, lease.expires, lease.state, lease.client_id),
         )
+
+    def delete_lease(self, ip: IPv4Address) -> None:
+        """Forget `ip` (a quarantine that ran out or made room: dhcp.leases)."""
+        self._write("DELETE FROM leases WHERE ip = ?", (str(ip),))
+
+    # boot tokens (core.trust): the digest of each machine's current one
+
+    def save_boot_token(self, mac: str, digest: str, issued: float) -> None:
+        self._write(
+            "INSERT INTO boot_tokens (mac, digest, issued) VALUES (?, ?, ?) "
+            "ON CONFLICT(mac) DO UPDATE SET digest = excluded.digest, issued = excluded.issued",
+            (mac, digest, issued),
+        )
+        # Committed before the script carrying the token is sent (core.trust.BootTokens).
+        self.flush()
+
+    def boot_token(self, mac: str) -> tuple[str, float] | None:
+        row = self._db.execute(
+            "SELECT digest, issued FROM boot_tokens WHERE mac = ?", (mac,)
+        ).fetchone()
+        return None if row is None else (str(row[0]), float(row[1]))
+
+    def retire_boot_token(self, mac: str) -> None:
+        self._write("DELETE FROM boot_tokens WHERE mac = ?", (mac,))

@@ -205,16 +205,16 @@ class TftpEngine(Transfers):
     ) -> None:
         self.stats["refused"] += 1
         code = refused.code
-        said = refused.public
-        text = f"Access violation: {said}" if code == ERR_ACCESS else f"Illegal operation: {said}"
-        self._send_error(ip, port, local_ip, code, text)
+        # Only the code's fixed words (packets.CLIENT_TEXT): the reason stays in the log line
+        # and the event, never in the packet.
+        self._send_error(ip, port, local_ip, code)
         event = TftpEvent("refused", ip, port, path, None, refused.reason, refused.why)
         log_refused(event, self.describe(ip), code, upload=upload)
         self._emit(event)
 
     def _not_found(self, ip: str, port: int, local_ip: str, missing: NotFound) -> None:
         self.stats["not_found"] += 1
-        self._send_error(ip, port, local_ip, ERR_NOT_FOUND, "File not found")
+        self._send_error(ip, port, local_ip, ERR_NOT_FOUND)
         path = printable(missing.path)
         if missing.expected is not None:
             event = TftpEvent("not_found", ip, port, path, None, "expected-miss", missing.expected)

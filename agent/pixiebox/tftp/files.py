@@ -42,8 +42,7 @@ def normalise(name: str) -> str:
 
 
 def _refused(refused: PathRefused) -> Refused:
-    why = printable(refused.detail)
-    return Refused(ERR_ACCESS, why, reason=refused.reason, public=refused.public)
+    return Refused(ERR_ACCESS, printable(refused.detail), reason=refused.reason)
 
 
 def generated(content: bytes) -> Source:

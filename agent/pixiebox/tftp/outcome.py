@@ -34,7 +34,9 @@ class TftpEvent:
       "outside" (a link leading out of the root), "no-name", "not-a-file", "unreadable";
     - not_found: "not-found", or "expected-miss" for files firmware asks for first and is fine
       without (autoexec.ipxe, bootsig.bin).
-    `detail` says it for people (the client's error text, the places looked in). `bytes` is
+    `detail` says it for people (the client's error text, the places looked in, where a link
+    led); it may name server paths, so it goes to the log and the event only: the client's
+    ERROR packet carries packets.CLIENT_TEXT's words for its code, nothing else. `bytes` is
     the file's size for sent, else what the client acknowledged before it stopped; `seconds`
     how long the transfer ran; `blksize` the negotiated block size (0: no transfer began)."""
 

@@ -27,17 +27,30 @@ _HEADERS = 32
 _U16 = struct.Struct("!H")
 
 
+#: The only texts a client's ERROR packet carries, by code: RFC 1350's own words, the same for
+#: every request. Why a request failed (a link leading out of the root, the places looked in, a
+#: permission) names server paths and the layout of the assets, which a client on the LAN has
+#: no business learning ("... leads outside /srv/assets (to /etc/shadow)" told a prober which
+#: files exist); the reason goes to the log line and the event's `reason` and `detail`.
+CLIENT_TEXT = {
+    ERR_UNDEFINED: "server error",
+    ERR_NOT_FOUND: "File not found",
+    ERR_ACCESS: "Access violation",
+    ERR_ILLEGAL: "Illegal TFTP operation",
+    ERR_UNKNOWN_TID: "Unknown transfer ID",
+}
+
+
 class Refused(Exception):
     """A request that gets an ERROR `code` (access violation, illegal operation): `reason` is a
-    short code for the event, `why` the log's words (it may name server paths), `public` what
-    the client's ERROR packet says (it never does)."""
+    short code for the event, `why` the log's words (it may name server paths). The client
+    gets only CLIENT_TEXT[code]."""
 
-    def __init__(self, code: int, why: str, *, reason: str = "refused", public: str = "") -> None:
+    def __init__(self, code: int, why: str, *, reason: str = "refused") -> None:
         super().__init__(why)
         self.code = code
         self.why = why
         self.reason = reason
-        self.public = public or why
 
 
 def parse_request(data: bytes) -> tuple[int, str, str, dict[str, str]]:
@@ -105,9 +118,10 @@ def _int(value: str | None) -> int | None:
         return None
 
 
-def error_packet(code: int, message: str) -> bytes:
-    """An ERROR packet (RFC 1350 section 5)."""
-    return struct.pack("!HH", ERROR, code) + message.encode("ascii", "replace") + b"\0"
+def error_packet(code: int) -> bytes:
+    """An ERROR packet (RFC 1350 section 5) with CLIENT_TEXT's words for `code`: there is no
+    way to put anything else in one."""
+    return struct.pack("!HH", ERROR, code) + CLIENT_TEXT[code].encode("ascii") + b"\0"
 
 
 def oack_packet(options: dict[str, str]) -> bytes:

@@ -148,10 +148,10 @@ class Transfers:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._now: Callable[[], float] = time.monotonic
 
-    def _send_error(self, ip: str, port: int, local_ip: str, code: int, message: str) -> None:
+    def _send_error(self, ip: str, port: int, local_ip: str, code: int) -> None:
         try:
             with reply_socket(local_ip, self.interface) as sock:
-                sock.sendto(error_packet(code, message), (ip, port))
+                sock.sendto(error_packet(code), (ip, port))
         except OSError as exc:
             log.debug("TFTP error to %s:%d not sent: %s", ip, port, exc)
 
@@ -172,7 +172,7 @@ class Transfers:
         except OSError as exc:
             source.close()
             log.warning("%s asked for %s over TFTP: cannot answer it: %s", ip, path, exc)
-            self._send_error(ip, port, local_ip, ERR_UNDEFINED, "server error")
+            self._send_error(ip, port, local_ip, ERR_UNDEFINED)
             detail = f"socket error: {exc}"
             self._emit(TftpEvent("aborted", ip, port, path, source.size, "socket-error", detail))
             return
@@ -408,7 +408,7 @@ class Transfers:
             *transfer.client,
         )
         with contextlib.suppress(OSError):
-            transfer.stray.sendto(error_packet(ERR_UNKNOWN_TID, "Unknown transfer ID"), source)
+            transfer.stray.sendto(error_packet(ERR_UNKNOWN_TID), source)
 
     def _socket_error(self, transfer: Transfer, exc: OSError) -> None:
         """A send or receive failed: on the connected socket that is about the client."""

@@ -38,6 +38,7 @@ from typing import Any
 
 from pixiebox.client.api import ApiClient, ApiRefused, ApiUnreachable
 from pixiebox.client.follow import Follower
+from pixiebox.config.schema import DEFAULT_API_PORT
 from pixiebox.events import Kind
 from pixiebox.virtlab import appliance_lab, netns, vm, wake
 
@@ -46,8 +47,10 @@ ROUTER_IP = "10.88.0.1"
 AGENT_IP = "10.88.0.2"
 ROUTER_RANGE = ("10.88.0.100", "10.88.0.199")
 READY = "Pixiebox serving"
-#: The agent's API port in the demo's lab.toml (the demo follows its event stream there).
-API_PORT = 8080
+#: The agent's API port: [api] listen is unset in the demo's lab.toml, so the API answers on
+#: the lab address and on 127.0.0.1 in the agent's namespace, where the demo follows its event
+#: stream and runs the CLI.
+API_PORT = DEFAULT_API_PORT
 DEMO_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPixieboxDemoKeyReplaceMe demo@pixiebox"
 
 
@@ -170,7 +173,6 @@ cmdline = "console=ttyS0"
 listen = ":80"
 
 [api]
-listen = "0.0.0.0:{API_PORT}"
 token_file = "{workdir / "api-token"}"
 
 [state]

@@ -4,7 +4,9 @@ A :class:`Segment` is one isolated L2 network: a "switch" namespace holding a Li
 bridge, plus one namespace per :class:`Host`, each with a veth ``eth0`` whose peer is
 enslaved to the bridge.  Nothing is created in the root namespace: the veth pair is
 created inside the host namespace with its peer placed straight into the switch
-namespace, so deleting the namespaces removes every link.
+namespace, so deleting the namespaces removes every link.  A host may also sit off the
+bridge, on a veth pair to another host (:meth:`Segment.add_linked_host`): a second network of
+that host, or a routed subnet behind a router (:meth:`Segment.add_routed_host`).
 
 Programs (dnsmasq as a home router, the agent, QEMU machines) run inside the namespaces via
 ``ip netns exec``, each in its own session so that it can be killed as a process group.
@@ -25,120 +27,34 @@ import itertools
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
-import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, TypeVar
+from typing import IO, Any
 
-T = TypeVar("T")
-
+# Re-exported (``X as X``): the tests, the demo and the bench import them from here.
+from pixiebox.virtlab.procs import COMMAND_TIMEOUT as COMMAND_TIMEOUT
+from pixiebox.virtlab.procs import KILL_GRACE as KILL_GRACE
+from pixiebox.virtlab.procs import CommandError as CommandError
+from pixiebox.virtlab.procs import kill_process_group as kill_process_group
+from pixiebox.virtlab.procs import run_command as run_command
+from pixiebox.virtlab.procs import tail as _tail
+from pixiebox.virtlab.procs import tool as _tool
+from pixiebox.virtlab.procs import wait_until as wait_until
 
 NS_PREFIX = "pxb"
 #: Prefix of every namespace created by this process (unique per test run).
 RUN_PREFIX = f"{NS_PREFIX}{os.getpid()}-"
 IFACE = "eth0"
 BRIDGE = "br0"
-#: Seconds between SIGTERM and SIGKILL when stopping a process group.
-KILL_GRACE = 3.0
-#: Default bound for one helper command (ip, sysctl, ss, ...).
-COMMAND_TIMEOUT = 15.0
+#: A router's link to the host behind it (Segment.add_routed_host); one per router namespace.
+ROUTED_IFACE = "eth1"
 
 _ROLE_RE = re.compile(r"[a-z][a-z0-9]{0,9}")
 _MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
-
-
-class CommandError(subprocess.CalledProcessError):
-    """A helper command failed; ``str()`` includes its output."""
-
-    def __str__(self) -> str:
-        out = (self.stdout or "").strip()
-        err = (self.stderr or "").strip()
-        return f"{super().__str__()}\nstdout: {out[-2000:]}\nstderr: {err[-2000:]}"
-
-
-# --------------------------------------------------------------------------- processes
-
-
-def run_command(
-    argv: Sequence[str],
-    *,
-    timeout: float = COMMAND_TIMEOUT,
-    check: bool = True,
-    input: str | None = None,
-) -> subprocess.CompletedProcess[str]:
-    """Run ``argv`` in a new session, captured, text mode, killed as a group on timeout."""
-    args = [str(a) for a in argv]
-    proc = subprocess.Popen(
-        args,
-        stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        stdout, stderr = proc.communicate(input=input, timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        kill_process_group(proc)
-        stdout, stderr = proc.communicate()
-        raise subprocess.TimeoutExpired(args, timeout, output=stdout, stderr=stderr) from exc
-    except BaseException:
-        kill_process_group(proc)
-        raise
-    result = subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
-    if check and proc.returncode != 0:
-        raise CommandError(proc.returncode, args, stdout, stderr)
-    return result
-
-
-def kill_process_group(proc: subprocess.Popen[Any], grace: float = KILL_GRACE) -> int | None:
-    """SIGTERM the process group led by ``proc``, wait ``grace`` s, then SIGKILL it.
-
-    Only signals the group while the leader has not been reaped (so the group id
-    cannot have been recycled).  Returns the exit status, or None if it never died.
-    """
-    if proc.poll() is not None:
-        return proc.returncode
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, grace)):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, sig)
-        try:
-            return proc.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            continue
-    return proc.poll()
-
-
-def wait_until(
-    predicate: Callable[[], T | None],
-    timeout: float,
-    interval: float = 0.1,
-    message: str = "",
-) -> T:
-    """Poll ``predicate`` until it returns something truthy; return that value.
-
-    Raises AssertionError (with ``message``) once ``timeout`` seconds have passed.
-    Exceptions raised by the predicate propagate.
-    """
-    interval = max(interval, 0.01)
-    deadline = time.monotonic() + timeout
-    for _ in range(int(timeout / interval) + 2):
-        value = predicate()
-        if value:
-            return value
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            break
-        time.sleep(min(interval, remaining))
-    value = predicate()
-    if value:
-        return value
-    raise AssertionError(f"timed out after {timeout:g}s waiting: {message or predicate!r}")
 
 
 def _ip(*args: str, ns: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -148,14 +64,6 @@ def _ip(*args: str, ns: str | None = None, check: bool = True) -> subprocess.Com
 
 def _sysctl(ns: str, *assignments: str) -> None:
     run_command(["ip", "netns", "exec", ns, "sysctl", "-q", "-w", *assignments])
-
-
-def _tail(path: Path, limit: int = 4000) -> str:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        return f"<cannot read {path}: {exc}>"
-    return data[-limit:].decode("utf-8", "replace")
 
 
 # --------------------------------------------------------------------------- namespaces
@@ -230,18 +138,14 @@ def _netns_problem() -> str | None:
     return None
 
 
-def _tool(name: str) -> str:
-    found = shutil.which(name)
-    if found:
-        return found
-    for base in ("/usr/sbin", "/sbin", "/usr/bin"):
-        candidate = Path(base, name)
-        if candidate.exists():
-            return str(candidate)
-    raise FileNotFoundError(name)
-
-
 # --------------------------------------------------------------------------- segment
+
+
+def _check_link_subnet(subnet: str) -> ipaddress.IPv4Network:
+    network = ipaddress.IPv4Network(subnet)
+    if network.prefixlen > 29:
+        raise ValueError(f"subnet {subnet!r} is too small: need at least a /29")
+    return network
 
 
 @dataclass
@@ -306,6 +210,16 @@ class Host:
 
     def flush_addresses(self) -> None:
         _ip("-4", "addr", "flush", "dev", self.iface, ns=self.name)
+
+    def add_route(self, cidr: str, via: str) -> None:
+        """Route ``cidr`` through the gateway ``via`` (an address on this host's link).
+
+        A segment host that must answer a routed host (:meth:`Segment.add_routed_host`) needs
+        this return route; the lab's namespaces have no default route.
+        """
+        network = ipaddress.IPv4Network(cidr)
+        ipaddress.IPv4Address(via)
+        _ip("route", "add", str(network), "via", via, ns=self.name)
 
     def log_path(self, stem: str) -> Path:
         """A fresh log path for this host in the segment's log directory."""
@@ -375,10 +289,7 @@ class Segment:
     def add_host(self, role: str, mac: str | None = None, ip: str | None = None) -> Host:
         """Create namespace ``<segment>-<role>`` with ``lo`` up and ``eth0`` on the bridge."""
         self._check_open()
-        if not _ROLE_RE.fullmatch(role) or role == "sw":
-            raise ValueError(f"role must match {_ROLE_RE.pattern} and not be 'sw': {role!r}")
-        if any(h.role == role for h in self.hosts):
-            raise ValueError(f"role {role!r} already used in this segment")
+        self._check_role(role)
         if mac is not None:
             mac = mac.lower()
             if not _MAC_RE.fullmatch(mac):
@@ -404,6 +315,79 @@ class Segment:
             lambda: self._link_ready(ns, peer), 5.0, 0.05, f"{ns}: eth0 up and bridge forwarding"
         )
         return host
+
+    def _check_role(self, role: str) -> None:
+        if not _ROLE_RE.fullmatch(role) or role == "sw":
+            raise ValueError(f"role must match {_ROLE_RE.pattern} and not be 'sw': {role!r}")
+        if any(h.role == role for h in self.hosts):
+            raise ValueError(f"role {role!r} already used in this segment")
+
+    def add_routed_host(
+        self, router_role: str, host_role: str, router_ip: str, subnet: str
+    ) -> tuple[Host, Host]:
+        """A host one IPv4 hop away from the segment, behind a router; returns (router, host).
+
+        This is what an off-link source looks like to the agent: its packets arrive from the
+        router's MAC, and no neighbour entry on the segment names its address, so evidence
+        from the neighbour table must never cover it.  The router is an ordinary segment host
+        (namespace ``<segment>-<router_role>``, ``eth0`` on the bridge with ``router_ip``,
+        e.g. "10.84.0.254/24") that forwards IPv4; the host is :meth:`add_linked_host` behind
+        it (``subnet`` "10.85.0.0/24": the router's ``eth1`` 10.85.0.1, the host 10.85.0.5).
+        Segment hosts that must answer it need the return route:
+        ``agent.add_route("10.85.0.0/24", via="10.84.0.254")``.  Both namespaces are removed
+        by :meth:`close`.
+        """
+        self._check_open()
+        self._check_role(host_role)
+        if host_role == router_role:
+            raise ValueError(f"router and host need different roles: {host_role!r}")
+        _check_link_subnet(subnet)
+        router = self.add_host(router_role, ip=router_ip)
+        _sysctl(router.name, "net.ipv4.ip_forward=1")
+        return router, self.add_linked_host(router, host_role, subnet)
+
+    def add_linked_host(
+        self, gateway: Host, role: str, subnet: str, gateway_iface: str = ROUTED_IFACE
+    ) -> Host:
+        """Namespace ``<segment>-<role>`` joined to ``gateway`` by a veth pair outside the
+        bridge: a second network of ``gateway`` (a routed subnet behind a router, a management
+        LAN beside the agent's lab interface).  ``gateway_iface`` (in ``gateway``, at most 15
+        characters, unused there) gets the first address of ``subnet``; the new host's
+        ``eth0`` the fifth, with a default route via the first.  ``gateway`` forwards nothing
+        unless told to (``add_routed_host`` does).  Removed by :meth:`close`.
+        """
+        self._check_open()
+        self._check_role(role)
+        network = _check_link_subnet(subnet)
+        near, far = network[1], network[5]
+        ns = f"{self.id}-{role}"
+        self._add_namespace(ns)
+        _ip(
+            "link", "add", IFACE, "type", "veth",
+            "peer", "name", gateway_iface, "netns", gateway.name,
+            ns=ns,
+        )  # fmt: skip
+        prefix = network.prefixlen
+        _ip("addr", "add", f"{near}/{prefix}", "dev", gateway_iface, ns=gateway.name)
+        _ip("link", "set", gateway_iface, "up", ns=gateway.name)
+        _ip("addr", "add", f"{far}/{prefix}", "dev", IFACE, ns=ns)
+        _ip("link", "set", IFACE, "up", ns=ns)
+        _ip("route", "add", "default", "via", str(near), ns=ns)
+        host = Host(self, role, ns, self._link_mac(ns, IFACE))
+        self.hosts.append(host)
+        wait_until(
+            lambda: (
+                self._operstate(ns, IFACE) == "UP" == self._operstate(gateway.name, gateway_iface)
+            ),
+            5.0,
+            0.05,
+            f"{ns}: veth to {gateway.name} up",
+        )
+        return host
+
+    @staticmethod
+    def _operstate(ns: str, link: str) -> str:
+        return str(json.loads(_ip("-j", "link", "show", "dev", link, ns=ns).stdout)[0]["operstate"])
 
     def _link_ready(self, ns: str, peer: str) -> bool:
         link = json.loads(_ip("-j", "link", "show", "dev", IFACE, ns=ns).stdout)[0]
