@@ -262,6 +262,12 @@ class Inventory:
             return Verdict(None, Refusal.NOT_OWNER, seen_mac=seen)
         return Verdict(mac, None, seen_mac=seen)
 
+    def knows(self, mac: str) -> bool:
+        """Whether `mac` is a machine of the lab: enrolled, or recorded when it asked to boot.
+        Events about others (refusals of what a stranger claimed) go to the lab's own log: a
+        forger must not be able to create machine records."""
+        return mac in self._lab.by_mac or self._store.machine_record(mac) is not None
+
     def refuse(
         self, about: str | None, secret: str, ip: IPv4Address | None, verdict: Verdict
     ) -> str:
@@ -270,8 +276,7 @@ class Inventory:
         the lab's ("" MAC) when `about` is no machine the lab knows (a stranger must not be able
         to create machine records), once a minute per refusal; returns the sentence."""
         reason = verdict.refusal or Refusal.NO_EVIDENCE
-        known = about is not None and (about in self._lab.by_mac or self._store.machine_record(
-            about) is not None)  # fmt: skip
+        known = about is not None and self.knows(about)
         what = SECRET_WORDS.get(secret, secret)
         machine = self._lab.by_mac.get(about) if about else None
         whose = f"{machine.name if machine else about}'s {what}" if known and about else what

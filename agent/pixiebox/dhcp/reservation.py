@@ -231,7 +231,7 @@ class ReservationHandler:
         if left_out:
             sentence += f" ({left_out} more refusals were not logged)"
         log.warning("%s", sentence)
-        if machine is not None or mac in self.inventory.lifecycle.records():
+        if self.inventory.knows(mac):
             fields: dict[str, FieldValue] = {"reason": f"{verb}-not-holder", "ip": str(ip)}
             self.inventory.lifecycle.note(mac, Kind.DHCP_REFUSED, sentence, fields)
 

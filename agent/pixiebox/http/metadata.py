@@ -201,7 +201,7 @@ async def metadata_response(
     # Not enrolled: answer only a machine that booted through Pixiebox (any other device on the
     # LAN has a neighbour entry too, but no business with a node's metadata).
     if not decision.known and (
-        mac not in inventory.lifecycle.records() or decision.silent is Silence.UNKNOWN_IGNORED
+        not inventory.knows(mac) or decision.silent is Silence.UNKNOWN_IGNORED
     ):
         inventory.refuse(None, "metadata", ip, Verdict(None, Refusal.NOT_BOOTED, mac))
         return _not_known(ip)
