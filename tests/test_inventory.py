@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import sqlite3
 from ipaddress import IPv4Address
 from pathlib import Path
 
@@ -119,3 +121,31 @@ def test_the_neighbour_table_is_read_once_per_address_in_a_few_seconds(
     assert inv.learn_neighbour(away) == C1
     assert inv.learn_neighbour(here) == STRANGER
     assert reads == ["10.0.0.50", "10.9.9.9", "10.9.9.9", "10.0.0.50"]
+
+
+def test_a_reply_waits_for_the_one_commit_of_its_loop_turn(tmp_path: Path) -> None:
+    """StateStore.committed: what a reply acknowledges (a boot token) is committed before it
+    leaves, and the requests of one loop turn share one COMMIT."""
+    store = StateStore(tmp_path / "state")
+    reader = sqlite3.connect(store.path)
+
+    def stored() -> int:
+        return int(reader.execute("SELECT count(*) FROM boot_tokens").fetchone()[0])
+
+    async def main() -> list[int]:
+        seen: list[int] = []
+
+        async def reply(mac: str) -> None:
+            store.save_boot_token(mac, "digest", 1.0)
+            seen.append(stored())  # not yet: the turn's transaction is open
+            await store.committed()
+            seen.append(stored())
+
+        await asyncio.gather(reply(C1), reply(STRANGER))
+        return seen
+
+    try:
+        assert asyncio.run(main()) == [0, 0, 2, 2]
+    finally:
+        reader.close()
+        store.close()

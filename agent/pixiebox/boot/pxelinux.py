@@ -106,6 +106,7 @@ def pxelinux_for(
         served = {"file": PXELINUX_DIR + file, "image": image_name, "kernel": found.kernel}
         emit(Kind.HTTP_PXELINUX, mac, f"fetched its pxelinux.cfg for image {image_name}", served)
     token = inventory.tokens.issue(mac)
+    inventory.tokens.flush()  # on disk before the file that carries it is sent
     return pxelinux_config(
         urls, found.section, mac=mac, name=name, image_name=image_name, token=token
     )

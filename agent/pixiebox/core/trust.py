@@ -98,10 +98,20 @@ class BootTokens:
         self._clock = clock
 
     def issue(self, mac: str) -> str:
-        """A new token for `mac`'s boot; the one before it is no longer valid."""
+        """A new token for `mac`'s boot; the one before it is no longer valid. Stored with this
+        loop turn's writes: the caller waits for `committed` (or calls `flush`) before the
+        token leaves."""
         token = secrets.token_urlsafe(24)
         self._store.save_boot_token(mac, _digest(token), self._clock())
         return token
+
+    async def committed(self) -> None:
+        """Return once the tokens issued in this loop turn are on disk."""
+        await self._store.committed()
+
+    def flush(self) -> None:
+        """Commit now (for a caller that cannot wait: the TFTP server's file hook)."""
+        self._store.flush()
 
     def check(self, mac: str, token: str | None) -> Refusal | None:
         """None when `token` is `mac`'s current boot token, else why not."""

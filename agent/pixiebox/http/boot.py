@@ -349,10 +349,6 @@ class _Handlers:
             return _script(ignore_script(mac, reason))
         image, image_name = booted.section, booted.name
         name = verdict.name
-        token = self.inventory.tokens.issue(mac)
-        text = ipxe_script(
-            self.state.urls, image, mac=mac, name=name, image_name=image_name, token=token
-        )
         default = "" if verdict.known else f" (default image {image_name})"
         log.info(
             "%s fetched its iPXE script%s; next: kernel %s", verdict.who, default, image.kernel
@@ -364,7 +360,13 @@ class _Handlers:
             {"file": request.url.path, "image": image_name, "kernel": image.kernel,
              "initrds": ",".join(image.initrd)},
         )  # fmt: skip
-        return _script(text)
+        # The token is on disk before the script that carries it leaves (an appliance restarted
+        # mid-boot still knows it), in the one COMMIT of this loop turn's requests.
+        token = self.inventory.tokens.issue(mac)
+        await self.inventory.tokens.committed()
+        return _script(ipxe_script(
+            self.state.urls, image, mac=mac, name=name, image_name=image_name, token=token
+        ))  # fmt: skip
 
     def _script_for_a_bystander(
         self, mac: str, arch: ArchInfo | None, ip: IPv4Address | None, owner: Verdict
