@@ -149,3 +149,18 @@ def test_a_reply_waits_for_the_one_commit_of_its_loop_turn(tmp_path: Path) -> No
     finally:
         reader.close()
         store.close()
+
+
+def test_an_address_outside_the_lab_subnet_is_never_learned(tmp_path: Path) -> None:
+    """A DHCP REQUEST may name any address; one outside the lab segment is no lab machine's."""
+    config = LabConfig(network={"subnet": "10.0.0.0/24"})
+    store = StateStore(tmp_path / "state")
+    try:
+        inv = Inventory(config, store)
+        inv.learn(C1, IPv4Address("10.9.9.9"), Source.DHCP_REQUEST)
+        assert inv.evidence.of(C1) is None
+        inv.learn(C1, IPv4Address("10.0.0.9"), Source.DHCP_REQUEST)
+        evidence = inv.evidence.of(C1)
+        assert evidence is not None and evidence.ip == IPv4Address("10.0.0.9")
+    finally:
+        store.close()

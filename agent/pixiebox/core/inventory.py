@@ -189,8 +189,10 @@ class Inventory:
     # -- address evidence
 
     def learn(self, mac: str, ip: IPv4Address, source: Source) -> None:
-        """Evidence that `mac` is at `ip` (core.evidence says which sources count)."""
-        self.evidence.add(mac, ip, source)
+        """Evidence that `mac` is at `ip` (core.evidence says which sources count). An address
+        outside the lab subnet is no address of a lab machine: a DHCP REQUEST may name any."""
+        if self.link.on_link(ip):
+            self.evidence.add(mac, ip, source)
 
     def neighbour_at(self, ip: IPv4Address) -> str | None:
         """The MAC the kernel's neighbour entry on the lab interface has for `ip` (a client on
