@@ -603,7 +603,6 @@ def test_one_confinement_rule_for_tftp_and_http(tmp_path: Path) -> None:
             with pytest.raises(paths.PathRefused) as refused:
                 check(root, name)
             assert refused.value.reason == reason, (check, name)
-            assert str(tmp_path) not in refused.value.public
     with pytest.raises(paths.PathRefused):
         paths.open_file(package, "linked.efi")  # not declared a package directory
     linked = paths.open_file(package, "linked.efi", packaged=True)
