@@ -759,6 +759,18 @@ def ipmi_sim(tmp_path: Path) -> Iterator[IpmiSim]:
         log.close()
 
 
+def powered_on(sim: IpmiSim, times: int) -> None:
+    """The fake machine was started `times` times in all. ipmi_sim says "on" once it has
+    started the machine's process; the process writes its line a moment later (CI saw the
+    status first under load), so the file is waited for, bounded."""
+
+    def lines() -> list[str]:
+        return sim.powered.read_text().splitlines() if sim.powered.exists() else []
+
+    netlab.wait_until(lambda: len(lines()) >= times, 10, 0.1, f"the machine started {times}x")
+    assert lines() == ["on"] * times
+
+
 def test_ipmi_against_ipmi_sim(ipmi_sim: IpmiSim, tmp_path: Path) -> None:
     spec = {"driver": "ipmi", "host": "127.0.0.1", "port": ipmi_sim.port, "user": "admin",
             "password": "secret"}  # fmt: skip
@@ -766,12 +778,12 @@ def test_ipmi_against_ipmi_sim(ipmi_sim: IpmiSim, tmp_path: Path) -> None:
     assert run(ipmi.status()) == PowerState.OFF
     run(ipmi.on())
     netlab.wait_until(lambda: run(ipmi.status()) == PowerState.ON, 20, 0.5, "IPMI on")
-    assert ipmi_sim.powered.read_text().splitlines() == ["on"]
+    powered_on(ipmi_sim, 1)
     run(ipmi.off())
     netlab.wait_until(lambda: run(ipmi.status()) == PowerState.OFF, 20, 0.5, "IPMI off")
     run(ipmi.cycle())  # off → "boot" powers it on
     netlab.wait_until(lambda: run(ipmi.status()) == PowerState.ON, 20, 0.5, "IPMI cycle")
-    assert ipmi_sim.powered.read_text().splitlines() == ["on", "on"]
+    powered_on(ipmi_sim, 2)
     wrong = driver({**spec, "password": "wrong", "timeout": 20}, target(tmp_path))
     with pytest.raises(PowerError, match=f"IPMI BMC at 127.0.0.1:{ipmi_sim.port}"):
         run(wrong.status())
