@@ -344,3 +344,32 @@ def test_group_and_zero_macs_are_never_enrolled_answered_or_recorded(
     replies = netlab.pxe_request_4011(forger, AGENT_IP, arch=7, uuid=UUID, client_ip=forger_ip)
     assert [r for r in replies if r.src_ip == AGENT_IP], replies
     netlab.wait_until(lambda: forger_mac in config.read_text(), 10, message="auto-enrollment")
+
+
+def test_bad_parameters_of_a_running_agent_are_400_sentences(
+    netlab_require: object, segment: netlab.Segment, workdir: Path
+) -> None:
+    """Issue 13: `?after=abc` answered 500 with a traceback in the log; every bad parameter is
+    now a 400 naming it (tests/test_api_params.py has the whole list, in-process)."""
+    netlab_require("curl")  # type: ignore[operator]
+    agent = api_agent(segment, workdir, workdir / "api-token", mode="proxy", subnet=SUBNET,
+                      machines=[("c1", C1_MAC, None)])  # fmt: skip
+    base = "http://127.0.0.1:8080/api/v1"
+    cases = [
+        ("after", [f"{base}/machines/c1/events?after=abc"]),
+        ("after", [f"{base}/lab/events?after=-1"]),
+        ("after", [f"{base}/machines/c1/events?after=1{'0' * 30}"]),
+        ("after", [f"{base}/events?after=abc"]),
+        ("Last-Event-ID", ["-H", "Last-Event-ID: x", f"{base}/events"]),
+        ("mac", [f"{base}/events?mac=nonsense"]),
+        ("boot_timeout", [f"{base}/machines/c1/doctor?boot_timeout=soon"]),
+    ]
+    for name, args in cases:
+        said = curl(agent.host, "-w", "\n%{http_code}", *args)
+        body, _, status = said.rpartition("\n")
+        assert status == "400", said
+        error = json.loads(body)["error"]
+        assert error.startswith(name) or f"the {name} header" in error, error
+    good = curl(agent.host, "-w", "\n%{http_code}", f"{base}/machines/c1/events?after=0")
+    assert good.endswith("\n200"), good
+    assert "Traceback" not in agent.text()

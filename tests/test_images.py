@@ -87,7 +87,10 @@ def test_root_keys_follow_the_lab_file(tmp_path: Path) -> None:
     keys = tmp_path / "root" / ".ssh" / "authorized_keys"
     keys.parent.mkdir(parents=True)
     keys.write_text("ssh-ed25519 AAAAold removed@laptop\n")
-    lab.write_text('[boot]\nssh_keys = ["ssh-ed25519 AAAAnew me@laptop"]\n', encoding="utf-8")
+    lab.write_text(
+        '[network]\ninterface = "eth0"\n[boot]\nssh_keys = ["ssh-ed25519 AAAAnew me@laptop"]\n',
+        encoding="utf-8",
+    )
     with (tmp_path / "console.txt").open("w") as out:
         assert prepare(lab, tmp_path / "network", keys, console=out) == 0
     assert keys.read_text() == "ssh-ed25519 AAAAnew me@laptop\n"

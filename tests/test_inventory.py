@@ -164,3 +164,40 @@ def test_an_address_outside_the_lab_subnet_is_never_learned(tmp_path: Path) -> N
         assert evidence is not None and evidence.ip == IPv4Address("10.0.0.9")
     finally:
         store.close()
+
+
+def test_every_event_log_stays_within_its_bound_whatever_the_interleaving(
+    tmp_path: Path,
+) -> None:
+    """Issue 13: sources recording in turn (three machines and the lab's own log, MAC "") each
+    keep at most EVENTS_PER_MACHINE events, their newest, also across a restart of the store."""
+    from pixiebox.store.state import EVENTS_PER_MACHINE, TRIM_EVERY
+
+    macs = ["02:00:00:00:13:01", "02:00:00:00:13:02", "02:00:00:00:13:03", ""]
+    added: dict[str, list[int]] = {mac: [] for mac in macs}
+    store = StateStore(tmp_path)
+
+    def counts() -> dict[str, int]:
+        rows = store._db.execute("SELECT mac, count(*) FROM events GROUP BY mac")
+        return {str(mac): int(n) for mac, n in rows}
+
+    try:
+        store._db.execute("BEGIN")  # one transaction: 20,000 commits would take seconds
+        for round_ in range(5000):
+            for mac in macs:
+                added[mac].append(store.add_event(mac, "test", "m", float(round_)).id)
+            if round_ % 97 == 0:
+                assert max(counts().values()) <= EVENTS_PER_MACHINE, round_
+        store._db.execute("COMMIT")
+        for mac in macs:
+            kept = [e.id for e in store.events(mac, limit=10 * EVENTS_PER_MACHINE)]
+            assert EVENTS_PER_MACHINE - TRIM_EVERY <= len(kept) <= EVENTS_PER_MACHINE, mac
+            assert kept == added[mac][-len(kept) :], mac  # the newest, none missing
+        store.close()
+        # A restart forgets how many each MAC added since its last trim: still bounded.
+        store = StateStore(tmp_path)
+        for round_ in range(TRIM_EVERY * 3 // 2):
+            store.add_event(macs[0], "test", "m", float(round_))
+            assert counts()[macs[0]] <= EVENTS_PER_MACHINE, round_
+    finally:
+        store.close()

@@ -607,7 +607,6 @@ def test_file_without_trailing_newline(tmp_path: Path) -> None:
         pytest.param(NETWORK + "\n", id="ends-with-blank-line"),
         pytest.param(NETWORK.rstrip("\n"), id="no-trailing-newline"),
         pytest.param(NETWORK + "\n# no machines yet\n", id="ends-with-comment"),
-        pytest.param("", id="empty-file"),
     ],
 )
 def test_file_with_no_machines(tmp_path: Path, text: str) -> None:
@@ -620,11 +619,19 @@ def test_file_with_no_machines(tmp_path: Path, text: str) -> None:
     lines = new.decode().splitlines()
     assert lines[done.line - 1] == "[[machines]]"
     assert lines[done.line - 2].startswith("# enrolled by pixiebox on ")
-    if text:  # exactly one blank line before the comment
-        assert lines[done.line - 3] == "" and lines[done.line - 4] != ""
-    else:
-        assert done.line == 2
+    # exactly one blank line before the comment
+    assert lines[done.line - 3] == "" and lines[done.line - 4] != ""
     assert [m.name for m in valid(path).machines] == ["web1"]
+
+
+def test_empty_file_is_refused_and_left_empty(tmp_path: Path) -> None:
+    """An empty lab.toml has no [network] (issue 13): `pixiebox check` fails on it, so it
+    is not edited (it used to get a lone [[machines]] block, on eth0 by default)."""
+    path = lab(tmp_path, "")
+    with pytest.raises(EnrollError) as refused:
+        enroll(path, "aa:bb:cc:dd:ee:01", "web1")
+    assert "no [network] section" in str(refused.value)
+    assert path.read_bytes() == b""
 
 
 MIDDLE = (

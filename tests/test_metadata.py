@@ -230,7 +230,7 @@ def test_a_bad_url_is_reported_with_its_key_and_line(
 ) -> None:
     key = "server" if section == "kubernetes" else "url"
     path = tmp_path / "lab.toml"
-    path.write_text(f'[lab]\nname = "x"\n[{section}]\n{key} = "{value}"\n')
+    path.write_text(f'[lab]\nname = "x"\n[{section}]\n{key} = "{value}"\n[network]\n')
     config, problems = check_config(path)
     assert config is None
     (problem,) = problems

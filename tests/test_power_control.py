@@ -268,7 +268,7 @@ def test_power_actions_are_verified_and_fall_back_along_the_chain(
 
 def test_power_without_a_running_agent_says_so(tmp_path: Path) -> None:
     config = tmp_path / "lab.toml"
-    config.write_text('[api]\nlisten = "127.0.0.1:9"\n'
+    config.write_text('[network]\n[api]\nlisten = "127.0.0.1:9"\n'
                       f'token_file = "{tmp_path / "token"}"\n')  # fmt: skip
     result = subprocess.run([sys.executable, "-m", "pixiebox.cli", "power", "c1", "on",
                              "--config", str(config)], capture_output=True, text=True,
@@ -280,7 +280,7 @@ def test_power_without_a_running_agent_says_so(tmp_path: Path) -> None:
 
 def test_check_names_a_driver_key_that_is_missing(tmp_path: Path) -> None:
     config = tmp_path / "lab.toml"
-    config.write_text('[[machines]]\nname = "c1"\nmac = "02:00:00:00:83:01"\n'
+    config.write_text('[network]\n[[machines]]\nname = "c1"\nmac = "02:00:00:00:83:01"\n'
                       'power = [{ driver = "wol" }, { driver = "tasmota" }]\n')  # fmt: skip
     result = subprocess.run([sys.executable, "-m", "pixiebox.cli", "check", "--config",
                              str(config)], capture_output=True, text=True, timeout=60)  # fmt: skip

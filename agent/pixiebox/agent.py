@@ -17,6 +17,7 @@ from typing import TypeVar
 from pixiebox.boot.pxelinux import tftp_generator
 from pixiebox.config import ConfigError, LabConfig, format_problem, load_config, split_listen
 from pixiebox.config.labfile import EnrollError, enroll, next_free_ip
+from pixiebox.config.load import reload_refusal
 from pixiebox.config.schema import DEFAULT_API_PORT
 from pixiebox.config.values import unicast_mac_problem
 from pixiebox.core import wording
@@ -485,6 +486,10 @@ class Agent:
             config = load_config(self.config_path)
         except ConfigError as exc:
             log.error("lab.toml changed but is invalid; keeping the previous settings:\n%s", exc)
+            return
+        refusal = reload_refusal(self.config_path, inventory.config, config)
+        if refusal is not None:
+            log.error("%s", refusal)
             return
         if config.network != inventory.config.network:
             log.warning("[network] changed: restart the agent for that part to take effect")

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from pixiebox.config import LabConfig, check_config, format_problem
+from pixiebox.config import LabConfig, check_config, error_count, format_problem
 from pixiebox.store.private import private_dir, replace_file
 
 NETWORK_FILE = "10-pixiebox.network"
@@ -98,7 +98,8 @@ def prepare(
     target = network_dir / NETWORK_FILE
     if config is None or errors:
         print(
-            f"pixiebox: {config_path} has {len(errors)} error(s); the lab's boot services stay "
+            f"pixiebox: {config_path} has {error_count(problems)} error(s); the lab's boot "
+            "services stay "
             "off until it is fixed. Every Ethernet port uses DHCP meanwhile, so you can log in "
             "over SSH and edit it (or edit it on the stick's PIXIEBOX partition from a laptop).",
             file=console,

@@ -79,7 +79,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(lab.format_problem(path, problem), file=sys.stderr)
     errors = [p for p in problems if p.severity == "error"]
     if config is None or errors:
-        print(f"{path}: {len(errors)} error(s); nothing was changed", file=sys.stderr)
+        print(f"{path}: {lab.error_count(errors)} error(s); nothing was changed", file=sys.stderr)
         return 1
     print(f"{path}: OK")
     print(summary(config))

@@ -111,7 +111,7 @@ def enroll(
     resulting file would not pass `pixiebox check`."""
     target = real_path(path)
     with _refusals(target), locked(target):
-        text, before = read(target)
+        bom, text, before = _read(target)
         config, data = _valid_original(target, text)
         index = len(config.machines)
         try:
@@ -134,7 +134,7 @@ def enroll(
         candidate = plan.apply(text)
         machines = data.get("machines", [])
         _verify(candidate, {**data, "machines": [*machines, values]})
-        _commit(target, text, candidate, before, plan)
+        _commit(target, text, candidate, before, plan, bom)
         line = candidate.count("\n", 0, plan.anchor) + 1
     address = IPv4Address(str(values["ip"])) if "ip" in values else None
     return Enrollment(str(values["name"]), canonical_mac, address, line)
@@ -146,7 +146,7 @@ def update_machine(path: Path, mac_or_name: str, **changes: object) -> None:
     rest of the file is kept byte-for-byte; the result must pass `pixiebox check`."""
     target = real_path(path)
     with _refusals(target), locked(target):
-        text, before = read(target)
+        bom, text, before = _read(target)
         config, data = _valid_original(target, text)
         index = _find_machine(config, mac_or_name)
         unknown = [key for key in changes if key not in MACHINE_KEYS]
@@ -187,7 +187,7 @@ def update_machine(path: Path, mac_or_name: str, **changes: object) -> None:
         entry = {k: v for k, v in machines[index].items() if k not in removed}
         machines[index] = {**entry, **values}
         _verify(candidate, {**data, "machines": machines})
-        _commit(target, text, candidate, before, plan)
+        _commit(target, text, candidate, before, plan, bom)
 
 
 # --- reading, checking, writing ------------------------------------------------------------
@@ -202,6 +202,15 @@ def _refusals(target: Path) -> Iterator[None]:
         if exc.path is not None:
             raise
         raise EnrollError(exc.problems, target) from exc.__cause__
+
+
+def _read(target: Path) -> tuple[str, str, os.stat_result]:
+    """The file's BOM (or ""), its text after it, and its stat. A Windows editor starts the
+    file with a BOM; the edits are planned on the TOML after it, and the file keeps it, so
+    that the next save in that editor does not show the whole file as changed."""
+    text, before = read(target)
+    bom = "\ufeff" if text.startswith("\ufeff") else ""
+    return bom, text[len(bom) :], before
 
 
 def _valid_original(target: Path, text: str) -> tuple[LabConfig, dict[str, Any]]:
@@ -256,9 +265,12 @@ def _verify(candidate: str, expected: dict[str, Any]) -> None:
         )
 
 
-def _commit(target: Path, text: str, candidate: str, before: os.stat_result, plan: Plan) -> None:
-    """Write the candidate atomically once it passes `pixiebox check` where it is written (an
-    error in it is reported at its line in the file as it is, when that line is not new)."""
+def _commit(
+    target: Path, text: str, candidate: str, before: os.stat_result, plan: Plan, bom: str = ""
+) -> None:
+    """Write the candidate (after the original's BOM, if any) atomically once it passes
+    `pixiebox check` where it is written (an error in it is reported at its line in the file
+    as it is, when that line is not new)."""
 
     def check(temp: Path) -> None:
         config, problems = check_config(temp)
@@ -266,4 +278,4 @@ def _commit(target: Path, text: str, candidate: str, before: os.stat_result, pla
         if config is None or errors:
             raise EnrollError([plan.locate(p, text, candidate) for p in errors])
 
-    replace_checked(target, candidate, before, check)
+    replace_checked(target, bom + candidate, before, check)

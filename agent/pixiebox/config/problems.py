@@ -36,6 +36,7 @@ __all__ = [
     "clean_message",
     "consistency_problems",
     "driver_option_problems",
+    "error_count",
     "format_loc",
     "format_problem",
     "problems_from_validation",
@@ -50,6 +51,14 @@ class Problem:
     hint: str = ""
     severity: Literal["error", "warning"] = "error"
     line: int | None = None
+    #: How many problems this one stands for: the last of a bounded list says "... and N more
+    #: problems" and counts N, so that "N error(s)" stays true.
+    count: int = 1
+
+
+def error_count(problems: list[Problem]) -> int:
+    """The errors among `problems`, counting those a bounded list left out."""
+    return sum(p.count for p in problems if p.severity == "error")
 
 
 def format_loc(loc: Loc) -> str:
@@ -155,9 +164,11 @@ def clean_message(error: Any) -> str:
     return message
 
 
-def problems_from_validation(error: ValidationError) -> list[Problem]:
+def problems_from_validation(error: ValidationError, limit: int | None = None) -> list[Problem]:
+    """The first `limit` (all if None) of `error`'s problems: each unknown key costs a "did
+    you mean" search, which a file of 100,000 typos should not pay for problems never shown."""
     problems = []
-    for item in error.errors():
+    for item in error.errors()[:limit]:
         loc: Loc = tuple(item["loc"])
         if item["type"] == "extra_forbidden":
             key = str(loc[-1])

@@ -39,6 +39,9 @@ class LabSection(Section):
     # A machine that was booting or up and has not been heard from for this long is shown as
     # off (powered off, or crashed).
     off_after: Duration = 600
+    # A reload (SIGHUP, an enrollment) of a file listing no machines is refused while the
+    # running lab has some: that is an emptied or truncated save far more often than a wish.
+    allow_no_machines: bool = False
 
 
 DhcpMode = Literal["proxy", "reservation", "full"]

@@ -265,7 +265,9 @@ def key_lines(text: str) -> dict[Loc, int]:
 
     An array of tables is at its first block (so `[[machine]]`, an unknown key, has a line);
     a key inside an inline table or an array is at the line where that element starts. On
-    text the scanner cannot follow, the lines of the statements before that point."""
+    text the scanner cannot follow, the lines of the statements before that point. A BOM
+    (as `pixiebox check` reads a file a Windows editor saved) is no line of its own."""
+    text = text.removeprefix("\ufeff")
     scanner = Scanner(text)
     try:
         statements = scanner.statements()
@@ -323,4 +325,35 @@ def line_for(lines: dict[Loc, int], loc: Loc) -> int | None:
     for end in range(len(loc), 0, -1):
         if loc[:end] in lines:
             return lines[loc[:end]]
+    return None
+
+
+# --- nesting, before parsing -----------------------------------------------------------------
+
+# What can hide a bracket: comments and the four kinds of string (multi-line first, so that
+# `"""` is not read as an empty string and a quote). An unterminated string matches nothing
+# here and its brackets count; tomllib rejects that file anyway.
+_HIDING = re.compile(
+    r"""\#[^\n]*|\"\"\"(?:\\.|[^\\])*?\"\"\"|'''.*?'''|"(?:\\.|[^"\\\n])*"|'[^'\n]*'|[\[\]{}]""",
+    re.DOTALL,
+)
+
+
+def too_deep(text: str, limit: int) -> int | None:
+    """The line where arrays and inline tables (and table headers) nest more than `limit`
+    deep, or None.
+
+    tomllib parses arrays and inline tables recursively: `a = [[[[...` 10,000 deep raises
+    RecursionError, not TOMLDecodeError (and this module's Scanner recurses the same way).
+    Counting brackets outside comments and strings is linear and cannot recurse, so a file is
+    measured before anything parses it."""
+    depth = 0
+    for match in _HIDING.finditer(text):
+        token = match.group()
+        if token in ("[", "{"):
+            depth += 1
+            if depth > limit:
+                return text.count("\n", 0, match.start()) + 1
+        elif token in ("]", "}"):
+            depth = max(depth - 1, 0)
     return None

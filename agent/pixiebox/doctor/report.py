@@ -73,7 +73,7 @@ def seconds_parameter(query: Mapping[str, str], key: str, default: float) -> flo
     except ValueError:
         raise ValueError(f"{key} must be a number of seconds, not {raw!r}") from None
     if not 0 <= value < 10**7:
-        raise ValueError(f"{key} must be a number of seconds from 0 on, not {raw!r}")
+        raise ValueError(f"{key} must be a number of seconds from 0 to 9999999, not {raw!r}")
     return value
 
 

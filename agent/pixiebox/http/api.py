@@ -7,7 +7,6 @@ needs the bearer token from [api] token_file, created with mode 0600 on first st
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import json
 import logging
@@ -33,6 +32,7 @@ from pixiebox.core.inventory import Inventory
 from pixiebox.core.lifecycle import MachineState
 from pixiebox.core.oui import vendor_of
 from pixiebox.events import Event, FieldValue, Kind
+from pixiebox.http.params import MAX_EVENT_ID, body_error, event_id_parameter, mac_parameter
 from pixiebox.power.base import PowerAction, PowerState
 from pixiebox.power.controller import NoPowerControl, PowerBusy, PowerController
 from pixiebox.power.lab import LabReport, LabRequest, lab_down, lab_up
@@ -98,6 +98,10 @@ class EventView(BaseModel):
 
 
 class EnrollRequest(BaseModel):
+    # A misspelt key ({"nmae": "c3"}) would otherwise enroll the machine under the next free
+    # name, and a name cannot be changed through the API.
+    model_config = ConfigDict(extra="forbid")
+
     name: str | None = None
     ip: IPv4Address | None = None
 
@@ -234,14 +238,20 @@ class _Handlers:
         view = find_machine(self.inventory, key)
         if view is None:
             return _error(404, f"no machine named or with MAC {key!r}")
-        after = int(request.query_params.get("after", "0") or 0)
+        try:
+            after = event_id_parameter("after", request.query_params.get("after"))
+        except ValueError as exc:
+            return _error(400, str(exc))
         events = self.inventory.lifecycle.events(view.mac, after=after)
         return _json([event_view(self.inventory, e) for e in events])
 
     async def lab_events(self, request: Request) -> Response:
         """The lab's own log (MAC ""): refusals of secrets no machine could be named for, e.g.
         a routed host asking for /metadata (core.trust)."""
-        after = int(request.query_params.get("after", "0") or 0)
+        try:
+            after = event_id_parameter("after", request.query_params.get("after"))
+        except ValueError as exc:
+            return _error(400, str(exc))
         events = self.inventory.lifecycle.events("", after=after)
         return _json([event_view(self.inventory, e) for e in events])
 
@@ -279,8 +289,8 @@ class _Handlers:
             body = await request.body()
             wanted = EnrollRequest.model_validate_json(body or b"{}")
         except ValidationError as exc:
-            return _error(400, "the body must be JSON like {\"name\": \"c3\", \"ip\": \"…\"}",
-                          [str(e["msg"]) for e in exc.errors()])  # fmt: skip
+            return _error(400, body_error(exc, '{"name": "c3", "ip": "192.168.1.53"} (both '
+                          "optional)"), [str(e["msg"]) for e in exc.errors()])  # fmt: skip
         try:
             name = await asyncio.to_thread(self.state.enroll, mac, wanted.name, wanted.ip)
         except ValueError as exc:
@@ -312,9 +322,9 @@ class _Handlers:
             return _error(404, doctor.unknown_machine(key))
         try:
             wanted = PowerRequest.model_validate_json(await request.body() or b"{}")
-        except ValidationError:
-            return _error(400, 'the body must be JSON like {"action": "on"}, with on, off, '
-                          "cycle or status")  # fmt: skip
+        except ValidationError as exc:
+            return _error(400, body_error(exc, '{"action": "on"}, with on, off, cycle or '
+                          "status"))  # fmt: skip
         machine = self.inventory.who_is(view.mac)
         if machine is None:
             return _error(409, f"{view.mac} is not in lab.toml, so it has no power control: "
@@ -336,8 +346,8 @@ class _Handlers:
             wanted = LabRequest.model_validate_json(await request.body() or b"{}")
         except ValidationError as exc:
             problems = [str(e["msg"]) for e in exc.errors()]
-            return _error(400, 'the body must be JSON like {"stagger": 5, "timeout": 300} '
-                          "(seconds, both optional)", problems)  # fmt: skip
+            return _error(400, body_error(exc, '{"stagger": 5, "timeout": 300} (seconds, '
+                          "both optional)"), problems)  # fmt: skip
         if self.state.power is None:
             return _error(503, "power control is not running in this agent")
         power = self.state.power
@@ -358,11 +368,16 @@ class _Handlers:
         """Server-sent events: every event as it happens (`?mac=` for one machine), after
         replaying those after `Last-Event-ID` (or `?after=`), so a reconnecting client misses
         nothing."""
-        only = request.query_params.get("mac")
-        with contextlib.suppress(ValueError):
-            only = normalize_mac(only) if only else None
-        after = request.headers.get("last-event-id") or request.query_params.get("after") or "0"
-        start = int(after) if after.isdigit() else 0
+        # A reconnecting EventSource sends back the id it last saw: the header wins.
+        header = request.headers.get("last-event-id")
+        try:
+            only = mac_parameter("mac", request.query_params.get("mac"))
+            if header is not None and header.strip():
+                start = event_id_parameter("the Last-Event-ID header", header)
+            else:
+                start = event_id_parameter("after", request.query_params.get("after"))
+        except ValueError as exc:
+            return _error(400, str(exc))
         lifecycle = self.inventory.lifecycle
 
         def frame(event: Event) -> str:
@@ -425,6 +440,12 @@ def openapi_document() -> dict[str, Any]:
     key = {"name": "key", "in": "path", "required": True, "schema": {"type": "string"},
            "description": "a machine's name or MAC"}  # fmt: skip
     missing = ok(ref("ErrorView"), "no such machine")
+    after = {"name": "after", "in": "query", "required": False,
+             "schema": {"type": "integer", "minimum": 0, "maximum": MAX_EVENT_ID},
+             "description": "only events with a larger id"}  # fmt: skip
+    mac = {"name": "mac", "in": "query", "required": False, "schema": {"type": "string"},
+           "description": "only this machine's events"}  # fmt: skip
+    bad_after = ok(ref("ErrorView"), "after is not an event id")
     return {
         "openapi": "3.1.0",
         "info": {"title": "Pixiebox local API", "version": "1"},
@@ -462,9 +483,10 @@ def openapi_document() -> dict[str, Any]:
             "/api/v1/machines/{key}/events": {
                 "get": {
                     "summary": "a machine's event log, oldest first",
-                    "parameters": [key],
+                    "parameters": [key, after],
                     "responses": {
                         "200": ok({"type": "array", "items": ref("EventView")}),
+                        "400": bad_after,
                         "404": missing,
                     },
                 }
@@ -473,7 +495,11 @@ def openapi_document() -> dict[str, Any]:
                 "get": {
                     "summary": "the lab's own log, oldest first: refusals of secrets no "
                     "machine could be named for (SECURITY.md)",
-                    "responses": {"200": ok({"type": "array", "items": ref("EventView")})},
+                    "parameters": [after],
+                    "responses": {
+                        "200": ok({"type": "array", "items": ref("EventView")}),
+                        "400": bad_after,
+                    },
                 }
             },
             "/api/v1/machines/{key}/doctor": {
@@ -498,6 +524,7 @@ def openapi_document() -> dict[str, Any]:
                     },
                     "responses": {
                         "201": ok(ref("MachineView"), "enrolled"),
+                        "400": ok(ref("ErrorView"), "not a unicast MAC, or a bad body"),
                         "401": ok(ref("ErrorView"), "no or wrong token"),
                         "409": ok(ref("ErrorView"), "refused: the problems say why"),
                     },
@@ -536,8 +563,13 @@ def openapi_document() -> dict[str, Any]:
             ),
             "/api/v1/events": {
                 "get": {
-                    "summary": "server-sent events: each event as it happens",
-                    "responses": {"200": {"description": "text/event-stream of EventView"}},
+                    "summary": "server-sent events: each event as it happens, after replaying "
+                    "those after the Last-Event-ID header (or ?after=)",
+                    "parameters": [after, mac],
+                    "responses": {
+                        "200": {"description": "text/event-stream of EventView"},
+                        "400": ok(ref("ErrorView"), "after or mac is malformed"),
+                    },
                 }
             },
         },

@@ -121,7 +121,7 @@ def arch_from_query(arch: str | None, platform: str | None = None) -> ArchInfo |
     if arch is None or not arch.strip():
         return DEFAULT_ARCH
     text = arch.strip().lower()
-    if text.isdigit():
+    if text.isascii() and text.isdigit() and len(text) <= 5:  # "²" is a digit int() refuses
         return arch_info(int(text))
     key = (text, platform.strip().lower() if platform else None)
     code = _BUILDARCH_CODES.get(key)

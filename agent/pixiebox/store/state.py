@@ -81,9 +81,20 @@ _FIELDS_JSON = json.JSONEncoder(separators=(",", ":"))
 #: Seconds before a commit that failed (the database busy) is tried again.
 RETRY_COMMIT = 0.5
 
-#: Events kept per machine: enough for many boots' timelines, bounded so that a machine that
-#: logs in a loop cannot fill the appliance's USB stick.
+#: Events kept per machine (and for the lab's own log, MAC ""): enough for many boots'
+#: timelines, bounded so that a machine that logs in a loop cannot fill the appliance's USB
+#: stick. A hard bound: a log holds between EVENTS_PER_MACHINE - TRIM_EVERY and this many.
 EVENTS_PER_MACHINE = 2000
+
+#: A MAC's log is trimmed every this many of its own events (and at its first event since the
+#: store opened), so a trim's index walk is paid once per TRIM_EVERY inserts. Counting per MAC
+#: matters: a trim keyed on the global event id only ever trimmed the MAC that happened to get
+#: the ids divisible by it, and two alternating sources let the other grow without bound.
+TRIM_EVERY = 100
+
+#: MACs whose insert count is remembered; past this the counts start over (each MAC is then
+#: trimmed at its next event), so a storm of random MACs cannot grow the dict.
+_TRIM_COUNTS_MAX = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +165,8 @@ class StateStore:
         self._pending = False
         #: Tasks waiting for the open transaction's COMMIT (`committed`).
         self._waiters: list[asyncio.Future[None]] = []
+        #: Events added per MAC since its log was last trimmed (`add_event`).
+        self._since_trim: dict[str, int] = {}
 
     def _rename_legacy_kinds(self) -> None:
         """A database from before typed events: its kinds get their dotted names, so the
@@ -278,12 +291,21 @@ class StateStore:
             (mac, now, kind, message, _FIELDS_JSON.encode(stored) if stored else "{}"),
         )
         event_id = int(cursor.lastrowid or 0)
-        if event_id % 100 == 0:  # trim now and then, not on every insert
+        count = self._since_trim.get(mac)
+        if count is None or count + 1 >= TRIM_EVERY:
+            # Keep the newest EVENTS_PER_MACHINE - TRIM_EVERY: the TRIM_EVERY - 1 inserts
+            # until the next trim then stay within the bound. The first event of a MAC since
+            # the store opened trims too: counts do not survive a restart.
+            if count is None and len(self._since_trim) >= _TRIM_COUNTS_MAX:
+                self._since_trim.clear()
             self._write(
                 "DELETE FROM events WHERE mac = ? AND id < (SELECT id FROM events WHERE mac = ? "
                 "ORDER BY id DESC LIMIT 1 OFFSET ?)",
-                (mac, mac, EVENTS_PER_MACHINE - 1),
+                (mac, mac, EVENTS_PER_MACHINE - TRIM_EVERY - 1),
             )
+            self._since_trim[mac] = 0
+        else:
+            self._since_trim[mac] = count + 1
         return Event(event_id, mac, now, kind, message, stored)
 
     def events(self, mac: str | None = None, after: int = 0, limit: int = 500) -> list[Event]:
