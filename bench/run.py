@@ -30,10 +30,10 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from . import measure, profile, vmboot
+from . import flooded, measure, profile, vmboot
 from .lab import DOMAIN, MACHINES, ROOT, BenchError, Lab, machine
 
-GROUPS = ("dhcp", "tftp", "http", "dns", "startup", "vm")
+GROUPS = ("dhcp", "tftp", "http", "dns", "startup", "floods", "vm")
 MIB = 1 << 20
 
 
@@ -194,6 +194,33 @@ def works(quick: bool) -> list[Work]:
             ("pixiebox", "dnsmasq"),
             ("dnsmasq",),
             ("value", 15_000.0),
+        ),
+        Work(
+            "flood-tftp",
+            "floods",
+            "TFTP 1 MiB to a good client during 2,000 half-open RRQs (timeout=255, 64 sources)",
+            "s",
+            False,
+            ("pixiebox", "tftpd-hpa", "dnsmasq"),
+            ("tftpd-hpa", "dnsmasq"),
+        ),
+        Work(
+            "flood-http",
+            "floods",
+            "HTTP iPXE script + 1 MiB kernel during 500 slow connections (10 sources)",
+            "s",
+            False,
+            ("pixiebox", "nginx"),
+            ("nginx",),
+        ),
+        Work(
+            "flood-dhcp",
+            "floods",
+            "DHCP DISCOVER-to-ACK of 10 enrolled MACs during a 20,000-MAC storm at 2,000/s",
+            "ms",
+            False,
+            ("pixiebox", "kea", "dnsmasq"),
+            ("kea",),
         ),
         Work(
             "startup",
@@ -370,6 +397,10 @@ class Bench:
             if self.started(lab, "dns", server):
                 self.sample("dns", server, lambda: measure.dns_qps(lab, queries, seconds))
             lab.stop()
+
+    def floods_round(self, lab: Lab) -> None:
+        self.flooder = getattr(self, "flooder", None) or flooded.Flooder.on(lab)
+        flooded.run_round(self, lab, self.flooder)
 
     def startup_round(self, lab: Lab) -> None:
         self.sample("startup", "pixiebox", lambda: measure.dhcp_startup(lab, self.log))

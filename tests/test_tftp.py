@@ -161,9 +161,11 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TftpLab]:
         server_host = segment.add_host("tftpd", ip=f"{SERVER_IP}/24")
         client = segment.add_host("client", ip=f"{CLIENT_IP}/24")
         events = work / "events.jsonl"
+        # test_twenty_tftp_hpa_clients_at_once_all_get_the_file: twenty clients share one
+        # address, more than [tftp] max_transfers_per_client's default (test_tftp_limits.py).
         proc, log = start_server(
             server_host, root, events, "--fallback", f"ipxe/={fallback}",
-            "--generate", f"{GENERATED}=label generated",
+            "--generate", f"{GENERATED}=label generated", "--max-transfers-per-client", "24",
         )  # fmt: skip
         yield TftpLab(server_host, client, proc, log, events, root, fallback, outside, out)
         assert proc.poll() is None, f"the TFTP server died:\n{log.read_text()[-3000:]}"

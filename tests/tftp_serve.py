@@ -16,7 +16,7 @@ import sys
 import threading
 from pathlib import Path
 
-from pixiebox.tftp import TftpEvent, TftpServer
+from pixiebox.tftp import TftpEvent, TftpLimits, TftpServer
 from servicerunner import open_sockets, run
 
 READY = "TFTP serving"
@@ -40,6 +40,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="serve PATH, generated as TEXT plus the client's IP",
     )
     parser.add_argument("--events", type=Path, required=True)
+    parser.add_argument(
+        "--max-transfers-per-client", type=int, default=8, help="[tftp] max_transfers_per_client"
+    )
     return parser.parse_args(argv)
 
 
@@ -70,6 +73,7 @@ async def serve(args: argparse.Namespace) -> None:
         fallback_dirs=[(prefix, Path(directory)) for prefix, directory in fallbacks],
         on_event=on_event,
         generate=generate,
+        limits=TftpLimits(max_transfers_per_client=args.max_transfers_per_client),
     )
     await server.start()
     print(READY, flush=True)

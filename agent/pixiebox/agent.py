@@ -35,16 +35,18 @@ from pixiebox.dhcp.reservation import ReservationHandler
 from pixiebox.dhcp.server import DhcpServer, Handler
 from pixiebox.dns import DnsServer
 from pixiebox.events import Kind
-from pixiebox.http.api import ApiState, api_app, ensure_token, machine_views
+from pixiebox.http.api import ApiState, api_app, ensure_token, state_counts
 from pixiebox.http.boot import BootEvent, BootHttpState, boot_app
+from pixiebox.http.connlimit import HttpLimits
 from pixiebox.http.metrics import PixieboxCollector, metrics_renderer
 from pixiebox.http.server import BootHttpServer
+from pixiebox.net.limits import raise_open_file_limit
 from pixiebox.net.netif import interface_info, interface_names
 from pixiebox.power.controller import PowerController
 from pixiebox.store.identity import IdentityError, IdentityStore
 from pixiebox.store.state import StateStore
 from pixiebox.syslog import SyslogMessage, SyslogReceiver
-from pixiebox.tftp import TftpEvent, TftpServer
+from pixiebox.tftp import TftpEvent, TftpLimits, TftpServer
 
 log = logging.getLogger("pixiebox")
 
@@ -52,6 +54,8 @@ T = TypeVar("T")
 
 #: Seconds a worker thread waits for the event loop to apply a reload.
 LOOP_WAIT = 30.0
+#: Seconds a stop waits for enrollments under way (each a lab.toml write and a reload).
+STOP_WAIT = 5.0
 
 
 #: The appliance's own DNS name in the lab domain (pixiebox.lab.internal).
@@ -260,9 +264,17 @@ class Agent:
         self._reload_lock = threading.Lock()
         self._segment: Segment | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: Enrollments under way in worker threads (`_enroll_later`).
+        self._enrolling: set[asyncio.Future[None]] = set()
 
     async def run(self) -> None:
-        self._loop = asyncio.get_running_loop()  # before any service can enroll a machine
+        loop = self._loop = asyncio.get_running_loop()  # before any service can enroll a machine
+        # From the first moment: a SIGTERM while the agent starts (the DHCP guard listens for
+        # seconds) is a clean stop too, not the default action's death between two writes.
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)  # read off the loop
+        raise_open_file_limit()  # every connection and transfer is a descriptor (net.limits)
         config = load_config(self.config_path)
         segment = self._segment = resolve_segment(config)
         store = StateStore(config.state.dir)
@@ -273,23 +285,42 @@ class Agent:
             await guard_segment(config, segment)
             assets = prepare_assets(config.boot.assets)
             check_loaders(assets)
+            if self._stop.is_set():
+                log.info("Pixiebox stopped before it served")
+                return
             async with contextlib.AsyncExitStack() as services:
                 await self._start_services(services, config, segment, inventory, handler, assets)
-                loop = self._loop = asyncio.get_running_loop()
-                for signum in (signal.SIGTERM, signal.SIGINT):
-                    loop.add_signal_handler(signum, self._stop.set)
-                loop.add_signal_handler(signal.SIGHUP, self.reload)  # read off the loop
-                # Off the DHCP path: the file is written and fsynced in a worker thread.
-                inventory.on_unknown = lambda mac: loop.run_in_executor(None, self.auto_enroll, mac)
+                inventory.on_unknown = self._enroll_later
                 log.info(
                     "Pixiebox serving lab %r on %s (%s, %s) in %s mode with %d machines",
                     config.lab.name, segment.interface, segment.server_ip, segment.subnet,
                     config.network.dhcp_mode, len(config.machines),
                 )  # fmt: skip
                 await self._stop.wait()
+            # Every service has stopped and recorded its last events; enrollments under way
+            # record theirs too, then the store commits the rest and closes (finally).
+            await self._last_writes()
             log.info("Pixiebox stopped")
         finally:
             store.close()
+
+    def _enroll_later(self, mac: str) -> None:
+        """[boot] unknown = "enroll", off the DHCP path: lab.toml is written and fsynced in a
+        worker thread, which a stop waits for (`_last_writes`)."""
+        loop = self._loop
+        if loop is None or self._stop.is_set():
+            return
+        future = loop.run_in_executor(None, self.auto_enroll, mac)
+        self._enrolling.add(future)
+        future.add_done_callback(self._enrolling.discard)
+
+    async def _last_writes(self) -> None:
+        """Let what the stopped services handed over land before the store closes: callbacks
+        they scheduled for the next loop turn, and enrollments under way (bounded)."""
+        await asyncio.sleep(0)
+        if self._enrolling:
+            await asyncio.wait(self._enrolling, timeout=STOP_WAIT)
+        await asyncio.sleep(0)
 
     async def _start_services(
         self,
@@ -301,9 +332,10 @@ class Agent:
         assets: Assets,
     ) -> None:
         """Every service, each closed by `services` (also when a later one fails to start)."""
+        # DHCP starts last: a machine answered by DHCP fetches its boot file at once, and a
+        # firmware's PXE ROM fetches it only once (a refused connection ends its boot at "No
+        # bootable device"), so TFTP and HTTP must already listen when the first offer leaves.
         dhcp = DhcpServer(handler, segment.interface)
-        await dhcp.start()
-        services.callback(dhcp.close)
         urls = boot_urls(config, segment)
         tftp = TftpServer(
             assets.root,
@@ -312,6 +344,7 @@ class Agent:
             describe=lambda ip: inventory.describe_address(IPv4Address(ip)),
             generate=tftp_generator(inventory, urls),
             on_event=tftp_recorder(inventory),
+            limits=TftpLimits.of(config.tftp),
         )
         await tftp.start()
         services.callback(tftp.close)
@@ -330,7 +363,8 @@ class Agent:
             inventory, urls, assets, http_recorder(inventory), identities=identities
         )
         # Only the lab interface: /metadata answers by source address (SECURITY.md).
-        http = BootHttpServer(boot_app(boot_state), http_host, http_port, device=segment.interface)
+        http = BootHttpServer(boot_app(boot_state), http_host, http_port, device=segment.interface,
+                              limits=HttpLimits.of(config.http))  # fmt: skip
         await http.start()
         services.push_async_callback(http.stop)
         appliance = (APPLIANCE_NAME, segment.server_ip)
@@ -344,6 +378,7 @@ class Agent:
             forward_for=lambda: inventory.config.dns.forward_for or [segment.subnet],
             listen_ip=str(segment.server_ip),
             interface=segment.interface,
+            tcp_per_source=config.dns.tcp_connections_per_source,
         )
         await dns.start()
         services.push_async_callback(dns.close)
@@ -361,6 +396,10 @@ class Agent:
                 "http_boot_files": (
                     "boot files sent over HTTP: bytes, complete, broken",
                     boot_state.stats,
+                ),
+                "http_boot_connections": (
+                    "boot HTTP connections refused, evicted or timed out, by reason",
+                    http.stats,
                 ),
                 "tftp_requests": ("TFTP requests by outcome, and bytes sent", tftp.stats),
                 "syslog_lines": ("syslog datagrams by outcome", syslog.stats),
@@ -383,12 +422,28 @@ class Agent:
         if config.api.listen is None:  # the lab address (lab interface only) and loopback
             lab_ip = str(segment.server_ip)
             api = BootHttpServer(api_app(api_state), lab_ip, DEFAULT_API_PORT, pathsend=False,
-                                 device=segment.interface, loopback=True)  # fmt: skip
+                                 device=segment.interface, loopback=True,
+                                 limits=HttpLimits.of(config.http), name="API")  # fmt: skip
         else:
             api_host, api_port = split_listen(config.api.listen)
-            api = BootHttpServer(api_app(api_state), api_host, api_port, pathsend=False)
+            api = BootHttpServer(api_app(api_state), api_host, api_port, pathsend=False,
+                                 limits=HttpLimits.of(config.http), name="API")  # fmt: skip
         await api.start()
         services.push_async_callback(api.stop)
+
+        async def stop_taking_work() -> None:
+            # Unwound first of these (last in, first out): no DHCP request is answered and no
+            # TFTP transfer starts any more, the transfers under way end with an ERROR to their
+            # clients and their events, and both HTTP servers drain side by side, each within
+            # http.server's bound, so a stop takes seconds rather than their sum. The callbacks
+            # above then find them closed; the store closes after all of them (Agent.run).
+            dhcp.close()
+            tftp.close()
+            await asyncio.gather(http.stop(), api.stop())
+
+        services.push_async_callback(stop_taking_work)
+        await dhcp.start()
+        services.callback(dhcp.close)
         watcher = asyncio.create_task(
             inventory.lifecycle.watch_silence(
                 lambda: float(inventory.config.lab.off_after), inventory.name_of
@@ -512,7 +567,4 @@ class Agent:
 
 
 def machine_state_counts(inventory: Inventory) -> dict[MachineState, int]:
-    counts: dict[MachineState, int] = {}
-    for view in machine_views(inventory):
-        counts[view.state] = counts.get(view.state, 0) + 1
-    return counts
+    return state_counts(inventory)  # one GROUP BY: a scrape builds no view per machine

@@ -28,6 +28,7 @@ class Kind(StrEnum):
     MACHINE_DISCOVERED = "machine.discovered"
     MACHINE_ENROLLED = "machine.enrolled"
     MACHINE_OFF = "machine.off"
+    MACHINE_FORGOTTEN = "machine.forgotten"
     DHCP_OFFER = "dhcp.offer"
     DHCP_ACK = "dhcp.ack"
     DHCP_LEASE = "dhcp.lease"
@@ -76,6 +77,18 @@ KINDS: dict[Kind, tuple[str, dict[str, str]]] = {
             "was": "its state before (booting, up, joined)",
         },
     ),
+    Kind.MACHINE_FORGOTTEN: (
+        'discovered machines (not in lab.toml) were forgotten, in the lab\'s log (mac ""): '
+        "their records and events, not their leases; one event a minute at most per reason",
+        {
+            "reason": "age (not heard from for [boot] forget_discovered_after) or cap (the "
+            "least recently heard past [boot] max_discovered, those that never got past DHCP "
+            "first: a flood of DHCP requests from many MACs)",
+            "count": "machines forgotten for that reason since the last such event",
+            "max_discovered": "[boot] max_discovered",
+            "forget_after": "[boot] forget_discovered_after, in seconds",
+        },
+    ),
     Kind.DHCP_OFFER: (
         "a DHCP OFFER with boot information: a step of the boot chain",
         {
@@ -116,7 +129,10 @@ KINDS: dict[Kind, tuple[str, dict[str, str]]] = {
             "file": "the path asked for",
             "reason": "not-found, outside, refused, timeout, peer-error, size-probe (UEFI "
             "firmware stopped once it knew the size: normal, the real download follows), "
-            "expected-miss (autoexec.ipxe, bootsig.bin: firmware is fine without them), ...",
+            "expected-miss (autoexec.ipxe, bootsig.bin: firmware is fine without them), "
+            "busy (a [tftp] limit was reached: the client got ERROR 0 'server busy'), evicted "
+            "(it had acknowledged nothing and gave way to a newer request at a limit), "
+            "stopping (the agent stopped mid-transfer), ...",
             "detail": "more for people (the client's error text, paths looked at)",
         },
     ),

@@ -171,7 +171,7 @@ def _api_command(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse
 
 @_api_command
 def cmd_machines(args: argparse.Namespace) -> int:
-    machines = _client(args).call("GET", "/api/v1/machines")
+    machines = _client(args).every_page("/api/v1/machines?limit=500")
     print(json.dumps(machines, indent=2) if args.json else machines_table(machines))
     return 0
 
@@ -281,7 +281,7 @@ def cmd_power(args: argparse.Namespace) -> int:
 def cmd_lab(args: argparse.Namespace) -> int:
     config = lab.load_config(lab.config_path(args.config))
     client = ApiClient.for_config(config, args.api)
-    machines = [m for m in client.call("GET", "/api/v1/machines") if m.get("enrolled")]
+    machines = client.every_page("/api/v1/machines?enrolled=true&limit=500")
     body: dict[str, float] = {}
     if args.timeout is not None:
         body["timeout"] = args.timeout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 import urllib.error
 import urllib.request
@@ -25,6 +26,21 @@ class ApiRefused(Exception):
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+
+
+#: Pages every_page follows at most: [boot] max_discovered may be 100,000, 500 a page.
+MAX_PAGES = 250
+
+_NEXT_LINK = re.compile(r'<([^>]*)>\s*;[^,]*\brel="?next"?', re.IGNORECASE)
+
+
+def _next_link(header: str) -> str | None:
+    """The target of a Link header's rel="next" (a path on the same agent), or None."""
+    found = _NEXT_LINK.search(header)
+    if found is None:
+        return None
+    target = found[1]
+    return target if target.startswith("/") else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,10 +79,29 @@ class ApiClient:
         return urllib.request.Request(self.base + path, data, headers, method=method)
 
     def call(self, method: str, path: str, body: object | None = None) -> Any:
+        return self._call(method, path, body)[0]
+
+    def every_page(self, path: str) -> list[Any]:
+        """GET `path` and the pages its Link headers (rel="next", RFC 8288) lead to, joined: a
+        listing (GET /api/v1/machines) is paged. Bounded: a listing that changes under the
+        reader cannot make it loop."""
+        items: list[Any] = []
+        following: str | None = path
+        for _ in range(MAX_PAGES):
+            if following is None:
+                return items
+            page, link = self._call("GET", following)
+            items += page
+            following = _next_link(link)
+        raise ApiRefused(f"{path} has more than {MAX_PAGES} pages; ask with filters")
+
+    def _call(self, method: str, path: str, body: object | None = None) -> tuple[Any, str]:
+        """The decoded answer and its Link header ("" without one)."""
         request = self._request(method, path, body)
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return json.loads(response.read() or b"null")
+                link = response.headers.get("Link", "")
+                return json.loads(response.read() or b"null"), link
         except urllib.error.HTTPError as exc:
             try:
                 detail = json.loads(exc.read())

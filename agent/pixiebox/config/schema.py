@@ -21,6 +21,7 @@ from pixiebox.config.values import (
     MacAddress,
     WebUrl,
     check_hostname,
+    check_interface_name,
 )
 
 #: Environment variables with this prefix override single keys of lab.toml.
@@ -48,7 +49,7 @@ DhcpMode = Literal["proxy", "reservation", "full"]
 
 
 class NetworkSection(Section):
-    interface: str = "eth0"
+    interface: Annotated[str, AfterValidator(check_interface_name)] = "eth0"
     server_ip: IPv4Address | None = None
     subnet: IPv4Network | None = None
     gateway: IPv4Address | None = None
@@ -73,6 +74,9 @@ class DnsSection(Section):
     # Sources for which names that are not the lab's are forwarded upstream; anyone else gets
     # REFUSED (no open resolver). Empty: the lab subnet ([network] subnet or the interface's).
     forward_for: list[IPv4Network] = Field(default_factory=list)
+    # DNS over TCP (RFC 7766) holds a connection per client: a neighbour opening many must not
+    # take the descriptors the boot protocols need.
+    tcp_connections_per_source: int = Field(default=8, ge=1, le=1024)
 
 
 UnknownPolicy = Literal["discover", "enroll", "ignore"]
@@ -83,6 +87,11 @@ class BootSection(Section):
     ssh_keys: list[str] = Field(default_factory=list)
     assets: Path = Path("/var/lib/pixiebox/assets")
     image: str = "osie"
+    # Machines that asked to boot but are not in lab.toml are remembered (the dashboard lists
+    # them, `pixiebox enroll` names them); any MAC on the home LAN can ask, so their number is
+    # capped and those not heard from again are forgotten.
+    max_discovered: int = Field(default=1000, ge=10, le=100_000)
+    forget_discovered_after: Duration = 7 * 86400
 
 
 class ImageSection(Section):
@@ -101,8 +110,27 @@ def default_images() -> dict[str, ImageSection]:
     }
 
 
+class TftpSection(Section):
+    # A TFTP transfer is cheap to start and costs the server a socket until it ends: a client
+    # that sends RRQs and never ACKs (or spoofs their sources) must not hold them all.
+    max_transfers: int = Field(default=256, ge=1, le=10_000)
+    max_transfers_per_client: int = Field(default=8, ge=1, le=1000)
+    # The largest RFC 2349 `timeout` a client may ask for; a larger one is not acknowledged
+    # and the server keeps its own (a client asking 255 s would hold a transfer for minutes).
+    max_client_timeout: Duration = Field(default=5, ge=1, le=255)
+    # A transfer whose client has sent nothing for this long is ended and its socket freed.
+    idle_timeout: Duration = Field(default=10, ge=1, le=3600)
+
+
 class HttpSection(Section):
     listen: Listen = ":80"
+    # Boot HTTP and the API alike: a client must send its request head within header_timeout
+    # and in at most max_header_bytes; connections are capped per source address and in total
+    # so that slow or hostile clients cannot hold every descriptor.
+    header_timeout: Duration = Field(default=10, ge=1, le=3600)
+    max_header_bytes: int = Field(default=16384, ge=1024, le=1 << 20)
+    max_connections: int = Field(default=512, ge=8, le=100_000)
+    max_connections_per_source: int = Field(default=64, ge=1, le=100_000)
 
 
 #: The API's port when [api] listen is unset.
@@ -222,6 +250,7 @@ class LabConfig(BaseSettings):
     network: NetworkSection = Field(default_factory=NetworkSection)
     dns: DnsSection = Field(default_factory=DnsSection)
     boot: BootSection = Field(default_factory=BootSection)
+    tftp: TftpSection = Field(default_factory=TftpSection)
     images: dict[str, ImageSection] = Field(default_factory=default_images)
     http: HttpSection = Field(default_factory=HttpSection)
     api: ApiSection = Field(default_factory=ApiSection)

@@ -134,6 +134,19 @@ def check_hostname(value: str) -> str:
     return value
 
 
+def check_interface_name(value: str) -> str:
+    """Linux's rule for a network interface name (dev_valid_name): 1 to 15 bytes, not "." or
+    "..", no "/", ":" or whitespace; anything else can never name a link, and a NUL would reach
+    the kernel's calls as a truncated name."""
+    if not value or len(value.encode()) > 15 or value in {".", ".."}:
+        raise ValueError(f"{value!r} is not a network interface name (1 to 15 characters)")
+    if any(c in "/:" or c.isspace() or not c.isprintable() for c in value):
+        raise ValueError(
+            f"{value!r} is not a network interface name: no '/', ':', spaces or control characters"
+        )
+    return value
+
+
 _HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.\-]*[A-Za-z0-9])?(:\d{1,5})?$")
 
 

@@ -88,6 +88,16 @@ class Inventory:
         #: Who is at which address, learned at run time (leases, requests, neighbours).
         self.evidence = EvidenceBook()
         self._lab = LabView.of(config)
+        # The bound on discovered machines (core.lifecycle): their records, event logs and
+        # boot-time entries go together. Address evidence is not part of it: it is bounded by
+        # the lab subnet and MAX_ADDRESSES, and a forgotten machine's lease still stands.
+        self.lifecycle.bound(
+            self._enrolled, config.boot.max_discovered, config.boot.forget_discovered_after,
+            load=True,
+        )  # fmt: skip
+
+    def _enrolled(self, mac: str) -> bool:
+        return mac in self._lab.by_mac
 
     @property
     def lab(self) -> LabView:
@@ -101,7 +111,12 @@ class Inventory:
     def reload(self, config: LabConfig) -> None:
         """Swap in a newly validated lab.toml (enrollment, SIGHUP). Call it on the event loop:
         the protocols read the lab there."""
-        self._lab = LabView.of(config)
+        old = self._lab
+        self._lab = new = LabView.of(config)
+        self.lifecycle.enrolled_now(new.by_mac.keys() - old.by_mac.keys())
+        self.lifecycle.unenrolled(old.by_mac.keys() - new.by_mac.keys())
+        boot = config.boot
+        self.lifecycle.bound(self._enrolled, boot.max_discovered, boot.forget_discovered_after)
 
     def record(
         self,
@@ -148,6 +163,7 @@ class Inventory:
         if unicast_mac_problem(mac) is not None:
             return False  # a multicast, broadcast or zero MAC is no machine: never recorded
         lab = self._lab
+        self.lifecycle.heard(mac)  # at the cap, a new MAC makes room first
         if arch is None:
             first_time = self._store.record_seen(mac, None, None)
         else:
@@ -178,7 +194,9 @@ class Inventory:
             "policy": policy,
             "image": decision.image_name,
         }
-        log.info("%s", message)
+        # In a flood of new MACs the lifecycle's summary says how many came and went, once a
+        # minute; a line for each would be the flood again, in the log.
+        log.log(logging.DEBUG if self.lifecycle.under_pressure() else logging.INFO, "%s", message)
         self.lifecycle.discovered(
             mac, message, {key: value for key, value in facts.items() if value is not None}
         )

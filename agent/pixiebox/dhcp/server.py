@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import sqlite3
 from collections import Counter
 from collections.abc import Callable
 from ipaddress import IPv4Address
@@ -86,8 +87,9 @@ BATCH = 64
 
 class _Port:
     """One port's listener. A batch's replies wait until the handler has committed what the
-    batch changed (`flush`: the leases of the ACKs), so an ACK never leaves before its lease is
-    on disk and a boot storm costs one commit per batch."""
+    batch changed (`flush`: the leases of the ACKs; the COMMIT fsyncs, store.state), so an ACK
+    never leaves before its lease is on stable storage, and a boot storm costs one commit and
+    one fsync per batch, not per lease. A batch whose commit failed is not answered."""
 
     def __init__(self, server: DhcpServer, sock: socket.socket, port: int) -> None:
         self.answer = server.answer
@@ -113,7 +115,8 @@ class _Port:
         if not self.replies:
             return
         replies, self.replies = self.replies, []
-        self.flush()
+        if not self.flush():
+            return  # an ACK whose lease may not be stored is not sent: its client asks again
         send = self.listener.send
         for payload, destination in replies:
             send(payload, destination)
@@ -161,13 +164,20 @@ class DhcpServer:
             listener.close()
         self._listeners.clear()
 
-    def flush(self) -> None:
-        """Commit what the answered requests changed (the handler's leases), before sending."""
+    def flush(self) -> bool:
+        """Commit what the answered requests changed (the handler's leases), before sending;
+        False when that failed (the store said why and tries again), and the batch's replies
+        must then not leave."""
         try:
             self._flush()
+        except sqlite3.Error:
+            self.stats["unsaved"] += 1
+            return False
         except Exception:
-            self.stats["failed"] += 1
+            self.stats["unsaved"] += 1
             log.exception("DHCP state could not be saved")
+            return False
+        return True
 
     def answer(
         self, data: bytes, port: int, source: tuple[str, int]

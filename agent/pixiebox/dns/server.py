@@ -40,13 +40,18 @@ from pixiebox.dns.wire import (
     wire,
 )
 from pixiebox.dns.zone import LabNames, Zone, domain_labels
+from pixiebox.net.limits import ConnectionGate, LogLimiter, quiet_accept_errors, tcp_listener
 from pixiebox.net.udp import Address, DatagramListener, udp_socket
 
 log = logging.getLogger("pixiebox.dns")
 
 #: TCP clients served at once (RFC 7766 section 6.2.2: servers limit connections).
 MAX_TCP_CLIENTS = 64
-#: Seconds an idle TCP connection is kept (RFC 7766 section 6.2.3: a few seconds is enough).
+#: TCP connections one source address may hold ([dns] tcp_connections_per_source): a resolver
+#: needs one or two; without a bound one neighbour holds all MAX_TCP_CLIENTS.
+TCP_PER_SOURCE = 8
+#: Seconds an idle TCP connection is kept, and a query given to arrive whole once begun (RFC
+#: 7766 section 6.2.3: servers time idle connections out, "a few seconds" suffices).
 TCP_IDLE = 10.0
 #: Room in the kernel for a burst of queries while the loop is busy.
 RECEIVE_BUFFER = 1 << 20
@@ -81,10 +86,14 @@ class DnsServer:
         ttl: int = 60,
         max_forwards: int = MAX_FORWARDS,
         upstream_port: int = DNS_PORT,
+        tcp_per_source: int = TCP_PER_SOURCE,
+        tcp_idle: float = TCP_IDLE,
     ) -> None:
         labels = domain_labels(domain)
-        if timeout <= 0 or ttl < 0 or max_forwards < 1:
-            raise ValueError("timeout and max_forwards must be positive, ttl not negative")
+        if timeout <= 0 or ttl < 0 or max_forwards < 1 or tcp_per_source < 1 or tcp_idle <= 0:
+            raise ValueError(
+                "timeout, max_forwards and the TCP limits must be positive, ttl not negative"
+            )
         self.domain = b".".join(labels).decode()
         self.records = records
         self.upstreams = tuple(IPv4Address(ip) for ip in upstreams)
@@ -106,6 +115,13 @@ class DnsServer:
             port=upstream_port,
         )
         self._tcp_clients: set[asyncio.Task[Any]] = set()
+        self.tcp_idle = tcp_idle
+        # RFC 7766 section 6.2.2: limits per client and in total; the idle (between queries)
+        # are closed first to make room (section 6.2.3: under pressure, close idle ones).
+        self._tcp_gate: ConnectionGate[_TcpClient] = ConnectionGate(
+            MAX_TCP_CLIENTS, min(tcp_per_source, MAX_TCP_CLIENTS)
+        )
+        self._said = LogLimiter(log)
         self._udp: DatagramListener | None = None
         self._tcp: asyncio.Server | None = None
         self._batch_zone: Zone | None = None
@@ -140,6 +156,7 @@ class DnsServer:
             tcp.close()
             raise
         try:
+            quiet_accept_errors(asyncio.get_running_loop())
             self._tcp = await asyncio.start_server(self._serve_tcp, sock=tcp, backlog=128)
         except BaseException:
             tcp.close()
@@ -160,17 +177,8 @@ class DnsServer:
         )
 
     def _tcp_socket(self, port: int) -> socket.socket:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if self.interface:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, self.interface.encode())
-            sock.bind((self.listen_ip, port))
-            sock.setblocking(False)
-        except OSError:
-            sock.close()
-            raise
-        return sock
+        # accept(2) out of descriptors: one rate-limited line, no storm (net.limits).
+        return tcp_listener(self.listen_ip, port, self.interface)
 
     async def close(self) -> None:
         """Stop listening, drop queries in flight and TCP clients. Idempotent."""
@@ -225,10 +233,16 @@ class DnsServer:
                 return reply
             return self._slow(data, source, tcp)
         except Exception:
-            # Whatever a packet does to us, the server keeps answering the next one.
+            # Whatever a packet does to us, the server keeps answering the next one; a packet
+            # that does it once can be sent a million times, hence one traceback per 10 s.
             self.stats["failed"] += 1
-            log.exception(
-                "DNS query from %s:%d (%d bytes) could not be handled", *source, len(data)
+            self._said.log(
+                "failed",
+                logging.ERROR,
+                "DNS query from %s:%d (%d bytes) could not be handled",
+                *source,
+                len(data),
+                exc_info=True,
             )
             return None
 
@@ -360,17 +374,30 @@ class DnsServer:
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         peer = writer.get_extra_info("peername") or ("?", 0)
-        if len(self._tcp_clients) >= MAX_TCP_CLIENTS or task is None:
+        client = _TcpClient(writer)
+        over = self._tcp_gate.admit(client, str(peer[0])) if task is not None else "total"
+        if over is not None:
             self.stats["tcp_refused"] += 1
-            writer.close()
+            self._said.log(  # the designed outcome, counted in stats: not a warning
+                f"tcp-refused-{over}",
+                logging.INFO,
+                "DNS over TCP: refused a connection from %s, over the cap of %s",
+                peer[0],
+                f"{self._tcp_gate.per_source} per source address ([dns] tcp_connections_per_source)"
+                if over == "source"
+                else f"{MAX_TCP_CLIENTS} in total",
+            )
+            writer.transport.abort()  # nothing is read, nothing to say
             return
+        assert task is not None
         self._tcp_clients.add(task)
         try:
             # RFC 7766 section 6.2.1: several queries per connection, answered in order here.
             while True:
-                prefix = await asyncio.wait_for(reader.readexactly(2), TCP_IDLE)
+                prefix = await asyncio.wait_for(reader.readexactly(2), self.tcp_idle)
+                self._tcp_gate.busy(client)
                 data = await asyncio.wait_for(
-                    reader.readexactly(int.from_bytes(prefix, "big")), TCP_IDLE
+                    reader.readexactly(int.from_bytes(prefix, "big")), self.tcp_idle
                 )
                 result = self.answer(data, peer, tcp=True)
                 if result is None:
@@ -382,8 +409,23 @@ class DnsServer:
                 )
                 writer.write(len(reply).to_bytes(2, "big") + reply)
                 await writer.drain()
+                self._tcp_gate.idle(client)
         except (EOFError, TimeoutError, OSError):
-            pass  # the client closed, went idle or away
+            pass  # the client closed, went idle or away, or was closed to make room
         finally:
+            self._tcp_gate.release(client)
             self._tcp_clients.discard(task)
             writer.close()
+
+
+class _TcpClient:
+    """One DNS-over-TCP connection, as the connection gate sees it."""
+
+    __slots__ = ("writer",)
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+
+    def evict(self) -> None:
+        # The handler's read ends with EOF (IncompleteReadError) and it cleans up.
+        self.writer.close()

@@ -25,20 +25,28 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from pixiebox import doctor
-from pixiebox.config import normalize_mac, split_listen
+from pixiebox.config import split_listen
 from pixiebox.config.values import unicast_mac
-from pixiebox.core.decision import decide
 from pixiebox.core.inventory import Inventory
-from pixiebox.core.lifecycle import MachineState
-from pixiebox.core.oui import vendor_of
 from pixiebox.events import Event, FieldValue, Kind
+from pixiebox.http.api_machines import (
+    MachineQuery,
+    MachineView,
+    PowerOf,
+    find_machine,
+    machine_page,
+    openapi_parameters,
+)
+
+# agent.py and older callers import these from here.
+from pixiebox.http.api_machines import machine_views as machine_views
+from pixiebox.http.api_machines import state_counts as state_counts
 from pixiebox.http.params import MAX_EVENT_ID, body_error, event_id_parameter, mac_parameter
-from pixiebox.power.base import PowerAction, PowerState
+from pixiebox.power.base import PowerAction
 from pixiebox.power.controller import NoPowerControl, PowerBusy, PowerController
 from pixiebox.power.lab import LabReport, LabRequest, lab_down, lab_up
-from pixiebox.power.views import PowerOutcome, PowerView, derived_power
+from pixiebox.power.views import PowerOutcome
 from pixiebox.store.private import FILE_MODE, private_dir, replace_file, tighten
-from pixiebox.store.state import MachineRecord
 
 log = logging.getLogger("pixiebox.api")
 
@@ -62,26 +70,6 @@ def ensure_token(path: Path) -> str:
     replace_file(path, token + "\n")
     log.info("created the API token in %s (mode 0600)", path)
     return token
-
-
-class MachineView(BaseModel):
-    name: str | None
-    mac: str
-    ip: str | None
-    arch: str | None
-    firmware: str | None
-    vendor: str | None
-    state: MachineState
-    enrolled: bool
-    image: str | None
-    first_seen: float | None
-    last_seen: float | None
-    #: Last known power state: read by a driver, seen by a verified action, or from events.
-    power: PowerState = PowerState.UNKNOWN
-    power_since: float | None = None
-    power_detail: str = ""
-    #: The drivers of its power chain in lab.toml (empty: no power control).
-    power_control: list[str] = []
 
 
 class EventView(BaseModel):
@@ -129,63 +117,6 @@ class ApiState:
     power: PowerController | None = None
 
 
-PowerOf = Callable[[str, MachineRecord | None], PowerView]
-
-
-def machine_views(inventory: Inventory, power_of: PowerOf | None = None) -> list[MachineView]:
-    """Every machine: enrolled ones from lab.toml, then those only seen on the wire."""
-    records = inventory.lifecycle.records()
-    lab = inventory.lab
-    config = lab.config
-    views: list[MachineView] = []
-
-    def power(mac: str, record: MachineRecord | None) -> dict[str, Any]:
-        view = power_of(mac, record) if power_of is not None else derived_power(record)
-        return {"power": view.state, "power_since": view.since, "power_detail": view.detail}
-
-    for machine in config.machines:
-        record = records.get(machine.mac)
-        views.append(MachineView(
-            **power(machine.mac, record),
-            power_control=[spec.driver for spec in machine.power_chain()],
-            name=machine.name, mac=machine.mac,
-            ip=str(machine.ip) if machine.ip else (record.ip or None if record else None),
-            arch=record.arch or None if record else None,
-            firmware=record.firmware or None if record else None, vendor=vendor_of(machine.mac),
-            state=inventory.lifecycle.state_of(record, enrolled=True), enrolled=True,
-            image=decide(lab, machine.mac, None).image_name,
-            first_seen=record.first_seen if record else None,
-            last_seen=record.last_seen if record else None,
-        ))  # fmt: skip
-    enrolled = {m.mac for m in config.machines}
-    for mac, record in sorted(records.items(), key=lambda item: item[1].first_seen):
-        if mac in enrolled:
-            continue
-        views.append(MachineView(
-            **power(mac, record),
-            name=None, mac=mac, ip=record.ip or None, arch=record.arch or None,
-            firmware=record.firmware or None, vendor=vendor_of(mac),
-            state=inventory.lifecycle.state_of(record, enrolled=False), enrolled=False,
-            image=decide(lab, mac, None).image_name,
-            first_seen=record.first_seen, last_seen=record.last_seen,
-        ))  # fmt: skip
-    return views
-
-
-def find_machine(
-    inventory: Inventory, key: str, power_of: PowerOf | None = None
-) -> MachineView | None:
-    """A machine by name or MAC (any spelling)."""
-    try:
-        mac: str | None = normalize_mac(key)
-    except ValueError:
-        mac = None
-    for view in machine_views(inventory, power_of):
-        if view.mac == mac or (view.name is not None and view.name == key.lower()):
-            return view
-    return None
-
-
 def event_view(inventory: Inventory, event: Event) -> EventView:
     machine = inventory.who_is(event.mac)
     return EventView(id=event.id, mac=event.mac, name=machine.name if machine else None,
@@ -224,7 +155,14 @@ class _Handlers:
         )
 
     async def machines(self, request: Request) -> Response:
-        return _json(machine_views(self.inventory, self.power_of))
+        """A page of machines (http.api_machines: filters, keyset pages, Link header)."""
+        try:
+            query = MachineQuery.read(request.query_params)
+        except ValueError as exc:
+            return _error(400, str(exc))
+        page = machine_page(self.inventory, query, self.power_of)
+        body = [view.model_dump(mode="json") for view in page.machines]
+        return JSONResponse(body, headers=page.headers(query))
 
     async def machine(self, request: Request) -> Response:
         key = str(request.path_params["key"])
@@ -469,8 +407,26 @@ def openapi_document() -> dict[str, Any]:
         "paths": {
             "/api/v1/machines": {
                 "get": {
-                    "summary": "every machine, enrolled or discovered",
-                    "responses": {"200": ok({"type": "array", "items": ref("MachineView")})},
+                    "summary": "machines, enrolled (lab.toml's order) then discovered (first "
+                    "seen first), a page at a time: the next page's URL is in the Link header "
+                    '(rel="next"), the number of machines that match in X-Total-Count',
+                    "parameters": list(openapi_parameters()),
+                    "responses": {
+                        "200": {
+                            **ok({"type": "array", "items": ref("MachineView")}),
+                            "headers": {
+                                "Link": {
+                                    "schema": {"type": "string"},
+                                    "description": 'the next page (rel="next"), absent on the last',
+                                },
+                                "X-Total-Count": {
+                                    "schema": {"type": "integer"},
+                                    "description": "machines that match, on every page",
+                                },
+                            },
+                        },
+                        "400": ok(ref("ErrorView"), "a parameter is malformed"),
+                    },
                 }
             },
             "/api/v1/machines/{key}": {

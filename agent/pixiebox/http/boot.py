@@ -49,6 +49,7 @@ from pixiebox.http.metadata import metadata_response
 from pixiebox.http.phonehome import phone_home_response
 from pixiebox.http.server import PATHSEND
 from pixiebox.net import paths
+from pixiebox.net.limits import LogLimiter
 from pixiebox.store.identity import IdentityStore
 
 log = logging.getLogger("pixiebox.http")
@@ -276,6 +277,9 @@ def _script(text: str, status_code: int = 200) -> Response:
 class _Handlers:
     def __init__(self, state: BootHttpState) -> None:
         self.state = state
+        #: For lines any client on the lab segment can cause at will (a URL naming no MAC, a
+        #: missing or refused file): one a kind every few seconds, the rest counted.
+        self.outsider_lines = LogLimiter(log)
 
     @property
     def inventory(self) -> Inventory:
@@ -297,7 +301,11 @@ class _Handlers:
         try:
             mac = normalize_mac(raw)
         except ValueError:
-            log.info("%s asked for /boot/%s.ipxe, which names no MAC address", ip, raw)
+            self.outsider_lines.log(
+                "not-a-mac", logging.INFO,
+                "%s asked for /boot/%s.ipxe, which names no MAC address",
+                ip, paths.printable(raw[:64]),
+            )  # fmt: skip
             return PlainTextResponse(
                 f"{raw!r} is not a MAC address: ask for /boot/<mac>.ipxe, "
                 "e.g. /boot/f4:4d:30:64:7a:3a.ipxe\n",
@@ -309,12 +317,11 @@ class _Handlers:
         if "arch" not in query:
             arch = None
         elif arch is None:
-            log.warning(
+            self.outsider_lines.log(
+                "unknown-arch", logging.WARNING,
                 "%s sent arch=%r, which Pixiebox does not know; treating it as %s",
-                mac,
-                query.get("arch"),
-                DEFAULT_ARCH.label,
-            )
+                mac, query.get("arch", "")[:64], DEFAULT_ARCH.label,
+            )  # fmt: skip
             arch = DEFAULT_ARCH
         # The URL's MAC is only a claim: the script is public (which kernel, which initrds),
         # but only the machine itself, proven by its neighbour entry, is recorded as booting
@@ -393,27 +400,27 @@ class _Handlers:
             path, stat_result = resolve_asset(root, requested)
         except Refused as refused:
             role = _file_role(self.inventory.config, requested)
-            what = f"the {role[0]} {requested}" if role else f"assets/{requested}"
+            shown = paths.printable(requested)
+            what = f"the {role[0]} {shown}" if role else f"assets/{shown}"
             if refused.status == 404:
-                log.warning(
+                self.outsider_lines.log(
+                    f"missing-{'role' if role else 'asset'}", logging.WARNING,
                     "%s asked for %s, which %s; put the file in %s or fix lab.toml",
-                    self._describe(ip),
-                    what,
-                    refused.reason,
-                    root,
-                )
+                    self._describe(ip), what[:200], refused.reason, root,
+                )  # fmt: skip
                 if role:
                     self.state.emit(
                         Kind.HTTP_FAILED, self._who_id(ip), f"{what} {refused.reason}",
                         {"file": request.url.path, "reason": "missing", "status": 404},
                     )  # fmt: skip
             else:
-                log.warning(
+                # One kind per refusal rule (the fixed words before any detail): a bounded set.
+                self.outsider_lines.log(
+                    "refused " + refused.reason.partition(" (")[0].partition(":")[0],
+                    logging.WARNING,
                     "refused %s's request for %s: the path %s",
-                    self._describe(ip),
-                    what,
-                    refused.reason,
-                )
+                    self._describe(ip), what[:200], refused.reason,
+                )  # fmt: skip
             # The reason (with server paths) goes to the log, not to the client.
             text = "not found\n" if refused.status == 404 else "access denied\n"
             return PlainTextResponse(text, refused.status)
@@ -497,13 +504,12 @@ class _Handlers:
         ip = client_ip(request)
         found = self.state.assets.ipxe_binary(name) if _SAFE_NAME.fullmatch(name) else None
         if found is None:
-            hint = f"copy it to {self.state.assets.root / 'ipxe' / name}"
-            log.warning(
-                "%s asked for the iPXE build %s, which this appliance does not have; %s",
-                self._describe(ip),
-                name,
-                hint,
-            )
+            shown = paths.printable(name[:100])
+            self.outsider_lines.log(
+                "missing-ipxe", logging.WARNING,
+                "%s asked for the iPXE build %s, which this appliance does not have; copy it to %s",
+                self._describe(ip), shown, self.state.assets.root / "ipxe" / shown,
+            )  # fmt: skip
             return PlainTextResponse("not found\n", 404)  # the hint names a server path
         real = Path(os.path.realpath(found))
         stat_result = real.stat()

@@ -4,6 +4,8 @@ silently read as a default that hides the client's bug)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from pydantic import ValidationError
 
 from pixiebox.config import normalize_mac
@@ -46,6 +48,46 @@ def mac_parameter(name: str, raw: str | None) -> str | None:
         raise ValueError(
             f"{name} must be a MAC address like 52:54:00:12:34:56, not {shown(raw)}"
         ) from None
+
+
+def count_parameter(name: str, raw: str | None, default: int, maximum: int) -> int:
+    """A whole number from 1 to `maximum` (a page's `limit`); `default` when absent. A larger
+    one is refused, not cut down: a client asking for 5,000 and silently getting 1,000 would
+    take the page for everything."""
+    text = (raw or "").strip()
+    if not text:
+        return default
+    if text.isascii() and text.isdigit() and len(text) <= 9 and 1 <= int(text) <= maximum:
+        return int(text)
+    raise ValueError(
+        f"{name} must be a whole number from 1 to {maximum}, not {shown(raw)}; "
+        'follow the Link header (rel="next") for the next page'
+    )
+
+
+def bool_parameter(name: str, raw: str | None) -> bool | None:
+    """`true` or `false` (any case); None when absent."""
+    text = (raw or "").strip().lower()
+    if not text:
+        return None
+    if text in ("true", "false"):
+        return text == "true"
+    raise ValueError(f"{name} must be true or false, not {shown(raw)}")
+
+
+def choices_parameter(name: str, raw: str | None, allowed: Sequence[str]) -> list[str] | None:
+    """One or more of `allowed`, comma-separated (`state=up,joined`); None when absent."""
+    text = (raw or "").strip()
+    if not text:
+        return None
+    chosen = [part.strip().lower() for part in text.split(",")]
+    wrong = [part for part in chosen if part not in allowed]
+    if wrong or len(chosen) > len(allowed):
+        raise ValueError(
+            f"{name} must be one or more of {', '.join(allowed)} (comma-separated), "
+            f"not {shown(raw)}"
+        )
+    return chosen
 
 
 def body_error(exc: ValidationError, example: str) -> str:

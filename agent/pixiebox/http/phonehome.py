@@ -40,7 +40,7 @@ async def phone_home_state(request: Request) -> str:
         return "up"
     try:
         document = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # "[[[[..." past json's nesting limit: RecursionError
         return 'the phone-home body is not JSON; send nothing, or {"state": "up" | "joined"}\n'
     state = document.get("state", "up") if isinstance(document, dict) else None
     if state not in PHONE_HOME_STATES:

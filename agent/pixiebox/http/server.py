@@ -25,14 +25,18 @@ import contextlib
 import logging
 import os
 import socket
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any, cast
 
 import uvicorn
 from starlette.types import ASGIApp
 from uvicorn._types import ASGIApplication, ASGISendEvent
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 from uvicorn.server import ServerState
+
+from pixiebox.http.connlimit import HttpLimits, LimitedProtocol, LimitedState
+from pixiebox.net.limits import quiet_accept_errors, tcp_listener
 
 log = logging.getLogger("pixiebox.http")
 
@@ -197,8 +201,9 @@ def _deepen_send_buffer(transport: asyncio.Transport) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER)
 
 
-class PathsendProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol whose HTTP scopes carry the pathsend extension."""
+class PathsendProtocol(LimitedProtocol):
+    """uvicorn's httptools protocol (with the connection limits of http.connlimit) whose HTTP
+    scopes carry the pathsend extension."""
 
     def connection_made(  # type: ignore[override]
         self, transport: asyncio.Transport
@@ -229,14 +234,9 @@ def listening_socket(host: str, port: int, device: str | None = None) -> socket.
     connections only from the lab segment, not from a routed or management network that can
     reach the appliance's addresses (Linux accepts a packet for any local address on any
     interface; binding an address alone does not stop that)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = tcp_listener(host, port, device)  # accept(2) out of descriptors: net.limits
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if device:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
-        sock.bind((host, port))
         sock.listen(socket.SOMAXCONN)
-        sock.setblocking(False)
     except OSError:
         sock.close()
         raise
@@ -261,18 +261,25 @@ class BootHttpServer:
         pathsend: bool = True,
         device: str | None = None,
         loopback: bool = False,
+        limits: HttpLimits | None = None,
+        name: str = "boot HTTP",
     ) -> None:
         """`pathsend=False` leaves the extension out (files are then copied through Python),
         for comparisons. `device` confines the host:port socket to one interface (see
         listening_socket); `loopback` also listens on 127.0.0.1 at the same port (the API: the
         appliance's own CLI reaches it there while its lab address is bound to the lab
-        interface)."""
+        interface). `limits`: the [http] connection limits (http.connlimit), for all its
+        sockets together; `name` says which server in their log lines."""
         self.app = app
         self.host = host
         self.port = port
         self.pathsend = pathsend
         self.device = device
         self.loopback = loopback
+        self.limits = limits or HttpLimits()
+        self.name = name
+        #: Connections refused, evicted, timed out, by kind (LimitedState.stats).
+        self.stats: Counter[str] = Counter()
         self._server: uvicorn.Server | None = None
         self._sockets: list[socket.socket] = []
         self._ticker: asyncio.Task[None] | None = None
@@ -282,7 +289,7 @@ class BootHttpServer:
             cast(ASGIApplication, self.app),
             host=self.host,
             port=self.port,
-            http=PathsendProtocol if self.pathsend else HttpToolsProtocol,
+            http=PathsendProtocol if self.pathsend else LimitedProtocol,
             ws="none",
             lifespan="off",
             interface="asgi3",
@@ -294,6 +301,10 @@ class BootHttpServer:
         config.load()
         server = uvicorn.Server(config)
         server.lifespan = config.lifespan_class(config)
+        state = LimitedState(self.limits, self.name)
+        state.stats = self.stats
+        server.server_state = state
+        quiet_accept_errors(asyncio.get_running_loop())
         # Our own socket: a port in use or port 80 without privileges becomes an OSError for
         # the agent to explain, instead of uvicorn's sys.exit().
         self._sockets = [listening_socket(self.host, self.port, self.device)]
@@ -362,7 +373,7 @@ class BootHttpServer:
         for sock in self._sockets:
             sock.close()
         self._sockets = []
-        log.info("boot HTTP stopped")
+        log.info("%s stopped", self.name)
 
 
 async def _settled(state: ServerState, timeout: float) -> bool:

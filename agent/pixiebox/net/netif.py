@@ -30,7 +30,7 @@ def interface_info(name: str) -> InterfaceInfo | None:
     """The interface called `name` in this network namespace, or None if there is none."""
     try:
         index = socket.if_nametoindex(name)
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL in the name (lab.toml: "eth\u0000")
         return None
     mac: str | None = None
     addresses: list[IPv4Interface] = []

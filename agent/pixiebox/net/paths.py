@@ -185,3 +185,11 @@ def stat_file(
     if not stat.S_ISREG(result.st_mode):
         raise PathRefused("not-a-file", f"{real} is not a regular file", target=real)
     return Path(real), result
+
+
+def printable(name: str) -> str:
+    """A name a client sent, safe for one log line: undecodable bytes and control characters
+    escaped, so a requested path cannot forge a second log line or drive the terminal that
+    shows the journal."""
+    text = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)

@@ -3,15 +3,23 @@ and DHCP leases.
 
 lab.toml stays the source of truth for enrolled machines; this store keeps what must survive a
 restart or a power cut (a lease handed out must never be handed to another MAC after a crash).
-SQLite in WAL mode with synchronous=NORMAL: a committed lease survives an agent crash.
 
-Writes made on a running event loop are grouped: the first one opens a transaction and the loop
-commits it on its next turn (`flush`, also called by the DHCP server before it sends the replies
-of a batch, so an ACK never leaves before its lease is committed). A boot storm then costs one
-commit per loop turn instead of one per statement (each an append to the WAL and an update of
-its index); readers in other processes see the writes a loop turn later. Without a running loop
-(the CLI, tests) every statement commits at once, as before; close() commits what is pending,
-so a clean stop never loses an acknowledged lease.
+What is promised: SQLite in WAL mode with synchronous=FULL, so a COMMIT returns only after the
+WAL is fsynced (fdatasync). A reply that acknowledges a write leaves only after that COMMIT: a
+DHCPACK after its lease (the DHCP server's `flush` before it sends a batch's replies), an iPXE
+script or a pxelinux file after its boot token (`committed`, `flush`). An acknowledged lease
+therefore survives a power cut, not only an agent crash or kill -9, as far as the storage keeps
+what it said it wrote (a stick or card that acknowledges a flush it has only cached can still
+lose it). A batch whose COMMIT failed sends no replies: its clients ask again. Events, sightings
+and machine states are committed with them, at the latest one loop turn after they happened: a
+power cut loses at most the loop turn in progress, whose writes nobody was told about.
+
+The cost is one COMMIT (one fsync) per loop turn that wrote, not one per write: the first write
+on a running event loop opens a transaction and the loop commits it on its next turn (`flush`),
+so a boot storm pays one fsync per DHCP batch (bench/RESULTS.md, "Issue 13: durable leases");
+readers in other processes see the writes a loop turn later. Without a running loop (the CLI,
+tests) every statement commits at once; close() commits what is pending, so a clean stop never
+loses an acknowledged lease.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -39,6 +47,8 @@ CREATE TABLE IF NOT EXISTS machines (
     first_seen REAL NOT NULL,
     last_seen REAL NOT NULL
 );
+-- The API's pages of discovered machines (keyset paging: machine_page) read it in order.
+CREATE INDEX IF NOT EXISTS machines_by_first_seen ON machines (first_seen, mac);
 CREATE TABLE IF NOT EXISTS leases (
     ip TEXT PRIMARY KEY,
     mac TEXT NOT NULL,
@@ -80,6 +90,8 @@ _FIELDS_JSON = json.JSONEncoder(separators=(",", ":"))
 
 #: Seconds before a commit that failed (the database busy) is tried again.
 RETRY_COMMIT = 0.5
+#: Seconds between two log lines about commits that failed (`StateStore._unsaved`).
+SAY_UNSAVED_EVERY = 10.0
 
 #: Events kept per machine (and for the lab's own log, MAC ""): enough for many boots'
 #: timelines, bounded so that a machine that logs in a loop cannot fill the appliance's USB
@@ -138,6 +150,11 @@ def _resolve(waiter: asyncio.Future[None]) -> None:
         waiter.set_result(None)
 
 
+def _fail(waiter: asyncio.Future[None], exc: BaseException) -> None:
+    if not waiter.done():
+        waiter.set_exception(exc)
+
+
 class StateStore:
     """One SQLite database file under [state] dir."""
 
@@ -151,7 +168,9 @@ class StateStore:
             tighten_if_present(self.path.with_name(self.path.name + suffix))
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        # FULL: each COMMIT fsyncs the WAL (NORMAL leaves it to the next checkpoint, and an ACK
+        # sent meanwhile could name a lease a power cut then erases: issue 13).
+        self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
         for table, column, declaration in _ADDED_COLUMNS:
             have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
@@ -163,6 +182,9 @@ class StateStore:
         # thread's write from interleaving with opening or committing it.
         self._lock = threading.Lock()
         self._pending = False
+        #: Failed commits since the last line about them, and when it was said (`_unsaved`).
+        self._failures = 0
+        self._said_at = -SAY_UNSAVED_EVERY
         #: Tasks waiting for the open transaction's COMMIT (`committed`).
         self._waiters: list[asyncio.Future[None]] = []
         #: Events added per MAC since its log was last trimmed (`add_event`).
@@ -198,9 +220,18 @@ class StateStore:
             try:
                 self._db.execute("COMMIT")
             except sqlite3.OperationalError as exc:
+                if not self._db.in_transaction:
+                    # SQLite rolled the transaction back (the disk full, an I/O error): its
+                    # writes are gone, and whoever waited for them must not reply as if stored.
+                    self._unsaved(logging.ERROR, exc, "these writes are lost")
+                    self._pending = False
+                    waiters, self._waiters = self._waiters, []
+                    for waiter in waiters:
+                        waiter.get_loop().call_soon_threadsafe(_fail, waiter, exc)
+                    raise
                 # Another program holds the database past the busy timeout (a backup, the
                 # sqlite3 shell): keep the writes and try again shortly.
-                log.warning("could not save to %s (%s); trying again", self.path, exc)
+                self._unsaved(logging.WARNING, exc, "trying again")
                 with contextlib.suppress(RuntimeError):
                     asyncio.get_running_loop().call_later(RETRY_COMMIT, self.flush)
                 raise
@@ -208,6 +239,17 @@ class StateStore:
             waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             waiter.get_loop().call_soon_threadsafe(_resolve, waiter)
+
+    def _unsaved(self, level: int, exc: Exception, outcome: str) -> None:
+        """A failed COMMIT, logged at most once per SAY_UNSAVED_EVERY seconds: each DHCP batch
+        tries again, and a full disk must not also fill the log."""
+        self._failures += 1
+        now = time.monotonic()
+        if now - self._said_at < SAY_UNSAVED_EVERY:
+            return
+        log.log(level, "could not save to %s (%s); %s (%d failed commit(s) since the last line)",
+                self.path, exc, outcome, self._failures)  # fmt: skip
+        self._said_at, self._failures = now, 0
 
     async def committed(self) -> None:
         """Return once this loop turn's writes are committed: for a reply that must not leave
@@ -279,6 +321,73 @@ class StateStore:
             "ip = CASE WHEN excluded.ip = '' THEN ip ELSE excluded.ip END",
             (mac, now, now, ip or ""),
         )
+
+    # the bounded inventory of discovered machines (core.lifecycle) and the API's pages
+
+    def forget_machine(self, mac: str) -> None:
+        """Forget `mac`: its record, its event log and its boot token. Its leases stay: a
+        lease is a promise that no other MAC gets the address while it runs."""
+        self._write("DELETE FROM machines WHERE mac = ?", (mac,))
+        self._write("DELETE FROM events WHERE mac = ?", (mac,))
+        self._write("DELETE FROM boot_tokens WHERE mac = ?", (mac,))
+        self._since_trim.pop(mac, None)
+
+    def machines_by_last_seen(self, progress: Iterable[str]) -> list[tuple[str, float, bool]]:
+        """Every machine as (MAC, last_seen, whether its log holds an event of a kind in
+        `progress`), the least recently seen first: what the lifecycle's bound starts from."""
+        rows = self._db.execute(
+            "SELECT mac, last_seen, EXISTS (SELECT 1 FROM events WHERE events.mac = machines.mac "
+            "AND kind IN (SELECT value FROM json_each(?))) FROM machines ORDER BY last_seen",
+            (json.dumps(sorted(progress)),),
+        )
+        return [(str(mac), float(seen), bool(past)) for mac, seen, past in rows]
+
+    def machine_page(
+        self,
+        after: tuple[float, str] | None,
+        limit: int,
+        *,
+        exclude: Collection[str] = (),
+        states: Collection[str] | None = None,
+    ) -> list[MachineRecord]:
+        """Up to `limit` machines in (first_seen, MAC) order after the key `after`, without the
+        MACs in `exclude`, of the stored `states` only when given: a walk of the index from the
+        key (keyset paging), never of the whole table; a page stays right while rows come and
+        go, which offsets would not."""
+        where, params = _machine_filter(exclude, states)
+        if after is not None:
+            where += " AND (first_seen, mac) > (?, ?)"
+            params += after
+        rows = self._db.execute(
+            "SELECT mac, arch, firmware, first_seen, last_seen, state, state_since, ip "
+            f"FROM machines WHERE {where} ORDER BY first_seen, mac LIMIT ?", (*params, limit),
+        )  # fmt: skip
+        return [MachineRecord(*row) for row in rows]
+
+    def machine_count(
+        self, *, exclude: Collection[str] = (), states: Collection[str] | None = None
+    ) -> int:
+        """How many machines machine_page would list, on every page together."""
+        where, params = _machine_filter(exclude, states)
+        row = self._db.execute(f"SELECT count(*) FROM machines WHERE {where}", params).fetchone()
+        return int(row[0])
+
+    def machine_records_of(self, macs: Collection[str]) -> dict[str, MachineRecord]:
+        """The records of `macs` that exist (the enrolled machines of lab.toml)."""
+        rows = self._db.execute(
+            "SELECT mac, arch, firmware, first_seen, last_seen, state, state_since, ip "
+            "FROM machines WHERE mac IN (SELECT value FROM json_each(?))",
+            (json.dumps(list(macs)),),
+        )  # fmt: skip
+        return {row[0]: MachineRecord(*row) for row in rows}
+
+    def state_counts(self, *, exclude: Collection[str] = ()) -> dict[str, int]:
+        """Stored state → how many machines have it, without the MACs in `exclude`."""
+        where, params = _machine_filter(exclude, None)
+        rows = self._db.execute(
+            f"SELECT state, count(*) FROM machines WHERE {where} GROUP BY state", params
+        )
+        return {str(state): int(count) for state, count in rows}
 
     # events
 
@@ -362,3 +471,16 @@ class StateStore:
 
     def retire_boot_token(self, mac: str) -> None:
         self._write("DELETE FROM boot_tokens WHERE mac = ?", (mac,))
+
+
+def _machine_filter(
+    exclude: Collection[str], states: Collection[str] | None
+) -> tuple[str, tuple[object, ...]]:
+    """The WHERE clause (and its parameters) of a listing of machines: one JSON parameter per
+    set, so a lab.toml of any size fits SQLite's parameter limit."""
+    where = "mac NOT IN (SELECT value FROM json_each(?))"
+    params: tuple[object, ...] = (json.dumps(list(exclude)),)
+    if states is not None:
+        where += " AND state IN (SELECT value FROM json_each(?))"
+        params += (json.dumps(list(states)),)
+    return where, params

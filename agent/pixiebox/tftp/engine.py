@@ -7,6 +7,8 @@ Read-only: an upload is refused.
 
 RFC 1350 with option negotiation (RFC 2347): blksize (RFC 2348), tsize and timeout (RFC 2349)
 and windowsize (RFC 7440, only when the client asks; EDK2 does, tftp-hpa and iPXE do not).
+What a request may cost is tftp.limits': a request beyond a limit ends a half-open transfer or
+is told "server busy".
 """
 
 from __future__ import annotations
@@ -18,15 +20,18 @@ import socket
 from collections.abc import Callable
 from typing import Protocol
 
-from pixiebox.tftp.outcome import TftpEvent, log_not_found, log_refused
+from pixiebox.net.paths import printable
+from pixiebox.tftp.limits import Full, TftpLimits
+from pixiebox.tftp.outcome import TftpEvent, log_busy, log_not_found, log_refused
 from pixiebox.tftp.packets import (
+    BUSY,
     ERR_ACCESS,
     ERR_ILLEGAL,
     ERR_NOT_FOUND,
+    ERR_UNDEFINED,
     WRQ,
     Refused,
     parse_request,
-    printable,
 )
 from pixiebox.tftp.sockets import PKTINFO, open_listener, pktinfo_local_ip
 from pixiebox.tftp.transfers import Source, Transfers
@@ -62,7 +67,7 @@ class TftpEngine(Transfers):
     """Serves what `handler` opens, read-only over TFTP, until `close()`.
 
     Everything runs on the event loop that ran `start()`: `on_event` is called there, once per
-    request outcome, and `close()` must be called there too."""
+    request outcome, and `close()` must be called there too. `limits`: [tftp] in lab.toml."""
 
     def __init__(
         self,
@@ -73,8 +78,14 @@ class TftpEngine(Transfers):
         interface: str | None = None,
         on_event: Callable[[TftpEvent], None] | None = None,
         describe: Callable[[str], str] = str,
+        limits: TftpLimits | None = None,
     ) -> None:
-        super().__init__(interface=interface, on_event=on_event, describe=describe)
+        super().__init__(
+            interface=interface,
+            on_event=on_event,
+            describe=describe,
+            limits=limits or TftpLimits(),
+        )
         self.handler = handler
         self.listen_ip = listen_ip
         self.port = port
@@ -108,15 +119,23 @@ class TftpEngine(Transfers):
         )
 
     def close(self) -> None:
-        """Stop serving: transfers under way are ended, every socket and file is closed."""
+        """Stop serving: no request is read any more, every transfer under way is ended with an
+        ERROR to its client (abort_all) and its outcome handed to `on_event` before this
+        returns, and every socket and file is closed."""
         if self._closed:
             return
         self._closed = True
-        for transfer in list(self._transfers.values()):
-            self._finish(
-                transfer, "aborted", "stopping", "the TFTP server is stopping", logging.INFO
-            )
-        self._release()
+        if self._sock is not None and self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self._sock.fileno())  # no new transfer from here on
+        try:
+            self.abort_all()
+        finally:
+            self._release()
+
+    async def aclose(self) -> None:
+        """close(), for the agent's shutdown (contextlib.AsyncExitStack.push_async_callback):
+        the agent awaits it before it closes the store that the final events go to."""
+        self.close()
 
     def _release(self) -> None:
         loop = self._loop if self._loop is not None and not self._loop.is_closed() else None
@@ -180,6 +199,12 @@ class TftpEngine(Transfers):
             self._refuse(ip, port, local_ip, shown, mail)
             return
         try:
+            # Before the file is opened: a flood beyond the limits costs no open() each.
+            victim = self._admission.make_room(ip)
+        except Full as full:
+            self._busy(ip, port, local_ip, shown, full)
+            return
+        try:
             path, source = self.handler.open(raw_name, ip)
         except Refused as refused:
             self._refuse(ip, port, local_ip, shown, refused)
@@ -188,6 +213,9 @@ class TftpEngine(Transfers):
             self._not_found(ip, port, local_ip, missing)
             return
         try:
+            if victim is not None:
+                limit = "its address's" if victim[0] == ip else "the server's"
+                self._evict(self._transfers[victim], f"{limit} transfers were at their limit")
             self._begin(ip, port, local_ip, printable(path), source, options)
         except BaseException:
             source.close()
@@ -209,7 +237,18 @@ class TftpEngine(Transfers):
         # and the event, never in the packet.
         self._send_error(ip, port, local_ip, code)
         event = TftpEvent("refused", ip, port, path, None, refused.reason, refused.why)
-        log_refused(event, self.describe(ip), code, upload=upload)
+        left_out = self._quota("refused", refused.reason)
+        log_refused(event, self._who(ip, left_out), code, upload=upload, left_out=left_out)
+        self._emit(event)
+
+    def _busy(self, ip: str, port: int, local_ip: str, path: str, full: Full) -> None:
+        """A limit is reached and no half-open transfer may end for this request: ERROR 0
+        "server busy" (it asks again, as firmware does after an error)."""
+        self.stats["busy"] += 1
+        self._send_error(ip, port, local_ip, ERR_UNDEFINED, BUSY)
+        event = TftpEvent("refused", ip, port, path, None, "busy", full.why)
+        left_out = self._quota("refused", "busy")
+        log_busy(event, self._who(ip, left_out), left_out)
         self._emit(event)
 
     def _not_found(self, ip: str, port: int, local_ip: str, missing: NotFound) -> None:
@@ -221,5 +260,6 @@ class TftpEngine(Transfers):
         else:
             where = ", ".join(missing.looked)
             event = TftpEvent("not_found", ip, port, path, None, "not-found", f"not in {where}")
-        log_not_found(event, self.describe(ip), missing.looked)
+        left_out = self._quota("not_found", event.reason)
+        log_not_found(event, self._who(ip, left_out), missing.looked, left_out)
         self._emit(event)

@@ -12,9 +12,17 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from pixiebox.net.paths import PathRefused, Place, candidates, inside, open_file, segments
+from pixiebox.net.paths import (
+    PathRefused,
+    Place,
+    candidates,
+    inside,
+    open_file,
+    printable,
+    segments,
+)
 from pixiebox.tftp.engine import NotFound
-from pixiebox.tftp.packets import ERR_ACCESS, Refused, printable
+from pixiebox.tftp.packets import ERR_ACCESS, Refused
 from pixiebox.tftp.transfers import Source
 
 #: generate(path, client_ip): the content of a file that is on no disk, or None.

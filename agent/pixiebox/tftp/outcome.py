@@ -28,10 +28,13 @@ class TftpEvent:
     `reason` is a short code, empty for a plain "sent":
     - sent: "no-last-ack" (all blocks sent, the last ACK never came: docs/firmware-quirks.md#18);
     - aborted: "size-probe" (UEFI's tsize query, normal), "peer-error" (the client sent an
-      ERROR), "timeout" (no ACK), "gone" (its port closed, or the socket failed), "stopping",
-      "read-error", "socket-error", "internal-error";
-    - refused: "read-only" (an upload), "mail-mode", and net.paths' codes: "climbs-out" (`..`),
-      "outside" (a link leading out of the root), "no-name", "not-a-file", "unreadable";
+      ERROR), "timeout" (no ACK, or nothing at all for [tftp] idle_timeout), "gone" (its port
+      closed, or the socket failed), "stopping" (the agent stopped; the client got ERROR 0),
+      "evicted" (it had acknowledged nothing and gave way to a new request at a [tftp] limit:
+      tftp.limits), "read-error", "socket-error", "internal-error";
+    - refused: "read-only" (an upload), "mail-mode", "busy" (a [tftp] limit reached and no
+      half-open transfer to end for it), and net.paths' codes: "climbs-out" (`..`), "outside"
+      (a link leading out of the root), "no-name", "not-a-file", "unreadable";
     - not_found: "not-found", or "expected-miss" for files firmware asks for first and is fine
       without (autoexec.ipxe, bootsig.bin).
     `detail` says it for people (the client's error text, the places looked in, where a link
@@ -66,57 +69,87 @@ def next_step(path: str) -> str:
     return "next the client runs or reads it"
 
 
-def log_finished(event: TftpEvent, who: str, level: int) -> None:
+def _quota(level: int, left_out: int | None) -> tuple[int, str]:
+    """A line's level and note under tftp.limits.Quota: `left_out` None means this one is
+    over its kind's quota (debug level only); a count, how many were, since the last one."""
+    if left_out is None:
+        return logging.DEBUG, ""
+    return level, f" ({left_out} more like it since, at debug level)" if left_out else ""
+
+
+def log_finished(event: TftpEvent, who: str, level: int, left_out: int | None = 0) -> None:
     """The one line for a transfer that began (sent or aborted)."""
+    level, more = _quota(level, left_out)
     size = size_text(event.size or 0)
     if event.kind == "sent":
         note = f" ({event.detail})" if event.detail else ""
         log.log(
             level,
-            "%s fetched %s (%s) over TFTP in %.1f s%s; %s",
+            "%s fetched %s (%s) over TFTP in %.1f s%s; %s%s",
             who,
             event.path,
             size,
             event.seconds,
             note,
             next_step(event.path),
+            more,
         )
     elif event.reason == "size-probe":
         log.log(
             level,
             "%s asked for the size of %s (%s) over TFTP: %s (docs/firmware-quirks.md#17); it "
-            "should ask for the file again",
+            "should ask for the file again%s",
             who,
             event.path,
             size,
             event.detail,
+            more,
         )
     else:
         log.log(
             level,
             "%s stopped fetching %s over TFTP after %s of %s: %s; other transfers carry on, "
-            "and the machine starts over if it asks again",
+            "and the machine starts over if it asks again%s",
             who,
             event.path,
             size_text(event.bytes),
             size,
             event.detail,
+            more,
         )
 
 
-def log_refused(event: TftpEvent, who: str, code: int, *, upload: bool) -> None:
+def log_refused(
+    event: TftpEvent, who: str, code: int, *, upload: bool, left_out: int | None = 0
+) -> None:
+    level, more = _quota(logging.WARNING, left_out)
     action = "tried to upload" if upload else "asked for"
-    log.warning(
-        "%s %s %s over TFTP: refused, %s; it got ERROR %d",
+    log.log(
+        level,
+        "%s %s %s over TFTP: refused, %s; it got ERROR %d%s",
         who,
         action,
         event.path,
         event.detail,
         code,
+        more,
     )
 
 
-def log_not_found(event: TftpEvent, who: str, looked: list[str]) -> None:
+def log_busy(event: TftpEvent, who: str, left_out: int | None) -> None:
+    level, more = _quota(logging.WARNING, left_out)
+    log.log(
+        level,
+        "%s asked for %s over TFTP: no room, %s; it got ERROR 0 (server busy) and should ask "
+        "again%s",
+        who,
+        event.path,
+        event.detail,
+        more,
+    )
+
+
+def log_not_found(event: TftpEvent, who: str, looked: list[str], left_out: int | None = 0) -> None:
     if event.reason == "expected-miss":
         log.debug(
             "%s asked for %s over TFTP: none here, normal: %s",
@@ -125,10 +158,13 @@ def log_not_found(event: TftpEvent, who: str, looked: list[str]) -> None:
             event.detail,
         )
         return
-    log.warning(
+    level, more = _quota(logging.WARNING, left_out)
+    log.log(
+        level,
         "%s asked for %s over TFTP: not found (looked in %s); it got 'file not found' and "
-        "will try its next boot option or give up",
+        "will try its next boot option or give up%s",
         who,
         event.path,
         ", ".join(looked),
+        more,
     )

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import struct
 
+from pixiebox.net.paths import printable
+
 # RFC 1350 section 5: opcodes and error codes (8 is RFC 2347's "options refused").
 RRQ, WRQ, DATA, ACK, ERROR, OACK = 1, 2, 3, 4, 5, 6
 ERR_UNDEFINED, ERR_NOT_FOUND, ERR_ACCESS, ERR_ILLEGAL, ERR_UNKNOWN_TID = 0, 1, 2, 4, 5
@@ -39,6 +41,14 @@ CLIENT_TEXT = {
     ERR_ILLEGAL: "Illegal TFTP operation",
     ERR_UNKNOWN_TID: "Unknown transfer ID",
 }
+#: ERROR 0's other fixed texts (RFC 1350: code 0 is "not defined, see error message"): a
+#: request the server has no room for, a transfer ended to make room for another (both
+#: tftp.limits), and transfers under way when the agent stops. Fixed words, like CLIENT_TEXT.
+BUSY = "server busy"
+STOPPING = "server shutting down"
+_CODE_0_TEXTS = frozenset({BUSY, STOPPING})
+#: The largest RFC 2349 timeout a client may ask for by default (tftp.limits.TftpLimits).
+MAX_CLIENT_TIMEOUT = 5
 
 
 class Refused(Exception):
@@ -73,19 +83,19 @@ def parse_request(data: bytes) -> tuple[int, str, str, dict[str, str]]:
     return opcode, os.fsdecode(name), mode.decode("ascii", "replace").lower(), options
 
 
-def printable(name: str) -> str:
-    """`name` safe for one log line: undecodable bytes and control characters escaped."""
-    text = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
-
-
 def negotiate(
-    options: dict[str, str], size: int, mtu: int | None
+    options: dict[str, str],
+    size: int,
+    mtu: int | None,
+    *,
+    max_timeout: float = MAX_CLIENT_TIMEOUT,
 ) -> tuple[dict[str, str], float | None]:
     """The options to acknowledge in an OACK, and the client's timeout if it asked for one.
 
     RFC 2347: a server acknowledges only what it accepts; unknown or malformed options are
-    left out, and with nothing left it answers as plain RFC 1350 (DATA 1, no OACK)."""
+    left out, and with nothing left it answers as plain RFC 1350 (DATA 1, no OACK). A
+    `timeout` over `max_timeout` is left out too (the server keeps its own): RFC 2349 allows
+    up to 255 s, and a forged request asking for it held a transfer for 25 minutes."""
     accepted: dict[str, str] = {}
     timeout: float | None = None
     blksize = _int(options.get("blksize"))
@@ -100,7 +110,8 @@ def negotiate(
         # way and then aborts with ERROR 8 (docs/firmware-quirks.md#17): see _peer_error.
         accepted["tsize"] = str(size)
     seconds = _int(options.get("timeout"))
-    if seconds is not None and 1 <= seconds <= 255:  # RFC 2349: 1..255, echoed as asked
+    # RFC 2349: 1..255, echoed as asked; a server may refuse an option it does not accept.
+    if seconds is not None and 1 <= seconds <= min(255, max_timeout):
         accepted["timeout"] = str(seconds)
         timeout = float(seconds)
     window = _int(options.get("windowsize"))
@@ -118,10 +129,14 @@ def _int(value: str | None) -> int | None:
         return None
 
 
-def error_packet(code: int) -> bytes:
-    """An ERROR packet (RFC 1350 section 5) with CLIENT_TEXT's words for `code`: there is no
-    way to put anything else in one."""
-    return struct.pack("!HH", ERROR, code) + CLIENT_TEXT[code].encode("ascii") + b"\0"
+def error_packet(code: int, text: str | None = None) -> bytes:
+    """An ERROR packet (RFC 1350 section 5) with CLIENT_TEXT's words for `code`, or for code 0
+    one of its fixed texts (BUSY, STOPPING): there is no way to put anything else in one."""
+    if text is None:
+        text = CLIENT_TEXT[code]
+    elif code != ERR_UNDEFINED or text not in _CODE_0_TEXTS:
+        raise ValueError(f"not a fixed TFTP error text: {code} {text!r}")
+    return struct.pack("!HH", ERROR, code) + text.encode("ascii") + b"\0"
 
 
 def oack_packet(options: dict[str, str]) -> bytes:

@@ -8,6 +8,7 @@ from pathlib import Path
 from pixiebox.net.paths import Place
 from pixiebox.tftp.engine import TFTP_PORT, TftpEngine
 from pixiebox.tftp.files import BootFiles, Generate, places_for
+from pixiebox.tftp.limits import TftpLimits
 from pixiebox.tftp.outcome import TftpEvent
 
 
@@ -19,8 +20,10 @@ class TftpServer(TftpEngine):
     "undionly.kpxe" finds directory/undionly.kpxe for ("ipxe/", directory). A pair's directory
     outside `root` is a package directory (tftp.files.places_for). `generate(path, client_ip)`
     may return the content of a file that is on no disk (U-Boot's pxelinux.cfg/01-<mac>), or
-    None. Everything runs on the event loop that ran `start()`: `on_event` is called there,
-    once per request outcome, and `close()` must be called there too."""
+    None. `limits`: [tftp] in lab.toml (tftp.limits). Everything runs on the event loop that
+    ran `start()`: `on_event` is called there, once per request outcome, and `close()` (or
+    `aclose()`) must be called there too; the outcomes of the transfers it ends are handed to
+    `on_event` before it returns."""
 
     def __init__(
         self,
@@ -33,6 +36,7 @@ class TftpServer(TftpEngine):
         on_event: Callable[[TftpEvent], None] | None = None,
         generate: Generate | None = None,
         describe: Callable[[str], str] = str,
+        limits: TftpLimits | None = None,
     ) -> None:
         self.root = Path(root)
         self.files = BootFiles(places_for(self.root, fallback_dirs), generate)
@@ -43,6 +47,7 @@ class TftpServer(TftpEngine):
             interface=interface,
             on_event=on_event,
             describe=describe,
+            limits=limits,
         )
 
     async def start(self) -> None:

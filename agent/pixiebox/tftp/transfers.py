@@ -16,38 +16,46 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import select
-import socket
 import struct
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from pixiebox.core.wording import size as size_text
+from pixiebox.core.wording import span
+from pixiebox.tftp.limits import RESEND_AFTER, Admission, Client, Quota, TftpLimits
 from pixiebox.tftp.outcome import EventKind, TftpEvent, log_finished
 from pixiebox.tftp.packets import (
     ACK,
+    BUSY,
     DATA,
     DEFAULT_BLKSIZE,
     ERR_UNDEFINED,
     ERR_UNKNOWN_TID,
     ERROR,
+    STOPPING,
     error_packet,
     negotiate,
     oack_packet,
     parse_reply,
 )
 from pixiebox.tftp.sockets import reply_socket, transfer_sockets
+from pixiebox.tftp.transfer import INBUF, Source, Transfer, only_last_ack_missing
 
 log = logging.getLogger("pixiebox.tftp")
 
-#: Seconds before unacknowledged DATA is sent again; a client may ask for another (RFC 2349).
-RESEND_AFTER = 1.0
-#: Unanswered resends before a transfer is given up.
+__all__ = ["RESENDS", "RESEND_AFTER", "Source", "Transfer", "Transfers"]
+
+#: Unanswered resends before a transfer is given up (RESEND_AFTER, or the client's timeout,
+#: apart; TftpLimits.idle_timeout ends it sooner).
 RESENDS = 5
+#: socket() and bind() failing for want of descriptors or memory: a half-open transfer gives
+#: way (limits.Admission) and the request is tried once more.
+_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 _DATA_HEADER = struct.Struct("!HH")
 #: Bytes read ahead per transfer with one os.preadv (at least one block).
@@ -56,76 +64,15 @@ _READ_AHEAD = 64 * 1024
 #: HTTP on the same loop get their turn.
 _BATCH = 64
 _PUMP_SECONDS = 0.005
-#: Bytes read from a client per datagram: an ACK is 4, an ERROR carries a message; the rest of
-#: a longer datagram is dropped by the kernel, which is fine for both.
-_INBUF = 516
-
-
-@dataclass
-class Source:
-    """An opened file, read with os.preadv (never a Python file object and its buffer copies);
-    generated content is put in a memfd so it is read the same way. `where` names it for the
-    log."""
-
-    fd: int | None
-    size: int
-    where: str
-
-    def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-
-@dataclass(slots=True, eq=False)
-class Transfer:
-    """One read transfer. Blocks are counted from 1 without wrapping; only the wire number is
-    taken modulo 2**16 (RFC 1350 has 16 bits; like tftpd-hpa and dnsmasq it wraps to 0, which
-    every client we know accepts). Block 0 stands for the OACK, acknowledged with ACK 0."""
-
-    sock: socket.socket  # connected to the client
-    stray: socket.socket  # the same port, unconnected: gets datagrams from anyone else
-    client: tuple[str, int]
-    source: Source
-    path: str
-    options: dict[str, str]  # as the client asked
-    oack: bytes | None
-    blksize: int
-    window: int
-    timeout: float
-    started: float
-    blocks: int  # the last block is shorter than blksize, possibly empty (RFC 1350 section 6)
-    # Read-ahead: `chunk` blocks read with one os.preadv into buf[4:]. Block `first + i` starts
-    # at buf[4 + i * blksize], and its DATA header goes in the 4 bytes before it, over the end
-    # of block `first + i - 1`, which by then has been sent (a resend reads afresh).
-    buf: memoryview
-    chunk: int
-    first: int = 0
-    valid: int = 0  # blocks in buf from `first` on; 0 when it must be read again
-    inbuf: bytearray = field(default_factory=lambda: bytearray(_INBUF))
-    acked: int = -1  # the highest block the client acknowledged
-    sent: int = 0  # the highest block sent since the last (re)start of the window
-    deadline: float = 0.0
-    timer: asyncio.TimerHandle | None = None
-    resends: int = 0
-    rewound: int = -1  # the last block a repeated ACK restarted the window after
-    done: bool = False
-
-    @property
-    def bytes_acked(self) -> int:
-        return min(self.source.size, max(0, self.acked) * self.blksize)
-
-
-def only_last_ack_missing(transfer: Transfer) -> bool:
-    """Every block went out and only the ACK of the last window is missing."""
-    return transfer.sent >= transfer.blocks and transfer.acked >= transfer.blocks - transfer.window
 
 
 class Transfers:
     """The transfers under way, on one event loop (set by the subclass's start()).
 
     `on_event` is called on that loop, once per outcome; `describe(ip)` names the client in log
-    lines ("c1 (f4:4d:…, 10.0.0.5)" rather than a bare address)."""
+    lines ("c1 (f4:4d:…, 10.0.0.5)" rather than a bare address). Outcomes an outsider can
+    cause by the datagram (anything but a sent file or a stop) are logged and emitted within a
+    Quota per kind and reason; the rest of them go to the debug log only."""
 
     def __init__(
         self,
@@ -133,12 +80,20 @@ class Transfers:
         interface: str | None,
         on_event: Callable[[TftpEvent], None] | None,
         describe: Callable[[str], str],
+        limits: TftpLimits,
     ) -> None:
         self.interface = interface
         self.on_event = on_event
         self.describe = describe
+        self.limits = limits
         self.stats: Counter[str] = Counter()
-        self._transfers: dict[tuple[str, int], Transfer] = {}
+        self._transfers: dict[Client, Transfer] = {}
+        self._admission = Admission(limits)
+        self._log_quota = Quota()
+        self._event_quota = Quota()
+        # Outcomes waiting for on_event: delivered on the next loop turn, off the packet path,
+        # or at once by abort_all() (the agent closes its store right after).
+        self._queued: list[TftpEvent] = []
         # Transfer sockets sit in an epoll set of their own, which the event loop watches as one
         # file: one wake-up then serves every transfer with an ACK waiting, instead of the
         # loop's selector bookkeeping and a callback handle per socket.
@@ -148,12 +103,25 @@ class Transfers:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._now: Callable[[], float] = time.monotonic
 
-    def _send_error(self, ip: str, port: int, local_ip: str, code: int) -> None:
+    def _send_error(
+        self, ip: str, port: int, local_ip: str, code: int, text: str | None = None
+    ) -> None:
         try:
             with reply_socket(local_ip, self.interface) as sock:
-                sock.sendto(error_packet(code), (ip, port))
+                sock.sendto(error_packet(code, text), (ip, port))
         except OSError as exc:
             log.debug("TFTP error to %s:%d not sent: %s", ip, port, exc)
+
+    def _quota(self, kind: str, reason: str) -> int | None:
+        """Whether an outcome's log line is at its level (how many like it were logged at
+        debug level only before it) or, None, at debug level only: see Quota."""
+        if kind == "sent" or reason == "stopping":
+            return 0  # a file sent is worth its line; a stop ends at most max_transfers
+        return self._log_quota.admit(f"{kind}:{reason}")
+
+    def _who(self, ip: str, left_out: int | None) -> str:
+        # A line at debug level only (over its quota) is not worth describe()'s lookups.
+        return ip if left_out is None else self.describe(ip)
 
     def _begin(
         self,
@@ -168,18 +136,40 @@ class Transfers:
         epoll = self._epoll
         assert loop is not None and epoll is not None
         try:
-            sockets = transfer_sockets(local_ip, (ip, port), self.interface)
+            try:
+                sockets = transfer_sockets(local_ip, (ip, port), self.interface)
+            except OSError as exc:
+                oldest = self._admission.oldest_half_open()
+                if exc.errno not in _EXHAUSTED or oldest is None:
+                    raise
+                # Out of descriptors (a lower RLIMIT_NOFILE than the limits assume): a
+                # half-open transfer gives way, as when a limit is reached.
+                self._evict(self._transfers[oldest], "the server ran out of sockets")
+                sockets = transfer_sockets(local_ip, (ip, port), self.interface)
         except OSError as exc:
             source.close()
-            log.warning("%s asked for %s over TFTP: cannot answer it: %s", ip, path, exc)
-            self._send_error(ip, port, local_ip, ERR_UNDEFINED)
+            self.stats["socket_error"] += 1
+            left_out = self._quota("aborted", "socket-error")
+            log.log(
+                logging.DEBUG if left_out is None else logging.WARNING,
+                "%s asked for %s over TFTP: cannot answer it: %s; it got ERROR 0 (%s)%s",
+                ip,
+                path,
+                exc,
+                BUSY,
+                f" ({left_out} more like it since, at debug level)" if left_out else "",
+            )
+            self._send_error(ip, port, local_ip, ERR_UNDEFINED, BUSY)
             detail = f"socket error: {exc}"
             self._emit(TftpEvent("aborted", ip, port, path, source.size, "socket-error", detail))
             return
         sock, stray = sockets.sock, sockets.stray
-        accepted, timeout = negotiate(requested, source.size, sockets.mtu)
+        accepted, timeout = negotiate(
+            requested, source.size, sockets.mtu, max_timeout=self.limits.max_client_timeout
+        )
         blksize = int(accepted.get("blksize", DEFAULT_BLKSIZE))
         chunk = max(1, _READ_AHEAD // blksize)
+        now = self._now()
         transfer = Transfer(
             sock=sock,
             stray=stray,
@@ -191,10 +181,13 @@ class Transfers:
             blksize=blksize,
             window=int(accepted.get("windowsize", 1)),
             timeout=timeout or RESEND_AFTER,
-            started=self._now(),
+            started=now,
             blocks=source.size // blksize + 1,
-            buf=memoryview(bytearray(4 + chunk * blksize)),
+            # A half-open transfer reads one block (a flood of them costs little memory); the
+            # read-ahead begins once the client is heard from (_read_ahead).
+            buf=memoryview(bytearray(4 + blksize)),
             chunk=chunk,
+            heard_at=now,
         )
         try:
             epoll.register(sock.fileno(), select.EPOLLIN)
@@ -208,6 +201,7 @@ class Transfers:
         self._by_fd[sock.fileno()] = transfer
         self._strays[stray.fileno()] = transfer
         self._transfers[(ip, port)] = transfer
+        self._admission.started((ip, port))
         log.debug(
             "%s:%d asked for %s (%s, from %s); options asked %s, acknowledged %s",
             ip,
@@ -224,7 +218,14 @@ class Transfers:
             transfer.acked = 0  # plain RFC 1350: DATA 1 answers the request
             self._send_window(transfer, self._now())
         if not transfer.done:
-            transfer.timer = loop.call_at(transfer.deadline, self._on_timer, transfer)
+            self._arm(transfer)
+
+    def _arm(self, transfer: Transfer) -> None:
+        """The transfer's one timer, at its resend deadline or the end of its idle time."""
+        assert self._loop is not None
+        t = transfer
+        when = min(t.deadline, t.heard_at + self.limits.idle_timeout)
+        t.timer = self._loop.call_at(when, self._on_timer, t)
 
     def _send_oack(self, transfer: Transfer) -> None:
         assert transfer.oack is not None and self._loop is not None
@@ -271,8 +272,11 @@ class Transfers:
         """Read up to `chunk` blocks from `block` on into the buffer; False if the transfer
         ended instead."""
         t = transfer
+        chunk = t.chunk if t.heard else 1
+        if len(t.buf) < 4 + chunk * t.blksize:
+            t.buf = memoryview(bytearray(4 + chunk * t.blksize))
         offset = (block - 1) * t.blksize
-        wanted = max(0, min(t.chunk * t.blksize, t.source.size - offset))
+        wanted = max(0, min(chunk * t.blksize, t.source.size - offset))
         assert t.source.fd is not None
         try:
             got = os.preadv(t.source.fd, [t.buf[4 : 4 + wanted]], offset) if wanted else 0
@@ -288,7 +292,7 @@ class Transfers:
             t.source.size = offset + got
             t.blocks = t.source.size // t.blksize + 1
         t.first = block
-        t.valid = min(t.chunk, t.blocks - block + 1)
+        t.valid = min(chunk, t.blocks - block + 1)
         return True
 
     def _pump(self) -> None:
@@ -343,6 +347,7 @@ class Transfers:
         except OSError as exc:
             self._socket_error(t, exc)
             return
+        t.heard_at = now
         data = t.inbuf
         if n >= 4 and data[1] == ACK and data[0] == 0:
             # Which of the blocks in flight it acknowledges; anything else (a duplicate, or
@@ -351,6 +356,9 @@ class Transfers:
             if 0 < ahead <= t.sent - t.acked:
                 t.acked += ahead
                 t.resends = 0
+                if not t.heard:
+                    t.heard = True
+                    self._admission.heard(t.client)
                 if t.acked >= t.blocks:
                     self._finish(t, "sent", "", "", logging.INFO)
                     return
@@ -398,7 +406,7 @@ class Transfers:
         """RFC 1350 section 4: a packet from another TID is answered with ERROR 5 and does not
         disturb the transfer."""
         try:
-            _, source = transfer.stray.recvfrom(_INBUF)
+            _, source = transfer.stray.recvfrom(INBUF)
         except OSError:  # nothing after all, or an ICMP error about an earlier ERROR 5
             return
         log.debug(
@@ -430,17 +438,20 @@ class Transfers:
         loop = self._loop
         if t.done or loop is None:
             return
-        if self._now() < t.deadline:
-            t.timer = loop.call_at(t.deadline, self._on_timer, t)
+        now = self._now()
+        idle = now - t.heard_at >= self.limits.idle_timeout
+        if not idle and now < t.deadline:
+            self._arm(t)
             return
-        if t.resends >= RESENDS:
+        if idle or t.resends >= RESENDS:
             if only_last_ack_missing(t):
                 # Every block went out; the ACK of the last one never came. Windows clients
                 # never send it (docs/firmware-quirks.md#18): done, not failed.
                 self._finish(t, "sent", "no-last-ack", "no ACK for the last block", logging.INFO)
             else:
-                waited = t.timeout * (RESENDS + 1)
-                self._vanished(t, "timeout", f"no ACK for {waited:g} s")
+                said = "no ACK" if t.heard else "no answer to the first packet"
+                why = f"{said} for {span(now - t.heard_at)}"
+                self._vanished(t, "timeout", f"{why} ([tftp] idle_timeout)" if idle else why)
             return
         t.resends += 1
         log.debug(
@@ -457,9 +468,9 @@ class Transfers:
         else:
             t.sent = t.acked  # the whole window again, from the first unacknowledged block
             t.valid = 0
-            self._send_window(t, self._now())
+            self._send_window(t, now)
         if not t.done:
-            t.timer = loop.call_at(t.deadline, self._on_timer, t)
+            self._arm(t)
 
     def _peer_error(self, transfer: Transfer, code: int, message: str) -> None:
         said = f"ERROR {code}{f' ({message})' if message else ''}"
@@ -488,6 +499,7 @@ class Transfers:
         transfer.done = True
         if self._transfers.get(transfer.client) is transfer:
             del self._transfers[transfer.client]
+            self._admission.ended(transfer.client)
         if transfer.timer is not None:
             transfer.timer.cancel()
             transfer.timer = None
@@ -518,19 +530,57 @@ class Transfers:
             seconds=self._now() - transfer.started,
             blksize=transfer.blksize,
         )
-        log_finished(event, self.describe(transfer.client[0]), level)
-        self._emit(event)
+        # Half-open transfers are what a forged request makes: counted apart, so a flood of
+        # them (even ended by a stop) neither storms the log nor silences a real client's.
+        key = reason if transfer.heard else f"{reason}:half-open"
+        left_out = self._quota(kind, key)
+        log_finished(event, self._who(transfer.client[0], left_out), level, left_out)
+        self._emit(event, key)
 
-    def _emit(self, event: TftpEvent) -> None:
+    def _evict(self, transfer: Transfer, why: str) -> None:
+        """End a half-open transfer to make room (limits.Admission); its client, if it is
+        one, is told "server busy" and may ask again."""
+        self.stats["evicted"] += 1
+        with contextlib.suppress(OSError):
+            transfer.sock.send(error_packet(ERR_UNDEFINED, BUSY))
+        detail = f"ended to make room: {why}; it had acknowledged nothing"
+        self._finish(transfer, "aborted", "evicted", detail, logging.INFO)
+
+    def abort_all(self) -> None:
+        """End every transfer under way, each client told so (RFC 1350: an ERROR ends a
+        transfer; code 0, STOPPING), and hand every outcome to `on_event` before returning:
+        the agent closes its store right after."""
+        for transfer in list(self._transfers.values()):
+            with contextlib.suppress(OSError):
+                transfer.sock.send(error_packet(ERR_UNDEFINED, STOPPING))
+            self._finish(
+                transfer, "aborted", "stopping", "the TFTP server is stopping", logging.INFO
+            )
+        self._deliver()
+
+    def _emit(self, event: TftpEvent, reason: str | None = None) -> None:
+        """Hand `event` to on_event. `reason`: its quota key's, when not the event's own."""
         loop = self._loop
         if self.on_event is None or loop is None or loop.is_closed():
             return
-        # Later, not now: the handler (the agent's event log) stays off the packet path.
-        loop.call_soon(self._deliver, event)
+        # What a forged datagram can cause, each with its event in a machine's log (the one
+        # whose address was forged): a few per period, the rest counted in `stats`.
+        key = event.reason if reason is None else reason
+        limited = event.kind != "sent" and key != "stopping"
+        if limited and self._event_quota.admit(f"{event.kind}:{key}") is None:
+            self.stats["events_left_out"] += 1
+            return
+        self._queued.append(event)
+        if len(self._queued) == 1:
+            # Later, not now: the handler (the agent's event log) stays off the packet path.
+            loop.call_soon(self._deliver)
 
-    def _deliver(self, event: TftpEvent) -> None:
-        assert self.on_event is not None
-        try:
-            self.on_event(event)
-        except Exception:
-            log.exception("the TFTP event handler failed on %s", event)
+    def _deliver(self) -> None:
+        events, self._queued = self._queued, []
+        if self.on_event is None:
+            return
+        for event in events:
+            try:
+                self.on_event(event)
+            except Exception:
+                log.exception("the TFTP event handler failed on %s", event)

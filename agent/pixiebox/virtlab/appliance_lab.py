@@ -59,10 +59,14 @@ def read_lab_toml(disk: Path) -> str:
     return shown.stdout.replace("\r\n", "\n")
 
 
-def lab_toml(machines: list[tuple[str, str, str]], keys: list[str], *, mode: str) -> str:
+def lab_toml(
+    machines: list[tuple[str, str, str]], keys: list[str], *, mode: str, pool: str | None = None
+) -> str:
     """A lab.toml for the appliance alone on the bridge: it is the DHCP server (reservation
-    mode: no home router here), at a fixed address; machines as (name, MAC, IP)."""
+    or full mode: no home router here), at a fixed address; machines as (name, MAC, IP);
+    `pool` ("first-last" in SUBNET) for full mode."""
     quoted = ", ".join(json.dumps(key) for key in keys)
+    pool_line = f'pool = "{pool}"\n' if pool else ""
     blocks = "".join(
         f'\n[[machines]]\nname = "{name}"\nmac = "{mac}"\nip = "{ip}"\n'
         for name, mac, ip in machines
@@ -77,7 +81,7 @@ interface = "eth0"
 server_ip = "{APPLIANCE_IP}"
 subnet = "{SUBNET}"
 dhcp_mode = "{mode}"
-dhcp_probe_time = "1s"
+{pool_line}dhcp_probe_time = "1s"
 
 [boot]
 ssh_keys = [{quoted}]

@@ -195,6 +195,7 @@ def start_vm(
     workdir: Path,
     powered_on: bool = True,
     disk: Path | None = None,
+    boot_retry: float | None = None,
 ) -> VM:
     """Start a VM whose one NIC (virtio-net-pci, ``mac``) is on ``segment``, powered on
     unless ``powered_on`` is False (then QMP ``cont``, the qemu power driver's ``on``, or a
@@ -205,6 +206,11 @@ def start_vm(
     virtio disk) it boots from that disk, as the appliance does from its USB stick. Files go to
     ``workdir``: ``NAME-console.log``, ``NAME-qemu.log``, the QMP socket ``NAME.qmp`` and, for UEFI,
     ``NAME-OVMF_VARS.fd``.
+
+    ``boot_retry`` (BIOS only): seconds SeaBIOS waits after finding nothing to boot, then
+    resets and tries again, like firmware with its "retry boot" setting on; by default (QEMU's
+    choice) it halts at "No bootable device." for good, e.g. when its PXE DHCP gave up before
+    the lab's DHCP server was up.
     """
     mac = mac.lower()
     if not _MAC_RE.fullmatch(mac):
@@ -215,6 +221,8 @@ def start_vm(
         raise ValueError(f"pxe must be 'ipxe-rom' or 'native': {pxe!r}")
     if pxe == "native" and firmware == "bios":
         raise ValueError("SeaBIOS has no PXE stack of its own: use pxe='ipxe-rom' for BIOS")
+    if boot_retry is not None and firmware != "bios":
+        raise ValueError("boot_retry is SeaBIOS's (firmware='bios'); OVMF has no such setting")
     if kernel is None and (initrd is not None or append):
         raise ValueError("initrd and append need kernel (direct boot)")
     workdir = Path(workdir)
@@ -252,6 +260,8 @@ def start_vm(
         sercon = workdir / "seabios-sercon-port"
         sercon.write_bytes((0x3F8).to_bytes(2, "little"))
         argv += ["-fw_cfg", f"name=etc/sercon-port,file={sercon}"]
+        if boot_retry is not None:  # SeaBIOS's etc/boot-fail-wait; QEMU merges -boot options
+            argv += ["-boot", f"reboot-timeout={round(boot_retry * 1000)}"]
     if firmware == "uefi":
         code, vars_template = ovmf_files()
         vars_copy = workdir / f"{name}-OVMF_VARS.fd"
