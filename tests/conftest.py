@@ -16,6 +16,14 @@ from types import CodeType, FrameType
 import netlab
 import pytest
 import vmlab
+from hypothesis import settings as hypothesis_settings
+
+# Every property test draws the same examples on every run (CI's red must be reproducible, and a
+# failure found once is found again), with no example database carried between runs and no
+# per-example deadline on a loaded 2-core machine. HYPOTHESIS_PROFILE=explore draws anew.
+hypothesis_settings.register_profile("ci", derandomize=True, database=None, deadline=None)
+hypothesis_settings.register_profile("explore", deadline=None)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 _REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
 
