@@ -334,7 +334,8 @@ class Agent:
         """Every service, each closed by `services` (also when a later one fails to start)."""
         # DHCP starts last: a machine answered by DHCP fetches its boot file at once, and a
         # firmware's PXE ROM fetches it only once (a refused connection ends its boot at "No
-        # bootable device"), so TFTP and HTTP must already listen when the first offer leaves.
+        # bootable device"), so TFTP and HTTP must already listen when the first offer leaves
+        # (docs/firmware-quirks.md#32).
         dhcp = DhcpServer(handler, segment.interface)
         urls = boot_urls(config, segment)
         tftp = TftpServer(
