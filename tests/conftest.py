@@ -215,3 +215,33 @@ def testos() -> tuple[Path, Path]:
     if result.returncode != 0:
         pytest.fail(f"{BUILD_TESTOS} failed:\n{result.stderr.strip()}", pytrace=False)
     return TESTOS_DIR / "vmlinuz", TESTOS_DIR / "initrd"
+
+
+APPLIANCE_RAW = REPO / "out" / "appliance" / "appliance.raw"
+OSIE_DIR = REPO / "out" / "osie"
+
+
+@pytest.fixture(scope="session")
+def images() -> tuple[Path, Path]:
+    """(appliance.raw, OSIE dir), built by `./build.sh appliance` (build.sh test runs it)."""
+    missing = [
+        p for p in (APPLIANCE_RAW, OSIE_DIR / "vmlinuz", OSIE_DIR / "initrd") if not p.exists()
+    ]
+    if missing:
+        names = ", ".join(map(str, missing))
+        message = f"images not built ({names}): run sudo ./build.sh appliance"
+        if _on_ci():
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    return APPLIANCE_RAW, OSIE_DIR
+
+
+@pytest.fixture
+def vms() -> Iterator[list[vmlab.VM]]:
+    """VMs a test started (append them); every one is stopped at the end, also on failure."""
+    started: list[vmlab.VM] = []
+    try:
+        yield started
+    finally:
+        for vm in started:
+            vm.stop()

@@ -16,7 +16,7 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +29,6 @@ from pixiebox.events import Kind
 from pixiebox.virtlab import appliance_lab
 
 REPO = Path(__file__).resolve().parent.parent
-APPLIANCE_RAW = REPO / "out" / "appliance" / "appliance.raw"
-OSIE = REPO / "out" / "osie"
 
 APPLIANCE_IP, LAPTOP_IP = appliance_lab.APPLIANCE_IP, appliance_lab.LAPTOP_IP
 APPLIANCE_MAC = appliance_lab.APPLIANCE_MAC
@@ -125,19 +123,6 @@ def test_appliance_units_verify(tmp_path: Path) -> None:
 # --- booting the images ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def images() -> tuple[Path, Path]:
-    """(appliance.raw, OSIE dir), built by `./build.sh appliance` (build.sh test runs it)."""
-    missing = [p for p in (APPLIANCE_RAW, OSIE / "vmlinuz", OSIE / "initrd") if not p.exists()]
-    if missing:
-        names = ", ".join(map(str, missing))
-        message = f"images not built ({names}): run sudo ./build.sh appliance"
-        if os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}:
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
-    return APPLIANCE_RAW, OSIE
-
-
 @pytest.fixture
 def ssh_key(tmp_path: Path) -> tuple[Path, str]:
     key = tmp_path / "id_ed25519"
@@ -213,16 +198,6 @@ def ssh(
         f"root@{host}", command,
     ]  # fmt: skip
     return laptop.run(argv, timeout=60)
-
-
-@pytest.fixture
-def vms() -> Iterator[list[vmlab.VM]]:
-    started: list[vmlab.VM] = []
-    try:
-        yield started
-    finally:
-        for vm in started:
-            vm.stop()
 
 
 @pytest.mark.timeout(BOOT_TIMEOUT + 3 * NODE_TIMEOUT + 600)

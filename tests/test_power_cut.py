@@ -26,7 +26,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,6 @@ from pixiebox.events import Kind
 from pixiebox.virtlab import appliance_lab
 
 REPO = Path(__file__).resolve().parent.parent
-APPLIANCE_RAW = REPO / "out" / "appliance" / "appliance.raw"
-OSIE = REPO / "out" / "osie"
 
 APPLIANCE_IP, LAPTOP_IP = appliance_lab.APPLIANCE_IP, appliance_lab.LAPTOP_IP
 NODES = [("node1", "52:54:00:89:01:01", "10.89.0.31"), ("node2", "52:54:00:89:01:02", "10.89.0.32")]
@@ -52,29 +50,6 @@ NODE_TIMEOUT = 900.0  # iPXE, a 12 MB kernel and a 52 MB initrd over TCG, system
 LEASE_TIMEOUT = 60.0
 NODE_BOOT_RETRY = 30.0  # s between "No bootable device." and the firmware's next attempt
 UP = ("up", "joined")
-
-
-@pytest.fixture
-def images() -> tuple[Path, Path]:
-    """(appliance.raw, OSIE dir), built by `./build.sh appliance` (build.sh test runs it)."""
-    missing = [p for p in (APPLIANCE_RAW, OSIE / "vmlinuz", OSIE / "initrd") if not p.exists()]
-    if missing:
-        names = ", ".join(map(str, missing))
-        message = f"images not built ({names}): run sudo ./build.sh appliance"
-        if os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}:
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
-    return APPLIANCE_RAW, OSIE
-
-
-@pytest.fixture
-def vms() -> Iterator[list[vmlab.VM]]:
-    started: list[vmlab.VM] = []
-    try:
-        yield started
-    finally:
-        for vm in started:
-            vm.stop()
 
 
 def public_key(tmp_path: Path) -> str:
