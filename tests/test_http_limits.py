@@ -115,8 +115,8 @@ def test_the_log_limiter_says_one_line_per_kind_and_counts_the_rest(
         clock.now += 10
         limiter.log("refused", logging.WARNING, "refused %s", "y")
     lines = [r.getMessage() for r in caplog.records]
-    assert lines == ["refused x", "timeout", "refused y (999 more like this in the 10 s before, "
-                     "not logged)"]  # fmt: skip
+    assert lines == ["refused x", "timeout", "refused y (999 more like this since the last such "
+                     "line, not logged)"]  # fmt: skip
     assert limiter.unsaid == {"refused": 999, "timeout": 999}
 
 

@@ -29,9 +29,10 @@ import netlab
 import pytest
 from agentproc import RunningAgent, lab_toml, start_agent
 from pixiebox.events import Kind
+from pixiebox.net.limits import Quota
 from pixiebox.store.state import StateStore
 from pixiebox.tftp import packets
-from pixiebox.tftp.limits import Admission, Full, Quota, TftpLimits
+from pixiebox.tftp.limits import Admission, Full, TftpLimits
 
 THIS = Path(__file__).resolve()
 FLOOD = THIS.parent.parent / "bench" / "floods" / "tftp_halfopen.py"

@@ -12,12 +12,12 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import math
 import resource
 import socket
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, Literal, Protocol, TypeVar
 
@@ -43,20 +43,42 @@ NR_OPEN = Path("/proc/sys/fs/nr_open")
 # --------------------------------------------------------------------------- log lines
 
 
-@dataclass(slots=True)
-class _Said:
-    at: float
-    unsaid: int = 0
+class Quota:
+    """At most `burst` admissions per key in each `period` seconds, and how many were left out
+    in between. The one rate limit for what an outsider can cause at will (log lines, events,
+    refusals): without a bound, a flood writes as many lines as packets to the journal of an
+    appliance whose disk is a USB stick. Keys are a fixed few (a kind and reason of the code,
+    never a client's address, which can be forged at will), so the table stays small."""
+
+    def __init__(
+        self,
+        burst: int = 20,
+        period: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.burst = burst
+        self.period = period
+        self._clock = clock
+        # key: (the period's start, admitted in it, left out since the last admission)
+        self._keys: dict[str, tuple[float, int, int]] = {}
+
+    def admit(self, key: str) -> int | None:
+        """None: leave this one out; else how many of this key were left out before it."""
+        now = self._clock()
+        start, admitted, left_out = self._keys.get(key, (-math.inf, 0, 0))
+        if now - start >= self.period:
+            start, admitted = now, 0
+        if admitted >= self.burst:
+            self._keys[key] = (start, admitted, left_out + 1)
+            return None
+        self._keys[key] = (start, admitted + 1, 0)
+        return left_out
 
 
 class LogLimiter:
-    """At most one log line per kind every `every` seconds; lines in between are counted, and
-    the count rides on the next line of that kind.
-
-    For lines an outsider can cause at will (a refused connection, a bad request, a timeout):
-    without a bound, a flood writes as many lines as packets to the journal of an appliance
-    whose disk is a USB stick. Kinds are fixed strings of the code (never data from the
-    network), so the table stays small."""
+    """At most one log line per kind every `every` seconds (a `Quota` of one); lines in between
+    are counted, and the count rides on the next line of that kind. For lines an outsider can
+    cause at will: a refused connection, a bad request, a timeout."""
 
     def __init__(
         self,
@@ -66,9 +88,7 @@ class LogLimiter:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.logger = logger
-        self.every = every
-        self.clock = clock
-        self._said: dict[str, _Said] = {}
+        self._quota = Quota(1, every, clock)
         #: Lines not logged, by kind, since the start (for tests and metrics).
         self.unsaid: Counter[str] = Counter()
 
@@ -77,16 +97,13 @@ class LogLimiter:
     ) -> bool:
         """Log `message % args` unless a line of `kind` was logged less than `every` seconds
         ago (then count it); True if it was logged."""
-        now = self.clock()
-        said = self._said.get(kind)
-        if said is not None and now - said.at < self.every:
-            said.unsaid += 1
+        left_out = self._quota.admit(kind)
+        if left_out is None:
             self.unsaid[kind] += 1
             return False
-        if said is not None and said.unsaid:
-            message += " (%d more like this in the %.0f s before, not logged)"
-            args = (*args, said.unsaid, now - said.at)
-        self._said[kind] = _Said(now)
+        if left_out:
+            message += " (%d more like this since the last such line, not logged)"
+            args = (*args, left_out)
         self.logger.log(level, message, *args, exc_info=exc_info)
         return True
 

@@ -15,16 +15,14 @@ error". Hence:
   client is never locked out. Transfers that are progressing are never ended for a newcomer:
   with no half-open one to end, the newcomer is told "server busy" and asks again later, as
   firmware does;
-- `Quota`: at most `burst` log lines or events of one kind per period, so that what an outsider
-  can cause per datagram (refusals, "not found", evictions) never becomes a log storm.
+- log lines and events of one kind are admitted under a `net.limits.Quota` (transfers.py), so
+  that what an outsider can cause per datagram (refusals, "not found", evictions) never becomes
+  a log storm.
 """
 
 from __future__ import annotations
 
-import math
-import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -147,33 +145,3 @@ class Admission:
             self._per_ip[ip] = left
         else:
             del self._per_ip[ip]  # no entry kept for an address that has no transfer
-
-
-class Quota:
-    """At most `burst` admissions per key in each `period` seconds. Keys are a fixed few
-    (an outcome's kind and reason, never a client's address, which can be forged at will), so
-    the table stays small."""
-
-    def __init__(
-        self,
-        burst: int = 20,
-        period: float = 10.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.burst = burst
-        self.period = period
-        self._clock = clock
-        # key: (the period's start, admitted in it, left out since the last admission)
-        self._keys: dict[str, tuple[float, int, int]] = {}
-
-    def admit(self, key: str) -> int | None:
-        """None: leave this one out; else how many of this key were left out before it."""
-        now = self._clock()
-        start, admitted, left_out = self._keys.get(key, (-math.inf, 0, 0))
-        if now - start >= self.period:
-            start, admitted = now, 0
-        if admitted >= self.burst:
-            self._keys[key] = (start, admitted, left_out + 1)
-            return None
-        self._keys[key] = (start, admitted + 1, 0)
-        return left_out

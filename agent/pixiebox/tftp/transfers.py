@@ -27,7 +27,8 @@ from collections.abc import Callable
 
 from pixiebox.core.wording import size as size_text
 from pixiebox.core.wording import span
-from pixiebox.tftp.limits import RESEND_AFTER, Admission, Client, Quota, TftpLimits
+from pixiebox.net.limits import Quota
+from pixiebox.tftp.limits import RESEND_AFTER, Admission, Client, TftpLimits
 from pixiebox.tftp.outcome import EventKind, TftpEvent, log_finished
 from pixiebox.tftp.packets import (
     ACK,
