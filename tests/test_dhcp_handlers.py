@@ -280,6 +280,9 @@ def test_server_survives_a_handler_crash(tmp_path: Path, assets: Assets) -> None
         def held_addresses(self) -> set[IPv4Address]:
             return set()
 
+        def known(self, mac: str) -> bool:
+            return False
+
     server = DhcpServer(Exploding(), "lo")
     payload = encode(request(MessageType.DISCOVER))
     assert server.answer(payload, 67, ("0.0.0.0", 68)) is None

@@ -193,6 +193,9 @@ class _Unsaved:
     def held_addresses(self) -> set[IPv4Address]:
         return set()
 
+    def known(self, mac: str) -> bool:
+        return False
+
 
 def test_a_batch_whose_commit_failed_sends_no_replies(tmp_path: Path) -> None:
     """The DHCP server sends a batch's replies only once its COMMIT succeeded: an ACK whose

@@ -414,10 +414,9 @@ AGENT_IP = "10.87.0.2"
 READER_IP = "10.87.0.9"
 CAP = 200
 STORM_SIZE = 20_000
-#: DISCOVERs a second: what the agent answers in full on a busy 2-core machine (at 1,000 a
-#: second, with other tests running beside it, it answered 10,000 to 17,000 of the 20,000). Past
-#: its capacity the kernel drops datagrams at random, a known machine's among them (dhcp.server
-#: has no priority for enrolled MACs), and only the PXE ROM's retries save it.
+#: DISCOVERs a second: what the agent answers in full on a busy 2-core machine, so that every
+#: stranger is recorded and the cap is what keeps the inventory small (a storm faster than the
+#: agent, where strangers are shed and enrolled machines answered first: test_dhcp_storm.py).
 STORM_RATE = 500
 UUID = bytes(range(16))
 #: A PXE ROM tries a DISCOVER 4 times (PXE 2.1, 4, 8, 16, 32 s): the budget here is 4 tries of

@@ -34,10 +34,15 @@ from pixiebox.core.trust import (
     Verdict,
 )
 from pixiebox.events import Fields, FieldValue, Kind
+from pixiebox.net.limits import Quota
 from pixiebox.net.netif import neighbour_mac
 from pixiebox.store.state import StateStore
 
 log = logging.getLogger("pixiebox.core.inventory")
+
+
+#: New unknown machines logged a minute at most, each on its own line (see `seen`).
+DISCOVERED_LINES = 20
 
 
 class BootBackend(Protocol):
@@ -80,6 +85,9 @@ class Inventory:
         #: Each machine's current boot token (core.trust).
         self.tokens = BootTokens(store)
         self._refusals = RefusalNotes()
+        #: "unknown machine … asked to boot" lines: each new MAC is one until a flood of them
+        #: (any device on the LAN can be a new MAC), then DISCOVERED_LINES a minute and a count.
+        self._discovered_lines = Quota(DISCOVERED_LINES, 60.0)
         #: The kernel's neighbour entries read lately: address -> (MAC or None, when read).
         self._neighbours: dict[IPv4Address, tuple[str | None, float]] = {}
         #: Called with the MAC of an unknown machine seen for the first time under
@@ -195,8 +203,15 @@ class Inventory:
             "image": decision.image_name,
         }
         # In a flood of new MACs the lifecycle's summary says how many came and went, once a
-        # minute; a line for each would be the flood again, in the log.
-        log.log(logging.DEBUG if self.lifecycle.under_pressure() else logging.INFO, "%s", message)
+        # minute; a line for each would be the flood again, in the log. The events stay.
+        left_out = None if self.lifecycle.under_pressure() else self._discovered_lines.admit("new")
+        if left_out is None:
+            log.debug("%s", message)
+        elif left_out:
+            log.info("%s (and %d more unknown machines before it: pixiebox machines)", message,
+                     left_out)  # fmt: skip
+        else:
+            log.info("%s", message)
         self.lifecycle.discovered(
             mac, message, {key: value for key, value in facts.items() if value is not None}
         )

@@ -23,6 +23,7 @@ from pixiebox.dhcp.policy import (
     boot_fields,
 )
 from pixiebox.events import Kind
+from pixiebox.net.limits import LogLimiter
 
 log = logging.getLogger("pixiebox.dhcp")
 
@@ -37,6 +38,10 @@ class ProxyHandler:
     def __init__(self, inventory: BootBackend, policy: BootPolicy) -> None:
         self.inventory = inventory
         self.policy = policy
+        #: Lines about strangers: anyone on the LAN can send DISCOVERs from as many random MACs
+        #: as the link carries, and each would be a line in the journal.
+        self.said = LogLimiter(log)
+        self._enrolled = self._macs()
 
     @property
     def server_ip(self) -> IPv4Address:
@@ -46,10 +51,25 @@ class ProxyHandler:
         """Nothing to commit: proxy mode hands out no leases."""
 
     def reload(self) -> None:
-        """Nothing derived from lab.toml: every answer asks the inventory."""
+        """Every answer asks the inventory; only the set of enrolled MACs is kept here."""
+        self._enrolled = self._macs()
+
+    def _macs(self) -> frozenset[str]:
+        return frozenset(machine.mac for machine in self.inventory.config.machines)
 
     def held_addresses(self) -> set[IPv4Address]:
         return set()  # the router's leases, not ours
+
+    def known(self, mac: str) -> bool:
+        return mac in self._enrolled
+
+    def _say(self, mac: str, kind: str, message: str, *args: object) -> None:
+        """An info line about `mac`: as it is for an enrolled machine, rate-limited per `kind`
+        for a stranger (net.limits.LogLimiter)."""
+        if mac in self._enrolled:
+            log.info(message, *args)
+        else:
+            self.said.log(kind, logging.INFO, message, *args)
 
     def _overheard(self, request: Packet) -> None:
         """A REQUEST names the address its client takes (option 50 while selecting the router's
@@ -78,7 +98,8 @@ class ProxyHandler:
         try:
             client = boot_client(request)
         except NotABootRequest as why:
-            log.info("%s asked to boot but is not answered: %s", request.mac, why)
+            self._say(request.mac, "not-a-boot-request",
+                      "%s asked to boot but is not answered: %s", request.mac, why)  # fmt: skip
             return None
         if client is None:
             return None  # a plain DHCP client: the router's business, not ours
@@ -97,7 +118,8 @@ class ProxyHandler:
         add_boot_options(reply, client, boot_file, self.server_ip, proxy=True)
         how = "script URL" if client.ipxe else "boot file"
         firmware = "iPXE" if client.ipxe else client.arch.label
-        log.info(
+        self._say(
+            client.mac, f"proxy-{answer.name}",
             "%s (%s) asked to boot; sent proxy %s with %s %s; next it should fetch it",
             decision.who, firmware, answer.name, how, boot_file.name,
         )  # fmt: skip

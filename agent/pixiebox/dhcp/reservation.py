@@ -8,9 +8,6 @@ and the boot file.
 from __future__ import annotations
 
 import logging
-import math
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
@@ -31,6 +28,7 @@ from pixiebox.dhcp.policy import (
     boot_fields,
 )
 from pixiebox.events import FieldValue, Kind
+from pixiebox.net.limits import LogLimiter, Quota
 
 log = logging.getLogger("pixiebox.dhcp")
 
@@ -66,36 +64,6 @@ def client_id(request: Packet) -> str:
     return request.options.get(Opt.CLIENT_ID, b"").hex()
 
 
-class RefusalLog:
-    """Whether one more refusal may be logged now (see REFUSALS_LOGGED)."""
-
-    def __init__(
-        self,
-        per_period: int = REFUSALS_LOGGED,
-        period: float = REFUSALS_PERIOD,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.per_period = per_period
-        self.period = period
-        self._clock = clock
-        self._start = -math.inf
-        self._logged = 0
-        self._left_out = 0
-
-    def admit(self) -> int | None:
-        """None: stay quiet about this one; else how many were left out before it."""
-        now = self._clock()
-        if now - self._start >= self.period:
-            self._start = now
-            self._logged = 0
-        if self._logged >= self.per_period:
-            self._left_out += 1
-            return None
-        self._logged += 1
-        left_out, self._left_out = self._left_out, 0
-        return left_out
-
-
 class ReservationHandler:
     mode: str = "reservation"
     ports: tuple[int, ...] = (67,)
@@ -108,7 +76,11 @@ class ReservationHandler:
         self.book = book
         self.subnet = subnet
         self._told: set[str] = set()
-        self._refusals = RefusalLog()
+        self._refusals = Quota(REFUSALS_LOGGED, REFUSALS_PERIOD)
+        #: Lines about machines not in lab.toml, per kind (net.limits.LogLimiter): in full mode
+        #: anyone on the LAN can cause an offer, a lease and a line from as many random MACs
+        #: as the link carries.
+        self.said = LogLimiter(log)
         book.set_reservations(inventory.machines())
 
     @property
@@ -122,6 +94,13 @@ class ReservationHandler:
         """Addresses leased or quarantined now: not to be reserved for another machine."""
         return self.book.held()
 
+    def known(self, mac: str) -> bool:
+        """Enrolled, or holding a lease of ours (a pool client renewing is not a stranger)."""
+        if self.inventory.who_is(mac) is not None:
+            return True
+        lease = self.book.lease_of(mac)
+        return lease is not None and lease.state == "bound"
+
     def flush(self) -> None:
         """Commit the leases bound since the last call: the server calls it before it sends."""
         self.book.flush()
@@ -132,6 +111,7 @@ class ReservationHandler:
         """Whether this mode hands `mac` an address at all."""
         if machine is None:
             self._tell_once(
+                None,
                 mac,
                 f"unknown machine {mac} asked for an address; reservation mode answers only "
                 f"machines in lab.toml; enroll it with: "
@@ -140,6 +120,7 @@ class ReservationHandler:
             return False
         if machine.ip is None:
             self._tell_once(
+                machine,
                 mac,
                 f"{machine.name} ({mac}) asked for an address but has no ip in lab.toml; "
                 f'reservation mode cannot answer it; add ip = "..." to its [[machines]] entry',
@@ -147,13 +128,23 @@ class ReservationHandler:
             return False
         return True
 
-    def _tell_once(self, mac: str, message: str) -> None:
+    def _tell_once(self, machine: MachineSection | None, mac: str, message: str) -> None:
         if mac in self._told:
             return
         if len(self._told) >= _LOGGED_ONCE_LIMIT:
             self._told.clear()
         self._told.add(mac)
-        log.info("%s", message)
+        self._say(machine, "not-served", logging.INFO, "%s", message)
+
+    def _say(
+        self, machine: MachineSection | None, kind: str, level: int, message: str, *args: object
+    ) -> None:
+        """A line about one request: as it is for an enrolled machine, rate-limited per `kind`
+        for a stranger, whose MAC anyone can make up."""
+        if machine is not None:
+            log.log(level, message, *args)
+        else:
+            self.said.log(kind, level, message, *args)
 
     # -- RFC 2131 4.3
 
@@ -188,7 +179,7 @@ class ReservationHandler:
         if not self.book.release(mac, ip, client_id(request)):
             self._refuse(request, mac, machine, "RELEASE", ip)
             return
-        log.info("%s released %s", self._who(mac, machine), ip)
+        self._say(machine, "released", logging.INFO, "%s released %s", self._who(mac, machine), ip)
         self._record(mac, BootAnswer(), f"released {ip}", ip, "released")
 
     def _decline(self, request: Packet, mac: str, machine: MachineSection | None) -> None:
@@ -214,11 +205,11 @@ class ReservationHandler:
         self, request: Packet, mac: str, machine: MachineSection | None, what: str, ip: IPv4Address
     ) -> None:
         """A DECLINE or RELEASE not from the lease's holder: nothing changes, and it is said in
-        the log, rate-limited (RefusalLog). It is a dhcp.refused event in the log of the machine
-        whose MAC it carries only when the lab knows that MAC (enrolled, or seen before), and
-        recorded without touching that machine's state or last-seen time: a forger must not be
+        the log, rate-limited (REFUSALS_LOGGED). It is a dhcp.refused event in the log of the
+        machine whose MAC it carries only when the lab knows that MAC (enrolled, or seen before),
+        and recorded without touching that machine's state or last-seen time: a forger must not be
         able to create machine records, fill the event table or make a machine look alive."""
-        left_out = self._refusals.admit()
+        left_out = self._refusals.admit("refusal")
         if left_out is None:
             return
         why = self.book.not_holder(mac, ip, client_id(request))
@@ -243,7 +234,10 @@ class ReservationHandler:
             return None
         ip = self.book.offer(mac, machine, request.requested_ip)
         if ip is None:
-            log.warning(
+            self._say(
+                machine,
+                "pool-exhausted",
+                logging.WARNING,
                 "%s asked for an address but the pool %s is exhausted; it gets no answer; "
                 "enlarge [network] pool",
                 self._who(mac, machine),
@@ -252,7 +246,8 @@ class ReservationHandler:
             return None
         reply = self._lease_reply(request, MessageType.OFFER, ip, machine)
         self._add_boot(reply, boot)
-        log.info("%s asked for an address; offered %s%s", self._who(mac, machine), ip, boot.note)
+        self._say(machine, "offered", logging.INFO, "%s asked for an address; offered %s%s",
+                  self._who(mac, machine), ip, boot.note)  # fmt: skip
         self._record(mac, boot, f"asked for an address; offered {ip}{boot.note}", ip, "offered")
         return reply
 
@@ -280,7 +275,8 @@ class ReservationHandler:
         reply = self._lease_reply(request, MessageType.ACK, ip, machine)
         self._add_boot(reply, boot)
         state = "renewed" if request.ciaddr != _ZERO else "bound"
-        log.info("%s %s %s for %ss%s", self._who(mac, machine), state, ip, lease_time, boot.note)
+        self._say(machine, state, logging.INFO, "%s %s %s for %ss%s",
+                  self._who(mac, machine), state, ip, lease_time, boot.note)  # fmt: skip
         self._record(mac, boot, f"{state} {ip} for {lease_time}s{boot.note}", ip, state)
         return reply
 
@@ -299,9 +295,9 @@ class ReservationHandler:
         reply.options[Opt.MESSAGE] = why.encode()
         if request.giaddr != _ZERO:
             reply.flags |= 0x8000  # RFC 2131 4.3.2: relays must broadcast a NAK
-        log.info(
-            "%s: sent NAK: %s", self._who(request.mac, self.inventory.who_is(request.mac)), why
-        )
+        machine = self.inventory.who_is(request.mac)
+        self._say(machine, "nak", logging.INFO, "%s: sent NAK: %s",
+                  self._who(request.mac, machine), why)  # fmt: skip
         return reply
 
     # -- building replies
@@ -337,7 +333,8 @@ class ReservationHandler:
         try:
             client = boot_client(request)
         except NotABootRequest as why:
-            log.info("%s asked to boot but gets no boot file: %s", request.mac, why)
+            self._say(self.inventory.who_is(request.mac), "not-a-boot-request", logging.INFO,
+                      "%s asked to boot but gets no boot file: %s", request.mac, why)  # fmt: skip
             return BootAnswer()
         if client is None:
             return BootAnswer()

@@ -1,20 +1,25 @@
 """The DHCP server: sockets on one interface, decode, ask the mode's handler, send the reply.
 
 Thin on purpose: policy lives in the handlers and the inventory. A malformed, truncated or
-hostile packet is counted and logged at debug level and never stops the server.
+hostile packet is counted and logged at debug level and never stops the server. When more
+requests arrive than it can answer, the lab's own machines are answered first and strangers'
+requests are shed (dhcp.triage).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import sqlite3
+import time
 from collections import Counter
 from collections.abc import Callable
 from ipaddress import IPv4Address
 from typing import Protocol
 
 from pixiebox.config.values import unicast_mac_problem
+from pixiebox.core import wording
 from pixiebox.dhcp.codec import (
     BOOTREQUEST,
     DecodeError,
@@ -24,6 +29,8 @@ from pixiebox.dhcp.codec import (
     decode,
     encode,
 )
+from pixiebox.dhcp.triage import Triage
+from pixiebox.net.limits import LogLimiter
 from pixiebox.net.udp import Address, DatagramListener, udp_socket
 
 log = logging.getLogger("pixiebox.dhcp")
@@ -53,6 +60,11 @@ class Handler(Protocol):
     def held_addresses(self) -> set[IPv4Address]:
         """Addresses this mode has leased out or quarantined (none in proxy mode)."""
 
+    def known(self, mac: str) -> bool:
+        """Whether `mac` is one of the lab's (enrolled, or holding a lease of this mode's): its
+        requests are answered before strangers' and never shed (dhcp.triage). Called for
+        every datagram, so a dictionary lookup, nothing more."""
+
 
 def reply_destination(
     request: Packet, reply: Packet, port: int, source: tuple[str, int]
@@ -74,52 +86,48 @@ def reply_destination(
     return (_BROADCAST, CLIENT_PORT)
 
 
-#: Receive buffer asked for (root may exceed net.core.rmem_max): a lab powering on at once sends
-#: thousands of DISCOVERs within a second, and a datagram the kernel drops costs the client a
-#: retransmission seconds later (RFC 2131 4.1: 4 s, then 8 s ...). About a second of requests at
-#: this server's rate (~800 datagrams), not more: a deeper queue only holds requests whose
-#: clients have given up by the time they are read (perfdhcp, which waits 1 s, saw every answer
-#: come too late once a 4 MiB queue had filled).
-RECEIVE_BUFFER = 1 << 20
-#: Datagrams read per wake-up; then the loop gets a turn: HTTP, TFTP, DNS, signals.
-BATCH = 64
+#: Receive buffer asked for (root may exceed net.core.rmem_max). The server empties it at every
+#: wake-up and sorts what it read (dhcp.triage), so it only has to hold what arrives while the
+#: loop is busy elsewhere (an fsync, a large API page): a lab powering on at once sends
+#: thousands of DISCOVERs within a second, and a datagram the kernel drops is lost at random,
+#: the lab's own machines' too (RFC 2131 4.1: their retransmission comes 4 s later). Its depth
+#: no longer makes answers stale: strangers are answered newest first, and shed after
+#: triage.SHED_AFTER.
+RECEIVE_BUFFER = 4 << 20
+#: Datagrams read per wake-up at most (reading and sorting one costs microseconds; answering
+#: one, a millisecond): enough to empty the buffer above in a few wake-ups.
+DRAIN = 4096
+#: Urgent requests (the lab's machines) answered per loop turn at most: a lab of thousands
+#: powering on at once is answered in order, the loop getting its turns in between.
+URGENT_BATCH = 64
+#: Strangers' requests answered per loop turn at most, and the time they may take: then the loop
+#: gets a turn (HTTP, TFTP, DNS, signals, and the next read, where the lab's machines are
+#: found). The time is what a lab machine's request waits at most behind strangers' (a
+#: stranger's answer takes about half a millisecond here); each turn costs a commit.
+BATCH = 32
+TURN_SECONDS = 0.005
 
 
 class _Port:
-    """One port's listener. A batch's replies wait until the handler has committed what the
-    batch changed (`flush`: the leases of the ACKs; the COMMIT fsyncs, store.state), so an ACK
-    never leaves before its lease is on stable storage, and a boot storm costs one commit and
-    one fsync per batch, not per lease. A batch whose commit failed is not answered."""
+    """One port's socket: what it reads goes to the server's triage; replies leave through it."""
 
     def __init__(self, server: DhcpServer, sock: socket.socket, port: int) -> None:
-        self.answer = server.answer
-        self.flush = server.flush
         self.port = port
-        self.replies: list[tuple[bytes, Address]] = []
+        triage = server.triage
+        put = triage.put
+
+        def received(data: bytes, source: Address) -> None:
+            put(self, data, source)
+
         self.listener = DatagramListener(
             sock,
-            self.received,
-            batch=BATCH,
+            received,
+            batch=DRAIN,
             stats=server.stats,
             name=f"DHCP port {port}",
-            after_batch=self.send_replies,
+            after_batch=server.work,
             logger=log,
         )
-
-    def received(self, data: bytes, source: Address) -> None:
-        reply = self.answer(data, self.port, source)
-        if reply is not None:
-            self.replies.append(reply)
-
-    def send_replies(self) -> None:
-        if not self.replies:
-            return
-        replies, self.replies = self.replies, []
-        if not self.flush():
-            return  # an ACK whose lease may not be stored is not sent: its client asks again
-        send = self.listener.send
-        for payload, destination in replies:
-            send(payload, destination)
 
     def close(self) -> None:
         self.listener.close()
@@ -134,6 +142,10 @@ class DhcpServer:
         self.by_type: Counter[str] = Counter()
         self._listeners: list[_Port] = []
         self._flush: Callable[[], None] = handler.flush
+        self.triage: Triage[_Port] = Triage(handler.known)
+        self._said = LogLimiter(log)
+        self._shed_unsaid = 0
+        self._again: asyncio.Handle | None = None
 
     async def start(self) -> None:
         for port in self.handler.ports:
@@ -163,6 +175,70 @@ class DhcpServer:
         for listener in self._listeners:
             listener.close()
         self._listeners.clear()
+        if self._again is not None:
+            self._again.cancel()
+            self._again = None
+        self.triage.urgent.clear()
+        while self.triage.next_stranger() is not None:
+            pass
+
+    def work(self) -> None:
+        """One turn: answer urgent requests (the lab's machines, exchanges in progress), the
+        oldest first, up to URGENT_BATCH, and send those replies; then strangers' requests,
+        newest first, up to BATCH or TURN_SECONDS; shed those that waited too long
+        (dhcp.triage). Each group's replies leave only once the handler committed what it
+        changed (`flush`: an ACK's lease is on stable storage first; one commit and one fsync
+        per group, not per lease), and a group whose commit failed is not answered: its
+        clients ask again."""
+        self._again = None
+        triage = self.triage
+        urgent = triage.take_urgent(URGENT_BATCH)
+        if urgent:
+            self._send(
+                [(port, self.answer(data, port.port, source)) for port, data, source in urgent]
+            )
+        triage.shed_stale()
+        replies: list[tuple[_Port, tuple[bytes, Address] | None]] = []
+        deadline = time.monotonic() + TURN_SECONDS
+        while len(replies) < BATCH:
+            stranger = triage.next_stranger()
+            if stranger is None:
+                break
+            port, data, source = stranger
+            replies.append((port, self.answer(data, port.port, source)))
+            if time.monotonic() >= deadline:
+                break
+        self._send(replies)
+        shed = triage.shed - self.stats["shed"]
+        self.stats["shed"] = triage.shed
+        if shed:
+            self._tell_shed(shed)
+        self.stats["dropped"] = triage.dropped
+        if len(triage) and self._listeners:
+            self._again = asyncio.get_running_loop().call_soon(self.work)
+
+    def _send(self, replies: list[tuple[_Port, tuple[bytes, Address] | None]]) -> None:
+        if not any(reply is not None for _, reply in replies):
+            return
+        if not self.flush():
+            return  # an ACK whose lease may not be stored is not sent: its client asks again
+        for port, reply in replies:
+            if reply is not None:
+                port.listener.send(*reply)
+
+    def _tell_shed(self, shed: int) -> None:
+        self._shed_unsaid += shed
+        if self._said.log(
+            "shed",
+            logging.WARNING,
+            "DHCP overloaded: %d requests from unknown machines were dropped unanswered (waited "
+            "over %s, or too many queued) while the lab's machines were answered first; a host "
+            "on the lab LAN may be flooding DHCPDISCOVERs (/metrics: "
+            'pixiebox_dhcp_packets_total{outcome="shed"})',
+            self._shed_unsaid,
+            wording.span(self.triage.shed_after),
+        ):
+            self._shed_unsaid = 0
 
     def flush(self) -> bool:
         """Commit what the answered requests changed (the handler's leases), before sending;
@@ -201,6 +277,8 @@ class DhcpServer:
             if reply is None:
                 self.stats["unanswered"] += 1
                 return None
+            if reply.message_type is MessageType.OFFER:
+                self.triage.offered(request.chaddr[:6])
             payload = encode(reply)
         except (DecodeError, EncodeError) as exc:
             self.stats["malformed"] += 1
