@@ -35,6 +35,7 @@ APT_PACKAGES=(
     openssh-server openipmi  # power tests: a real sshd, and ipmi_sim as the BMC
     jq e2fsprogs fdisk shellcheck  # OSIE script tests: jq, mkfs/e2fsck on loop disks, sfdisk
     mtools  # image tests and demo --appliance write lab.toml onto the appliance's FAT partition
+    chromium chromium-driver  # dashboard tests: a real browser, driven by Selenium (tests/browser.py)
 )
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }

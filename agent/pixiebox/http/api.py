@@ -41,6 +41,7 @@ from pixiebox.http.api_machines import (
 # agent.py and older callers import these from here.
 from pixiebox.http.api_machines import machine_views as machine_views
 from pixiebox.http.api_machines import state_counts as state_counts
+from pixiebox.http.dashboard import dashboard_routes
 from pixiebox.http.params import MAX_EVENT_ID, body_error, event_id_parameter, mac_parameter
 from pixiebox.power.base import PowerAction
 from pixiebox.power.controller import NoPowerControl, PowerBusy, PowerController
@@ -547,5 +548,6 @@ def api_app(state: ApiState) -> Starlette:
         Route("/api/v1/events", handlers.events, methods=["GET"]),
         Route("/api/v1/openapi.json", handlers.openapi, methods=["GET"]),
         Route("/metrics", handlers.metrics, methods=["GET"]),
+        *dashboard_routes(),  # / and /ui/{file}: the dashboard, in the package
     ]
     return Starlette(routes=routes)
