@@ -14,12 +14,12 @@ test_dhcp_codec.py; these go through the whole answer path.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
+from dhcpchecks import HANDLER_ACCESSORS, check_round_trip, read_accessors
 from fuzzing import fuzz, log_records
 from hypothesis import given
 from hypothesis import strategies as st
@@ -32,7 +32,6 @@ from pixiebox.dhcp.codec import (
     BOOTREQUEST,
     MAGIC_COOKIE,
     DecodeError,
-    EncodeError,
     MessageType,
     Opt,
     Packet,
@@ -52,21 +51,6 @@ SUBNET = IPv4Network("10.0.0.0/24")
 C1 = bytes.fromhex("020000000001")
 MACS = [C1, bytes.fromhex("020000000099"), bytes.fromhex("f44d30647a3a")]
 UUID = b"\x00" + bytes(range(16))
-#: Every accessor the handlers call on a request.
-PROPERTIES = [
-    "mac",
-    "message_type",
-    "broadcast",
-    "requested_ip",
-    "server_id",
-    "client_arches",
-    "vendor_class",
-    "user_classes",
-    "client_uuid",
-    "parameter_request_list",
-    "max_message_size",
-    "hostname",
-]
 
 
 # --------------------------------------------------------------------------- what is asserted
@@ -80,19 +64,13 @@ def check_total(data: bytes) -> Packet | None:
         packet = decode(data)
     except DecodeError:
         return None
-    for name in PROPERTIES:
-        with contextlib.suppress(DecodeError):
-            getattr(packet, name)
+    read_accessors(packet, HANDLER_ACCESSORS)
     try:
         client = boot_client(packet)
         assert client is None or isinstance(client, BootClient)
     except (DecodeError, NotABootRequest):
         pass
-    try:
-        wire = encode(packet)
-    except EncodeError:
-        return packet
-    assert decode(wire) == packet
+    check_round_trip(packet)
     return packet
 
 
@@ -233,6 +211,19 @@ def _tlv(code: int, value: bytes) -> bytes:
     return bytes((code, len(value))) + value
 
 
+def pxe_discover(xid: int, arch: int, undi: str, more: dict[int, bytes] | None = None) -> bytes:
+    """C1's DISCOVER as a PXE ROM of architecture `arch` (option 93) and UNDI version `undi`
+    sends it, with `more` options after those."""
+    options = {
+        Opt.MESSAGE_TYPE: b"\x01",
+        Opt.VENDOR_CLASS: f"PXEClient:Arch:{arch:05d}:UNDI:{undi}".encode(),
+        Opt.CLIENT_ARCH: arch.to_bytes(2, "big"),
+        Opt.CLIENT_UUID: UUID,
+        **(more or {}),
+    }
+    return encode(Packet(op=BOOTREQUEST, xid=xid, chaddr=C1, options=options))
+
+
 @st.composite
 def wires(draw: st.DrawFn) -> bytes:
     """A request on the wire, then perhaps spoiled as a hostile or broken sender would."""
@@ -326,21 +317,10 @@ def test_any_datagram_decodes_or_is_a_decode_error(data: bytes) -> None:
 
 def test_every_truncation_of_real_requests() -> None:
     """Each prefix of a few real requests (scapy's, our encoder's, an overloaded one)."""
-    pxe = encode(
-        Packet(
-            op=BOOTREQUEST,
-            xid=7,
-            chaddr=C1,
-            options={
-                Opt.MESSAGE_TYPE: b"\x01",
-                Opt.VENDOR_CLASS: b"PXEClient:Arch:00007:UNDI:003016",
-                Opt.CLIENT_ARCH: b"\x00\x07",
-                Opt.CLIENT_UUID: UUID,
-                Opt.USER_CLASS: b"iPXE",
-                Opt.HOSTNAME: b"h" * 300,  # split in two (RFC 3396)
-            },
-        )
-    )
+    pxe = pxe_discover(7, 7, "003016", {
+        Opt.USER_CLASS: b"iPXE",
+        Opt.HOSTNAME: b"h" * 300,  # split in two (RFC 3396)
+    })  # fmt: skip
     overloaded = bytearray(pxe)
     overloaded[108:236] = (_tlv(93, b"\x00\x00") + _tlv(97, UUID) + b"\xff").ljust(128, b"\0")
     end = overloaded.rindex(b"\xff")
@@ -397,19 +377,7 @@ def test_the_full_server_never_fails_on_a_datagram(lab: Lab, data: bytes) -> Non
 
 
 def test_every_truncation_of_a_pxe_discover_is_answered_or_dropped(lab: Lab) -> None:
-    wire = encode(
-        Packet(
-            op=BOOTREQUEST,
-            xid=11,
-            chaddr=C1,
-            options={
-                Opt.MESSAGE_TYPE: b"\x01",
-                Opt.VENDOR_CLASS: b"PXEClient:Arch:00000:UNDI:002001",
-                Opt.CLIENT_ARCH: b"\x00\x00",
-                Opt.CLIENT_UUID: UUID,
-            },
-        )
-    )
+    wire = pxe_discover(11, 0, "002001")
     before = lab.proxy.stats["answered"]
     for cut in range(len(wire) + 1):
         check_answer(lab.proxy, wire[:cut], 67)

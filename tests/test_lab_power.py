@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +18,7 @@ import netlab
 import pytest
 import vmlab
 from agentproc import start_agent
+from testoslab import install_testos, testos_lab
 
 SUBNET = "10.84.0.0/24"
 AGENT_IP = "10.84.0.2"
@@ -32,10 +32,7 @@ def vm_require(netlab_require: Callable[..., None]) -> None:
 
 
 def lab_config(workdir: Path, testos: tuple[Path, Path], qmp: dict[str, Path]) -> str:
-    assets = workdir / "assets"
-    (assets / "testos").mkdir(parents=True)
-    for source in testos:
-        shutil.copyfile(source, assets / "testos" / source.name)
+    install_testos(workdir, testos)
     machines = "".join(
         f'[[machines]]\nname = "{name}"\nmac = "{mac}"\nip = "{ip}"\n'
         f'power = {{ driver = "qemu", qmp = "{qmp[name]}" }}\n'
@@ -43,30 +40,11 @@ def lab_config(workdir: Path, testos: tuple[Path, Path], qmp: dict[str, Path]) -
     )
     # A machine without power control: lab up and down list it as skipped.
     machines += '[[machines]]\nname = "manual"\nmac = "52:54:00:84:00:09"\nip = "10.84.0.39"\n'
-    return f"""
-[lab]
-name = "lab-power-test"
-domain = "lab.test"
-[network]
-interface = "eth0"
-subnet = "{SUBNET}"
-dhcp_mode = "reservation"
-dhcp_probe_time = "1s"
-[boot]
-assets = "{assets}"
-[images.osie]
-kernel = "testos/vmlinuz"
-initrd = ["testos/initrd"]
-cmdline = "console=ttyS0"
-[api]
-listen = "0.0.0.0:8080"
-token_file = "{workdir / "api-token"}"
-[power]
-stagger = "2s"
-off_timeout = "60s"
-[state]
-dir = "{workdir / "state"}"
-{machines}"""
+    sections = (
+        f'[api]\nlisten = "0.0.0.0:8080"\ntoken_file = "{workdir / "api-token"}"\n'
+        '[power]\nstagger = "2s"\noff_timeout = "60s"\n'
+    )
+    return testos_lab("lab-power-test", SUBNET, workdir, sections=sections) + machines
 
 
 def test_lab_up_boots_both_machines_and_lab_down_stops_them(

@@ -18,6 +18,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
+from cleanenv import drop_pixiebox_variables
 from pixiebox.config import LabConfig, Problem, check_config, format_loc, labfile
 from pixiebox.config.labfile import (
     EnrollError,
@@ -43,9 +44,7 @@ pool = "192.168.1.200-192.168.1.250"
 
 @pytest.fixture(autouse=True)
 def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("PIXIEBOX_"):
-            monkeypatch.delenv(name)
+    drop_pixiebox_variables(monkeypatch)
 
 
 # --- helpers -------------------------------------------------------------------------------

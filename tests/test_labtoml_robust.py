@@ -6,7 +6,6 @@ and checking it stays cheap.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import time
@@ -16,17 +15,16 @@ from pathlib import Path
 import netlab
 import pytest
 from agentproc import lab_toml, start_agent
+from cleanenv import drop_pixiebox_variables
 from pixiebox.config import LabConfig, check_config, labfile, load_config
 from pixiebox.config.load import MAX_BYTES, MAX_DEPTH, MAX_PROBLEMS, reload_refusal
-from test_check import PIXIEBOX
+from test_check import NETWORK, PIXIEBOX
 
-NETWORK = """\
-[network]
-interface = "lo"
-server_ip = "192.168.1.64"
-subnet = "192.168.1.0/24"
-gateway = "192.168.1.254"
-"""
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    drop_pixiebox_variables(monkeypatch)
+
 
 MACHINE = """
 # the first node, on the left of the shelf
@@ -35,13 +33,6 @@ name = "c1"
 mac = "52:54:00:00:00:01"
 ip = "192.168.1.11"
 """
-
-
-@pytest.fixture(autouse=True)
-def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.upper().startswith("PIXIEBOX_"):
-            monkeypatch.delenv(name)
 
 
 def run_check(path: Path) -> subprocess.CompletedProcess[str]:

@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -31,6 +30,7 @@ import pytest
 import vmlab
 from agentproc import RunningAgent, start_agent
 from pixiebox.events import Kind
+from testoslab import install_testos, testos_lab
 
 SUBNET = "10.82.0.0/24"
 AGENT_IP = "10.82.0.2"
@@ -80,36 +80,11 @@ def vm_require(netlab_require: Callable[..., None]) -> None:
 def lab_config(workdir: Path, testos: tuple[Path, Path], mac: str, initrd_size: int = 0) -> str:
     """Reservation mode, the one machine `mac` enrolled with its address, the test OS image (its
     initrd zero-padded to `initrd_size` bytes if that is bigger)."""
-    assets = workdir / "assets"
-    (assets / "testos").mkdir(parents=True, exist_ok=True)
-    for source in testos:
-        shutil.copyfile(source, assets / "testos" / source.name)
-    initrd = assets / "testos" / testos[1].name
+    initrd = install_testos(workdir, testos) / "testos" / testos[1].name
     if initrd.stat().st_size < initrd_size:
         os.truncate(initrd, initrd_size)
-    return f"""
-[lab]
-name = "restart-test"
-domain = "lab.test"
-[network]
-interface = "eth0"
-subnet = "{SUBNET}"
-dhcp_mode = "reservation"
-dhcp_probe_time = "1s"
-[boot]
-unknown = "discover"
-assets = "{assets}"
-[images.osie]
-kernel = "testos/vmlinuz"
-initrd = ["testos/initrd"]
-cmdline = "console=ttyS0"
-[state]
-dir = "{workdir / "state"}"
-[[machines]]
-name = "{NAMES[mac]}"
-mac = "{mac}"
-ip = "{RESERVED[mac]}"
-"""
+    head = testos_lab("restart-test", SUBNET, workdir, boot='unknown = "discover"\n')
+    return head + f'[[machines]]\nname = "{NAMES[mac]}"\nmac = "{mac}"\nip = "{RESERVED[mac]}"\n'
 
 
 def stored_events(state: Path, mac: str, after: int = 0) -> list[Stored]:

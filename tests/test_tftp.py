@@ -26,6 +26,7 @@ from typing import Any
 
 import netlab
 import pytest
+from clientcli import DOWNLOAD, command_line
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pixiebox.core.firmware import Assets
@@ -810,11 +811,12 @@ def _many(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description="a raw TFTP client for these tests")
-    commands = parser.add_subparsers(dest="command", required=True)
-    raw = commands.add_parser("raw", help="download NAME packet by packet, print JSON")
-    raw.add_argument("server")
-    raw.add_argument("name")
+    parser, commands = command_line("a raw TFTP client for these tests", {
+        "raw": ("download NAME packet by packet, print JSON", DOWNLOAD),
+        "many": ("N tftp-hpa clients at once; prints sha256s", DOWNLOAD),
+        "junk": ("send datagrams (hex) to the request port", ("server",)),
+    })  # fmt: skip
+    raw = commands["raw"]
     raw.add_argument("--port", type=int, default=69)
     raw.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE")
     raw.add_argument("--out")
@@ -824,14 +826,9 @@ def main(argv: list[str]) -> int:
     raw.add_argument("--no-last-ack", action="store_true", help="never ACK the last block")
     raw.add_argument("--stray-after", type=int, help="after block N, poke the TID from elsewhere")
     raw.add_argument("--drop", type=int, action="append", default=[], help="lose block N once")
-    many = commands.add_parser("many", help="N tftp-hpa clients at once; prints sha256s")
-    many.add_argument("server")
-    many.add_argument("name")
-    many.add_argument("--clients", type=int, default=20)
-    many.add_argument("--out", required=True)
-    junk = commands.add_parser("junk", help="send datagrams (hex) to the request port")
-    junk.add_argument("server")
-    junk.add_argument("packets", nargs="+")
+    commands["many"].add_argument("--clients", type=int, default=20)
+    commands["many"].add_argument("--out", required=True)
+    commands["junk"].add_argument("packets", nargs="+")
     args = parser.parse_args(argv)
     if args.command == "raw":
         _raw(args)

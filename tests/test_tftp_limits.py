@@ -28,6 +28,7 @@ from typing import Any
 import netlab
 import pytest
 from agentproc import RunningAgent, lab_toml, start_agent
+from clientcli import DOWNLOAD, command_line
 from pixiebox.events import Kind
 from pixiebox.net.limits import Quota
 from pixiebox.store.state import StateStore
@@ -442,20 +443,13 @@ def _hold(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description="TFTP clients for the limits tests")
-    commands = parser.add_subparsers(dest="command", required=True)
-    cap = commands.add_parser("cap", help="fill one address's transfers, then two more")
-    cap.add_argument("server")
-    cap.add_argument("name")
-    cap.add_argument("--count", type=int, default=8)
-    for name, text in (
-        ("options", "ask timeout 255, 5 and 6"),
-        ("idle", "ask timeout 5, never answer"),
-        ("hold", "stall after 2 blocks"),
-    ):
-        sub = commands.add_parser(name, help=text)
-        sub.add_argument("server")
-        sub.add_argument("name")
+    parser, commands = command_line("TFTP clients for the limits tests", {
+        "cap": ("fill one address's transfers, then two more", DOWNLOAD),
+        "options": ("ask timeout 255, 5 and 6", DOWNLOAD),
+        "idle": ("ask timeout 5, never answer", DOWNLOAD),
+        "hold": ("stall after 2 blocks", DOWNLOAD),
+    })  # fmt: skip
+    commands["cap"].add_argument("--count", type=int, default=8)
     args = parser.parse_args(argv)
     run = {"cap": _cap, "options": _options, "idle": _idle, "hold": _hold}[args.command]
     print(json.dumps(run(args)), flush=True)

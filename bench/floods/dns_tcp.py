@@ -3,8 +3,9 @@
 Opens --count TCP connections to --target:--port (53), from the --source addresses in turn
 (each an address of this host; none: the kernel's choice). With --query NAME each connection
 first asks NAME (type A) and then idles; without it, it sends nothing. Connections are held
-until the server closes them or --duration seconds have passed. Standard library only; run
-inside a network namespace: python3 bench/floods/dns_tcp.py --target 10.0.0.1 --count 20 ...
+until the server closes them or --duration seconds have passed. Standard library only (and
+tcpflood.py beside it); run inside a network namespace:
+python3 bench/floods/dns_tcp.py --target 10.0.0.1 --count 20 ...
 
 Prints one JSON object:
   opened            TCP connections established
@@ -22,39 +23,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import struct
 import sys
 import time
 from dataclasses import dataclass
 
-CONNECT_TIMEOUT = 3.0
+import tcpflood
+
+MOST, LONGEST = 5000, 600.0
 
 
 @dataclass
-class Tally:
-    opened: int = 0
-    connect_failed: int = 0
-    refused: int = 0
+class Tally(tcpflood.Tally):
     answered: int = 0
-    closed_by_server: int = 0
-    still_open_at_end: int = 0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--target", required=True, help="the server's address")
-    parser.add_argument("--port", type=int, default=53)
-    parser.add_argument("--count", type=int, default=16, help="connections (at most 5000)")
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds (at most 600)")
-    parser.add_argument("--source", action="append", default=[], help="a source address (repeat)")
+    parser = tcpflood.parser(__doc__, port=53, count=16, most=MOST, duration=10.0, longest=LONGEST)
     parser.add_argument("--query", help="a name each connection asks once, then idles")
     parser.add_argument("--refused-within", type=float, default=0.5, help="seconds")
     args = parser.parse_args(argv)
-    if not 1 <= args.count <= 5000:
-        parser.error("--count must be 1..5000")
-    if not 0 < args.duration <= 600:
-        parser.error("--duration must be in (0, 600]")
+    tcpflood.check(parser, args, most=MOST, longest=LONGEST)
     return args
 
 
@@ -70,32 +59,23 @@ def query(name: str, ident: int) -> bytes:
 async def _connection(
     args: argparse.Namespace, index: int, source: str | None, deadline: float, tally: Tally
 ) -> None:
-    loop = asyncio.get_running_loop()
-    try:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(
-                args.target, args.port, local_addr=(source, 0) if source else None
-            ),
-            min(CONNECT_TIMEOUT, max(0.1, deadline - loop.time())),
-        )
-    except (OSError, TimeoutError):
-        tally.connect_failed += 1
+    streams = await tcpflood.connect(args, source, deadline, tally)
+    if streams is None:
         return
-    tally.opened += 1
+    reader, writer = streams
+    loop = asyncio.get_running_loop()
     opened = loop.time()
     answered = False
     try:
         if args.query:
             writer.write(query(args.query, index & 0xFFFF))
         while True:
-            left = deadline - loop.time()
-            if left <= 0:
-                tally.still_open_at_end += 1
-                return
             try:
-                data = await asyncio.wait_for(reader.read(4096), left)
+                data = await tcpflood.read(reader, 4096, deadline, tally)
             except TimeoutError:
                 continue
+            if data is None:  # still open at the end
+                return
             if not data:
                 break
             if not answered:
@@ -112,29 +92,20 @@ async def _connection(
 
 
 async def flood(args: argparse.Namespace) -> dict[str, object]:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + args.duration
+    deadline = asyncio.get_running_loop().time() + args.duration
     tally = Tally()
-    sources = args.source or [None]
-    tasks = [
-        asyncio.create_task(_connection(args, i, sources[i % len(sources)], deadline, tally))
-        for i in range(args.count)
-    ]
-    await asyncio.wait(tasks, timeout=args.duration + CONNECT_TIMEOUT + 2)
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def connection(index: int, source: str | None) -> None:
+        await _connection(args, index, source, deadline, tally)
+
+    await tcpflood.run(connection, args)
     return dict(vars(tally))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
-    result = asyncio.run(flood(args))
-    result["seconds"] = round(time.monotonic() - started, 2)
-    json.dump(result, sys.stdout)
-    print()
-    return 0
+    return tcpflood.report(asyncio.run(flood(args)), started)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@ must be an address of this host; none: the kernel's choice), and on each either 
 (--mode silent), or a request line and then one header line every --interval seconds, never
 the blank line that ends the head (--mode slow), or one request whose head is --header-bytes
 long (--mode big-header). Connections are held until the server closes them or --duration
-seconds have passed since the start, whichever comes first. Standard library only; run inside
-a network namespace: python3 bench/floods/slow_http.py --target 10.0.0.1 --count 500 ...
+seconds have passed since the start, whichever comes first. Standard library only (and
+tcpflood.py beside it); run inside a network namespace:
+python3 bench/floods/slow_http.py --target 10.0.0.1 --count 500 ...
 
 Prints one JSON object:
   opened            TCP connections established
@@ -25,51 +26,34 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import resource
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-CONNECT_TIMEOUT = 3.0
+import tcpflood
+
 #: Connections being set up at once (the rest wait their turn).
 CONNECTING = 64
 CHUNK = 64 * 1024
+MOST, LONGEST = 20000, 3600.0
 
 
 @dataclass
-class Tally:
-    opened: int = 0
-    connect_failed: int = 0
-    refused: int = 0
-    closed_by_server: int = 0
-    still_open_at_end: int = 0
+class Tally(tcpflood.Tally):
     sent_bytes: int = 0
     statuses: Counter[str] = field(default_factory=Counter)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--target", required=True, help="the server's address")
-    parser.add_argument("--port", type=int, default=80)
-    parser.add_argument("--count", type=int, default=100, help="connections (at most 20000)")
-    parser.add_argument("--duration", type=float, default=30.0, help="seconds (at most 3600)")
-    parser.add_argument(
-        "--source",
-        action="append",
-        default=[],
-        help="a source address of this host (repeat; connections take them in turn)",
-    )
+    parser = tcpflood.parser(__doc__, port=80, count=100, most=MOST, duration=30.0, longest=LONGEST)
     parser.add_argument("--mode", choices=["slow", "silent", "big-header"], default="slow")
     parser.add_argument("--interval", type=float, default=3.0, help="seconds between lines")
     parser.add_argument("--path", default="/", help="the request's path")
     parser.add_argument("--header-bytes", type=int, default=16 << 20, help="big-header size")
     args = parser.parse_args(argv)
-    if not 1 <= args.count <= 20000:
-        parser.error("--count must be 1..20000")
-    if not 0 < args.duration <= 3600:
-        parser.error("--duration must be in (0, 3600]")
+    tcpflood.check(parser, args, most=MOST, longest=LONGEST)
     if args.interval <= 0:
         parser.error("--interval must be positive")
     return args
@@ -86,19 +70,11 @@ async def _connection(
     args: argparse.Namespace, source: str | None, deadline: float, gate: asyncio.Semaphore,
     tally: Tally,
 ) -> None:  # fmt: skip
-    loop = asyncio.get_running_loop()
     async with gate:
-        try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(
-                    args.target, args.port, local_addr=(source, 0) if source else None
-                ),
-                min(CONNECT_TIMEOUT, max(0.1, deadline - loop.time())),
-            )
-        except (OSError, TimeoutError):
-            tally.connect_failed += 1
-            return
-    tally.opened += 1
+        streams = await tcpflood.connect(args, source, deadline, tally)
+    if streams is None:
+        return
+    reader, writer = streams
     status: str | None = None
     head = f"GET {args.path} HTTP/1.1\r\nHost: {args.target}\r\n".encode()
     try:
@@ -110,12 +86,8 @@ async def _connection(
                 tally.sent_bytes += len(head)
             lines = 0
             while True:
-                left = deadline - loop.time()
-                if left <= 0:
-                    tally.still_open_at_end += 1
-                    return
                 try:
-                    data = await asyncio.wait_for(reader.read(CHUNK), min(left, args.interval))
+                    data = await tcpflood.read(reader, CHUNK, deadline, tally, args.interval)
                 except TimeoutError:
                     if args.mode == "slow":
                         lines += 1
@@ -123,11 +95,14 @@ async def _connection(
                         writer.write(line)
                         tally.sent_bytes += len(line)
                     continue
+                if data is None:  # still open at the end
+                    return
                 if not data:
                     break
                 status = status or _status(data.split(b"\r\n", 1)[0])
                 if status is not None:
                     # An answer: read what is left of it until the server closes.
+                    left = deadline - asyncio.get_running_loop().time()
                     while await asyncio.wait_for(reader.read(CHUNK), max(0.1, left)):
                         pass
                     break
@@ -181,15 +156,11 @@ async def flood(args: argparse.Namespace) -> dict[str, object]:
     deadline = start + args.duration
     tally = Tally()
     gate = asyncio.Semaphore(CONNECTING)
-    sources = args.source or [None]
-    tasks = [
-        asyncio.create_task(_connection(args, sources[i % len(sources)], deadline, gate, tally))
-        for i in range(args.count)
-    ]
-    await asyncio.wait(tasks, timeout=args.duration + CONNECT_TIMEOUT + 2)
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def connection(_: int, source: str | None) -> None:
+        await _connection(args, source, deadline, gate, tally)
+
+    await tcpflood.run(connection, args)
     return {
         "opened": tally.opened,
         "connect_failed": tally.connect_failed,
@@ -208,11 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     if soft < hard:  # one descriptor per connection
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     started = time.monotonic()
-    result = asyncio.run(flood(args))
-    result["seconds"] = round(time.monotonic() - started, 2)
-    json.dump(result, sys.stdout)
-    print()
-    return 0
+    return tcpflood.report(asyncio.run(flood(args)), started)
 
 
 if __name__ == "__main__":

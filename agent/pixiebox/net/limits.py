@@ -21,6 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Generic, Literal, Protocol, TypeVar
 
+from pixiebox.net.udp import bind_socket
+
 log = logging.getLogger("pixiebox.net")
 
 #: Seconds between two lines of one kind from a LogLimiter.
@@ -168,16 +170,7 @@ def tcp_listener(host: str, port: int, device: str | None = None) -> GuardedList
     """A bound, non-blocking TCP socket (not yet listening), SO_REUSEADDR set; `device`
     confines it to one interface (SO_BINDTODEVICE)."""
     sock = GuardedListener(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if device:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
-        sock.bind((host, port))
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
-    return sock
+    return bind_socket(sock, host, port, device=device, reuse=True)
 
 
 #: One line every LOG_EVERY seconds for every listener of the process together: running out of

@@ -1,4 +1,5 @@
-"""UDP sockets for the protocol servers, and the batched listener that DHCP, DNS and syslog share.
+"""UDP sockets for the protocol servers, and the batched listener that DHCP, DNS and syslog share;
+also the binding every listening socket of the agent goes through, TCP ones (net.limits) too.
 
 The servers differ only in the options their sockets need (DHCP hears broadcasts and must not
 share its port with another network; syslog must fail rather than share port 514 with rsyslog)
@@ -15,6 +16,7 @@ import logging
 import socket
 from collections import Counter
 from collections.abc import Callable
+from typing import TypeVar
 
 #: A datagram's peer as recvfrom gives it for AF_INET.
 Address = tuple[str, int]
@@ -25,6 +27,8 @@ _SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 _MAX_DATAGRAM = 65535
 
 log = logging.getLogger("pixiebox.net")
+
+_Socket = TypeVar("_Socket", bound=socket.socket)
 
 
 def udp_socket(
@@ -48,7 +52,32 @@ def udp_socket(
     SO_REUSEADDR; on a UDP socket it also lets another socket that sets it bind the same port,
     so a server that must not share its port unnoticed (syslog beside rsyslog) leaves it off
     and fails to bind."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
+    return bind_socket(
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDP),
+        address,
+        port,
+        device=device,
+        broadcast=broadcast,
+        receive_buffer=receive_buffer,
+        force_buffer=force_buffer,
+        reuse=reuse,
+    )
+
+
+def bind_socket(
+    sock: _Socket,
+    address: str,
+    port: int,
+    *,
+    device: str | None = None,
+    broadcast: bool = False,
+    receive_buffer: int | None = None,
+    force_buffer: bool = False,
+    reuse: bool = False,
+) -> _Socket:
+    """`sock` with the options udp_socket() describes, bound and non-blocking; closed again if
+    any step fails, and the error raised (a server that retries its bind must not leak a
+    descriptor each time)."""
     try:
         if reuse:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
