@@ -8,6 +8,7 @@ import contextlib
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
@@ -16,7 +17,7 @@ from typing import TypeVar
 
 from pixiebox.boot.pxelinux import tftp_generator
 from pixiebox.config import ConfigError, LabConfig, format_problem, load_config, split_listen
-from pixiebox.config.labfile import EnrollError, enroll, next_free_ip
+from pixiebox.config.labfile import EnrollError, enroll, next_free_ip, next_free_name
 from pixiebox.config.load import reload_refusal
 from pixiebox.config.schema import DEFAULT_API_PORT
 from pixiebox.config.values import unicast_mac_problem
@@ -36,6 +37,7 @@ from pixiebox.dhcp.server import DhcpServer, Handler
 from pixiebox.dns import DnsServer
 from pixiebox.events import Kind
 from pixiebox.http.api import ApiState, api_app, ensure_token, state_counts
+from pixiebox.http.api_settings import LabText
 from pixiebox.http.boot import BootEvent, BootHttpState, boot_app
 from pixiebox.http.connlimit import HttpLimits
 from pixiebox.http.metrics import PixieboxCollector, metrics_renderer
@@ -266,6 +268,7 @@ class Agent:
         self._loop: asyncio.AbstractEventLoop | None = None
         #: Enrollments under way in worker threads (`_enroll_later`).
         self._enrolling: set[asyncio.Future[None]] = set()
+        self.lab_text: LabText | None = None  #: lab.toml as last loaded (the settings page)
 
     async def run(self) -> None:
         loop = self._loop = asyncio.get_running_loop()  # before any service can enroll a machine
@@ -276,6 +279,7 @@ class Agent:
         loop.add_signal_handler(signal.SIGHUP, self.reload)  # read off the loop
         raise_open_file_limit()  # every connection and transfer is a descriptor (net.limits)
         config = load_config(self.config_path)
+        self.lab_text = self._loaded_text()
         segment = self._segment = resolve_segment(config)
         store = StateStore(config.state.dir)
         try:
@@ -419,6 +423,9 @@ class Agent:
             self.enroll,
             metrics_renderer(collector),
             power=power,
+            suggest=self.suggest,
+            lab_text=lambda: self.lab_text,
+            server_ip=segment.server_ip,
         )
         if config.api.listen is None:  # the lab address (lab interface only) and loopback
             lab_ip = str(segment.server_ip)
@@ -452,8 +459,27 @@ class Agent:
         )
         services.callback(watcher.cancel)
 
+    def suggest(self, mac: str = "") -> tuple[str, IPv4Address | None]:
+        """The name and address an enrollment naming neither gets (the API's empty body, [boot]
+        unknown = "enroll", the dashboard's form shows it first); nothing is written."""
+        inventory, handler = self._inventory, self._handler
+        if inventory is None:
+            return "node1", None
+        config = inventory.config
+        ip = None
+        if config.network.dhcp_mode != "proxy" and handler is not None:
+            # The leases change on the event loop: read them there.
+            held = self._on_loop(handler.held_addresses)
+            if self._segment is not None:  # the appliance's own address, even when detected
+                held.add(self._segment.server_ip)
+            ip = next_free_ip(config, held)
+        return next_free_name(config), ip
+
     def enroll(self, mac: str, name: str | None, ip: IPv4Address | None) -> str:
-        """Add `mac` to lab.toml (comments kept, validated, atomic) and reload it."""
+        """Add `mac` to lab.toml (comments kept, validated, atomic) and reload it. Naming
+        neither: `suggest`'s address, and its name chosen under lab.toml's lock."""
+        if name is None and ip is None:
+            ip = self.suggest(mac)[1]
         try:
             done = enroll(self.config_path, mac, name, str(ip) if ip is not None else None)
         except EnrollError as exc:
@@ -464,19 +490,11 @@ class Agent:
         return done.name
 
     def auto_enroll(self, mac: str) -> None:
-        """[boot] unknown = "enroll": add a machine that just showed up, with the next free
-        name and, where Pixiebox hands out addresses, the next free address."""
-        inventory, handler = self._inventory, self._handler
+        """[boot] unknown = "enroll": add a machine that just showed up (`suggest`'s choice)."""
+        inventory = self._inventory
         if inventory is None or unicast_mac_problem(mac) is not None:
             return  # a multicast, broadcast or zero MAC is never a machine (Inventory.seen)
-        config = inventory.config
-        ip = None
-        if config.network.dhcp_mode != "proxy" and handler is not None:
-            # The leases change on the event loop: read them there.
-            held = self._on_loop(handler.held_addresses)
-            if self._segment is not None:  # the appliance's own address, even when detected
-                held.add(self._segment.server_ip)
-            ip = next_free_ip(config, held)
+        ip = self.suggest(mac)[1]
         try:
             name = self.enroll(mac, None, ip)
         except ValueError as exc:
@@ -550,11 +568,14 @@ class Agent:
         if config.network != inventory.config.network:
             log.warning("[network] changed: restart the agent for that part to take effect")
 
+        text = self._loaded_text()
+
         def apply() -> None:
             # One step on the loop: no request is answered with the new config beside the old
             # MAC index, or the new machines beside the old reservations.
             inventory.reload(config)
             handler.reload()
+            self.lab_text = text
 
         try:
             self._on_loop(apply)
@@ -565,6 +586,14 @@ class Agent:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def _loaded_text(self) -> LabText | None:
+        """lab.toml's text, read just after it was loaded (for the dashboard's settings)."""
+        try:
+            text = self.config_path.read_bytes().decode("utf-8-sig", errors="replace")
+        except OSError:
+            return None
+        return LabText(self.config_path.resolve(), text, time.time())
 
 
 def machine_state_counts(inventory: Inventory) -> dict[MachineState, int]:

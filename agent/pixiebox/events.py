@@ -43,6 +43,7 @@ class Kind(StrEnum):
     BOOT_IGNORED = "boot.ignored"
     METADATA_SENT = "metadata.sent"
     SECRET_REFUSED = "secret.refused"
+    API_REFUSED = "api.refused"
     OS_UP = "os.up"
     OS_JOINED = "os.joined"
     SYSLOG = "syslog"
@@ -192,6 +193,17 @@ KINDS: dict[Kind, tuple[str, dict[str, str]]] = {
             "no-token / bad-token (the boot token is missing, unknown or retired), not-booted "
             "(never booted through Pixiebox, or [boot] unknown = ignore)",
             "seen_mac": "the MAC the neighbour table has at that address, when it has one",
+        },
+    ),
+    Kind.API_REFUSED: (
+        'a sign-in or a change to the lab was refused by the API, in the lab\'s log (mac ""); '
+        "the same reason is recorded a few times a minute at most",
+        {
+            "source": "the address the request came from",
+            "reason": "wrong-token (sign-in with a token that is not this agent's), "
+            "rate-limited (too many sign-in attempts from that address), bad-bearer (an action "
+            "with a wrong Authorization: Bearer token), csrf (a session cookie without the "
+            "X-Pixiebox-CSRF header, or from a page of another origin)",
         },
     ),
     Kind.OS_UP: (

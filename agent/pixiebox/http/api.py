@@ -1,19 +1,20 @@
 """The local API under /api/v1 (JSON, with an OpenAPI document) and /metrics.
 
 Reading is open to the LAN (it is the lab's own dashboard data); anything that changes the lab
-needs the bearer token from [api] token_file, created with mode 0600 on first start.
+needs the bearer token from [api] token_file, created with mode 0600 on first start, or a
+dashboard session signed in with it (http.session: the cookie, the CSRF rule). The dashboard's
+read endpoints are in http.api_views, the OpenAPI document in http.openapi.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
@@ -35,14 +36,17 @@ from pixiebox.http.api_machines import (
     PowerOf,
     find_machine,
     machine_page,
-    openapi_parameters,
 )
 
 # agent.py and older callers import these from here.
 from pixiebox.http.api_machines import machine_views as machine_views
 from pixiebox.http.api_machines import state_counts as state_counts
+from pixiebox.http.api_settings import LabText
+from pixiebox.http.api_views import Suggest, ViewHandlers, event_page
 from pixiebox.http.dashboard import dashboard_routes
-from pixiebox.http.params import MAX_EVENT_ID, body_error, event_id_parameter, mac_parameter
+from pixiebox.http.openapi import openapi_document
+from pixiebox.http.params import body_error, event_id_parameter, mac_parameter
+from pixiebox.http.session import SessionHandlers, Sessions, action_refusal
 from pixiebox.power.base import PowerAction
 from pixiebox.power.controller import NoPowerControl, PowerBusy, PowerController
 from pixiebox.power.lab import LabReport, LabRequest, lab_down, lab_up
@@ -116,6 +120,14 @@ class ApiState:
     metrics: Callable[[], bytes] | None = None
     #: Runs verified power actions; None: power control is not available.
     power: PowerController | None = None
+    #: The name and address an enrollment with an empty body gets (Agent.suggest).
+    suggest: Suggest | None = None
+    #: lab.toml as the agent last loaded it (GET /api/v1/settings).
+    lab_text: Callable[[], LabText | None] | None = None
+    #: The appliance's lab address (the DNS server it hands out), when known.
+    server_ip: IPv4Address | None = None
+    #: Signed-in dashboard browsers (http.session).
+    sessions: Sessions = field(default_factory=Sessions)
 
 
 def event_view(inventory: Inventory, event: Event) -> EventView:
@@ -148,12 +160,11 @@ class _Handlers:
     def power_of(self) -> PowerOf | None:
         return self.state.power.power_of if self.state.power is not None else None
 
-    def _authorized(self, request: Request) -> bool:
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(
-            given.strip().encode(), self.state.token.encode()
-        )
+    def _refused(self, request: Request) -> Response | None:
+        """None when the request may change the lab: the bearer token, or a dashboard session
+        with the CSRF rule (http.session); else its 401 or 403."""
+        state = self.state
+        return action_refusal(request, state.token, state.sessions, state.inventory)
 
     async def machines(self, request: Request) -> Response:
         """A page of machines (http.api_machines: filters, keyset pages, Link header)."""
@@ -178,11 +189,11 @@ class _Handlers:
         if view is None:
             return _error(404, f"no machine named or with MAC {key!r}")
         try:
-            after = event_id_parameter("after", request.query_params.get("after"))
+            events, headers = event_page(self.inventory, view.mac, key, request.query_params)
         except ValueError as exc:
             return _error(400, str(exc))
-        events = self.inventory.lifecycle.events(view.mac, after=after)
-        return _json([event_view(self.inventory, e) for e in events])
+        body = [event_view(self.inventory, e).model_dump(mode="json") for e in events]
+        return JSONResponse(body, headers=headers)
 
     async def lab_events(self, request: Request) -> Response:
         """The lab's own log (MAC ""): refusals of secrets no machine could be named for, e.g.
@@ -216,9 +227,9 @@ class _Handlers:
         return _json(doctor.report(diagnosis, view.mac))
 
     async def enroll(self, request: Request) -> Response:
-        if not self._authorized(request):
-            return _error(401, "this call changes the lab: send Authorization: Bearer <token> "
-                          "(the token is in [api] token_file)")  # fmt: skip
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
         raw = str(request.path_params["mac"])
         try:
             mac = unicast_mac(raw)  # never a multicast, broadcast or zero MAC
@@ -242,12 +253,6 @@ class _Handlers:
         self.inventory.record(mac, Kind.MACHINE_ENROLLED, f"enrolled as {name} through the API",
                               fields=fields)  # fmt: skip
         return _json(view, 201) if view else _error(500, "enrolled but not found after reload")
-
-    def _refused(self, request: Request) -> Response | None:
-        if self._authorized(request):
-            return None
-        return _error(401, "this call changes the lab: send Authorization: Bearer <token> "
-                      "(the token is in [api] token_file)")  # fmt: skip
 
     async def power(self, request: Request) -> Response:
         """A verified power action; answers when it is seen done (or not) with the outcome.
@@ -346,7 +351,7 @@ class _Handlers:
                                  headers={"Cache-Control": "no-store"})  # fmt: skip
 
     async def openapi(self, request: Request) -> Response:
-        return JSONResponse(openapi_document())
+        return JSONResponse(openapi_document(MODELS))
 
     async def metrics(self, request: Request) -> Response:
         if self.state.metrics is None:
@@ -354,193 +359,29 @@ class _Handlers:
         return Response(self.state.metrics(), media_type="text/plain; version=0.0.4")
 
 
-def openapi_document() -> dict[str, Any]:
-    """The API's OpenAPI 3.1 document, its schemas taken from the pydantic models."""
-
-    def ref(name: str) -> dict[str, str]:
-        return {"$ref": f"#/components/schemas/{name}"}
-
-    def ok(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
-        return {"description": description, "content": {"application/json": {"schema": schema}}}
-
-    def lab_action(summary: str) -> dict[str, Any]:
-        return {
-            "post": {
-                "summary": summary,
-                "security": [{"bearer": []}],
-                "requestBody": {"content": {"application/json": {"schema": ref("LabRequest")}}},
-                "responses": {
-                    "200": ok(ref("LabReport")),
-                    "401": ok(ref("ErrorView"), "no or wrong token"),
-                },
-            }
-        }
-
-    key = {"name": "key", "in": "path", "required": True, "schema": {"type": "string"},
-           "description": "a machine's name or MAC"}  # fmt: skip
-    missing = ok(ref("ErrorView"), "no such machine")
-    after = {"name": "after", "in": "query", "required": False,
-             "schema": {"type": "integer", "minimum": 0, "maximum": MAX_EVENT_ID},
-             "description": "only events with a larger id"}  # fmt: skip
-    mac = {"name": "mac", "in": "query", "required": False, "schema": {"type": "string"},
-           "description": "only this machine's events"}  # fmt: skip
-    bad_after = ok(ref("ErrorView"), "after is not an event id")
-    return {
-        "openapi": "3.1.0",
-        "info": {"title": "Pixiebox local API", "version": "1"},
-        "components": {
-            "schemas": {
-                m.__name__: m.model_json_schema(ref_template="#/components/schemas/{model}")
-                for m in (
-                    MachineView,
-                    EventView,
-                    EnrollRequest,
-                    ErrorView,
-                    doctor.DoctorReport,
-                    PowerRequest,
-                    PowerOutcome,
-                    LabRequest,
-                    LabReport,
-                )
-            },
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-        },
-        "paths": {
-            "/api/v1/machines": {
-                "get": {
-                    "summary": "machines, enrolled (lab.toml's order) then discovered (first "
-                    "seen first), a page at a time: the next page's URL is in the Link header "
-                    '(rel="next"), the number of machines that match in X-Total-Count',
-                    "parameters": list(openapi_parameters()),
-                    "responses": {
-                        "200": {
-                            **ok({"type": "array", "items": ref("MachineView")}),
-                            "headers": {
-                                "Link": {
-                                    "schema": {"type": "string"},
-                                    "description": 'the next page (rel="next"), absent on the last',
-                                },
-                                "X-Total-Count": {
-                                    "schema": {"type": "integer"},
-                                    "description": "machines that match, on every page",
-                                },
-                            },
-                        },
-                        "400": ok(ref("ErrorView"), "a parameter is malformed"),
-                    },
-                }
-            },
-            "/api/v1/machines/{key}": {
-                "get": {
-                    "summary": "one machine",
-                    "parameters": [key],
-                    "responses": {"200": ok(ref("MachineView")), "404": missing},
-                }
-            },
-            "/api/v1/machines/{key}/events": {
-                "get": {
-                    "summary": "a machine's event log, oldest first",
-                    "parameters": [key, after],
-                    "responses": {
-                        "200": ok({"type": "array", "items": ref("EventView")}),
-                        "400": bad_after,
-                        "404": missing,
-                    },
-                }
-            },
-            "/api/v1/lab/events": {
-                "get": {
-                    "summary": "the lab's own log, oldest first: refusals of secrets no "
-                    "machine could be named for (SECURITY.md)",
-                    "parameters": [after],
-                    "responses": {
-                        "200": ok({"type": "array", "items": ref("EventView")}),
-                        "400": bad_after,
-                    },
-                }
-            },
-            "/api/v1/machines/{key}/doctor": {
-                "get": {
-                    "summary": "why did (or didn't) the machine boot: its last boot attempts "
-                    "as a timeline, and a verdict in plain words",
-                    "parameters": [key, *doctor.QUERY_PARAMETERS],
-                    "responses": {
-                        "200": ok(ref("DoctorReport")),
-                        "400": ok(ref("ErrorView"), "a parameter is not a number of seconds"),
-                        "404": missing,
-                    },
-                }
-            },
-            "/api/v1/machines/{mac}/enroll": {
-                "post": {
-                    "summary": "add a discovered machine to lab.toml",
-                    "security": [{"bearer": []}],
-                    "parameters": [{**key, "name": "mac", "description": "the machine's MAC"}],
-                    "requestBody": {
-                        "content": {"application/json": {"schema": ref("EnrollRequest")}}
-                    },
-                    "responses": {
-                        "201": ok(ref("MachineView"), "enrolled"),
-                        "400": ok(ref("ErrorView"), "not a unicast MAC, or a bad body"),
-                        "401": ok(ref("ErrorView"), "no or wrong token"),
-                        "409": ok(ref("ErrorView"), "refused: the problems say why"),
-                    },
-                }
-            },
-            "/api/v1/machines/{key}/power": {
-                "post": {
-                    "summary": "switch a machine on, off, power-cycle it, or read its power; "
-                    "answers when the result is seen (phone-home, power reading, silence), "
-                    "trying the next driver of its chain when one does not work",
-                    "security": [{"bearer": []}],
-                    "parameters": [key],
-                    "requestBody": {
-                        "content": {"application/json": {"schema": ref("PowerRequest")}}
-                    },
-                    "responses": {
-                        "200": ok(ref("PowerOutcome"), "the outcome: `outcome` is ok or failed"),
-                        "400": ok(ref("ErrorView"), 'the body is not {"action": ...}'),
-                        "401": ok(ref("ErrorView"), "no or wrong token"),
-                        "404": missing,
-                        "409": ok(
-                            ref("ErrorView"),
-                            "no power control in lab.toml, or "
-                            "another power action on it is in progress",
-                        ),
-                    },
-                }
-            },
-            "/api/v1/lab/up": lab_action(
-                "power on every machine with power control, staggered, and report each one's "
-                "time to up (and joined), with the boot doctor's verdict for stragglers"
-            ),
-            "/api/v1/lab/down": lab_action(
-                "power off every machine with power control, graceful drivers first, and "
-                "report what is off"
-            ),
-            "/api/v1/events": {
-                "get": {
-                    "summary": "server-sent events: each event as it happens, after replaying "
-                    "those after the Last-Event-ID header (or ?after=)",
-                    "parameters": [after, mac],
-                    "responses": {
-                        "200": {"description": "text/event-stream of EventView"},
-                        "400": ok(ref("ErrorView"), "after or mac is malformed"),
-                    },
-                }
-            },
-        },
-    }
+#: The models of this module's answers and bodies, for the OpenAPI document.
+MODELS = (MachineView, EventView, EnrollRequest, ErrorView, doctor.DoctorReport, PowerRequest,
+          PowerOutcome, LabRequest, LabReport)  # fmt: skip
 
 
 def api_app(state: ApiState) -> Starlette:
     handlers = _Handlers(state)
+    views = ViewHandlers(state.inventory, state.suggest, state.lab_text, state.server_ip)
+    session = SessionHandlers(state.token, state.sessions, state.inventory)
     routes = [
         Route("/api/v1/machines", handlers.machines, methods=["GET"]),
         Route("/api/v1/machines/{key}", handlers.machine, methods=["GET"]),
         Route("/api/v1/machines/{key}/events", handlers.machine_events, methods=["GET"]),
         Route("/api/v1/machines/{key}/doctor", handlers.machine_doctor, methods=["GET"]),
+        Route("/api/v1/machines/{key}/boots", views.boots, methods=["GET"]),
+        Route("/api/v1/machines/{key}/given", views.given, methods=["GET"]),
+        Route("/api/v1/machines/{mac}/enroll", views.enroll_suggestion, methods=["GET"]),
         Route("/api/v1/machines/{mac}/enroll", handlers.enroll, methods=["POST"]),
+        Route("/api/v1/lab/timeline", views.timeline, methods=["GET"]),
+        Route("/api/v1/settings", views.settings, methods=["GET"]),
+        Route("/api/v1/session", session.status, methods=["GET"]),
+        Route("/api/v1/session", session.sign_in, methods=["POST"]),
+        Route("/api/v1/session", session.sign_out, methods=["DELETE"]),
         Route("/api/v1/machines/{key}/power", handlers.power, methods=["POST"]),
         Route("/api/v1/lab/events", handlers.lab_events, methods=["GET"]),
         Route("/api/v1/lab/up", handlers.lab_up, methods=["POST"]),
