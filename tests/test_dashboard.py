@@ -125,9 +125,31 @@ def test_the_page_is_served_with_a_policy_that_allows_only_its_own_files(
     assert page.references, "the page loads its script and style"
 
 
+#: `import ... from "/ui/api.js"` in a module (no build step: the browser follows these).
+IMPORT = re.compile(r'(?m)^\s*(?:import|export)\b[^;]*?\bfrom\s+"([^"]+)"|^\s*import\s+"([^"]+)"')
+
+
+def modules_loaded(first: set[str]) -> set[str]:
+    """The files the page loads: its own references, then every module's imports, transitively."""
+    loaded: set[str] = set()
+    todo = list(first)
+    while todo:
+        name = todo.pop()
+        if name in loaded:
+            continue
+        loaded.add(name)
+        if name.endswith(".js"):
+            for match in IMPORT.finditer((UI / name).read_text()):
+                target = match.group(1) or match.group(2)
+                assert target.startswith("/ui/"), f"{name} imports {target!r}: only /ui/ is served"
+                todo.append(target.removeprefix("/ui/"))
+    return loaded
+
+
 def test_every_file_the_page_references_is_served_with_its_type(dashboard: Dashboard) -> None:
     _, page = page_of(dashboard)
-    referenced = {ref.removeprefix("/ui/") for ref in page.references}
+    fetched = {ref.removeprefix("/ui/") for ref in page.references if not ref.startswith("#")}
+    referenced = modules_loaded(fetched)
     assert referenced == set(FILES) - {"index.html"}, "the page loads what ships, nothing else"
     for name in FILES:
         answer = dashboard.get(f"/ui/{name}")
@@ -164,7 +186,9 @@ def test_nothing_refers_to_another_host() -> None:
     for name in FILES:
         text = (UI / name).read_text()
         code = re.sub(r"(?m)^\s*//.*$", "", text)  # a JS comment line is no reference
-        code = code.replace('xmlns="http://www.w3.org/2000/svg"', "")  # a name, not a fetch
+        # SVG's namespace is a name (createElementNS, xmlns), not a fetch.
+        code = code.replace('xmlns="http://www.w3.org/2000/svg"', "")
+        code = code.replace('"http://www.w3.org/2000/svg"', "")
         found = outside.findall(code)
         assert not found, f"{name} refers outside the agent: {found}"
 
@@ -197,8 +221,8 @@ def test_a_new_machine_reaches_the_page_as_an_event_then_its_row(dashboard: Dash
 
 
 def test_the_listing_pages_as_the_script_follows_them(dashboard: Dashboard) -> None:
-    """app.js reads the next page from Link: <url>; rel="next" and stops without one."""
-    script = (UI / "app.js").read_text()
+    """api.js reads the next page from Link: <url>; rel="next" and stops without one."""
+    script = (UI / "api.js").read_text()
     pattern = re.search(r"part\.match\(/(.+)/\)", script)
     assert pattern is not None
     follow = re.compile(pattern.group(1).replace("\\/", "/"))
@@ -214,14 +238,64 @@ def test_the_listing_pages_as_the_script_follows_them(dashboard: Dashboard) -> N
     assert seen == [C1, C2]
 
 
-def test_the_script_is_valid_javascript(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", [name for name in FILES if name.endswith(".js")])
+def test_the_script_is_valid_javascript(tmp_path: Path, name: str) -> None:
     node = shutil.which("node") or shutil.which("nodejs")
     if node is None:
         pytest.skip("node is not installed")
-    module = tmp_path / "app.mjs"  # the page loads it as a module: check it as one
-    module.write_bytes((UI / "app.js").read_bytes())
+    module = tmp_path / f"{name[:-3]}.mjs"  # the page loads it as a module: check it as one
+    module.write_bytes((UI / name).read_bytes())
     checked = subprocess.run([node, "--check", str(module)], capture_output=True, text=True)
     assert checked.returncode == 0, checked.stderr
+
+
+#: What would turn text from the network into markup or code, or need 'unsafe-inline'.
+UNSAFE = re.compile(
+    r"innerHTML|outerHTML|insertAdjacentHTML|document\.write|\beval\(|new Function|"
+    r"setAttribute\(\s*[\"'](?:style|on\w+)[\"']|\.on\w+\s*=|javascript:"
+)
+
+
+def test_the_scripts_build_the_page_from_text_only() -> None:
+    """A machine name or syslog line is shown with textContent: never parsed as markup. No
+    inline style attribute either (the policy would block it: a class does the work)."""
+    for name in FILES:
+        if name.endswith(".js"):
+            code = re.sub(r"(?m)^\s*//.*$", "", (UI / name).read_text())
+            assert not UNSAFE.findall(code), f"{name}: {UNSAFE.findall(code)}"
+
+
+def test_every_action_carries_the_csrf_header_and_same_origin_cookie() -> None:
+    """contract §1: the agent takes a session cookie only with X-Pixiebox-CSRF: 1; the page's one
+    sender of POST and DELETE (api.js send) adds it, and no other module calls fetch."""
+    api = (UI / "api.js").read_text()
+    assert '"X-Pixiebox-CSRF": "1"' in api and 'credentials: "same-origin"' in api
+    for name in FILES:
+        if name.endswith(".js") and name != "api.js":
+            assert "fetch(" not in (UI / name).read_text(), f"{name} fetches outside api.js"
+
+
+#: The selectors the browser tests (and the README's screenshots) rely on: contract §3.
+SELECTORS = {
+    "nav": ['href="#/"', 'href="#/lab"', 'href="#/settings"', 'id="live"'],
+    "sign-in": ['button id="signin"', 'button id="signout"', 'form id="signin-form"',
+                'name="token" type="password"', 'id="signin-error" class="error" role="alert"'],
+    "machines": ['tbody id="rows"', 'form id="enroll-form"', 'input name="name"',
+                 'input name="ip"', 'id="enroll-problems"'],
+    "machine": ['id="machine-title"', 'ol id="stagebar"', 'id="verdict"', 'ol id="events"',
+                'button id="older"', 'data-power="on"', 'data-power="off"', 'data-power="cycle"',
+                'id="power-outcome"', 'dl id="given"'],
+    "lab": ['button id="lab-up"', 'button id="lab-down"', 'id="lab-outcome"', 'id="timeline"',
+            'id="all-up"', 'id="boot-times"'],
+    "settings": ['pre id="labtoml"', 'ul id="findings"', 'id="findings-ok"'],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("view", SELECTORS)
+def test_the_page_has_the_contracted_selectors(view: str) -> None:
+    page = (UI / "index.html").read_text()
+    missing = [selector for selector in SELECTORS[view] if selector not in page]
+    assert missing == [], f"the {view} view lacks {missing}"
 
 
 def test_the_package_ships_the_files() -> None:

@@ -6,10 +6,15 @@ never joined to a path, so `/ui/../x`, encoded variants and files a packager lef
 404 without a path rule to get wrong. The files are read once, when the app is built (they are
 part of the release, not data), and answered from memory with an ETag.
 
-The page runs with `Content-Security-Policy: default-src 'self'` and no inline script: it is
-served to anyone on the LAN, and later views will carry the API token's session, so a machine name
-or syslog line that smuggles markup into the page must not be able to run script or send data
-to another host (the page builds its DOM with textContent, never innerHTML).
+The page is plain ES modules (app.js imports the others by their /ui/ URL: no build step, no
+library), each listed in `FILES`; a module the table lacks is a 404 and the page does not start,
+which tests/test_dashboard.py catches by following every import.
+
+The page runs with `Content-Security-Policy: default-src 'self'` and no inline script or style:
+it is served to anyone on the LAN and a signed-in browser carries a session that can power
+machines off, so a machine name or syslog line that smuggles markup into the page must not be
+able to run script or send data to another host (the page builds its DOM with textContent,
+never innerHTML; SVG with createElementNS and setAttribute).
 """
 
 from __future__ import annotations
@@ -28,6 +33,14 @@ from pixiebox.events import Kind
 FILES: dict[str, str] = {
     "index.html": "text/html; charset=utf-8",
     "app.js": "text/javascript; charset=utf-8",
+    "api.js": "text/javascript; charset=utf-8",
+    "auth.js": "text/javascript; charset=utf-8",
+    "live.js": "text/javascript; charset=utf-8",
+    "format.js": "text/javascript; charset=utf-8",
+    "machines.js": "text/javascript; charset=utf-8",
+    "machine.js": "text/javascript; charset=utf-8",
+    "lab.js": "text/javascript; charset=utf-8",
+    "settings.js": "text/javascript; charset=utf-8",
     "app.css": "text/css; charset=utf-8",
     "favicon.svg": "image/svg+xml",
 }
@@ -39,7 +52,7 @@ KINDS_PLACEHOLDER = "@KINDS@"
 
 SECURITY_HEADERS: dict[str, str] = {
     # No inline script or style, nothing from another origin, no framing (clickjacking of the
-    # future power and enroll buttons), no form posting elsewhere.
+    # power and enroll buttons), no form posting elsewhere.
     "Content-Security-Policy": "default-src 'self'; base-uri 'none'; form-action 'self'; "
     "frame-ancestors 'none'; object-src 'none'",
     "X-Content-Type-Options": "nosniff",
