@@ -378,8 +378,11 @@ def test_the_timeline_runs_from_the_first_power_on_to_the_last_up(api: Api) -> N
     assert [(m["name"], m["boot"]) for m in empty["machines"]] == [("c1", None), ("c2", None)]
     power = {"driver": "redfish", "outcome": "sent"}
     inventory.record(C1, Kind.POWER_ON, "switched on", fields=power)
-    inventory.record(C2, Kind.POWER_ON, "switched on", fields=power)
     record_boot(inventory, C1)
+    alone = api.json("/api/v1/lab/timeline")
+    assert alone["all_up_seconds"] is None, "c2 has not booted: the lab is not all up"
+    assert [m["boot"] is None for m in alone["machines"]] == [False, True]
+    inventory.record(C2, Kind.POWER_ON, "switched on", fields=power)
     record_boot(inventory, C2, up=False)
     halfway = api.json("/api/v1/lab/timeline")
     assert halfway["all_up_seconds"] is None, "c2 is not up yet"

@@ -222,7 +222,8 @@ def began(events: Sequence[Event], boot: BootView) -> float:
 def timeline(machines: Sequence[tuple[str, str | None, Sequence[Event]]], now: float
              ) -> TimelineView:  # fmt: skip
     """Every machine's latest boot, and the time from the first power-on (or DHCP request) of
-    the current round to the last `up`; null while a boot of the round is not up."""
+    the current round to the last `up`; null while a boot of the round is not up, or while a
+    machine of the lab has not booted in this round (a machine that never came is not "all up")."""
     rows: list[TimelineMachine] = []
     starts: list[tuple[float, BootView]] = []
     for mac, name, events in machines:
@@ -237,7 +238,8 @@ def timeline(machines: Sequence[tuple[str, str | None, Sequence[Event]]], now: f
     round_ = [(start, boot) for start, boot in starts if start >= newest - ROUND]
     since = min(start for start, _ in round_)
     all_up = None
-    if all(boot.outcome in ("up", "joined") for _, boot in round_):
+    everyone = len(round_) == len(rows)
+    if everyone and all(boot.outcome in ("up", "joined") for _, boot in round_):
         ups = [s.at for _, boot in round_ for s in boot.stages if s.stage == "up"]
         all_up = round(max(ups) - since, 1) if ups else None
     return TimelineView(since=since, all_up_seconds=all_up, machines=rows)

@@ -106,7 +106,9 @@ function drawTimeline() {
   } else {
     delete allUp.dataset.seconds;
     const booting = boots.filter((boot) => boot.outcome === "booting").length;
-    allUp.textContent = booting ? `${booting} booting, not all up yet` : "Not all up in the latest round";
+    const up = boots.filter((boot) => boot.outcome === "up" || boot.outcome === "joined").length;
+    const total = timeline.machines.length;
+    allUp.textContent = `${up} of ${total} up` + (booting ? `, ${booting} booting` : "");
     if (!boots.length) allUp.textContent = "No boots yet";
   }
   // While a machine boots its segment grows with the clock: redraw each second, not faster.
