@@ -51,6 +51,9 @@ subnet = "10.0.0.0/24"
 dhcp_mode = "reservation"
 gateway = "10.0.0.1"
 
+[api]
+token_file = "/srv/dash/api-token"
+
 [[machines]]
 name = "c1"
 mac = "{C1}"
@@ -162,6 +165,8 @@ def test_a_wrong_token_is_refused_with_a_sentence_no_cookie_and_an_event(api: Ap
         assert answer.status == 401 and "set-cookie" not in answer.headers
         body = json.loads(answer.body)
         assert "not this agent's API token" in body["error"] and "[api] token_file" in body["error"]
+        # The configured file, not the default: the user reads the path they must open.
+        assert "/srv/dash/api-token" in body["error"]
         assert body["problems"] == []
     refusals = [e for e in api.inventory.lifecycle.events("") if e.kind == Kind.API_REFUSED]
     assert refusals, "the refusal is in the lab's log"

@@ -39,6 +39,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from enum import StrEnum
+from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.requests import Request
@@ -67,11 +68,15 @@ MAX_SOURCES = 1024
 #: api.refused events (and log lines) per reason and minute.
 REFUSALS_RECORDED = 5
 
-#: What a wrong or empty token is told.
-WRONG_TOKEN = (
-    "that is not this agent's API token: copy it from the file named by [api] token_file in "
-    "lab.toml (default /var/lib/pixiebox/api-token, readable by root on the appliance)"
-)
+
+def wrong_token(token_file: Path) -> str:
+    """What a wrong or empty token is told: where the right one is, by the configured path."""
+    return (
+        f"that is not this agent's API token: copy it from {token_file} on the appliance "
+        "(lab.toml [api] token_file; readable by root only)"
+    )
+
+
 NO_CREDENTIALS = (
     "this call changes the lab: send Authorization: Bearer <token> "
     "(the token is in [api] token_file)"
@@ -185,7 +190,8 @@ def action_refusal(
             _digest(given.strip()), _digest(token)
         ):
             return None
-        sessions.refused(inventory, request, Refusal.BAD_BEARER, WRONG_TOKEN)
+        said = wrong_token(inventory.config.api.token_file)
+        sessions.refused(inventory, request, Refusal.BAD_BEARER, said)
         return _error(401, NO_CREDENTIALS)
     if not sessions.valid(request.cookies.get(COOKIE)):
         return _error(401, NO_CREDENTIALS)
@@ -241,8 +247,9 @@ class SessionHandlers:
         if not given.token.strip() or not hmac.compare_digest(
             _digest(given.token.strip()), _digest(self.token)
         ):
-            self.sessions.refused(self.inventory, request, Refusal.WRONG_TOKEN, WRONG_TOKEN)
-            return _error(401, WRONG_TOKEN)
+            said = wrong_token(self.inventory.config.api.token_file)
+            self.sessions.refused(self.inventory, request, Refusal.WRONG_TOKEN, said)
+            return _error(401, said)
         response = JSONResponse(SessionView(signed_in=True).model_dump())
         _cookie(response, self.sessions.open(), LIFETIME)
         log.info("a browser at %s signed in", source)
