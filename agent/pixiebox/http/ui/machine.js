@@ -167,15 +167,24 @@ function addEvents(events, atStart) {
   $("events-count").textContent = `(${shown.size}${oldest ? "+" : ""})`;
 }
 
+// Events the stream delivers while the newest page is being read: the page may have been
+// answered before they happened, so they are added again once it is drawn (ids deduplicate).
+let arriving = null;
+
 async function loadEvents() {
   const wanted = route;
-  const page = await get(machinePath(wanted, `/events?limit=${EVENTS_PAGE}`));
+  const early = [];
+  arriving = early;
+  const page = await get(machinePath(wanted, `/events?limit=${EVENTS_PAGE}`)).finally(() => {
+    if (arriving === early) arriving = null;
+  });
   if (wanted !== route) return; // another machine is on screen now
   shown.clear();
   $("events").replaceChildren();
   oldest = page.next;
   $("older").hidden = !oldest;
   addEvents(page.data, false);
+  addEvents(early.filter((event) => event.id > (page.data.at(-1)?.id ?? 0)), false);
   $("events").scrollTop = $("events").scrollHeight;
 }
 
@@ -284,7 +293,11 @@ export const machineView = {
       loadOlder().catch((error) => setError(String(error.message || error)));
     });
     onEvent((event) => {
-      if (!mac || event.mac !== mac) return;
+      // Until the machine itself is read, a view opened by name (#/machines/c1) knows no MAC
+      // yet: the event's name says it is this machine's.
+      const ours = event.mac && (event.mac === mac || (event.name && event.name === route));
+      if (!ours) return;
+      if (arriving) arriving.push(event);
       addEvents([event], false);
       if (event.kind.startsWith("power.")) {
         const step = el("li", "", `step step-${event.fields.outcome || "info"}`);

@@ -36,9 +36,17 @@ async function loadAll() {
   draw();
 }
 
+// Reads of the timeline can overlap (a burst, a reconnect) and answers can come back out of
+// order on a busy appliance: only an answer newer than the one shown may replace it.
+let bootsAsked = 0;
+let bootsShown = 0;
+
 async function loadBoots() {
+  const ticket = ++bootsAsked;
   try {
     const timeline = await getJSON(`${API}/lab/timeline`);
+    if (ticket < bootsShown) return;
+    bootsShown = ticket;
     boots.clear();
     for (const row of timeline.machines || []) boots.set(row.mac, row.boot);
   } catch {
@@ -46,10 +54,17 @@ async function loadBoots() {
   }
 }
 
+const rowAsked = new Map(); // mac -> the newest read of that row sent (answers can overtake)
+
 async function refresh(mac) {
+  const ticket = (rowAsked.get(mac) || 0) + 1;
+  rowAsked.set(mac, ticket);
+  const stale = () => rowAsked.get(mac) !== ticket;
   try {
-    machines.set(mac, await getJSON(machinePath(mac)));
+    const view = await getJSON(machinePath(mac));
+    if (!stale()) machines.set(mac, view);
   } catch (error) {
+    if (stale()) return;
     if (error instanceof ApiError && error.status === 404) {
       machines.delete(mac); // forgotten (a discovered machine past forget_discovered_after)
     } else {
