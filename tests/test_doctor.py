@@ -329,6 +329,13 @@ def test_the_last_attempt_decides_not_an_old_one() -> None:
     # So is the firmware asking again once it had fetched iPXE.
     log = Log().uefi_to_ipxe().at(20, Kind.DHCP_OFFER, **UEFI_OFFER)
     assert len(split_attempts(log.events)[1]) == 2
+    # A NIC whose PXE ROM is iPXE (QEMU's): the script was never fetched, iPXE exited, and the
+    # firmware's boot retry asks as iPXE again a minute later: a failed attempt, then a new one.
+    log = Log().at(0, Kind.DHCP_OFFER, **IPXE_OFFER).at(81, Kind.DHCP_OFFER, **IPXE_OFFER)
+    assert [len(a) for a in split_attempts(log.events)[1]] == [1, 1]
+    # iPXE's own retransmissions within seconds stay one attempt.
+    log = Log().at(0, Kind.DHCP_OFFER, **IPXE_OFFER).at(4, Kind.DHCP_OFFER, **IPXE_OFFER)
+    assert len(split_attempts(log.events)[1]) == 1
 
 
 def test_one_uefi_boot_is_one_attempt_with_its_discovery() -> None:

@@ -16,6 +16,9 @@ from pixiebox.events import Event, Kind
 
 #: A boot request after this much silence starts a new attempt (a power cycle, a retry).
 ATTEMPT_GAP = 120.0
+#: iPXE asking DHCP again this long after the attempt's last step: it gave up and the machine
+#: started over (see _starts_attempt). iPXE's own DHCP retransmissions come within seconds.
+REASK_GAP = 30.0
 #: "discovered"/"enrolled" events this close before a boot request belong to its attempt.
 LEAD_IN = 5.0
 
@@ -105,6 +108,16 @@ def _starts_attempt(event: Event, current: list[Event] | None) -> bool:
         return False
     # Asking from the start again once past the first steps: the machine started over.
     if any(e.kind in PAST_FIRMWARE for e in current):
+        return True
+    # iPXE asking again long after an iPXE request of this attempt, with nothing past it: its
+    # script (or the fetch of it) failed, iPXE exited and the firmware retried the network
+    # boot (SeaBIOS's boot retry; QEMU's and many NICs' PXE ROM *is* iPXE, so the retry asks
+    # as iPXE too). One attempt of 80 s would hide a failed boot and the good one after it.
+    if (
+        ipxe_asked(event)
+        and event.time - current[-1].time > REASK_GAP
+        and any(ipxe_asked(e) for e in current)
+    ):
         return True
     # The firmware (not iPXE) asking again after iPXE ran: a reboot. Only when the request
     # says so: an old event that does not say who asked stays in the attempt.
