@@ -24,6 +24,8 @@ class DoctorReport(BaseModel):
     mac: str
     state: str
     ok: bool
+    #: Still booting within the doctor's waits: the verdict is progress, not a failure.
+    waiting: bool = False
     verdict: str
     timeline: list[str]
 
@@ -58,6 +60,7 @@ def report(diagnosis: Diagnosis, mac: str) -> DoctorReport:
         mac=mac,
         state=diagnosis.state,
         ok=diagnosis.ok,
+        waiting=diagnosis.waiting,
         verdict=diagnosis.verdict,
         timeline=timeline(diagnosis),
     )

@@ -43,6 +43,9 @@ BEFORE_SHOWN = 30
 
 #: Kinds that say a step failed (a retry may follow).
 _FAILURES = frozenset({Kind.TFTP_FAILED, Kind.HTTP_FAILED})
+#: (verdict, ok), or (verdict, None) while the last boot is within the doctor's waits.
+_Said = tuple[str, bool | None]
+
 #: Signs of a started OS, and how a verdict says each.
 _OS_SIGNS = {
     Kind.SYSLOG: "sent its first syslog line",
@@ -72,6 +75,10 @@ class Diagnosis:
     verdict: str
     #: True only when the last boot reached the OS (it is up or joined).
     ok: bool
+    #: The last boot is still within the doctor's waits (settle, boot_timeout): the verdict
+    #: says what happened so far, not what went wrong. A page colours it as progress, not as
+    #: a failure (it cannot read that from the sentence).
+    waiting: bool = False
 
 
 @dataclass(frozen=True)
@@ -121,13 +128,15 @@ def diagnose(
         settle=settle,
         http_port=http_port,
     )
+    said: _Said
     if attempts:
-        verdict, ok = _last_attempt(attempts, context)
+        said = _last_attempt(attempts, context)
         kept = attempts[-KEPT_ATTEMPTS:]
     else:
-        verdict, ok = _without_attempts(before, context)
+        said = _without_attempts(before, context)
         kept = [before[-BEFORE_SHOWN:]] if before else []
-    return Diagnosis(name, str(state), kept, verdict, ok)
+    verdict, ok = said
+    return Diagnosis(name, str(state), kept, verdict, ok is True, waiting=ok is None)
 
 
 # --------------------------------------------------------------------------- wording
@@ -172,7 +181,7 @@ def _ignored_verdict(c: _Context) -> str:
 # --------------------------------------------------------------------------- verdicts
 
 
-def _last_attempt(attempts: list[list[Event]], c: _Context) -> tuple[str, bool]:
+def _last_attempt(attempts: list[list[Event]], c: _Context) -> _Said:
     attempt = attempts[-1]
     start = start_of(attempt)
     count = repeats(attempts)
@@ -206,7 +215,7 @@ def _last_attempt(attempts: list[list[Event]], c: _Context) -> tuple[str, bool]:
         return (
             f"{c.name} is booting: its last step ({last_step.kind}: {last_step.message}) was "
             f"{wording.span(quiet)} ago. Run pixiebox doctor again in a moment.",
-            False,
+            None,
         )
     if Kind.HTTP_SCRIPT in kinds:
         script = next(e for e in reversed(progress) if e.kind == Kind.HTTP_SCRIPT)
@@ -260,7 +269,7 @@ def _after_kernel(
     quiet: float,
     c: _Context,
     again: str,
-) -> tuple[str, bool]:
+) -> _Said:
     """The kernel (and initrd) went out: the OS should phone home within boot_timeout."""
     with_initrd = Kind.HTTP_INITRD in kinds or Kind.HTTP_PXELINUX in kinds
     sent = "kernel and initrd" if with_initrd else "kernel"
@@ -286,7 +295,7 @@ def _after_kernel(
             f"{c.name} is still booting: {files} were sent {wording.span(quiet)} ago; the OS "
             f"should phone home soon (doctor waits {wording.span(c.boot_timeout)} before "
             "calling it failed). Run it again in a minute.",
-            False,
+            None,
         )
     sign = next((e for e in after if e.kind in _OS_SIGNS), None)
     if sign is not None:

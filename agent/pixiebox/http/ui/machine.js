@@ -224,9 +224,13 @@ async function loadParts() {
   if (doctor.status === "fulfilled") {
     verdict.textContent = doctor.value.verdict;
     verdict.dataset.ok = String(Boolean(doctor.value.ok));
+    // Still within the doctor's waits: progress, not a failure (the API says so; the page
+    // never reads it from the sentence).
+    verdict.dataset.waiting = String(Boolean(doctor.value.waiting));
   } else {
     verdict.textContent = `The doctor could not say: ${doctor.reason.message}`;
     verdict.dataset.ok = "false";
+    verdict.dataset.waiting = "false";
   }
   if (given.status === "fulfilled") drawGiven(given.value);
   else $("given").replaceChildren(el("dd", given.reason.message, "muted"));
