@@ -26,6 +26,7 @@ import netlab
 import pytest
 from agentproc import RunningAgent, lab_toml, start_agent
 from selenium.common.exceptions import StaleElementReferenceException
+from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -447,6 +448,38 @@ def test_the_settings_view(lab: Lab) -> None:
     assert numbers == ["1", "2", "3"], numbers
     assert not find(page, "#findings-ok").is_displayed()
     screenshots(page, "settings", narrow_height=1200)
+
+
+def test_the_keyboard_alone_reaches_a_machine(lab: Lab) -> None:
+    """No mouse: Tab from the top of the page to the search box, type, Tab to the machine's
+    link, Enter opens it (Escape closing the forms is checked with them above)."""
+    page = lab.page
+    driver = page.driver
+    find(page, 'nav a[href="#/"]').click()
+    wait_css(page, f'#rows tr[data-mac="{C1}"] a.name', "c1's row")
+    driver.execute_script("document.activeElement && document.activeElement.blur()")
+
+    def tab_to(what: str, reached: Callable[[WebElement], bool]) -> WebElement:
+        for _ in range(40):  # bounded: the header and the list's tools come first
+            ActionChains(driver).send_keys(Keys.TAB).perform()
+            here = driver.switch_to.active_element
+            if reached(here):
+                return here
+        pytest.fail(f"Tab never reached {what}")
+
+    search = tab_to("the search box", lambda e: e.get_attribute("id") == "search")
+    search.send_keys("c1")
+    until(page, lambda d: len(found(page, "#rows tr[data-mac]")) == 1, "the list narrowed to c1")
+    link = tab_to(
+        "c1's link", lambda e: e.tag_name == "a" and "name" in (e.get_attribute("class") or "")
+    )
+    link.send_keys(Keys.ENTER)
+    page.wait_text("#machine-title", "c1")
+    assert driver.execute_script("return location.hash") == f"#/machines/{C1}"
+    # Back to the list: the search is cleared for the tests after this one.
+    find(page, 'nav a[href="#/"]').click()
+    search = wait_visible(page, "#search")
+    search.send_keys(Keys.CONTROL, "a", Keys.BACKSPACE)
 
 
 def test_the_page_asked_nothing_of_anyone_but_the_agent(lab: Lab) -> None:
