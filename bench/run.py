@@ -30,10 +30,10 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from . import flooded, measure, profile, vmboot
+from . import dashboard, flooded, measure, profile, vmboot
 from .lab import DOMAIN, MACHINES, ROOT, BenchError, Lab, machine
 
-GROUPS = ("dhcp", "tftp", "http", "dns", "startup", "floods", "vm")
+GROUPS = ("dhcp", "tftp", "http", "dns", "startup", "floods", "dashboard", "vm")
 MIB = 1 << 20
 
 
@@ -252,6 +252,7 @@ def works(quick: bool) -> list[Work]:
             (),
             ("value", 120.0),
         ),
+        *(Work(**spec) for spec in dashboard.works(quick)),
     ]
 
 
@@ -401,6 +402,10 @@ class Bench:
     def floods_round(self, lab: Lab) -> None:
         self.flooder = getattr(self, "flooder", None) or flooded.Flooder.on(lab)
         flooded.run_round(self, lab, self.flooder)
+
+    def dashboard_round(self, lab: Lab) -> None:
+        self.flooder = getattr(self, "flooder", None) or flooded.Flooder.on(lab)
+        dashboard.run_round(self, lab, self.flooder)
 
     def startup_round(self, lab: Lab) -> None:
         self.sample("startup", "pixiebox", lambda: measure.dhcp_startup(lab, self.log))

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pixiebox.virtlab import netns, vm
+from pixiebox.virtlab import forward, netns, vm
 
 #: mkosi.repart/00-esp.conf: the FAT partition (the ESP) is the first, at 1 MiB.
 ESP_OFFSET = "1M"
@@ -113,6 +113,7 @@ def run(args: argparse.Namespace, keys: list[str]) -> int:
     ]
     workdir = Path(tempfile.mkdtemp(prefix="pixiebox-appliance-"))
     segment: netns.Segment | None = None
+    dashboard: forward.Forwarder | None = None
     vms: list[vm.VM] = []
     ok = False
     try:
@@ -134,6 +135,10 @@ def run(args: argparse.Namespace, keys: list[str]) -> int:
                 raise ApplianceError(f"the appliance's API did not answer:\n{appliance.tails()}")
             time.sleep(3)
         print(f"appliance up at {APPLIANCE_IP} after {appliance.elapsed():.0f} s")
+        port = getattr(args, "dashboard_port", forward.DEFAULT_PORT)
+        dashboard = forward.Forwarder(laptop.name, 8080, port, target=APPLIANCE_IP).start()
+        print(f"dashboard: {dashboard.url} (this machine only; sign in with the token in "
+              "/var/lib/pixiebox/api-token on the appliance)", flush=True)  # fmt: skip
         for index, (name, mac, _) in enumerate(machines):
             firmware: vm.Firmware = "bios" if index % 2 == 0 else "uefi"
             vms.append(vm.start_vm(
@@ -162,6 +167,8 @@ def run(args: argparse.Namespace, keys: list[str]) -> int:
         print("\ninterrupted; removing the lab")
         return 1
     finally:
+        if dashboard is not None:
+            dashboard.close()
         for machine in vms:
             machine.stop()
         if segment is not None:

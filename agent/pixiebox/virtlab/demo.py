@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import os
 import queue
@@ -40,7 +39,7 @@ from pixiebox.client.api import ApiClient, ApiRefused, ApiUnreachable
 from pixiebox.client.follow import Follower
 from pixiebox.config.schema import DEFAULT_API_PORT
 from pixiebox.events import Kind
-from pixiebox.virtlab import appliance_lab, netns, vm, wake
+from pixiebox.virtlab import appliance_lab, forward, netns, vm, wake
 
 SUBNET = "10.88.0.0/24"
 ROUTER_IP = "10.88.0.1"
@@ -76,8 +75,6 @@ STAGES: tuple[Stage, ...] = (
     Stage("metadata", frozenset({Kind.METADATA_SENT})),
     Stage("up", frozenset({Kind.OS_UP})),
 )
-#: Linux's CLONE_NEWNET (sched.h), for setns(2).
-_CLONE_NEWNET = 0x40000000
 
 
 class DemoError(Exception):
@@ -220,17 +217,6 @@ class Display:
         self._drawn = len(lines)
 
 
-def _enter_namespace(name: str) -> None:
-    """Move the calling thread into the network namespace `ip netns` calls `name`. setns(2)
-    moves only the calling thread, and the threads it starts are born there (Python 3.11 has no
-    os.setns)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    with open(f"/run/netns/{name}", "rb") as handle:
-        if libc.setns(handle.fileno(), _CLONE_NEWNET) != 0:
-            error = ctypes.get_errno()
-            raise OSError(error, f"cannot enter network namespace {name}: {os.strerror(error)}")
-
-
 def agent_events(host: netns.Host, port: int = API_PORT) -> Follower:
     """The agent's event stream (its API's server-sent events, replayed from the first event),
     read by a power.follow.Follower whose thread lives in the agent's namespace: the demo itself
@@ -240,7 +226,7 @@ def agent_events(host: netns.Host, port: int = API_PORT) -> Follower:
 
     def start() -> None:
         try:
-            _enter_namespace(host.name)
+            forward.enter_namespace(host.name)
             client = ApiClient(f"http://127.0.0.1:{port}")
             client.call("GET", "/api/v1/machines")  # says why, should the API not answer
             started.append(Follower(client).start())
@@ -386,6 +372,7 @@ def run(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, _interrupt)
     display = Display(machines)
     segment: netns.Segment | None = None
+    dashboard: forward.Forwarder | None = None
     booted = False
     cycled = True
     try:
@@ -413,6 +400,9 @@ def run(args: argparse.Namespace) -> int:
         if agent.poll() is not None:
             raise DemoError(f"the agent exited:\n{agent_log.read_text(errors='replace')[-2000:]}")
         print(f"Pixiebox agent at {AGENT_IP} in proxy mode (log: {agent_log})")
+        dashboard = forward.Forwarder(agent_host.name, API_PORT, args.dashboard_port).start()
+        print(f"dashboard: {dashboard.url} (this machine only; sign in with the token in "
+              f"{workdir / 'api-token'})", flush=True)  # fmt: skip
         events = agent_events(agent_host)
         started = time.monotonic()
         for machine in machines:
@@ -451,7 +441,8 @@ def run(args: argparse.Namespace) -> int:
             args.keep_files = True
         elif args.keep:
             print(f"\nthe lab keeps running (--keep). Its agent: ip netns exec {agent_host.name} "
-                  f"...; consoles in {workdir}. Ctrl-C removes everything.")  # fmt: skip
+                  f"...; its dashboard: {dashboard.url}; consoles in {workdir}. Ctrl-C stops "
+                  "the dashboard and removes everything.", flush=True)  # fmt: skip
             while True:
                 follow(machines, events, display, wait=1.0)
         else:
@@ -462,6 +453,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"demo failed: {exc}", file=sys.stderr)
         args.keep_files = True
     finally:
+        if dashboard is not None:
+            dashboard.close()  # its thread sits in the agent's namespace: before that goes
         if segment is not None:
             segment.close()
         signal.signal(signal.SIGTERM, previous)
@@ -470,6 +463,12 @@ def run(args: argparse.Namespace) -> int:
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     return 0 if booted and cycled else 1
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (0-65535)")
+    return int(text)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -484,6 +483,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds until every machine must be up (default 300)")  # fmt: skip
     parser.add_argument("--keep", action="store_true",
                         help="leave the lab running after it booted, until Ctrl-C")  # fmt: skip
+    parser.add_argument("--dashboard-port", type=_port, default=forward.DEFAULT_PORT,
+                        metavar="PORT",
+                        help="the port on 127.0.0.1 where this machine's browser reaches the "
+                        "agent's dashboard (default 8080, or a free one when that is taken; "
+                        "0: any free one)")  # fmt: skip
     parser.add_argument("--power-cycle", action="store_true",
                         help="once all are up, run pixiebox lab down, then lab up (the lab "
                         "boots a second time, powered on by Wake-on-LAN)")  # fmt: skip
