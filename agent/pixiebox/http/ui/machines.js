@@ -28,10 +28,14 @@ let setError = () => {};
 let enrolling = "";
 let built = new Map(); // mac -> { signature, tr }: the rows on the page
 
-async function loadAll() {
+async function loadRows() {
   const seen = await getAll(`${API}/machines?limit=${PAGE}`);
   machines.clear();
   for (const view of seen) machines.set(view.mac, view);
+}
+
+async function loadAll() {
+  await loadRows();
   await loadBoots();
   draw();
 }
@@ -73,16 +77,39 @@ async function refresh(mac) {
   }
 }
 
+// Rows to re-read beyond which one read of the whole list is cheaper: a DHCP storm sends
+// hundreds of events a second, and hundreds of parallel reads queue behind the browser's six
+// connections per host (one is the event stream) until a new machine's row waits for seconds.
+const MANY_ROWS = 12;
+const RETRY_AFTER = 2000; // ms: a read that failed (agent busy, restarting) is tried again
+let reading = false;
+
+// One batch of reads in flight at a time: events that come meanwhile only add their MAC to
+// `pending`, and the loop takes them when the batch is done. A failed read keeps its MACs
+// pending and tries again later: an update is never dropped because one read failed.
 const flush = debounced(async () => {
-  const macs = [...pending];
-  pending.clear();
+  if (reading) return; // the loop below takes what is pending
+  reading = true;
   try {
-    await Promise.all(macs.map(refresh));
-    setError("");
-  } catch (error) {
-    setError(String(error.message || error));
+    for (let round = 0; pending.size && round < 50; round++) {
+      const macs = [...pending];
+      pending.clear();
+      try {
+        if (macs.length > MANY_ROWS) await loadRows();
+        else await Promise.all(macs.map(refresh));
+        setError("");
+      } catch (error) {
+        for (const mac of macs) pending.add(mac);
+        setError(String(error.message || error));
+        setTimeout(flush, RETRY_AFTER);
+        break;
+      }
+      draw();
+    }
+  } finally {
+    reading = false;
   }
-  draw();
+  if (pending.size) flush(); // the round bound was reached: go on after a breath
 });
 
 // The Last boot column: the whole lab's timeline is a bigger read than a row, and a boot's
@@ -125,8 +152,9 @@ function ordered() {
   const rows = [...machines.values()].filter(matches);
   const position = new Map(rows.map((view, index) => [view.mac, index]));
   rows.sort((a, b) => {
-    // Discovered machines stay on top whatever the sort: they are the ones waiting for a person.
-    const discovered = (b.state === "discovered") - (a.state === "discovered");
+    // Machines not in lab.toml stay on top whatever the sort: they are the ones waiting for a
+    // person (an unknown machine that booted under [boot] unknown = "discover" is one too).
+    const discovered = (!b.enrolled) - (!a.enrolled);
     if (discovered) return discovered;
     if (sortKey) {
       const x = value(a, sortKey);
