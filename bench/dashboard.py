@@ -5,10 +5,10 @@ The agent is the benchmark's (bench/lab.py: full DHCP mode, 100 enrolled machine
 (bench/floods/dhcp_storm.py with a fixed --seed, from the flooder namespace): 500 machines, the
 API's largest page. Nothing is written into the agent's store behind its back. Then:
 
-- page: Debian's Chromium (bench/dashboard_browser.py; its own namespace on the bridge, as a
-  laptop) opens `/` with an empty cache; the time from navigation start to the 500th
-  `#rows tr[data-mac]` in the DOM, taken in the page by a MutationObserver that DevTools adds
-  before the page's own scripts run (no polling from here to blur it);
+- page: Debian's Chromium (pixiebox.virtlab.chromium, as the browser tests; its own namespace
+  on the bridge, as a laptop) opens `/` with an empty cache; the time from navigation start to
+  the 500th `#rows tr[data-mac]` in the DOM, taken in the page by a MutationObserver that
+  DevTools adds before the page's own scripts run (no polling from here to blur it);
 - listing: every page of `GET /api/v1/machines?limit=500` (following `Link: rel="next"`), curl
   from the client namespace over one connection, against nginx serving the same bytes as static
   files (the comparator of the other HTTP works);
@@ -16,7 +16,9 @@ API's largest page. Nothing is written into the agent's store behind its back. T
   lab stays at 500 machines and every DISCOVER is an event for a row on the page), probes from
   the client namespace each send one DISCOVER from a new MAC; the delay from just before that
   frame is handed to the kernel (time.time()) to the page's first row for the MAC (the
-  observer's `performance.timeOrigin + performance.now()`, the same clock), median and p95.
+  observer's `performance.timeOrigin + performance.now()`, the same clock), median and p95;
+  the log says how many whole-list and single-row reads the page made meanwhile (counted in
+  the page by a PerformanceObserver): the price the agent pays for a page that keeps up.
 """
 
 from __future__ import annotations
@@ -32,11 +34,12 @@ import threading
 import time
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import Any, Protocol
 
-from pixiebox.virtlab import forward, netns
+from pixiebox.virtlab import chromium, forward, netns
+from pixiebox.virtlab.chromium import Chromium
 
-from .dashboard_browser import Browser
 from .flooded import Flooder
 from .floods import dhcp_storm
 from .lab import MACHINES, SERVER_IP, BenchError, Lab, tool
@@ -47,8 +50,9 @@ API = f"http://{SERVER_IP}:8080"
 DISCOVERED = 400
 TOTAL = MACHINES + DISCOVERED
 SEED = 14
-#: In the page before its scripts: first-seen time of every row (epoch ms) and the moment the
-#: TOTAL-th row is in the DOM (ms since navigation start).
+#: In the page before its scripts: first-seen time of every row (epoch ms), the moment the
+#: TOTAL-th row is in the DOM (ms since navigation start), and how many reads of the whole list
+#: and of single rows the page made (what keeping up with a storm costs the agent).
 OBSERVER = """
 (() => {
   const want = %d;
@@ -65,6 +69,14 @@ OBSERVER = """
       pxb.drawn = performance.now();
     }
   }).observe(document, { childList: true, subtree: true });
+  const reads = (pxb.reads = { list: 0, row: 0 });
+  new PerformanceObserver((entries) => {
+    for (const entry of entries.getEntries()) {
+      const path = new URL(entry.name).pathname;
+      if (path === "/api/v1/machines") reads.list++;
+      else if (path.startsWith("/api/v1/machines/")) reads.row++;
+    }
+  }).observe({ type: "resource" });
 })();
 """
 
@@ -82,6 +94,7 @@ with urllib.request.urlopen(sys.argv[1] + "/api/v1/events", timeout=120) as stre
                 print(time.time(), mac, flush=True)
                 want.discard(mac)
 """
+READS = "return [window.__pxb.reads.list, window.__pxb.reads.row]"
 SEEN = "return Object.fromEntries(arguments[0].map((m) => [m, window.__pxb.seen[m] ?? null]))"
 
 
@@ -198,7 +211,17 @@ def listing_ms(lab: Lab, urls: list[str], repeats: int) -> float:
 # -- the page --------------------------------------------------------------------------------
 
 
-def page_load(browser: Browser) -> float:
+def start_browser(namespace: str | None, workdir: Path) -> Chromium:
+    """Chromium without its request log: ChromeDriver buffering the DevTools events of every
+    request the page makes would be part of what is measured. Page loads get a minute, as the
+    lab may be busy."""
+    why = chromium.problem()
+    if why:
+        raise BenchError(why)
+    return Chromium(namespace, workdir, page_load_timeout=60, record_requests=False)
+
+
+def page_load(browser: Chromium) -> float:
     """Seconds from navigation start to the TOTAL-th row, with an empty cache."""
     browser.cdp("Network.enable")
     browser.cdp("Network.clearBrowserCache")
@@ -253,7 +276,7 @@ class Prober:
 
 
 def event_latency(
-    lab: Lab, flooder: Flooder, browser: Browser, probes: int, rate: int | None, log: list[str]
+    lab: Lab, flooder: Flooder, browser: Chromium, probes: int, rate: int | None, log: list[str]
 ) -> tuple[list[float], list[float]]:
     """Milliseconds from each probe's DISCOVER to its row on the page, and to its first event
     at a plain event-stream client beside the browser (the control), during the storm."""
@@ -279,9 +302,13 @@ def event_latency(
     try:
         if storm is not None:
             flooder.during(storm, "DHCP")
+        reads_before, started = browser.js(READS), time.monotonic()
         for raw, name in zip(macs, names, strict=True):
             sent[name] = prober.send(raw)
             time.sleep(0.5 if storm is not None else 1.0)
+        lists, rows = (a - b for a, b in zip(browser.js(READS), reads_before, strict=True))
+        log.append(f"  dashboard: the page's reads while probing ({time.monotonic() - started:.1f}"
+                   f" s): {lists} of the whole list, {rows} of single rows")  # fmt: skip
         seen: dict[str, float | None] = {}
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
@@ -346,7 +373,7 @@ def run_round(bench: Bench, lab: Lab, flooder: Flooder) -> None:
             return
         bench.say(f"  the listing is {len(urls)} page(s)")
         bench.sample("dash-list", "pixiebox", partial(listing_ms, lab, urls, 20 if quick else 50))
-        browser = Browser(browser_host(lab).name, lab.fresh_dir("browser"))
+        browser = start_browser(browser_host(lab).name, lab.fresh_dir("browser"))
         try:
             browser.cdp("Page.enable")
             browser.cdp("Page.addScriptToEvaluateOnNewDocument", {"source": OBSERVER % TOTAL})

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .dashboard_browser import Browser
+from .dashboard import start_browser
 from .lab import BenchError
 
 READY = """return document.querySelectorAll("#rows tr[data-mac]").length >= arguments[0]
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="pixiebox-shot-") as workdir:
         try:
-            browser = Browser(None, Path(workdir))
+            browser = start_browser(None, Path(workdir))
         except BenchError as exc:
             print(f"dashboard_shot: {exc}", file=sys.stderr)
             return 1

@@ -90,6 +90,7 @@ let reading = false;
 const flush = debounced(async () => {
   if (reading) return; // the loop below takes what is pending
   reading = true;
+  let failed = false;
   try {
     for (let round = 0; pending.size && round < 50; round++) {
       const macs = [...pending];
@@ -101,6 +102,7 @@ const flush = debounced(async () => {
       } catch (error) {
         for (const mac of macs) pending.add(mac);
         setError(String(error.message || error));
+        failed = true;
         setTimeout(flush, RETRY_AFTER);
         break;
       }
@@ -109,7 +111,7 @@ const flush = debounced(async () => {
   } finally {
     reading = false;
   }
-  if (pending.size) flush(); // the round bound was reached: go on after a breath
+  if (pending.size && !failed) flush(); // the round bound was reached: go on after a breath
 });
 
 // The Last boot column: the whole lab's timeline is a bigger read than a row, and a boot's
