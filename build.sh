@@ -13,6 +13,8 @@
 #   sudo ./build.sh appliance  build the appliance disk image into out/appliance/ (builds the OSIE)
 #   sudo ./build.sh all      both images
 #   sudo ./build.sh clean    remove out/ and the image build caches
+#   sudo ./build.sh trixie   fetch the pinned Debian trixie shim, GRUB and OVMF (image/trixie.txt;
+#                            unpacked, not installed) for Secure Boot; `test` does this too
 #   (--require-upstream with osie/appliance/all: fail when k3s/Telegraf cannot be downloaded)
 #   sudo ./build.sh bench    set up, then benchmark Pixiebox against Kea, dnsmasq, tftpd-hpa and
 #                            nginx (--quick, --only/--skip dhcp tftp http dns startup vm, --profile)
@@ -158,6 +160,7 @@ cmd_test() {
     fi
     need_root test "the tests build network namespaces (./build.sh test -m 'not netns' runs the others without root)"
     setup_system
+    trixie_debs || true  # the Secure Boot tests' shim, GRUB and OVMF; each miss said above
     # The image tests (tests/test_images.py) boot the real OSIE and appliance: build them first
     # (cached: only what changed is rebuilt). PIXIEBOX_SKIP_IMAGES=1 skips this for quick runs;
     # the image tests then skip, except on CI (CI=true), where they fail.
@@ -292,6 +295,70 @@ fetch_upstream() { # NAME DEST
     chmod 0755 "$dest"
 }
 
+# Debian trixie packages for the Secure Boot chain and its tests (issue 16), pinned in
+# image/trixie.txt (package, version, pool path, sha256): downloaded from the mirror, checked
+# against the pinned sha256 and unpacked with dpkg-deb -x into $IMAGE_CACHE/trixie/<pkg>_<version>/.
+# Never installed: the host stays bookworm and its apt never sees trixie. A package that cannot
+# be downloaded is one line naming it and its URL; the Secure Boot tests then skip (fail on CI).
+TRIXIE_MIRROR=${PIXIEBOX_TRIXIE_MIRROR:-https://deb.debian.org/debian}
+
+trixie_current() { # PACKAGE -> "version pool-path sha256" as trixie's Packages index has it now
+    local index="$TRIXIE_MIRROR/dists/trixie/main/binary-amd64/Packages.xz"
+    command -v xz >/dev/null || return 0
+    curl -fsS --connect-timeout 10 --max-time 300 "$index" 2>/dev/null | xz -dc 2>/dev/null \
+        | awk -v p="$1" -v RS= '$0 ~ "(^|\n)Package: " p "\n" {
+            for (i = 1; i <= split($0, l, "\n"); i++) {
+                if (l[i] ~ /^Version: /) v = substr(l[i], 10)
+                if (l[i] ~ /^Filename: /) f = substr(l[i], 11)
+                if (l[i] ~ /^SHA256: /) s = substr(l[i], 9)
+            }
+            print v, f, s }' || true  # only a hint: nothing when the index is unreachable
+}
+
+trixie_debs() { # returns 1 when a pinned package could not be fetched (after saying which)
+    local list=${PIXIEBOX_TRIXIE_FILE:-$ROOT/image/trixie.txt} pkg version path sha rest
+    local dir="$IMAGE_CACHE/trixie" dest deb url why now status=0 fetched=()
+    mkdir -p "$dir/debs"
+    while read -r pkg version path sha rest <&3; do
+        case "$pkg" in ''|'#'*) continue ;; esac
+        if [ -z "$sha" ] || [ -n "$rest" ]; then
+            die "$list: '$pkg' needs: package version pool-path sha256"
+        fi
+        dest="$dir/${pkg}_$version"
+        [ -f "$dest/.unpacked" ] && continue
+        deb="$dir/debs/$(basename "$path")" url="$TRIXIE_MIRROR/$path"
+        if [ ! -s "$deb" ]; then
+            if ! why=$(curl -fsS --connect-timeout 10 --max-time 600 -o "$deb.part" "$url" 2>&1); then
+                rm -f "$deb.part"
+                why=$(printf '%s' "$why" | tr '\n' ' ' | sed 's/curl: ([0-9]*) //; s/ *$//')
+                case "$why" in
+                    *"error: 404"*)
+                        now=$(trixie_current "$pkg")
+                        printf 'build.sh: %s %s is gone from %s (a trixie point release replaced it)%s\n' \
+                            "$pkg" "$version" "$url" "${now:+: pin the current one in $list: $pkg  $now}" >&2 ;;
+                    *)
+                        printf 'build.sh: %s %s not fetched: %s is unreachable (%s); the Secure Boot tests skip without it (fail on CI).\n' \
+                            "$pkg" "$version" "$url" "$why" >&2 ;;
+                esac
+                status=1
+                continue
+            fi
+            mv "$deb.part" "$deb"
+        fi
+        echo "$sha  $deb" | sha256sum -c --quiet - >/dev/null 2>&1 \
+            || { rm -f "$deb"; die "$pkg $version: sha256 mismatch for $url (expected $sha): not used"; }
+        rm -rf "$dest.part" && mkdir -p "$dest.part"
+        dpkg-deb -x "$deb" "$dest.part" || die "$pkg $version: dpkg-deb -x $deb failed"
+        touch "$dest.part/.unpacked" && rm -rf "$dest" && mv "$dest.part" "$dest"
+        fetched+=("$pkg $version")
+    done 3<"$list"
+    if [ "${#fetched[@]}" -gt 0 ]; then
+        local names; names=$(IFS=,; echo "${fetched[*]}")
+        say "trixie packages unpacked into $dir (not installed): ${names//,/, }"
+    fi
+    return "$status"
+}
+
 # A build is skipped when nothing it reads changed: the stamp is a hash of its inputs.
 inputs_stamp() { # PATHS...
     find "$@" -type f -print0 2>/dev/null | sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1
@@ -388,6 +455,7 @@ case "${1:-}" in
     appliance) shift; image_flags "$@"; cmd_appliance ;;
     all) shift; image_flags "$@"; cmd_all ;;
     clean) shift; cmd_clean ;;
+    trixie) shift; need_root trixie "it writes $IMAGE_CACHE"; trixie_debs ;;
     serve) shift; cmd_serve "$@" ;;
     demo) shift; cmd_demo "$@" ;;
     test) shift; cmd_test "$@" ;;

@@ -513,7 +513,7 @@ adress = "192.168.1.32"
     error = one_error(run)
     assert (error.line, error.key) == (14, "machines[1].adress")
     assert error.message == "unknown key 'adress'"
-    assert error.hint == "known keys here: name, mac, ip, image, power, disk, format"
+    assert error.hint == "known keys here: name, mac, ip, image, power, disk, format, secure_boot"
 
 
 # --- 7. enumerations ---------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable
 from ipaddress import IPv4Address
 
+from pixiebox.boot.grub_cfg import GRUB_DIR, grub_for
 from pixiebox.boot.ipxe_script import pxelinux_config
 from pixiebox.config import normalize_mac
 from pixiebox.core.decision import Silence
@@ -113,16 +114,20 @@ def pxelinux_for(
 
 
 def tftp_generator(inventory: Inventory, urls: BootUrls) -> Callable[[str, str], bytes | None]:
-    """The TFTP server's hook for files on no disk: pxelinux.cfg/* for U-Boot."""
+    """The TFTP server's hook for files on no disk: pxelinux.cfg/* for U-Boot, grub/* for the
+    signed chain's GRUB (boot.grub_cfg)."""
 
     def generate(path: str, client_ip: str) -> bytes | None:
-        if not path.startswith(PXELINUX_DIR):
+        if not path.startswith((PXELINUX_DIR, GRUB_DIR)):
             return None
         try:
             ip: IPv4Address | None = IPv4Address(client_ip)
         except ValueError:
             ip = None
-        text = pxelinux_for(inventory, urls, path.removeprefix(PXELINUX_DIR), ip, strict=False)
+        if path.startswith(GRUB_DIR):
+            text = grub_for(inventory, urls, path, ip)
+        else:
+            text = pxelinux_for(inventory, urls, path.removeprefix(PXELINUX_DIR), ip, strict=False)
         return None if text is None else text.encode()
 
     return generate

@@ -92,6 +92,11 @@ class BootSection(Section):
     # capped and those not heard from again are forgotten.
     max_discovered: int = Field(default=1000, ge=10, le=100_000)
     forget_discovered_after: Duration = 7 * 86400
+    # Every x86-64 UEFI machine, unknown ones included, gets the signed chain (Debian's shim,
+    # signed by Microsoft's UEFI CA, then Debian's signed GRUB) instead of iPXE, which firmware
+    # with Secure Boot on refuses. shim also boots with Secure Boot off, so this is safe for a
+    # lab that mixes both. A machine's own `secure_boot` overrides it.
+    secure_boot: bool = False
 
 
 class ImageSection(Section):
@@ -222,6 +227,10 @@ class MachineSection(Section):
     # filesystem or other signature.
     disk: Annotated[str, AfterValidator(_disk_path)] | None = None
     format: DiskFormat = "never"
+    # true: this machine (x86-64 UEFI) boots through the signed chain, shim then GRUB, so it
+    # needs no visit to its firmware setup to turn Secure Boot off; false: iPXE even when
+    # [boot] secure_boot is on; unset: as [boot] secure_boot says.
+    secure_boot: bool | None = None
 
     def power_chain(self) -> list[PowerSection]:
         if self.power is None:

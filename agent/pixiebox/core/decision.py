@@ -19,7 +19,7 @@ from ipaddress import IPv4Address
 
 from pixiebox.config import ImageSection, LabConfig, MachineSection, UnknownPolicy
 from pixiebox.core import wording
-from pixiebox.core.firmware import ArchInfo, Firmware
+from pixiebox.core.firmware import SHIM, SIGNED_GRUB, ArchInfo, Firmware, signed_chain_fits
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +53,17 @@ class Silence(StrEnum):
     #: hands out the loader, because the iPXE script then says why on the machine's console,
     #: where a person looks; a silent DHCP server would look like a network problem.
     NO_IMAGE = "no-image"
+
+
+class Chain(StrEnum):
+    """Which boot chain the machine's firmware is handed; the value is what fields say."""
+
+    #: iPXE (undionly.kpxe, ipxe.efi, ...) and then its script: every firmware, no Secure Boot.
+    IPXE = "ipxe"
+    #: shim (signed by Microsoft's UEFI CA), then Debian's signed GRUB and its per-machine
+    #: grub.cfg (boot.grub_cfg): x86-64 UEFI with Secure Boot on (issue 16,
+    #: docs/firmware-quirks.md#33).
+    SIGNED = "signed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +118,9 @@ class BootDecision:
     #: Why it gets nothing; None when it boots. The first of: unknown-ignored, no-loader,
     #: no-image.
     silent: Silence | None
+    #: The chain its firmware gets: SIGNED when lab.toml asks for Secure Boot (the machine's
+    #: `secure_boot`, else [boot] secure_boot) and its firmware can take it, else IPXE.
+    chain: Chain = Chain.IPXE
 
     @property
     def boots(self) -> bool:
@@ -145,25 +159,68 @@ def decide(
     policy = config.boot.unknown
     if machine is None and policy == "ignore":
         return BootDecision(mac, None, arch, policy, None, None, None, Silence.UNKNOWN_IGNORED)
+    chain = boot_chain(lab, machine, arch)
     image_name = machine.image if machine is not None and machine.image else config.boot.image
     section = config.images.get(image_name)
     image = BootImage(image_name, section) if section is not None else None
     loader = None
     silent = None if image is not None else Silence.NO_IMAGE
     if arch is not None and loaders is not None:
-        loader = first_stage_loader(arch, loaders)
+        loader = first_stage_loader(arch, loaders, chain)
         if loader is None:
             silent = Silence.NO_LOADER
-    return BootDecision(mac, machine, arch, policy, image_name, image, loader, silent)
+    return BootDecision(mac, machine, arch, policy, image_name, image, loader, silent, chain)
 
 
-def first_stage_loader(arch: ArchInfo, loaders: LoaderCheck) -> Loader | None:
+def boot_chain(lab: LabView, machine: MachineSection | None, arch: ArchInfo | None) -> Chain:
+    """SIGNED when Secure Boot is asked for this machine (its own `secure_boot`, else [boot]
+    secure_boot, which unknown machines follow) and `arch` is firmware the signed chain fits
+    (x86-64 UEFI over TFTP); IPXE otherwise, and when the asker cannot tell the firmware
+    (`arch` None: an iPXE script fetch, which only iPXE makes). A BIOS or arm64 machine in a
+    lab with [boot] secure_boot keeps iPXE: there is no Secure Boot to pass."""
+    wanted = lab.config.boot.secure_boot
+    if machine is not None and machine.secure_boot is not None:
+        wanted = machine.secure_boot
+    if wanted and arch is not None and signed_chain_fits(arch):
+        return Chain.SIGNED
+    return Chain.IPXE
+
+
+def secure_boot_summary(config: LabConfig) -> str:
+    """What `pixiebox check` says about [boot] secure_boot and the machines' `secure_boot`."""
+    on = [m.name for m in config.machines if m.secure_boot is True]
+    off = [m.name for m in config.machines if m.secure_boot is False]
+    signed = "the signed chain (shim, then GRUB; no firmware visit to turn Secure Boot off)"
+    if config.boot.secure_boot:
+        text = f"Secure Boot: every x86-64 UEFI machine, unknown ones included, gets {signed}"
+        if off:
+            text += f"; iPXE for {', '.join(off)} (secure_boot = false)"
+    else:
+        text = "Secure Boot: machines get iPXE ([boot] secure_boot = false)"
+        if on:
+            text += f"; {signed} for {', '.join(on)} (secure_boot = true) on x86-64 UEFI"
+    if config.boot.secure_boot or on:
+        where = config.boot.assets
+        text += f"; needs {where / SHIM} and {where / SIGNED_GRUB}; BIOS and ARM keep iPXE"
+    return text
+
+
+def first_stage_loader(
+    arch: ArchInfo, loaders: LoaderCheck, chain: Chain = Chain.IPXE
+) -> Loader | None:
     """The loader for `arch` that is on this appliance, or None.
+
+    The signed chain needs shim and the GRUB it loads both here (GRUB is fetched by shim,
+    never named by DHCP, so it is checked now), and never falls back to iPXE: firmware with
+    Secure Boot on refuses iPXE (docs/firmware-quirks.md#33), so a machine is better left to
+    its next boot device, with a log line naming the files to add.
 
     U-Boot gets `pxelinux.0` as a name only: it reads pxelinux.cfg relative to that file's
     directory and never fetches the file (docs/firmware-quirks.md#30). Code 6 (and 15) is sent
     by genuine 32-bit UEFI and by x86-64 laptops alike (#12): the i386 build when the user added
     one, the x86-64 one otherwise."""
+    if chain is Chain.SIGNED:
+        return Loader(SHIM, SHIM) if loaders(SHIM) and loaders(SIGNED_GRUB) else None
     if arch.firmware is Firmware.UBOOT or loaders(arch.loader):
         return Loader(arch.loader, arch.loader)
     if arch.fallback is not None and loaders(arch.fallback):

@@ -64,6 +64,21 @@ _ARCHES: dict[int, ArchInfo] = {
 #: PXE clients that omit option 93 are old BIOS ROMs (RFC 4578 made it mandatory later).
 DEFAULT_ARCH = _ARCHES[0]
 
+#: The signed chain (issue 16, docs/firmware-quirks.md#33), in [boot] assets under `signed/`:
+#: Debian's shim (shim-signed's shimx64.efi.signed, signed by Microsoft's UEFI CA) is the boot
+#: file; it fetches `grubx64.efi` by TFTP from the directory of the boot file DHCP named
+#: (rhboot/shim netboot.c parseDhcp4, DEFAULT_LOADER "\\grubx64.efi"), which must be Debian's
+#: signed network GRUB (grub-efi-amd64-signed's grubnetx64.efi.signed, renamed).
+SIGNED_DIR = "signed"
+SHIM = f"{SIGNED_DIR}/shimx64.efi"
+SIGNED_GRUB = f"{SIGNED_DIR}/grubx64.efi"
+
+
+def signed_chain_fits(arch: ArchInfo) -> bool:
+    """Whether `arch` can take the signed chain: x86-64 UEFI fetching its boot file by TFTP
+    (Debian's shim and GRUB are x86-64 builds; UEFI HTTP boot is not done this way yet)."""
+    return arch.cpu == "x86_64" and arch.firmware is Firmware.UEFI
+
 
 def arch_info(code: int | None) -> ArchInfo | None:
     """What we know about an option-93 code; None for architectures we cannot boot."""
@@ -119,6 +134,28 @@ class Assets:
             if found is not None:
                 return real
         return None
+
+    def signed_binary(self, name: str) -> Path | None:
+        """The real path of `name` (SHIM, SIGNED_GRUB) under the assets root, as TFTP finds
+        it; None when it is not there or may not be served (a link leading out)."""
+        try:
+            real, found = stat_file(self.root, name)
+        except PathRefused:
+            return None
+        return real if found is not None else None
+
+    def loader_file(self, name: str) -> Path | None:
+        """A first-stage loader DHCP may hand out: a signed-chain file or an iPXE build."""
+        if name.startswith(SIGNED_DIR + "/"):
+            return self.signed_binary(name)
+        return self.ipxe_binary(name)
+
+    def missing_signed_hint(self) -> str:
+        return (
+            f"copy Debian trixie's shimx64.efi.signed (package shim-signed) to "
+            f"{self.root / SHIM} and grubnetx64.efi.signed (grub-efi-amd64-signed) to "
+            f"{self.root / SIGNED_GRUB}, or set secure_boot = false for it"
+        )
 
     def missing_loader_hint(self, info: ArchInfo) -> str:
         where = self.root / "ipxe" / info.loader

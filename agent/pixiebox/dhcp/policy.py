@@ -9,7 +9,7 @@ import logging
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
-from pixiebox.core.decision import BootDecision, LoaderCheck
+from pixiebox.core.decision import BootDecision, Chain, LoaderCheck
 from pixiebox.core.firmware import ArchInfo, Assets, Firmware, arch_info
 from pixiebox.core.urls import BootUrls
 from pixiebox.dhcp.codec import DecodeError, Opt, Packet, encode_suboptions
@@ -91,7 +91,7 @@ class BootPolicy:
         return self.urls.server_ip
 
     def has_loader(self, name: str) -> bool:
-        return self.assets.ipxe_binary(name) is not None
+        return self.assets.loader_file(name) is not None
 
     def loaders(self, client: BootClient) -> LoaderCheck | None:
         """What the boot decision checks loaders with: nothing for a client already running
@@ -106,6 +106,18 @@ class BootPolicy:
             return BootFile(self.urls.script(client.mac), PXE_CLIENT)
         info = client.arch
         loader = decision.loader
+        if loader is None and decision.chain is Chain.SIGNED:
+            # Not iPXE instead: with Secure Boot on the firmware refuses it
+            # (docs/firmware-quirks.md#33); silence lets it try its next boot device.
+            log.warning(
+                "%s (%s) asked to boot with Secure Boot (lab.toml secure_boot), but the signed "
+                "chain is not on this appliance; not answering it so that it moves on to its "
+                "next boot device; to boot it, %s",
+                decision.who,
+                info.label,
+                self.assets.missing_signed_hint(),
+            )
+            return None
         if loader is None:
             log.warning(
                 "%s (%s) asked to boot, but %s is missing; not answering it so that it "
@@ -126,7 +138,10 @@ class BootPolicy:
                 loader.file,
                 loader.wanted,
             )
-        if client.http_boot and info.firmware is not Firmware.UBOOT:
+        # The signed chain is TFTP only (core.firmware.signed_chain_fits: shim fetches GRUB by
+        # TFTP from the boot file's server and directory).
+        signed = decision.chain is Chain.SIGNED
+        if client.http_boot and info.firmware is not Firmware.UBOOT and not signed:
             return BootFile(self.urls.ipxe_binary(loader.file), HTTP_CLIENT)
         return BootFile(loader.file, PXE_CLIENT)
 

@@ -36,6 +36,21 @@ EXPECTED_MISSING = {
     "autoexec.ipxe": "iPXE looks for it before running its own script (docs/firmware-quirks.md#25)",
     "bootsig.bin": "the Raspberry Pi ROM expects 'not found' for it (docs/firmware-quirks.md#27)",
 }
+# Debian's signed network GRUB (the signed chain, docs/firmware-quirks.md#33) probes its prefix
+# /grub before it sources grub/grub.cfg: x86_64-efi/grub.cfg, grub.cfg-amd64 (its memdisk
+# config) and normal mode's x86_64-efi/*.lst; none is needed, all modules are built in.
+EXPECTED_MISSING_PATHS = {
+    "grub/x86_64-efi/": "Debian's signed GRUB probes it (docs/firmware-quirks.md#33)",
+    "grub/grub.cfg-amd64": "Debian's signed GRUB probes it (docs/firmware-quirks.md#33)",
+}
+
+
+def expected_missing(path: str) -> str | None:
+    """Why a missing `path` is normal (logged at debug level), or None."""
+    for prefix, why in EXPECTED_MISSING_PATHS.items():
+        if path == prefix or (prefix.endswith("/") and path.startswith(prefix)):
+            return why
+    return EXPECTED_MISSING.get(path.rsplit("/", 1)[-1].lower())
 
 
 def normalise(name: str) -> str:
@@ -108,4 +123,4 @@ class BootFiles:
             if content is not None:
                 return path, generated(content)
             looked.append("generated files")
-        raise NotFound(path, looked, EXPECTED_MISSING.get(path.rsplit("/", 1)[-1].lower()))
+        raise NotFound(path, looked, expected_missing(path))
