@@ -18,7 +18,7 @@ import netlab
 import pytest
 import vmlab
 from agentproc import start_agent
-from testoslab import install_testos, testos_lab
+from testoslab import install_testos, lab_toml_for_testos
 
 SUBNET = "10.84.0.0/24"
 AGENT_IP = "10.84.0.2"
@@ -44,7 +44,7 @@ def lab_config(workdir: Path, testos: tuple[Path, Path], qmp: dict[str, Path]) -
         f'[api]\nlisten = "0.0.0.0:8080"\ntoken_file = "{workdir / "api-token"}"\n'
         '[power]\nstagger = "2s"\noff_timeout = "60s"\n'
     )
-    return testos_lab("lab-power-test", SUBNET, workdir, sections=sections) + machines
+    return lab_toml_for_testos("lab-power-test", SUBNET, workdir, sections=sections) + machines
 
 
 def test_lab_up_boots_both_machines_and_lab_down_stops_them(

@@ -30,7 +30,7 @@ import pytest
 import vmlab
 from agentproc import RunningAgent, start_agent
 from pixiebox.events import Kind
-from testoslab import install_testos, testos_lab
+from testoslab import install_testos, lab_toml_for_testos
 
 SUBNET = "10.82.0.0/24"
 AGENT_IP = "10.82.0.2"
@@ -83,7 +83,7 @@ def lab_config(workdir: Path, testos: tuple[Path, Path], mac: str, initrd_size: 
     initrd = install_testos(workdir, testos) / "testos" / testos[1].name
     if initrd.stat().st_size < initrd_size:
         os.truncate(initrd, initrd_size)
-    head = testos_lab("restart-test", SUBNET, workdir, boot='unknown = "discover"\n')
+    head = lab_toml_for_testos("restart-test", SUBNET, workdir, boot='unknown = "discover"\n')
     return head + f'[[machines]]\nname = "{NAMES[mac]}"\nmac = "{mac}"\nip = "{RESERVED[mac]}"\n'
 
 

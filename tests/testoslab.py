@@ -10,8 +10,8 @@ from pathlib import Path
 
 
 def install_testos(workdir: Path, testos: tuple[Path, Path]) -> Path:
-    """workdir/assets with the test OS's kernel and initrd under testos/ (as testos_lab() names
-    them); returns that assets directory."""
+    """workdir/assets with the test OS's kernel and initrd under testos/ (as
+    lab_toml_for_testos() names them); returns that assets directory."""
     assets = workdir / "assets"
     (assets / "testos").mkdir(parents=True, exist_ok=True)
     for source in testos:
@@ -19,7 +19,9 @@ def install_testos(workdir: Path, testos: tuple[Path, Path]) -> Path:
     return assets
 
 
-def testos_lab(name: str, subnet: str, workdir: Path, *, boot: str = "", sections: str = "") -> str:
+def lab_toml_for_testos(
+    name: str, subnet: str, workdir: Path, *, boot: str = "", sections: str = ""
+) -> str:
     """lab.toml's head for lab `name`: reservation mode on the VM segment's eth0 in `subnet`, the
     test OS in workdir/assets (install_testos) as the OSIE image, state in workdir/state. `boot`
     is more [boot] lines, `sections` more sections (each text ends in a newline); the caller
