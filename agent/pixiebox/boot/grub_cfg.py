@@ -26,10 +26,10 @@ import re
 from ipaddress import IPv4Address
 from urllib.parse import quote
 
+from pixiebox.boot.claim import claim
 from pixiebox.boot.ipxe_script import FETCH_TRIES, MAX_RETRY_WAIT, kernel_arguments
 from pixiebox.config import ImageSection, normalize_mac
 from pixiebox.core import wording
-from pixiebox.core.decision import Silence
 from pixiebox.core.firmware import DEFAULT_ARCH, arch_info
 from pixiebox.core.inventory import Inventory
 from pixiebox.core.urls import BootUrls
@@ -191,35 +191,11 @@ def grub_for(inventory: Inventory, urls: BootUrls, path: str, ip: IPv4Address | 
     if not path.startswith(GRUB_DIR) or match is None:
         return None
     mac = normalize_mac(match.group(1))
-    # The MAC in the name is only what GRUB says: only the machine the evidence shows at `ip`
-    # is recorded as booting and gets a boot token (core.trust). Not strict over TFTP: the
-    # kernel may have no neighbour entry for it yet (as for pxelinux.cfg).
-    owner = inventory.prove(ip, mac, strict=False)
-    verdict = inventory.decide(mac, SIGNED_ARCH)
-    if not owner.proven:
-        inventory.refuse(mac, "boot-token", ip, owner)
-        if verdict.image is None:
-            return None
-        return grub_config(urls, verdict.image.section, mac=mac, name=None,
-                           image_name=verdict.image.name)  # fmt: skip
-    inventory.seen(mac, SIGNED_ARCH)
-    if verdict.silent is Silence.UNKNOWN_IGNORED:
-        log.info(
-            "%s fetched %s; not answered ([boot] unknown = ignore); "
-            "enroll it with: pixiebox enroll %s --name NAME",
-            verdict.who, path, mac,
-        )  # fmt: skip
-        return None
-    found = verdict.image
-    if found is None:
-        reason = (
-            f"{verdict.who} should boot image {verdict.image_name}, but lab.toml has no"
-            f" [images.{verdict.image_name}]"
-        )
-        log.error("%s", reason)
-        return nothing_config(mac, reason)
-    log.info("%s fetched %s; next: kernel %s over HTTP", verdict.who, path, found.kernel)
-    token = inventory.tokens.issue(mac)
-    inventory.tokens.flush()  # on disk before the file that carries it is sent
-    return grub_config(urls, found.section, mac=mac, name=verdict.name,
-                       image_name=found.name, token=token)  # fmt: skip
+    got = claim(inventory, mac, ip, SIGNED_ARCH, path, strict=False)
+    if got.image is None:
+        return None if got.missing is None else nothing_config(mac, got.missing)
+    if got.proven:
+        log.info("%s fetched %s; next: kernel %s over HTTP", got.verdict.who, path,
+                 got.image.kernel)  # fmt: skip
+    return grub_config(urls, got.image.section, mac=mac, name=got.name,
+                       image_name=got.image.name, token=got.token)  # fmt: skip

@@ -13,10 +13,10 @@ import re
 from collections.abc import Callable
 from ipaddress import IPv4Address
 
+from pixiebox.boot.claim import claim
 from pixiebox.boot.grub_cfg import GRUB_DIR, grub_for
 from pixiebox.boot.ipxe_script import pxelinux_config
 from pixiebox.config import normalize_mac
-from pixiebox.core.decision import Silence
 from pixiebox.core.firmware import DEFAULT_ARCH, arch_info
 from pixiebox.core.inventory import Inventory
 from pixiebox.core.urls import BootUrls
@@ -64,52 +64,27 @@ def pxelinux_for(
             describe, image.kernel, image.name,
         )  # fmt: skip
         return pxelinux_config(urls, image.section, mac=None, name=None, image_name=image.name)
-    # The MAC in the file name is only what the board says it is: only the board the evidence
-    # shows at `ip` is recorded as booting and gets a boot token (core.trust).
-    owner = inventory.prove(ip, mac, strict=strict)
-    if not owner.proven:
-        inventory.refuse(mac, "boot-token", ip, owner)
-        bystander = inventory.decide(mac, UBOOT_ARCH).image
-        if bystander is None:
-            return None
-        return pxelinux_config(
-            urls, bystander.section, mac=mac, name=None, image_name=bystander.name
-        )
-    verdict = inventory.decide(mac, UBOOT_ARCH)
-    inventory.seen(mac, UBOOT_ARCH)
-    if verdict.silent is Silence.UNKNOWN_IGNORED:
-        log.info(
-            "%s fetched pxelinux.cfg/%s; not answered ([boot] unknown = ignore); "
-            "enroll it with: pixiebox enroll %s --name NAME",
-            verdict.who, file, mac,
-        )  # fmt: skip
-        if emit is not None:
-            emit(Kind.BOOT_IGNORED, mac, "not booted ([boot] unknown = ignore)",
-                 {"reason": "unknown-ignored", "protocol": "http"})  # fmt: skip
-        return None
-    found = verdict.image
+    got = claim(inventory, mac, ip, UBOOT_ARCH, PXELINUX_DIR + file, strict=strict)
+    if got.ignored and emit is not None:
+        emit(Kind.BOOT_IGNORED, mac, "not booted ([boot] unknown = ignore)",
+             {"reason": "unknown-ignored", "protocol": "http"})  # fmt: skip
+    found = got.image
     if found is None:
-        log.error(
-            "%s should boot image %s, but lab.toml has no [images.%s]",
-            verdict.who, verdict.image_name, verdict.image_name,
-        )  # fmt: skip
         return None
-    image_name = found.name
-    if len(found.initrd) > 1:
-        log.warning(
-            "[images.%s] has %d initrds, but U-Boot loads one: concatenate them into one file "
-            "for %s", image_name, len(found.initrd), verdict.who,
-        )  # fmt: skip
-    name = verdict.name
-    log.info("%s fetched pxelinux.cfg/%s; next: kernel %s over TFTP", verdict.who, file,
-             found.kernel)  # fmt: skip
-    if emit is not None:
-        served = {"file": PXELINUX_DIR + file, "image": image_name, "kernel": found.kernel}
-        emit(Kind.HTTP_PXELINUX, mac, f"fetched its pxelinux.cfg for image {image_name}", served)
-    token = inventory.tokens.issue(mac)
-    inventory.tokens.flush()  # on disk before the file that carries it is sent
+    if got.proven:
+        if len(found.initrd) > 1:
+            log.warning(
+                "[images.%s] has %d initrds, but U-Boot loads one: concatenate them into one"
+                " file for %s", found.name, len(found.initrd), got.verdict.who,
+            )  # fmt: skip
+        log.info("%s fetched pxelinux.cfg/%s; next: kernel %s over TFTP", got.verdict.who, file,
+                 found.kernel)  # fmt: skip
+        if emit is not None:
+            served = {"file": PXELINUX_DIR + file, "image": found.name, "kernel": found.kernel}
+            emit(Kind.HTTP_PXELINUX, mac, f"fetched its pxelinux.cfg for image {found.name}",
+                 served)  # fmt: skip
     return pxelinux_config(
-        urls, found.section, mac=mac, name=name, image_name=image_name, token=token
+        urls, found.section, mac=mac, name=got.name, image_name=found.name, token=got.token
     )
 
 
