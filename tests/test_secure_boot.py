@@ -28,9 +28,9 @@ from pathlib import Path
 
 import pytest
 import vmlab
+from trixiefiles import on_ci, trixie_file_or_skip
 
 REPO = Path(__file__).resolve().parent.parent
-PINS = REPO / "image" / "trixie.txt"
 UNSIGNED_EFI = Path("/usr/lib/ipxe/ipxe.efi")  # Debian's ipxe package: no signature at all
 MARKER = "PIXIEBOX-SIGNED-GRUB-RAN"
 #: What OVMF says when it refuses an image: BdsDxe on the console ("BdsDxe: failed to load
@@ -45,43 +45,13 @@ pytestmark = pytest.mark.netns
 BOOT_TIMEOUT = 240.0  # s: OVMF + shim + GRUB under TCG on a loaded 2-core machine
 
 
-def _on_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}
-
-
-def trixie_root(package: str) -> Path | None:
-    """Where build.sh's `trixie_debs` unpacked the pinned `package`, None when not listed."""
-    cache = Path(os.environ.get("PIXIEBOX_IMAGE_CACHE") or "/var/cache/pixiebox")
-    for line in PINS.read_text().splitlines():
-        fields = line.split()
-        if fields and not fields[0].startswith("#") and fields[0] == package:
-            return cache / "trixie" / f"{package}_{fields[1]}"
-    return None
-
-
-def trixie_file(package: str, relative: str) -> Path:
-    """A file of a pinned trixie package; skips (fails on CI) when it is not there."""
-    root = trixie_root(package)
-    path = root / relative if root is not None else None
-    unpacked = root is not None and (root / ".unpacked").is_file()
-    if path is None or not unpacked or not path.is_file():
-        problem = (
-            f"{relative} of trixie's {package} is not in {root or 'the cache'}: "
-            "run sudo ./build.sh trixie (image/trixie.txt)"
-        )
-        if _on_ci():
-            pytest.fail(f"CI=true but Secure Boot prerequisite missing: {problem}", pytrace=False)
-        pytest.skip(problem)
-    return path
-
-
 def _require_qemu() -> None:
     missing = [tool for tool in (vmlab.QEMU,) if shutil.which(tool) is None]
     if not UNSIGNED_EFI.is_file():
         missing.append(f"{UNSIGNED_EFI} (apt-get install ipxe)")
     if missing:
         problem = f"Secure Boot test needs {', '.join(missing)}"
-        if _on_ci():
+        if on_ci():
             pytest.fail(f"CI=true but prerequisite missing: {problem}", pytrace=False)
         pytest.skip(problem)
 
@@ -99,9 +69,8 @@ class SecureBootVM:
 
     def __init__(self, workdir: Path, boot: list[str]) -> None:
         _require_qemu()
-        ovmf = "usr/share/OVMF/"
-        code = trixie_file("ovmf", ovmf + "OVMF_CODE_4M.secboot.fd")
-        vars_template = trixie_file("ovmf", ovmf + "OVMF_VARS_4M.ms.fd")
+        code = trixie_file_or_skip("ovmf", vmlab.SECBOOT_CODE)
+        vars_template = trixie_file_or_skip("ovmf", vmlab.SECBOOT_VARS)
         self.vars = workdir / "OVMF_VARS.fd"
         shutil.copyfile(vars_template, self.vars)  # the firmware writes its variables here
         self.serial = workdir / "serial.log"
@@ -191,8 +160,8 @@ def test_signed_shim_starts_and_loads_signed_grub(
     boot_disk: tuple[Path, list[SecureBootVM]], tmp_path: Path
 ) -> None:
     esp, machines = boot_disk
-    shim = trixie_file("shim-signed", "usr/lib/shim/shimx64.efi.signed")
-    grub = trixie_file(
+    shim = trixie_file_or_skip("shim-signed", "usr/lib/shim/shimx64.efi.signed")
+    grub = trixie_file_or_skip(
         "grub-efi-amd64-signed", "usr/lib/grub/x86_64-efi-signed/grubnetx64.efi.signed"
     )
     shutil.copyfile(shim, esp / "EFI" / "BOOT" / "BOOTX64.EFI")
@@ -214,7 +183,7 @@ def test_unsigned_efi_binary_is_refused(
     boot_disk: tuple[Path, list[SecureBootVM]], tmp_path: Path
 ) -> None:
     esp, machines = boot_disk
-    trixie_file("ovmf", "usr/share/OVMF/OVMF_VARS_4M.ms.fd")
+    trixie_file_or_skip("ovmf", vmlab.SECBOOT_VARS)
     _require_qemu()
     shutil.copyfile(UNSIGNED_EFI, esp / "EFI" / "BOOT" / "BOOTX64.EFI")
     machine = SecureBootVM(tmp_path, disk(esp))

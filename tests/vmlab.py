@@ -3,6 +3,8 @@
 from pixiebox.virtlab.vm import (  # noqa: F401  (re-exported for the tests)
     ACCEL_ENV,
     QEMU,
+    SECBOOT_CODE,
+    SECBOOT_VARS,
     VM,
     Firmware,
     Pxe,

@@ -167,14 +167,30 @@ class _PathsendCycle(RequestResponseCycle):
         await super().send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
+#: Header names GRUB's HTTP client matches case-sensitively ("Content-Length: ", GRUB 2.12
+#: grub-core/net/http.c), and uvicorn writes in lower case. Without a length it knows, GRUB under
+#: Secure Boot refuses to verify the kernel ("big file signature isn't implemented yet";
+#: docs/firmware-quirks.md#36). HTTP header names are case-insensitive (RFC 9110 5.1), so the
+#: canonical spelling costs no other client anything.
+_CANONICAL_NAMES = ((b"\r\ncontent-length: ", b"\r\nContent-Length: "),
+                    (b"\r\ntransfer-encoding: ", b"\r\nTransfer-Encoding: "))  # fmt: skip
+
+
+def _canonical_head(head: bytes) -> bytes:
+    for lower, canonical in _CANONICAL_NAMES:
+        head = head.replace(lower, canonical, 1)
+    return head
+
+
 class _Capture:
-    """The transport as uvicorn's `http.response.start` sees it: the head it writes is held."""
+    """The transport as uvicorn's `http.response.start` sees it: the head it writes is held
+    (with the header names GRUB needs spelled canonically)."""
 
     def __init__(self, held: _HeadFirst) -> None:
         self.held = held
 
     def write(self, data: bytes) -> None:
-        self.held.head += data
+        self.held.head += _canonical_head(data)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.held.transport, name)

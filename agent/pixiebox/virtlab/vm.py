@@ -7,7 +7,13 @@ namespace and disappears with the switch namespace.  The serial console goes to 
 :meth:`VM.wait_console` polls.
 
 Firmware: ``bios`` is SeaBIOS; ``uefi`` is OVMF (Debian's ``ovmf`` package, with a private copy
-of the variable store).  PXE: ``ipxe-rom`` uses QEMU's default option ROM for virtio-net-pci
+of the variable store); ``secure_boot`` makes it trixie's OVMF with Secure Boot enforcing and
+Microsoft's keys enrolled, its variables writable only from SMM (so the guest cannot switch it
+off). Every UEFI machine has a virtio RNG: EDK2's network stack since the CVE-2023-45237 fix
+(2024) makes no PXE boot option without an RNG protocol, and QEMU's default CPU model has no
+RDRAND for OVMF's RngDxe (docs/firmware-quirks.md#34).
+
+PXE: ``ipxe-rom`` uses QEMU's default option ROM for virtio-net-pci
 (iPXE's ``efi-virtio.rom``, which holds both the legacy PXE and the EFI driver);
 ``native`` (UEFI only) gives the NIC no ROM so EDK2's own PXE stack boots, which fetches its
 boot file by TFTP.  With ``kernel``/``initrd`` the VM boots them directly (no PXE).
@@ -38,6 +44,7 @@ from pathlib import Path
 from typing import Literal
 
 from pixiebox.virtlab import netns
+from pixiebox.virtlab.trixie import trixie_file
 
 QEMU = "qemu-system-x86_64"
 ACCEL_ENV = "PIXIEBOX_QEMU_ACCEL"
@@ -47,6 +54,11 @@ OVMF_PAIRS = (
     (Path("/usr/share/OVMF/OVMF_CODE_4M.fd"), Path("/usr/share/OVMF/OVMF_VARS_4M.fd")),
     (Path("/usr/share/OVMF/OVMF_CODE.fd"), Path("/usr/share/OVMF/OVMF_VARS.fd")),
 )
+# Secure Boot firmware (issue 16): Debian trixie's OVMF built with Secure Boot and SMM, and the
+# variable store that enrolls Microsoft's keys, as real PCs ship (image/trixie.txt; unpacked by
+# `./build.sh trixie`, never installed). Code and vars come from one release.
+SECBOOT_CODE = "usr/share/OVMF/OVMF_CODE_4M.secboot.fd"
+SECBOOT_VARS = "usr/share/OVMF/OVMF_VARS_4M.ms.fd"
 # The combined legacy+EFI iPXE ROM QEMU loads for virtio-net-pci by default (ipxe-qemu).
 IPXE_VIRTIO_ROM = Path("/usr/lib/ipxe/qemu/efi-virtio.rom")
 
@@ -196,6 +208,7 @@ def start_vm(
     powered_on: bool = True,
     disk: Path | None = None,
     boot_retry: float | None = None,
+    secure_boot: bool = False,
 ) -> VM:
     """Start a VM whose one NIC (virtio-net-pci, ``mac``) is on ``segment``, powered on
     unless ``powered_on`` is False (then QMP ``cont``, the qemu power driver's ``on``, or a
@@ -223,6 +236,8 @@ def start_vm(
         raise ValueError("SeaBIOS has no PXE stack of its own: use pxe='ipxe-rom' for BIOS")
     if boot_retry is not None and firmware != "bios":
         raise ValueError("boot_retry is SeaBIOS's (firmware='bios'); OVMF has no such setting")
+    if secure_boot and firmware != "uefi":
+        raise ValueError("secure_boot needs firmware='uefi'")
     if kernel is None and (initrd is not None or append):
         raise ValueError("initrd and append need kernel (direct boot)")
     workdir = Path(workdir)
@@ -239,7 +254,7 @@ def start_vm(
     argv: list[str] = [
         shutil.which(QEMU) or QEMU,
         "-name", name,
-        "-machine", "q35",
+        "-machine", "q35,smm=on" if secure_boot else "q35",
         "-accel", _accel(),
         "-smp", "1",
         "-m", str(memory_mb),
@@ -263,12 +278,20 @@ def start_vm(
         if boot_retry is not None:  # SeaBIOS's etc/boot-fail-wait; QEMU merges -boot options
             argv += ["-boot", f"reboot-timeout={round(boot_retry * 1000)}"]
     if firmware == "uefi":
-        code, vars_template = ovmf_files()
+        if secure_boot:
+            code, vars_template = (
+                trixie_file("ovmf", SECBOOT_CODE),
+                trixie_file("ovmf", SECBOOT_VARS),
+            )
+            argv += ["-global", "driver=cfi.pflash01,property=secure,value=on"]
+        else:
+            code, vars_template = ovmf_files()
         vars_copy = workdir / f"{name}-OVMF_VARS.fd"
         shutil.copyfile(vars_template, vars_copy)  # OVMF writes its variables here
         argv += [
             "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
             "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}",
+            "-device", "virtio-rng-pci",
         ]  # fmt: skip
     if disk is not None:
         with disk.open("rb") as header:
