@@ -13,8 +13,8 @@
 #   sudo ./build.sh appliance  build the appliance disk image into out/appliance/ (builds the OSIE)
 #   sudo ./build.sh all      both images
 #   sudo ./build.sh clean    remove out/ and the image build caches
-#   sudo ./build.sh trixie   fetch the pinned Debian trixie shim, GRUB and OVMF (image/trixie.txt;
-#                            unpacked, not installed) for Secure Boot; `test` does this too
+#   sudo ./build.sh trixie   fetch the pinned Debian trixie shim, GRUB, OVMF, iPXE (image/trixie.txt;
+#                            unpacked, not installed): Secure Boot, arm64 iPXE; `test` does this too
 #   (--require-upstream with osie/appliance/all: fail when k3s/Telegraf cannot be downloaded)
 #   sudo ./build.sh bench    set up, then benchmark Pixiebox against Kea, dnsmasq, tftpd-hpa and
 #                            nginx (--quick, --only/--skip dhcp tftp http dns startup vm, --profile)
@@ -34,6 +34,7 @@ APT_PACKAGES=(
     iproute2 isc-dhcp-client busybox dnsmasq-base dnsutils curl tftp-hpa tcpdump procps
     ipxe strace nftables openssh-client netbase  # nft: tests block ports on purpose
     qemu-system-x86 ovmf ipxe-qemu kmod cpio  # VM tests; depmod + cpio build the test OS
+    qemu-system-arm qemu-efi-aarch64  # arm64 VM tests: qemu-system-aarch64 virt with AAVMF
     openssh-server openipmi  # power tests: a real sshd, and ipmi_sim as the BMC
     jq e2fsprogs fdisk shellcheck  # OSIE script tests: jq, mkfs/e2fsck on loop disks, sfdisk
     mtools  # image tests and demo --appliance write lab.toml onto the appliance's FAT partition
@@ -160,7 +161,7 @@ cmd_test() {
     fi
     need_root test "the tests build network namespaces (./build.sh test -m 'not netns' runs the others without root)"
     setup_system
-    trixie_debs || true  # the Secure Boot tests' shim, GRUB and OVMF; each miss said above
+    trixie_debs || true  # shim, GRUB, OVMF (Secure Boot), the iPXE served; each miss said above
     # The image tests (tests/test_images.py) boot the real OSIE and appliance: build them first
     # (cached: only what changed is rebuilt). PIXIEBOX_SKIP_IMAGES=1 skips this for quick runs;
     # the image tests then skip, except on CI (CI=true), where they fail.
@@ -295,7 +296,8 @@ fetch_upstream() { # NAME DEST
     chmod 0755 "$dest"
 }
 
-# Debian trixie packages for the Secure Boot chain and its tests (issue 16), pinned in
+# Debian trixie packages for the Secure Boot chain and its tests (issue 16) and the iPXE the agent
+# serves on a bookworm host (issue 15: arm64 and riscv64 builds; core/firmware.py), pinned in
 # image/trixie.txt (package, version, pool path, sha256): downloaded from the mirror, checked
 # against the pinned sha256 and unpacked with dpkg-deb -x into $IMAGE_CACHE/trixie/<pkg>_<version>/.
 # Never installed: the host stays bookworm and its apt never sees trixie. A package that cannot
@@ -337,7 +339,7 @@ trixie_debs() { # returns 1 when a pinned package could not be fetched (after sa
                         printf 'build.sh: %s %s is gone from %s (a trixie point release replaced it)%s\n' \
                             "$pkg" "$version" "$url" "${now:+: pin the current one in $list: $pkg  $now}" >&2 ;;
                     *)
-                        printf 'build.sh: %s %s not fetched: %s is unreachable (%s); the Secure Boot tests skip without it (fail on CI).\n' \
+                        printf 'build.sh: %s %s not fetched: %s is unreachable (%s); the tests that need it skip (fail on CI).\n' \
                             "$pkg" "$version" "$url" "$why" >&2 ;;
                 esac
                 status=1

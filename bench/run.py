@@ -7,7 +7,7 @@ wrk, dnsperf, a PXE DISCOVER probe, QEMU) run in a client namespace. It prints a
 min, max, and the ratio of Pixiebox's median to the anchor's) and writes it as JSON under
 out/bench/. It asserts nothing: a missed target is reported, not failed.
 
-    python -m bench [--quick] [--rounds N] [--only GROUP ...] [--skip GROUP ...]
+    python -m bench [--quick] [--rounds N] [--only GROUP ...] [--skip GROUP ...] [--works KEY ...]
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ class Work:
     #: ("ratio", x) : Pixiebox / anchor at least x (higher_better) or at most x (lower);
     #: ("value", x): Pixiebox's median at least / at most x.
     target: tuple[str, float] | None = None
+    #: The server whose ratio and target are the work's (vm-secure-boot: the signed chain).
+    subject: str = "pixiebox"
     samples: dict[str, list[float]] = field(default_factory=dict)
     errors: dict[str, list[str]] = field(default_factory=dict)
 
@@ -70,8 +72,8 @@ class Work:
         pick = max if self.higher_better else min
         return pick(medians, key=lambda item: item[1])
 
-    def ratio(self, server: str = "pixiebox") -> float | None:
-        anchor, mine = self.anchor(), self.median(server)
+    def ratio(self, server: str | None = None) -> float | None:
+        anchor, mine = self.anchor(), self.median(server or self.subject)
         if anchor is None or mine is None or anchor[1] in (0, float("inf")):
             return None
         return mine / anchor[1]
@@ -80,7 +82,7 @@ class Work:
         if self.target is None:
             return ""
         kind, bound = self.target
-        value = self.ratio() if kind == "ratio" else self.median("pixiebox")
+        value = self.ratio() if kind == "ratio" else self.median(self.subject)
         sign = "≥" if self.higher_better else "≤"
         wanted = f"{sign}{bound:g}{'x' if kind == 'ratio' else ' ' + self.unit}"
         if value is None:
@@ -232,26 +234,7 @@ def works(quick: bool) -> list[Work]:
             (),
             ("value", 1.5),
         ),
-        Work(
-            "vm-1",
-            "vm",
-            "VM power-on to up (TCG), 1 VM",
-            "s",
-            False,
-            ("pixiebox",),
-            (),
-            ("value", 30.0),
-        ),
-        Work(
-            "vm-10",
-            "vm",
-            "VM power-on to up (TCG), 10 at once: the slowest",
-            "s",
-            False,
-            ("pixiebox",),
-            (),
-            ("value", 120.0),
-        ),
+        *(Work(**spec) for spec in vmboot.works()),
         *(Work(**spec) for spec in dashboard.works(quick)),
     ]
 
@@ -410,18 +393,11 @@ class Bench:
     def startup_round(self, lab: Lab) -> None:
         self.sample("startup", "pixiebox", lambda: measure.dhcp_startup(lab, self.log))
 
-    def vm_rounds(self) -> None:
-        testos = ROOT / "out" / "testos"
-        vmboot.ensure_testos(testos)
-        rounds = min(self.args.rounds, 2)
-        for count, key, timeout in ((1, "vm-1", 120.0), (10, "vm-10", 300.0)):
-            for index in range(rounds if count == 1 else 1):
-                self.say(f"vm: {count} machine(s), round {index + 1}")
-                boot = functools.partial(
-                    vmboot.boot, count, self.workdir / f"vm-{count}", testos, timeout, self.log
-                )
-                # The slowest machine: when it is up, the whole lab is.
-                self.sample(key, "pixiebox", functools.partial(_slowest, boot))
+    def wanted(self, work: Work) -> bool:
+        """In a chosen group and, for the vm group, among --works (if given)."""
+        if work.group not in self.groups:
+            return False
+        return work.group != "vm" or not self.args.works or work.key in self.args.works
 
     # -- all --------------------------------------------------------------------
 
@@ -438,11 +414,8 @@ class Bench:
             finally:
                 lab.close()
         if "vm" in self.groups:
-            self.vm_rounds()
-
-
-def _slowest(boot: Callable[[], list[float]]) -> float:
-    return max(boot())
+            keys = [w.key for w in self.works.values() if w.group == "vm" and self.wanted(w)]
+            vmboot.run_rounds(self, keys)
 
 
 def table(works_: list[Work]) -> str:
@@ -473,7 +446,7 @@ def table(works_: list[Work]) -> str:
                     fmt(min(values)) if values else "-",
                     fmt(max(values)) if values else "-",
                     "anchor" if is_anchor else (f"{ratio:.2f}x" if ratio is not None else ""),
-                    work.verdict() if server == "pixiebox" else "",
+                    work.verdict() if server == work.subject else "",
                 )
             )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -527,6 +500,14 @@ def main(argv: list[str] | None = None) -> int:
         help="run only these servers (pixiebox kea dnsmasq tftpd-hpa nginx), for development",
     )
     parser.add_argument(
+        "--works",
+        nargs="+",
+        choices=vmboot.KEYS,
+        default=[],
+        metavar="KEY",
+        help=f"of the vm group, measure only these works ({', '.join(vmboot.KEYS)})",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="record Pixiebox with py-spy during each measurement "
@@ -571,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
             import shutil
 
             shutil.rmtree(workdir, ignore_errors=True)
-    chosen = [w for w in bench.works.values() if w.group in bench.groups]
+    chosen = [w for w in bench.works.values() if bench.wanted(w)]
     text = table(chosen)
     load_after = os.getloadavg()
     print()

@@ -14,6 +14,10 @@ set -euo pipefail
 SELF=$(readlink -f "$0")
 # Drivers for QEMU's virtio-net-pci and e1000 NICs; their dependencies come from modules.dep.
 NIC_MODULES=(virtio_pci virtio_net e1000)
+# efivarfs (a module in Debian's kernel): /init mounts it on UEFI machines to read the firmware's
+# SecureBoot variable, which the phone-home reports (issue 16). Loaded by /init only on UEFI: on
+# BIOS its init fails (no EFI variables), and a failed insmod on every BIOS boot would be noise.
+EFI_MODULES=(efivarfs)
 
 step="arguments"
 fail() {
@@ -113,6 +117,21 @@ mkdir -p "$ROOT"/{bin,dev,etc,proc,sys,run,tmp,lib/modules}
 # modprobe does); collect that order, each module once, into lib/modules/load.order.
 declare -A seen=()
 order=()
+copy_module() { # REL (a path in modules.dep) -> lib/modules/NAME.ko of the initrd
+    local rel=$1 base
+    base=$(basename "$rel")
+    # bookworm's modules are uncompressed (CONFIG_MODULE_COMPRESS_NONE). Later kernels compress
+    # them, and busybox insmod only reads compressed modules if built to, so decompress here:
+    # the initrd is gzipped as a whole anyway. (A module's signature is inside the compressed
+    # data, so it still loads under Secure Boot's lockdown.)
+    case "$base" in
+    *.ko) cp "$moddir/$rel" "$ROOT/lib/modules/$base" ;;
+    *.ko.xz) xz -dc "$moddir/$rel" >"$ROOT/lib/modules/${base%.xz}" ;;
+    *.ko.zst) zstd -qdc "$moddir/$rel" >"$ROOT/lib/modules/${base%.zst}" ;;
+    *.ko.gz) gzip -dc "$moddir/$rel" >"$ROOT/lib/modules/${base%.gz}" ;;
+    *) fail "unexpected module file $rel" ;;
+    esac || fail "cannot decompress $rel (install xz-utils/zstd)"
+}
 for name in "${NIC_MODULES[@]}"; do
     line=$(grep -E "(^|/)${name}\.ko(\.[a-z]+)?:" "$moddir/modules.dep" || true)
     [ -n "$line" ] || fail "module $name is not in $kver's modules.dep; is it built in? drop it from NIC_MODULES"
@@ -123,21 +142,19 @@ for name in "${NIC_MODULES[@]}"; do
     for rel in "${chain[@]}"; do
         [ -z "${seen[$rel]:-}" ] || continue
         seen[$rel]=1
+        copy_module "$rel"
         base=$(basename "$rel")
-        # bookworm's modules are uncompressed (CONFIG_MODULE_COMPRESS_NONE). Later kernels
-        # compress them, and busybox insmod only reads compressed modules if built to, so
-        # decompress here: the initrd is gzipped as a whole anyway.
-        case "$base" in
-        *.ko) cp "$moddir/$rel" "$ROOT/lib/modules/$base" ;;
-        *.ko.xz) xz -dc "$moddir/$rel" >"$ROOT/lib/modules/${base%.xz}" ;;
-        *.ko.zst) zstd -qdc "$moddir/$rel" >"$ROOT/lib/modules/${base%.zst}" ;;
-        *.ko.gz) gzip -dc "$moddir/$rel" >"$ROOT/lib/modules/${base%.gz}" ;;
-        *) fail "unexpected module file $rel" ;;
-        esac || fail "cannot decompress $rel (install xz-utils/zstd)"
         order+=("${base%.ko*}.ko")
     done
 done
 printf '%s\n' "${order[@]}" >"$ROOT/lib/modules/load.order"
+step="copying EFI modules"
+for name in "${EFI_MODULES[@]}"; do
+    line=$(grep -E "(^|/)${name}\.ko(\.[a-z]+)?:" "$moddir/modules.dep" || true)
+    [ -n "$line" ] || continue # built into this kernel: nothing to load
+    [ -z "${line#*:}" ] || fail "module $name has dependencies now (${line#*:}); load them in /init too"
+    copy_module "${line%%:*}"
+done
 
 # -- busybox ------------------------------------------------------------------------------------
 step="installing busybox"
@@ -237,6 +254,25 @@ tries=0
 while [ -z "$iface" ] && [ $tries -lt 100 ]; do
     iface=$(find_iface) || { sleep 0.1; tries=$((tries + 1)); }
 done
+# Secure Boot as the firmware says: the SecureBoot variable (EFI global variable GUID) holds 4
+# bytes of attributes, then 1 when on. Reported at phone-home: the appliance cannot see it on the
+# wire. No EFI (BIOS), no efivarfs or no variable: off.
+secure_boot_state() {
+    efivars=/sys/firmware/efi/efivars
+    # /sys/firmware/efi exists on UEFI; its efivars mount point only once efivarfs is loaded.
+    [ -d /sys/firmware/efi ] || { echo off; return 0; }
+    if ! grep -q " $efivars efivarfs " /proc/mounts; then
+        [ ! -f /lib/modules/efivarfs.ko ] || insmod /lib/modules/efivarfs.ko 2>/dev/null
+        mount -t efivarfs efivarfs "$efivars" 2>/dev/null || say "cannot mount efivarfs" >&2
+    fi
+    # All of it, then the 5th byte: efivarfs files cannot seek (no_llseek), so `od -j4` fails.
+    # shellcheck disable=SC2046  # the words are od's numbers
+    set -- $(od -An -tu1 "$efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c" 2>/dev/null)
+    if [ "${5:-}" = 1 ]; then echo on; else echo off; fi
+}
+secure_boot=$(secure_boot_state)
+say "secure boot $secure_boot"
+
 if [ -z "$iface" ]; then
     say "no network interface${mac:+ with MAC $mac} after 10 s; staying up without network"
     stay_up
@@ -278,9 +314,12 @@ else
         say "could not fetch $url/ssh.keys for 60 s; no SSH keys"
     fi
 fi
+# For the appliance to mark the machine up, with what Secure Boot is; before "up" is said, so a
+# test that sees "up" on the console finds the machine up in the API.
+[ -z "$url" ] || timeout 10 wget -q -O /dev/null --header 'Content-Type: application/json' \
+    --post-data "{\"state\": \"up\", \"secure_boot\": \"$secure_boot\"}" \
+    "$url/api/v1/phone-home" 2>/dev/null || true
 say "up ${name:-$(hostname)}"
-# For the appliance to mark the machine up; it may not have this endpoint yet.
-[ -z "$url" ] || timeout 10 wget -q -O /dev/null --post-data '' "$url/api/v1/phone-home" 2>/dev/null || true
 stay_up
 EOF
 chmod 0755 "$ROOT/init" "$ROOT/etc/udhcpc.script"

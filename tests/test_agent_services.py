@@ -8,6 +8,8 @@ from pathlib import Path
 
 import netlab
 from agentproc import lab_toml, start_agent
+from pixiebox.core.firmware import packaged_ipxe_dir
+from pixiebox.core.trixie import trixie_root
 from pixiebox.events import Event, Kind
 from pixiebox.store.state import StateStore
 
@@ -51,13 +53,15 @@ def test_uboot_board_gets_pxelinux_over_tftp_and_http_and_x86_gets_ipxe_over_tft
     miss = board.run(["curl", "-sS", "--max-time", "10", f"tftp://{AGENT_IP}/pxelinux.cfg/0A51"],
                      check=False)  # fmt: skip
     assert miss.returncode == 68  # TFTP file not found
-    # Debian's x86 iPXE builds come from /usr/lib/ipxe (ipxe.efi is a link into /boot there).
+    # Debian's x86 iPXE builds come from its ipxe package: trixie's where build.sh unpacked it,
+    # else /usr/lib/ipxe (bookworm's ipxe.efi is a link into /boot there).
+    packaged = packaged_ipxe_dir(trixie_root("ipxe"))
     for name in ("undionly.kpxe", "ipxe.efi"):
         fetched = workdir / name
         board.run(
             ["curl", "-sS", "--max-time", "20", "-o", str(fetched), f"tftp://{AGENT_IP}/{name}"]
         )
-        assert fetched.read_bytes() == Path("/usr/lib/ipxe", name).read_bytes()
+        assert fetched.read_bytes() == (packaged / name).read_bytes()
 
     # Each step is in tk1's event log as a kind and its facts (the board is known by address).
     def steps() -> list[Event] | None:
@@ -73,7 +77,7 @@ def test_uboot_board_gets_pxelinux_over_tftp_and_http_and_x86_gets_ipxe_over_tft
     assert served.fields == {"file": wanted, "image": "osie", "kernel": "osie/vmlinuz"}
     sent = {e.get("file"): e for e in events if e.kind == Kind.TFTP_SENT}
     assert set(sent) == {wanted, "undionly.kpxe", "ipxe.efi"}, sent
-    size = Path("/usr/lib/ipxe/ipxe.efi").stat().st_size
+    size = (packaged / "ipxe.efi").stat().st_size
     assert sent["ipxe.efi"].get("bytes") == size
     assert sent["ipxe.efi"].get("blksize") == 512  # curl asks for no larger block
     missed = next(e for e in events if e.kind == Kind.TFTP_FAILED)

@@ -162,6 +162,73 @@ def test_event_stream_delivers_a_boot_in_order(
     assert "pixiebox_boot_duration_seconds_count 1.0" in metrics  # DHCP to phone-home, once
 
 
+def test_secure_boot_as_the_os_reports_it_at_phone_home(
+    netlab_require: object, segment: netlab.Segment, workdir: Path
+) -> None:
+    """Issue 16: the OS says whether Secure Boot is on; the API, `pixiebox machines` and the
+    os.up event show what its latest "up" said. A bad value is refused in words, changing
+    nothing; an old OS (an empty body) still comes up, reporting nothing."""
+    netlab_require("curl")  # type: ignore[operator]
+    agent = api_agent(
+        segment, workdir, workdir / "t", mode="proxy", subnet=SUBNET,
+        machines=[("c1", C1_MAC, None)],
+    )  # fmt: skip
+    c1 = segment.add_host("c1", mac=C1_MAC, ip="10.82.0.50/24")
+    netlab.pxe_discover(c1, arch=7, uuid=UUID)
+    api = "http://127.0.0.1:8080/api/v1/machines/c1"
+
+    def phone_home(body: str) -> tuple[str, str]:
+        """(status, answer) of a phone-home from c1 itself (the proven machine)."""
+        out = curl(c1, "-w", " %{http_code}", "-H", "Content-Type: application/json",
+                   "--data", body, f"http://{AGENT_IP}/api/v1/phone-home?mac={C1_MAC}")  # fmt: skip
+        answer, _, status = out.rpartition(" ")
+        return status, answer
+
+    def ups() -> list[dict[str, Any]]:
+        events = json.loads(curl(agent.host, f"{api}/events"))
+        return [e for e in events if e["kind"] == "os.up"]
+
+    def row() -> str:
+        table = pixiebox(agent.host, agent.config, "machines")
+        return next(line for line in table.splitlines() if line.startswith("c1 "))
+
+    # An old OS: an empty body still means up; nothing is reported.
+    assert phone_home("") == ("200", "ok\n")
+    machine = json.loads(curl(agent.host, api))
+    assert machine["state"] == "up" and machine["secure_boot"] is None, machine
+    assert "secure_boot" not in ups()[-1]["fields"]
+    assert "Secure Boot" not in row()
+    # A value that is neither "on" nor "off" is a 400 naming the key; nothing changes.
+    for bad in ('"maybe"', "true", "1", '"ON"'):
+        status, answer = phone_home(f'{{"state": "up", "secure_boot": {bad}}}')
+        assert status == "400" and "secure_boot" in answer and '"on" or "off"' in answer, answer
+    assert len(ups()) == 1
+    assert json.loads(curl(agent.host, api))["secure_boot"] is None
+    # On: the API, the CLI's table (and --json) and the event say so.
+    assert phone_home('{"state": "up", "secure_boot": "on"}')[0] == "200"
+    assert json.loads(curl(agent.host, api))["secure_boot"] == "on"
+    assert ups()[-1]["fields"]["secure_boot"] == "on"
+    assert "x86_64 UEFI, Secure Boot" in row()
+    listed = json.loads(pixiebox(agent.host, agent.config, "machines", "--json"))
+    assert next(m for m in listed if m["mac"] == C1_MAC)["secure_boot"] == "on"
+    listing = json.loads(curl(agent.host, "http://127.0.0.1:8080/api/v1/machines"))
+    assert next(m for m in listing if m["mac"] == C1_MAC)["secure_boot"] == "on"
+    # The latest "up" counts: off, then an OS that says nothing.
+    assert phone_home('{"secure_boot": "off"}')[0] == "200"
+    assert json.loads(curl(agent.host, api))["secure_boot"] == "off"
+    assert "Secure Boot" not in row()
+    assert phone_home("")[0] == "200"
+    assert json.loads(curl(agent.host, api))["secure_boot"] is None
+    # A "joined" report does not touch it (only "up" reports it).
+    assert phone_home('{"state": "up", "secure_boot": "on"}')[0] == "200"
+    assert phone_home('{"state": "joined", "secure_boot": "off"}')[0] == "200"
+    assert json.loads(curl(agent.host, api))["secure_boot"] == "on"
+    # The API's document describes the field.
+    document = json.loads(curl(agent.host, "http://127.0.0.1:8080/api/v1/openapi.json"))
+    field = document["components"]["schemas"]["MachineView"]["properties"]["secure_boot"]
+    assert {"enum": ["on", "off"], "type": "string"} in field["anyOf"], field
+
+
 def test_events_carry_kind_message_and_fields_over_the_api_and_the_stream(
     netlab_require: object, segment: netlab.Segment, workdir: Path
 ) -> None:

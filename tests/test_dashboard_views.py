@@ -203,8 +203,11 @@ def dialog_open(page: Browser, dialog: str) -> bool:
     return bool(page.driver.execute_script(f"return document.getElementById({dialog!r}).open"))
 
 
-def boot(host: netlab.Host, ip: str | None, *, up: bool, syslog: str = "") -> None:
-    """A PXE DISCOVER from `host`; then (with `up`) its iPXE script, a syslog line, a phone-home."""
+def boot(
+    host: netlab.Host, ip: str | None, *, up: bool, syslog: str = "", secure_boot: str = ""
+) -> None:
+    """A PXE DISCOVER from `host`; then (with `up`) its iPXE script, a syslog line, a phone-home
+    (reporting `secure_boot` when given, as the OSIE does; an empty body as older OSes do)."""
     arch = 7 if ip is None else 0
     netlab.pxe_discover(host, arch=arch, uuid=UUID, timeout=1.0,
                         user_class=None if ip is None else "iPXE")  # fmt: skip
@@ -214,9 +217,9 @@ def boot(host: netlab.Host, ip: str | None, *, up: bool, syslog: str = "") -> No
               f"http://{AGENT_IP}/boot/{host.mac}.ipxe"])  # fmt: skip
     if syslog:
         host.run(["logger", "-n", AGENT_IP, "-P", "514", "-d", "--rfc3164", "-t", "osie", syslog])
-    host.run(
-        ["curl", "-sS", "--max-time", "10", "-X", "POST", f"http://{AGENT_IP}/api/v1/phone-home"]
-    )
+    body = f'{{"state": "up", "secure_boot": "{secure_boot}"}}' if secure_boot else ""
+    host.run(["curl", "-sS", "--max-time", "10", "-X", "POST", "--data", body,
+              f"http://{AGENT_IP}/api/v1/phone-home"])  # fmt: skip
 
 
 # -- the views, in order ------------------------------------------------------------------------
@@ -230,7 +233,10 @@ def test_machines_appear_by_dhcp_on_the_open_page(lab: Lab) -> None:
     # Three machines on the wire at once, while the page is open: no reload from here on.
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         jobs = [
-            pool.submit(boot, lab.hosts["c1"], C1_IP, up=True, syslog="kubelet started"),
+            # c1 is a BIOS machine: its OS reports Secure Boot off.
+            pool.submit(
+                boot, lab.hosts["c1"], C1_IP, up=True, syslog="kubelet started", secure_boot="off"
+            ),
             pool.submit(boot, lab.hosts["c2"], C2_IP, up=False),
             pool.submit(boot, lab.hosts["stranger"], None, up=False),
         ]
@@ -338,6 +344,9 @@ def test_the_machine_view(lab: Lab) -> None:
     kinds = [li.get_attribute("data-kind") for li in found(page, "#events li[data-kind]")]
     assert kinds.index("dhcp.offer") < kinds.index("os.up"), "newest last"
     assert found(page, "#given dt") and "10.83.0.31" in page.text("#given")
+    # What its OS reported of Secure Boot at phone-home.
+    assert attribute(page, "#secure-boot", "data-value") == "off"
+    assert page.text("#secure-boot") == "Secure Boot: off"
     for action in ("on", "off", "cycle"):
         assert found(page, f'button[data-power="{action}"]'), action
     # No power control in lab.toml: the buttons say so by being disabled, with the reason.
@@ -404,6 +413,8 @@ def test_a_power_button_shows_the_verified_outcome_and_its_steps(lab: Lab) -> No
     assert any("shelly" in step for step in steps), steps
     assert found(page, '#events li[data-kind="power.on"]'), "the power events, live"
     wait_css(page, 'ol#stagebar > li[data-stage="up"][data-status="done"]', "c2 up")
+    # Its OS (the plug's phone-home, an empty body) reported nothing of Secure Boot.
+    assert not found(page, "#secure-boot")
     screenshots(page, "machine-power", narrow_height=1200)
 
 

@@ -118,7 +118,9 @@ def test_an_image_without_its_section_is_named_and_not_booted() -> None:
         # Quirk 12: code 6 from an x86-64 laptop gets the x86-64 build when there is no i386 one.
         (6, ("ipxe.efi",), Loader("ipxe.efi", "ipxe-i386.efi")),
         (6, ("ipxe.efi", "ipxe-i386.efi"), Loader("ipxe-i386.efi", "ipxe-i386.efi")),
-        (11, ("snp.efi",), Loader("snp.efi", "snp.efi")),
+        (11, ("ipxe-arm64.efi",), Loader("ipxe-arm64.efi", "ipxe-arm64.efi")),  # trixie's ipxe
+        (19, ("ipxe-arm64.efi",), Loader("ipxe-arm64.efi", "ipxe-arm64.efi")),  # HTTP boot
+        (27, ("ipxe-riscv64.efi",), Loader("ipxe-riscv64.efi", "ipxe-riscv64.efi")),
         (11, ("ipxe.efi",), None),  # arm64 without its build
         (22, (), Loader("pxelinux.0", "pxelinux.0")),  # U-Boot: a name only, never fetched
     ],

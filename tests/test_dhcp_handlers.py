@@ -230,18 +230,22 @@ def test_proxy_ack_on_4011_to_ipxe_is_a_dhcp_ack_event_naming_the_script(
     assert acked.get("boot_file") == f"http://{SERVER}/boot/{C1_MAC}.ipxe"
 
 
-@pytest.mark.parametrize(("arch", "missing"), [(11, "snp.efi"), (10, "snp-arm32.efi"),
-                                               (19, "snp.efi")])  # fmt: skip
+@pytest.mark.parametrize(("arch", "missing", "hint"), [
+    (11, "ipxe-arm64.efi", "install Debian trixie's ipxe package"),
+    (10, "snp-arm32.efi", "Debian's ipxe package has none"),
+    (19, "ipxe-arm64.efi", "install Debian trixie's ipxe package"),
+])  # fmt: skip
 def test_missing_arm_build_is_not_offered_and_the_log_names_the_file(
-    tmp_path: Path, assets: Assets, arch: int, missing: str, caplog: pytest.LogCaptureFixture
-) -> None:
+    tmp_path: Path, assets: Assets, arch: int, missing: str, hint: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
     handler = make(ProxyHandler, tmp_path, assets)
     with caplog.at_level(logging.INFO, logger="pixiebox"):
         assert answer(handler, request(MessageType.DISCOVER, arch=arch)) is None
     text = caplog.text
     assert f"{missing} is missing" in text
     assert str(assets.root / "ipxe" / missing) in text
-    assert "Debian's ipxe package has x86 only" in text
+    assert hint in text
 
 
 def test_unknown_machines_are_ignored_with_one_log_line(

@@ -38,7 +38,7 @@ def proxy_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyLab]:
     workdir = tmp_path_factory.mktemp("proxy")
     assets = workdir / "assets"
     (assets / "ipxe").mkdir(parents=True)
-    (assets / "ipxe" / "snp.efi").write_bytes(b"arm64 iPXE stand-in")
+    (assets / "ipxe" / "ipxe-arm64.efi").write_bytes(b"arm64 iPXE stand-in")
     with netlab.Segment(workdir / "segment") as segment:
         router = segment.add_host("router", ip=f"{ROUTER_IP}/24")
         netlab.start_dnsmasq_router(router, "10.77.0.100", "10.77.0.150", ping_check=False)
@@ -59,7 +59,7 @@ def replies_from(replies: list[netlab.Reply], ip: str) -> list[netlab.Reply]:
 @pytest.mark.parametrize(
     ("arch", "boot_file", "skips_discovery"),
     [(0, "undionly.kpxe", True), (7, "ipxe.efi", False), (9, "ipxe.efi", False),
-     (11, "snp.efi", False)],
+     (11, "ipxe-arm64.efi", False)],
 )  # fmt: skip
 def test_pxe_client_gets_boot_file_for_its_arch_and_address_from_router(
     proxy_lab: ProxyLab, arch: int, boot_file: str, skips_discovery: bool

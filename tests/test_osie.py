@@ -473,10 +473,15 @@ def test_a_node_waits_for_a_late_appliance_then_comes_up_joins_and_logs(
     assert (root / "etc/ssh/ssh_host_ed25519_key").read_text() == (
         stored / "ssh_host_ed25519_key").read_text()  # fmt: skip
 
-    # Up: the phone-home after sshd and the disk.
+    # Up: the phone-home after sshd and the disk, saying what the firmware's SecureBoot
+    # variable says (efivarfs: 4 bytes of attributes, then 1 for on).
+    efivar = root / "sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c"
+    efivar.parent.mkdir(parents=True)
+    efivar.write_bytes(b"\x06\x00\x00\x00\x01")
     up = node.run(env_argv(root, "pixiebox-phone-home"), timeout=120)
     assert "phoned home: the appliance at http://10.85.0.2 shows c1 up" in up.stdout, up.stdout
-    assert api(agent_host, "/api/v1/machines/c1")["state"] == "up"
+    machine = api(agent_host, "/api/v1/machines/c1")
+    assert machine["state"] == "up" and machine["secure_boot"] == "on", machine
     # Up: its boot token is retired, so the metadata is not handed out again in this boot.
     again = node.run(["curl", "-sS", "--max-time", "10", "-o", "/dev/null", "-w", "%{http_code}",
                       "-H", f"Authorization: Bearer {token.group(1)}",

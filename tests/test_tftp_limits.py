@@ -29,6 +29,8 @@ import netlab
 import pytest
 from agentproc import RunningAgent, lab_toml, start_agent
 from clientcli import DOWNLOAD, command_line
+from pixiebox.core.firmware import packaged_ipxe_dir
+from pixiebox.core.trixie import trixie_root
 from pixiebox.events import Kind
 from pixiebox.net.limits import Quota
 from pixiebox.store.state import StateStore
@@ -45,7 +47,7 @@ FLOODER_IP = "10.87.0.20"
 #: The flooder's forged addresses: 64 of them, routed to its own namespace so that the
 #: agent's replies reach its silent sockets (no ICMP tells the agent that nobody listens).
 FORGED = "10.87.64.0/26"
-BOOT_FILE = "undionly.kpxe"  # Debian's ipxe package, served from /usr/lib/ipxe
+BOOT_FILE = "undionly.kpxe"  # Debian's ipxe package: trixie's unpacked, else /usr/lib/ipxe
 BIG = "big.bin"
 BIG_SIZE = 256 * 1024
 #: [tftp] defaults (config.schema.TftpSection), which this lab.toml keeps.
@@ -223,7 +225,7 @@ def test_client_timeout_over_the_cap_is_not_acknowledged_and_idle_transfers_end(
 def test_half_open_flood_leaves_room_for_real_clients_and_no_descriptors(
     lab: Lab, tmp_path: Path
 ) -> None:
-    wanted = Path("/usr/lib/ipxe", BOOT_FILE).read_bytes()
+    wanted = (packaged_ipxe_dir(trixie_root("ipxe")) / BOOT_FILE).read_bytes()
     warm = tmp_path / "warm.bin"
     assert "Error" not in tftp_hpa_get(lab, BOOT_FILE, warm)  # whatever a first transfer opens
     assert warm.read_bytes() == wanted

@@ -1,4 +1,4 @@
-"""Files of the Debian trixie packages pinned in image/trixie.txt (pixiebox.virtlab.trixie), for
+"""Files of the Debian trixie packages pinned in image/trixie.txt (pixiebox.core.trixie), for
 the tests: a test that needs one skips without it, and fails on CI, where `./build.sh test` has
 fetched them."""
 
@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
-from pixiebox.virtlab.trixie import trixie_file
+from pixiebox.core.trixie import trixie_file
 
 
 def on_ci() -> bool:

@@ -22,9 +22,10 @@ from pixiebox.config.load import reload_refusal
 from pixiebox.config.schema import DEFAULT_API_PORT
 from pixiebox.config.values import unicast_mac_problem
 from pixiebox.core import wording
-from pixiebox.core.firmware import Assets, Firmware, known_arches
+from pixiebox.core.firmware import Assets, Firmware, known_arches, packaged_ipxe_dir
 from pixiebox.core.inventory import Inventory
 from pixiebox.core.lifecycle import MachineState
+from pixiebox.core.trixie import trixie_root
 from pixiebox.core.trust import LabLink, redact
 from pixiebox.core.urls import BootUrls
 from pixiebox.dhcp.full import FullHandler
@@ -115,7 +116,8 @@ def boot_urls(config: LabConfig, segment: Segment) -> BootUrls:
 def build_handler(
     config: LabConfig, segment: Segment, inventory: Inventory, store: StateStore
 ) -> Handler:
-    policy = BootPolicy(Assets(config.boot.assets), boot_urls(config, segment))
+    ipxe = packaged_ipxe_dir(trixie_root("ipxe"))  # trixie's (2025, arm64 too) when unpacked
+    policy = BootPolicy(Assets(config.boot.assets, ipxe), boot_urls(config, segment))
     mode = config.network.dhcp_mode
     if mode == "proxy":
         return ProxyHandler(inventory, policy)
@@ -232,7 +234,7 @@ def prepare_assets(root: Path) -> Assets:
                 f"{exc.strerror}; create it or point assets at a directory"
             ) from None
         log.info("created the empty assets directory %s (kernels, initrds, iPXE builds)", root)
-    return Assets(root)
+    return Assets(root, packaged_ipxe_dir(trixie_root("ipxe")))
 
 
 def check_loaders(assets: Assets) -> None:
@@ -249,12 +251,9 @@ def check_loaders(assets: Assets) -> None:
     extra = sorted({f"{info.loader} ({info.cpu} {info.firmware})" for info in known_arches()
                     if not info.in_debian_package and info.firmware is not Firmware.UBOOT
                     and assets.ipxe_binary(info.loader) is None})  # fmt: skip
-    if extra:
-        log.info(
-            "not in %s, so those machines will not be answered: %s",
-            assets.root / "ipxe",
-            ", ".join(extra),
-        )
+    if extra:  # bookworm's ipxe has x86 only; trixie's (./build.sh trixie) has arm64 and riscv64
+        log.info("not in %s nor %s, so those machines will not be answered: %s",
+                 assets.root / "ipxe", assets.system_ipxe, ", ".join(extra))  # fmt: skip
 
 
 class Agent:

@@ -208,7 +208,11 @@ KINDS: dict[Kind, tuple[str, dict[str, str]]] = {
     ),
     Kind.OS_UP: (
         "the OS phoned home: it is up",
-        {"ip": "its address", "boot_seconds": "seconds since the boot's first request"},
+        {
+            "ip": "its address",
+            "boot_seconds": "seconds since the boot's first request",
+            "secure_boot": "on or off as the OS reports it (its own claim); absent: not reported",
+        },
     ),
     Kind.OS_JOINED: ("its Kubernetes node is Ready", {"ip": "its address"}),
     Kind.SYSLOG: (

@@ -137,7 +137,12 @@ def _when(timestamp: float | None) -> str:
 def machines_table(machines: list[dict[str, Any]]) -> str:
     rows = [("NAME", "MAC", "IP", "ARCH", "STATE", "LAST SEEN", "POWER")]
     for m in machines:
-        arch = " ".join(x for x in (m.get("arch"), m.get("firmware")) if x) or "-"
+        # Secure Boot only when on (its OS's own report at the latest phone-home): off is the
+        # column's plain meaning; --json tells "off" and null (not reported) apart.
+        parts = [" ".join(x for x in (m.get("arch"), m.get("firmware")) if x)]
+        if m.get("secure_boot") == "on":
+            parts.append("Secure Boot")
+        arch = ", ".join(part for part in parts if part) or "-"
         control = "+".join(m.get("power_control") or []) or "no control"
         power = f"{m.get('power', 'unknown')} ({control})"
         rows.append((m.get("name") or "(unknown)", m["mac"], m.get("ip") or "-", arch,

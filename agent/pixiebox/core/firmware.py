@@ -14,7 +14,26 @@ from pathlib import Path
 
 from pixiebox.net.paths import PathRefused, Place, candidates, stat_file
 
+#: Debian's ipxe package. The appliance (trixie) has the 2025 build there, for x86 and arm64;
+#: a bookworm host has the 2019 one (x86 only) there and trixie's unpacked by `./build.sh
+#: trixie` beside it (image/trixie.txt), which `packaged_ipxe_dir` prefers.
 SYSTEM_IPXE_DIR = Path("/usr/lib/ipxe")
+#: Where an unpacked ipxe .deb keeps its builds (`dpkg-deb -c`: usr/lib/ipxe/ipxe-arm64.efi, ...).
+PACKAGE_IPXE_DIR = "usr/lib/ipxe"
+
+
+def packaged_ipxe_dir(unpacked: Path | None) -> Path:
+    """The packaged iPXE builds to serve: trixie's ipxe unpacked at `unpacked` (the package
+    root, `.unpacked` written last by build.sh) when it is there, else SYSTEM_IPXE_DIR.
+
+    One directory, not both: trixie's package has every build bookworm's has and more (arm64,
+    riscv64), so mixing a 2019 ipxe.efi with a 2025 arm64 one would only make boots differ by
+    architecture for no reason."""
+    if unpacked is not None and (unpacked / ".unpacked").is_file():
+        candidate = unpacked / PACKAGE_IPXE_DIR
+        if candidate.is_dir():
+            return candidate
+    return SYSTEM_IPXE_DIR
 
 
 class Firmware(StrEnum):
@@ -27,10 +46,11 @@ class Firmware(StrEnum):
 @dataclass(frozen=True, slots=True)
 class ArchInfo:
     code: int
-    cpu: str  # x86_64, i386, arm64, arm32
+    cpu: str  # x86_64, i386, arm64, arm32, riscv64
     firmware: Firmware
     loader: str  # the iPXE build (or U-Boot config) this client must get first
-    # Debian's ipxe package carries the x86 builds only; others must be dropped into assets.
+    # In every Debian ipxe package, bookworm's (2019, x86 only) too: the agent does not start
+    # without it. The others are in trixie's (2025) or must be dropped into assets.
     in_debian_package: bool = True
     fallback: str | None = None  # served when `loader` is missing (see _ARCHES)
 
@@ -38,6 +58,9 @@ class ArchInfo:
     def label(self) -> str:
         return f"{self.cpu} {self.firmware}"
 
+
+ARM64_IPXE = "ipxe-arm64.efi"
+RISCV64_IPXE = "ipxe-riscv64.efi"
 
 _ARCHES: dict[int, ArchInfo] = {
     0: ArchInfo(0, "x86_64", Firmware.BIOS, "undionly.kpxe"),
@@ -50,15 +73,22 @@ _ARCHES: dict[int, ArchInfo] = {
     8: ArchInfo(8, "x86_64", Firmware.UEFI, "ipxe.efi"),
     9: ArchInfo(9, "x86_64", Firmware.UEFI, "ipxe.efi"),
     10: ArchInfo(10, "arm32", Firmware.UEFI, "snp-arm32.efi", False),
-    11: ArchInfo(11, "arm64", Firmware.UEFI, "snp.efi", False),
+    # Debian trixie's ipxe (1.21.1+git20250501) names its arm64 and riscv64 builds
+    # usr/lib/ipxe/ipxe-arm64.efi and ipxe-riscv64.efi (its ipxe.efi is a link to ipxe-amd64.efi
+    # beside them); bookworm's had none. On AAVMF's virtio NIC the arm64 build drives the
+    # firmware's SNP (tests/test_arm64_uefi.py; docs/firmware-quirks.md#37).
+    11: ArchInfo(11, "arm64", Firmware.UEFI, ARM64_IPXE, False),
     15: ArchInfo(15, "i386", Firmware.UEFI_HTTP, "ipxe-i386.efi", False, fallback="ipxe.efi"),
     16: ArchInfo(16, "x86_64", Firmware.UEFI_HTTP, "ipxe.efi"),
     18: ArchInfo(18, "arm32", Firmware.UEFI_HTTP, "snp-arm32.efi", False),
-    19: ArchInfo(19, "arm64", Firmware.UEFI_HTTP, "snp.efi", False),
+    19: ArchInfo(19, "arm64", Firmware.UEFI_HTTP, ARM64_IPXE, False),
     # U-Boot (docs/firmware-quirks.md#30: Debian's u-boot-qemu sends 21 on armv7, 22 on armv8) reads
     # pxelinux.cfg/01-<mac> relative to the boot file's directory, so the file name only anchors it.
     21: ArchInfo(21, "arm32", Firmware.UBOOT, "pxelinux.0", False),
     22: ArchInfo(22, "arm64", Firmware.UBOOT, "pxelinux.0", False),
+    # IANA 0x1b, 0x1c: RISC-V 64-bit UEFI, and its HTTP boot.
+    27: ArchInfo(27, "riscv64", Firmware.UEFI, RISCV64_IPXE, False),
+    28: ArchInfo(28, "riscv64", Firmware.UEFI_HTTP, RISCV64_IPXE, False),
 }
 
 #: PXE clients that omit option 93 are old BIOS ROMs (RFC 4578 made it mandatory later).
@@ -161,4 +191,9 @@ class Assets:
         where = self.root / "ipxe" / info.loader
         if info.in_debian_package:
             return f"install Debian's ipxe package or copy {info.loader} to {where}"
-        return f"add an {info.cpu} iPXE build as {where} (Debian's ipxe package has x86 only)"
+        if info.loader in (ARM64_IPXE, RISCV64_IPXE):
+            return (
+                f"install Debian trixie's ipxe package (on a bookworm host: sudo ./build.sh "
+                f"trixie) or copy an {info.cpu} iPXE build to {where}"
+            )
+        return f"add an {info.cpu} iPXE build as {where} (Debian's ipxe package has none)"

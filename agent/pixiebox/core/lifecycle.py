@@ -170,6 +170,10 @@ class Lifecycle:
         now = self._clock()
         self._heard(mac, now, kind)
         self._store.touch(mac, now, ip)
+        if kind == Kind.OS_UP:
+            # What the OS says of Secure Boot, from its latest "up" only (http.phonehome): an
+            # OS that says nothing this boot clears what an earlier one said.
+            self._store.set_secure_boot(mac, str((fields or {}).get("secure_boot") or ""))
         target = _TRANSITIONS.get(kind)
         if target is not None:
             current = self._store.machine_record(mac)

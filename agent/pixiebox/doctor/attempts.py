@@ -2,7 +2,9 @@
 
 A boot attempt starts at a boot request after a quiet gap, after the machine was up or off, or
 when a machine that had already got further (its script, kernel…) asks from the start again.
-Everything here reads an event's kind and fields only. Events from a database older than typed
+The signed chain's steps (shim, GRUB, its configuration: docs/firmware-quirks.md#33) are TFTP
+downloads told apart by their file names (`signed_step`). Everything here reads an event's kind
+and fields only. Events from a database older than typed
 events have no fields: a fact they cannot tell is None ("not known"), and the attempt split
 then starts a new attempt only on what is known, so an old log is never cut in the wrong place.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from pixiebox.core.firmware import SHIM, SIGNED_DIR, SIGNED_GRUB
 from pixiebox.events import Event, Kind
 
 #: A boot request after this much silence starts a new attempt (a power cycle, a retry).
@@ -48,6 +51,17 @@ _LOADER = re.compile(r"\.(efi|kpxe|kkpxe|pxe)$", re.IGNORECASE)
 #: TFTP requests that fail on every healthy boot: iPXE looks for an autoexec script, HP and
 #: Dell UEFI firmware for a Secure Boot signature file; neither needs to exist.
 _ASKED_FOR_NOTHING = frozenset({"autoexec.ipxe", "bootsig.bin"})
+#: What Debian's signed GRUB asks for once it runs: files under its built-in prefix /grub, the
+#: probes, then grub/grub.cfg, then grub/grub.cfg-<mac> (boot.grub_cfg serves them; the doctor
+#: does not import boot). Any of them, even a probe answered "not found", shows GRUB running.
+GRUB_DIR = "grub/"
+GRUB_MAC_CONFIG = re.compile(r"grub/grub\.cfg-(.+)", re.IGNORECASE)
+#: What shim starts when it refused its next stage (rhboot/shim `init_grub`: on
+#: EFI_SECURITY_VIOLATION or EFI_ACCESS_DENIED it runs MOK_MANAGER, fetched like GRUB from the
+#: boot file's directory). Pixiebox does not serve it: the request is the refusal's trace.
+MOK_MANAGER = f"{SIGNED_DIR}/mmx64.efi"
+#: The signed chain's steps, last first (see `signed_step`).
+SIGNED_STEPS = ("grub-config", "grub-files", "grub-refused", "grub", "shim")
 
 
 def text(event: Event, key: str) -> str | None:
@@ -88,10 +102,58 @@ def is_loader(event: Event) -> bool | None:
     return _LOADER.search(path) is not None
 
 
+def _tftp_path(event: Event) -> str | None:
+    if event.kind not in (Kind.TFTP_SENT, Kind.TFTP_FAILED):
+        return None
+    path = text(event, "file")
+    return path.lower() if path is not None else None
+
+
+def signed_step(event: Event) -> str | None:
+    """Which step of the signed chain (docs/firmware-quirks.md#33) a TFTP request shows:
+    "shim" (the firmware fetched shim to the end), "grub" (shim fetched GRUB to the end),
+    "grub-refused" (shim asked for its MOK manager: it refused GRUB), "grub-files" (GRUB asked
+    for something under its prefix: it runs), "grub-config" (GRUB got its own grub.cfg-<mac>);
+    None for anything else."""
+    path = _tftp_path(event)
+    if path is None:
+        return None
+    if path == MOK_MANAGER:
+        return "grub-refused"
+    sent = event.kind == Kind.TFTP_SENT
+    if path == SHIM.lower():
+        return "shim" if sent else None
+    if path == SIGNED_GRUB.lower():
+        return "grub" if sent else None
+    if not path.startswith(GRUB_DIR):
+        return None
+    return "grub-config" if sent and GRUB_MAC_CONFIG.fullmatch(path) else "grub-files"
+
+
+def on_signed_chain(attempt: Sequence[Event]) -> bool:
+    """Whether an attempt was handed shim (a DHCP answer naming it, or shim fetched)."""
+    return any(
+        signed_step(e) is not None or (e.kind in DHCP_REQUESTS and text(e, "boot_file") == SHIM)
+        for e in attempt
+    )
+
+
+def is_ipxe_efi(event: Event) -> bool:
+    """Whether a TFTP download to the end was an iPXE build for UEFI (ipxe.efi, snp.efi…), the
+    binary firmware with Secure Boot on refuses (not shim or GRUB, which are .efi too)."""
+    path = _tftp_path(event)
+    if event.kind != Kind.TFTP_SENT or path is None:
+        return False
+    return path.endswith(".efi") and not path.startswith(SIGNED_DIR + "/")
+
+
 def tftp_failure_matters(event: Event) -> bool:
     """A TFTP failure that explains a stalled boot; not the normal ones (the UEFI size probe,
-    iPXE looking for autoexec.ipxe)."""
+    iPXE looking for autoexec.ipxe), nor shim's MOK manager: shim asks for it only after it
+    refused GRUB, and that refusal is the cause (doctor.secure_boot says it)."""
     if event.get("reason") in ("size-probe", "expected-miss"):
+        return False
+    if _tftp_path(event) == MOK_MANAGER:
         return False
     name = (text(event, "file") or "").rsplit("/", 1)[-1].lower()
     return name not in _ASKED_FOR_NOTHING
@@ -163,6 +225,10 @@ def stage(attempt: Sequence[Event]) -> str:
             return str(kind)
     if Kind.BOOT_IGNORED in kinds:
         return str(Kind.BOOT_IGNORED)
+    steps = {signed_step(e) for e in attempt}
+    for step in SIGNED_STEPS:
+        if step in steps:
+            return step
     if any(ipxe_asked(e) or is_loader(e) for e in attempt):
         return "ipxe"
     return "dhcp"

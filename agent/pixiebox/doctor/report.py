@@ -27,6 +27,11 @@ class DoctorReport(BaseModel):
     #: Still booting within the doctor's waits: the verdict is progress, not a failure.
     waiting: bool = False
     verdict: str
+    #: The verdict's likely cause as a code, for programs: "secure-boot" (x86-64 UEFI firmware
+    #: refused iPXE: set secure_boot in lab.toml), where the signed chain stopped
+    #: ("shim-no-grub", "shim-refused-grub", "grub-no-config", "grub-no-kernel",
+    #: "kernel-refused"); null when the verdict names none.
+    cause: str | None = None
     timeline: list[str]
 
 
@@ -62,6 +67,7 @@ def report(diagnosis: Diagnosis, mac: str) -> DoctorReport:
         ok=diagnosis.ok,
         waiting=diagnosis.waiting,
         verdict=diagnosis.verdict,
+        cause=diagnosis.cause,
         timeline=timeline(diagnosis),
     )
 

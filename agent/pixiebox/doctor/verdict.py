@@ -4,12 +4,12 @@ cause, what to do next.
 Only the last attempt decides the verdict; an older, failed one is history (it only counts to
 say "the 3rd attempt in a row"). Every decision reads an event's kind and fields; its message
 is shown (in "its last step (…)") but never read. A field an old event lacks becomes "?" or a
-vaguer sentence, never a wrong one.
+vaguer sentence, never a wrong one. Where Secure Boot or the signed chain is the likely cause,
+secure_boot has the verdict; a verdict that names a cause also says it as a code (`cause`).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -22,11 +22,19 @@ from pixiebox.doctor.attempts import (
     ipxe_asked,
     is_loader,
     number,
+    on_signed_chain,
     repeats,
     split_attempts,
     start_of,
     text,
     tftp_failure_matters,
+)
+from pixiebox.doctor.context import Context, Said, clock
+from pixiebox.doctor.secure_boot import (
+    ipxe_refused,
+    kernel_refused,
+    missing_signed_file,
+    signed_stall,
 )
 from pixiebox.events import Event, Kind
 
@@ -45,6 +53,8 @@ BEFORE_SHOWN = 30
 _FAILURES = frozenset({Kind.TFTP_FAILED, Kind.HTTP_FAILED})
 #: (verdict, ok), or (verdict, None) while the last boot is within the doctor's waits.
 _Said = tuple[str, bool | None]
+#: Firmware that has no Secure Boot: a verdict for it never blames it.
+_WITHOUT_SECURE_BOOT = frozenset({"BIOS", "U-Boot"})
 
 #: Signs of a started OS, and how a verdict says each.
 _OS_SIGNS = {
@@ -79,21 +89,10 @@ class Diagnosis:
     #: says what happened so far, not what went wrong. A page colours it as progress, not as
     #: a failure (it cannot read that from the sentence).
     waiting: bool = False
-
-
-@dataclass(frozen=True)
-class _Context:
-    """What every verdict needs besides the events."""
-
-    name: str
-    mac: str
-    state: MachineState
-    now: float
-    mode: str
-    enrolled: bool
-    boot_timeout: float
-    settle: float
-    http_port: int
+    #: Why, as a code for programs (tests, scripts: the API's `cause`), when the verdict names
+    #: a likely cause with one: "secure-boot" (x86-64 UEFI refused iPXE: set secure_boot), or
+    #: where the signed chain stopped; doctor.secure_boot.CAUSES lists them. None otherwise.
+    cause: str | None = None
 
 
 def diagnose(
@@ -107,17 +106,20 @@ def diagnose(
     settle: float = DEFAULT_SETTLE,
     enrolled: bool | None = None,
     http_port: int = 80,
+    signed_chain: bool | None = None,
 ) -> Diagnosis:
     """What the machine's events say about its last boot.
 
     `mode` is the DHCP mode (proxy | reservation | full); `settle` how long a boot step may go
     without the next one before it counts as stalled; `boot_timeout` the same after the kernel
     and initrd (the OS must phone home by then); `enrolled` whether lab.toml has the machine
-    (default: unless its state is discovered)."""
+    (default: unless its state is discovered); `signed_chain` whether lab.toml hands it the
+    signed chain now (core.decision.boot_chain for x86-64 UEFI; None: not known), so that a
+    Secure Boot verdict does not ask for a setting that is already there."""
     if enrolled is None:
         enrolled = state is not MachineState.DISCOVERED
     before, attempts = split_attempts(events)
-    context = _Context(
+    context = Context(
         name=name,
         mac=events[0].mac if events else name,
         state=state,
@@ -127,26 +129,20 @@ def diagnose(
         boot_timeout=boot_timeout,
         settle=settle,
         http_port=http_port,
+        signed_chain=signed_chain,
     )
-    said: _Said
     if attempts:
         said = _last_attempt(attempts, context)
         kept = attempts[-KEPT_ATTEMPTS:]
     else:
-        said = _without_attempts(before, context)
+        said = Said(*_without_attempts(before, context))
         kept = [before[-BEFORE_SHOWN:]] if before else []
-    verdict, ok = said
-    return Diagnosis(name, str(state), kept, verdict, ok is True, waiting=ok is None)
+    return Diagnosis(
+        name, str(state), kept, said.text, said.ok is True, said.ok is None, said.cause
+    )
 
 
 # --------------------------------------------------------------------------- wording
-
-
-def _clock(timestamp: float, now: float) -> str:
-    local = time.localtime(timestamp)
-    if now - timestamp < 20 * 3600:
-        return time.strftime("%H:%M:%S", local)
-    return time.strftime("%Y-%m-%d %H:%M:%S", local)
 
 
 def _http_where(requests: Sequence[Event], http_port: int) -> tuple[str, str]:
@@ -165,7 +161,7 @@ def _http_where(requests: Sequence[Event], http_port: int) -> tuple[str, str]:
     return str(http_port), ""
 
 
-def _ignored_verdict(c: _Context) -> str:
+def _ignored_verdict(c: Context) -> str:
     if c.enrolled:
         return (
             f"{c.name} was ignored as an unknown machine before it was enrolled; it is enrolled "
@@ -181,7 +177,7 @@ def _ignored_verdict(c: _Context) -> str:
 # --------------------------------------------------------------------------- verdicts
 
 
-def _last_attempt(attempts: list[list[Event]], c: _Context) -> _Said:
+def _last_attempt(attempts: list[list[Event]], c: Context) -> Said:
     attempt = attempts[-1]
     start = start_of(attempt)
     count = repeats(attempts)
@@ -189,7 +185,7 @@ def _last_attempt(attempts: list[list[Event]], c: _Context) -> _Said:
 
     up = next((e for e in attempt if e.kind == Kind.OS_UP), None)
     if up is not None:
-        return _booted(attempt, start, up, c)
+        return Said(*_booted(attempt, start, up, c))
 
     chain = [e for e in attempt if e.kind in CHAIN or e.kind in _FAILURES]
     progress = [e for e in chain if e.kind in CHAIN]
@@ -202,17 +198,21 @@ def _last_attempt(attempts: list[list[Event]], c: _Context) -> _Said:
     ]
     quiet = c.now - max(e.time for e in chain)
     kinds = {e.kind for e in progress}
+    settled = quiet >= c.settle
 
     if last_step.kind == Kind.BOOT_IGNORED:
-        return _ignored_verdict(c), False
+        return Said(_ignored_verdict(c), False)
     if failures:
-        return _failure_verdict(failures[-1], c) + again, False
+        return Said(_failure_verdict(failures[-1], c) + again, False)
     if Kind.HTTP_KERNEL in kinds or (
         Kind.HTTP_PXELINUX in kinds and last_step.kind == Kind.TFTP_SENT
     ):
-        return _after_kernel(attempt, last_step, kinds, quiet, c, again)
-    if quiet < c.settle:
-        return (
+        refused = kernel_refused(attempt, c) if settled else None
+        if refused is not None:
+            return Said(refused.text + again, refused.ok, refused.cause)
+        return Said(*_after_kernel(attempt, last_step, kinds, quiet, c, again))
+    if not settled:
+        return Said(
             f"{c.name} is booting: its last step ({last_step.kind}: {last_step.message}) was "
             f"{wording.span(quiet)} ago. Run pixiebox doctor again in a moment.",
             None,
@@ -221,34 +221,40 @@ def _last_attempt(attempts: list[list[Event]], c: _Context) -> _Said:
         script = next(e for e in reversed(progress) if e.kind == Kind.HTTP_SCRIPT)
         kernel = text(script, "kernel")
         named = f" {kernel}" if kernel else ""
-        return (
-            f"{c.name} fetched its iPXE script at {_clock(script.time, c.now)} but never the "
+        return Said(
+            f"{c.name} fetched its iPXE script at {clock(script.time, c.now)} but never the "
             f"kernel{named}: the script stopped before it. Look at the machine's console (the "
             "script says there why it stopped); check that the URL it fetches from is this "
             "appliance ([network] server_ip) and that the machine has enough memory." + again,
             False,
         )
     requests = [e for e in progress if e.kind in DHCP_REQUESTS]
+    port = _http_where(requests, c.http_port)[0]
+    # Secure Boot and the signed chain before the general "stalled in iPXE": their downloads
+    # are .efi loaders too, and their silence has a likelier cause (doctor.secure_boot).
+    cause = ipxe_refused(attempts, c) or signed_stall(attempt, c, port)
+    if cause is not None:
+        return Said(cause.text + again, cause.ok, cause.cause)
     stalled_in_ipxe = _stalled_in_ipxe(progress, requests, c)
     if stalled_in_ipxe is not None:
-        return stalled_in_ipxe + again, False
+        return Said(stalled_in_ipxe + again, False)
     if requests:
-        return _no_boot_file(attempt, start, requests, c) + again, False
-    return (
+        return Said(_no_boot_file(attempt, start, requests, c) + again, False)
+    return Said(
         f"{c.name} stopped after {last_step.kind} ({last_step.message}) at "
-        f"{_clock(last_step.time, c.now)}, {wording.span(quiet)} ago; look at its console." + again,
+        f"{clock(last_step.time, c.now)}, {wording.span(quiet)} ago; look at its console." + again,
         False,
     )
 
 
-def _booted(attempt: list[Event], start: Event, up: Event, c: _Context) -> tuple[str, bool]:
+def _booted(attempt: list[Event], start: Event, up: Event, c: Context) -> tuple[str, bool]:
     off = next((e for e in attempt if e.kind == Kind.MACHINE_OFF and e.time >= up.time), None)
     took = wording.span(up.time - start.time)
     if off is not None:
         alive = max((e.time for e in attempt if e.kind != Kind.MACHINE_OFF), default=up.time)
         return (
             f"{c.name} booted ({took} from its first boot request to the OS phoning home, at "
-            f"{_clock(up.time, c.now)}) and went silent at {_clock(alive, c.now)} "
+            f"{clock(up.time, c.now)}) and went silent at {clock(alive, c.now)} "
             f"({wording.span(c.now - alive)} ago): it was powered off, or it crashed. If it "
             "should be on, power it on and look at its console.",
             False,
@@ -257,7 +263,7 @@ def _booted(attempt: list[Event], start: Event, up: Event, c: _Context) -> tuple
     now_what = "it has joined Kubernetes" if joined else "it is up"
     return (
         f"{c.name} booted fine: the OS phoned home {took} after its first boot request "
-        f"({_clock(start.time, c.now)}); {now_what}.",
+        f"({clock(start.time, c.now)}); {now_what}.",
         True,
     )
 
@@ -267,7 +273,7 @@ def _after_kernel(
     last_step: Event,
     kinds: set[str],
     quiet: float,
-    c: _Context,
+    c: Context,
     again: str,
 ) -> _Said:
     """The kernel (and initrd) went out: the OS should phone home within boot_timeout."""
@@ -285,7 +291,7 @@ def _after_kernel(
     if refused is not None:
         return (
             f"{c.name} received {files} and its OS started, but the appliance refused it its "
-            f"metadata at {_clock(refused.time, c.now)} ({refused.get('reason')}): "
+            f"metadata at {clock(refused.time, c.now)} ({refused.get('reason')}): "
             f"{refused.message}. The OS waits for it; boot the machine again through Pixiebox "
             "(its iPXE script hands it a new boot token).",
             False,
@@ -301,15 +307,15 @@ def _after_kernel(
     if sign is not None:
         return (
             f"{c.name} received {files} and its OS started (it {_OS_SIGNS[Kind(sign.kind)]} at "
-            f"{_clock(sign.time, c.now)}), but it never phoned home: the OS's startup stopped "
+            f"{clock(sign.time, c.now)}), but it never phoned home: the OS's startup stopped "
             f"before that. Read its log: pixiebox events {c.name}, or look at its console.",
             False,
         )
+    loader = "GRUB" if on_signed_chain(attempt) else "the iPXE script"
     no_initrd = (
         ""
         if with_initrd
-        else " (it never fetched an initrd: if its image has one, the iPXE script stopped "
-        "before it)"
+        else f" (it never fetched an initrd: if its image has one, {loader} stopped before it)"
     )
     return (
         f"{c.name}: {sent} sent, no phone-home after {wording.span(quiet)}{no_initrd}: the OS "
@@ -318,7 +324,7 @@ def _after_kernel(
     )
 
 
-def _stalled_in_ipxe(progress: list[Event], requests: list[Event], c: _Context) -> str | None:
+def _stalled_in_ipxe(progress: list[Event], requests: list[Event], c: Context) -> str | None:
     """The verdict when iPXE was fetched or asked for its script, and nothing came next."""
     loader = next((e for e in progress if is_loader(e) is not False), None)
     # iPXE's own request; an old event does not say who asked, but a request after a loader
@@ -337,12 +343,19 @@ def _stalled_in_ipxe(progress: list[Event], requests: list[Event], c: _Context) 
     where = f" ({base})" if base else ""
     if ipxe is None:
         path = (text(loader, "file") if loader is not None else None) or "iPXE"
+        # BIOS has no Secure Boot; UEFI on other CPUs (or an old event that does not say) may.
+        firmware = {e.get("firmware") for e in requests if e.get("ipxe") is False}
+        refused = (
+            "iPXE may have failed to start on its network card"
+            if firmware and firmware <= _WITHOUT_SECURE_BOOT
+            else "the firmware may have refused to run it (Secure Boot on? Debian's iPXE "
+            "builds are not signed: switch Secure Boot off)"
+        )
         return (
             f"{c.name} fetched iPXE but never the script ({path} was sent over TFTP, but iPXE "
-            "never asked DHCP for its script either): the firmware may have refused to run it "
-            "(Secure Boot on? Debian's iPXE builds are not signed: switch Secure Boot off), or "
-            f"HTTP on port {port} of the appliance{where} is unreachable from the machine (a "
-            "firewall?). Look at its console, then power-cycle it."
+            f"never asked DHCP for its script either): {refused}, or HTTP on port {port} of "
+            f"the appliance{where} is unreachable from the machine (a firewall?). Look at its "
+            "console, then power-cycle it."
         )
     return (
         f"{c.name} fetched iPXE but never the script: HTTP on port {port} of the "
@@ -352,7 +365,7 @@ def _stalled_in_ipxe(progress: list[Event], requests: list[Event], c: _Context) 
     )
 
 
-def _no_boot_file(attempt: list[Event], start: Event, requests: list[Event], c: _Context) -> str:
+def _no_boot_file(attempt: list[Event], start: Event, requests: list[Event], c: Context) -> str:
     """Offered a boot file, never fetched it."""
     boot_file = next((f for f in map(_boot_file, reversed(requests)) if f), None)
     named = f" {boot_file}" if boot_file else ""
@@ -366,7 +379,7 @@ def _no_boot_file(attempt: list[Event], start: Event, requests: list[Event], c: 
             "answered it first: switch that one off or let Pixiebox run in proxy mode."
         )
     other_server = "another DHCP/PXE server" if c.mode == "proxy" else "another DHCP server"
-    since_start = f"{_clock(start.time, c.now)}, {wording.span(c.now - start.time)} ago"
+    since_start = f"{clock(start.time, c.now)}, {wording.span(c.now - start.time)} ago"
     return (
         f"{c.name} got a DHCP offer ({since_start}) but never asked for the boot "
         f"file{named}: {other_server} may be answering it, or the firmware is set to UEFI "
@@ -390,17 +403,20 @@ def _took_address(attempt: list[Event]) -> bool:
     return False
 
 
-def _failure_verdict(failure: Event, c: _Context) -> str:
-    at = _clock(failure.time, c.now)
+def _failure_verdict(failure: Event, c: Context) -> str:
+    at = clock(failure.time, c.now)
     path = text(failure, "file") or "?"
     reason = (text(failure, "reason") or "").replace("_", "-")
     if failure.kind == Kind.TFTP_FAILED:
         detail = text(failure, "detail")
         if reason == "not-found":
             why = f" ({detail})" if detail else ""
+            what = missing_signed_file(path) or (
+                "put the file there (for iPXE builds: apt-get install ipxe)"
+            )
             return (
                 f"{c.name} asked for {path} over TFTP at {at}, but the appliance does not have "
-                f"it{why}: put the file there (for iPXE builds: apt-get install ipxe)."
+                f"it{why}: {what}."
             )
         said = detail or reason or "no reason recorded"
         return (
@@ -436,7 +452,7 @@ def _failure_verdict(failure: Event, c: _Context) -> str:
     )
 
 
-def _without_attempts(before: list[Event], c: _Context) -> tuple[str, bool]:
+def _without_attempts(before: list[Event], c: Context) -> tuple[str, bool]:
     """Verdicts for a machine that never went through a boot Pixiebox answered."""
     kinds = {e.kind for e in before}
     if not before:
@@ -458,7 +474,7 @@ def _without_attempts(before: list[Event], c: _Context) -> tuple[str, bool]:
     up = next((e for e in reversed(before) if e.kind == Kind.OS_UP), None)
     if up is not None and c.state in (MachineState.UP, MachineState.JOINED):
         return (
-            f"{c.name} is up: its OS phoned home at {_clock(up.time, c.now)}, without a network "
+            f"{c.name} is up: its OS phoned home at {clock(up.time, c.now)}, without a network "
             "boot Pixiebox saw (it booted from its disk, or before Pixiebox kept its log).",
             True,
         )
@@ -472,13 +488,13 @@ def _without_attempts(before: list[Event], c: _Context) -> tuple[str, bool]:
     last = before[-1]
     if last.kind == Kind.MACHINE_DISCOVERED:
         return (
-            f"{c.name} asked to boot at {_clock(last.time, c.now)} but Pixiebox did not answer "
+            f"{c.name} asked to boot at {clock(last.time, c.now)} but Pixiebox did not answer "
             "it: the appliance has no boot file for its firmware. The agent's log names the "
             "file to add.",
             False,
         )
     return (
         f"{c.name} has not booted through Pixiebox; the last it heard was {last.kind} "
-        f"({last.message}) at {_clock(last.time, c.now)}.",
+        f"({last.message}) at {clock(last.time, c.now)}.",
         False,
     )

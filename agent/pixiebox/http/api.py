@@ -26,9 +26,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from pixiebox import doctor
-from pixiebox.config import split_listen
 from pixiebox.config.values import unicast_mac
 from pixiebox.core.inventory import Inventory
+from pixiebox.doctor.machine import diagnose_machine
 from pixiebox.events import Event, FieldValue, Kind
 from pixiebox.http.api_machines import (
     MachineQuery,
@@ -217,12 +217,9 @@ class _Handlers:
             settle = doctor.seconds_parameter(query, "settle", doctor.DEFAULT_SETTLE)
         except ValueError as exc:
             return _error(400, str(exc))
-        config = self.inventory.config
-        diagnosis = doctor.diagnose(
-            self.inventory.lifecycle.events(view.mac, limit=doctor.EVENTS),
-            state=view.state, now=time.time(), boot_timeout=timeout,
-            mode=config.network.dhcp_mode, name=view.name or view.mac, settle=settle,
-            enrolled=view.enrolled, http_port=split_listen(config.http.listen)[1],
+        diagnosis = diagnose_machine(
+            self.inventory, view.mac, state=view.state, name=view.name or view.mac,
+            enrolled=view.enrolled, now=time.time(), boot_timeout=timeout, settle=settle,
         )  # fmt: skip
         return _json(doctor.report(diagnosis, view.mac))
 

@@ -21,6 +21,7 @@ from pixiebox.doctor.attempts import (
     ipxe_asked,
     is_loader,
     number,
+    signed_step,
     start_of,
     text,
     tftp_failure_matters,
@@ -136,6 +137,9 @@ class _Bar:
                 self.reach("loader", event)  # iPXE is running: its loader was fetched
         elif kind == Kind.DHCP_REFUSED or kind == Kind.BOOT_IGNORED:
             self.reach("dhcp", event, failed=True)
+        elif kind == Kind.TFTP_SENT and signed_step(event) == "grub-config":
+            # The signed chain's script: GRUB's grub.cfg-<mac> (docs/firmware-quirks.md#33).
+            self.reach("script", event, number(event, "bytes"))
         elif kind == Kind.TFTP_SENT:
             if is_loader(event) is not False or not self.has("script"):
                 self.reach("loader", event, number(event, "bytes"))

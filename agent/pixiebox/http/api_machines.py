@@ -17,10 +17,10 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlencode
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from pixiebox.config import MachineSection, normalize_mac
 from pixiebox.core.decision import decide
@@ -68,9 +68,18 @@ class MachineView(BaseModel):
     power_detail: str = ""
     #: The drivers of its power chain in lab.toml (empty: no power control).
     power_control: list[str] = []
+    #: What its OS said at its latest phone-home: the machine's own claim, not verified.
+    secure_boot: Literal["on", "off"] | None = Field(
+        default=None,
+        description="Secure Boot as the machine's OS reported it at its latest phone-home "
+        "(its own claim, not verified by the agent); null: not reported",
+    )
 
 
 PowerOf = Callable[[str, MachineRecord | None], PowerView]
+
+#: A stored Secure Boot report as the API shows it (anything else, "" included: not reported).
+_REPORTED: dict[str, Literal["on", "off"]] = {"on": "on", "off": "off"}
 
 
 def machine_view(
@@ -96,6 +105,7 @@ def machine_view(
         enrolled=machine is not None, image=decide(inventory.lab, mac, None).image_name,
         first_seen=record.first_seen if record else None,
         last_seen=record.last_seen if record else None,
+        secure_boot=_REPORTED.get(record.secure_boot) if record else None,
     )  # fmt: skip
 
 

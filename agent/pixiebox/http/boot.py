@@ -80,10 +80,12 @@ _BUILDARCH_CODES: dict[tuple[str, str | None], int] = {
     ("x86_64", "efi"): 7,
     ("arm32", "efi"): 10,
     ("arm64", "efi"): 11,
+    ("riscv64", "efi"): 27,
     ("i386", None): 0,
     ("x86_64", None): 7,
     ("arm32", None): 10,
     ("arm64", None): 11,
+    ("riscv64", None): 27,
 }
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")

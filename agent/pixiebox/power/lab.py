@@ -20,9 +20,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pixiebox import doctor
-from pixiebox.config import MachineSection, split_listen
+from pixiebox.config import MachineSection
 from pixiebox.core.lifecycle import MachineState
+from pixiebox.doctor.machine import diagnose_machine
 from pixiebox.power.base import PowerAction
 from pixiebox.power.controller import PowerBusy, PowerController
 from pixiebox.power.views import PowerOutcome
@@ -103,13 +103,11 @@ async def _guarded(
 
 def _diagnose(controller: PowerController, machine: MachineSection, boot_timeout: float) -> str:
     inventory = controller.inventory
-    config = inventory.config
     record = inventory.lifecycle.records().get(machine.mac)
     state = inventory.lifecycle.state_of(record, enrolled=True)
-    found = doctor.diagnose(
-        inventory.lifecycle.events(machine.mac, limit=doctor.EVENTS), state=state,
-        now=time.time(), boot_timeout=boot_timeout, mode=config.network.dhcp_mode,
-        name=machine.name, enrolled=True, http_port=split_listen(config.http.listen)[1],
+    found = diagnose_machine(
+        inventory, machine.mac, state=state, name=machine.name, enrolled=True, now=time.time(),
+        boot_timeout=boot_timeout,
     )  # fmt: skip
     return found.verdict
 

@@ -80,9 +80,15 @@ _ADDED_COLUMNS = (
     # The lease holder's client identifier (option 61, hex; '' when it sent none): RFC 2131
     # 4.3.3 / 4.3.4 honour a DECLINE or RELEASE only from the holder (dhcp.leases).
     ("leases", "client_id", "TEXT NOT NULL DEFAULT ''"),
+    # Secure Boot as the OS said at its latest phone-home ('on', 'off'; '' not reported): the
+    # machine's own claim (http.phonehome), kept here so a listing reads no events.
+    ("machines", "secure_boot", "TEXT NOT NULL DEFAULT ''"),
 )
 
 log = logging.getLogger("pixiebox.store.state")
+
+#: A MachineRecord's columns, in its fields' order.
+_RECORD_COLUMNS = "mac, arch, firmware, first_seen, last_seen, state, state_since, ip, secure_boot"
 
 #: One encoder for every event's fields: json.dumps would build a new one per event, and a boot
 #: storm records two events per DHCP exchange.
@@ -121,6 +127,8 @@ class MachineRecord:
     state: str
     state_since: float
     ip: str
+    #: "on" or "off" as its OS reported at its latest phone-home "up"; "" not reported.
+    secure_boot: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,15 +300,12 @@ class StateStore:
         return [SeenMachine(*row) for row in rows]
 
     def machine_records(self) -> dict[str, MachineRecord]:
-        rows = self._db.execute(
-            "SELECT mac, arch, firmware, first_seen, last_seen, state, state_since, ip "
-            "FROM machines"
-        )
+        rows = self._db.execute(f"SELECT {_RECORD_COLUMNS} FROM machines")
         return {row[0]: MachineRecord(*row) for row in rows}
 
     def machine_record(self, mac: str) -> MachineRecord | None:
         row = self._db.execute(
-            "SELECT mac, arch, firmware, first_seen, last_seen, state, state_since, ip "
+            f"SELECT {_RECORD_COLUMNS} "
             "FROM machines WHERE mac = ?", (mac,),
         ).fetchone()  # fmt: skip
         return None if row is None else MachineRecord(*row)
@@ -321,6 +326,10 @@ class StateStore:
             "ip = CASE WHEN excluded.ip = '' THEN ip ELSE excluded.ip END",
             (mac, now, now, ip or ""),
         )
+
+    def set_secure_boot(self, mac: str, reported: str) -> None:
+        """What `mac`'s OS said of Secure Boot at its phone-home "up" ("" when it said nothing)."""
+        self._write("UPDATE machines SET secure_boot = ? WHERE mac = ?", (reported, mac))
 
     # the bounded inventory of discovered machines (core.lifecycle) and the API's pages
 
@@ -359,7 +368,7 @@ class StateStore:
             where += " AND (first_seen, mac) > (?, ?)"
             params += after
         rows = self._db.execute(
-            "SELECT mac, arch, firmware, first_seen, last_seen, state, state_since, ip "
+            f"SELECT {_RECORD_COLUMNS} "
             f"FROM machines WHERE {where} ORDER BY first_seen, mac LIMIT ?", (*params, limit),
         )  # fmt: skip
         return [MachineRecord(*row) for row in rows]
@@ -375,7 +384,7 @@ class StateStore:
     def machine_records_of(self, macs: Collection[str]) -> dict[str, MachineRecord]:
         """The records of `macs` that exist (the enrolled machines of lab.toml)."""
         rows = self._db.execute(
-            "SELECT mac, arch, firmware, first_seen, last_seen, state, state_since, ip "
+            f"SELECT {_RECORD_COLUMNS} "
             "FROM machines WHERE mac IN (SELECT value FROM json_each(?))",
             (json.dumps(list(macs)),),
         )  # fmt: skip

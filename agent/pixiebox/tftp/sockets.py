@@ -84,9 +84,7 @@ def transfer_sockets(
     try:
         # Only now may a second socket share the port, and only one of this user's.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.connect(client)
         sock.setblocking(False)
-        mtu: int | None = sock.getsockopt(socket.IPPROTO_IP, _IP_MTU)
         stray = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
     except BaseException:
         sock.close()
@@ -97,6 +95,14 @@ def transfer_sockets(
             stray.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
         stray.bind(sock.getsockname())
         stray.setblocking(False)
+        # connect() only after the stray socket made the port a SO_REUSEPORT group: connecting
+        # a socket of a group marks the group "has connections", and only then does a kernel
+        # before 6.13 (trixie's 6.12, the appliance's) weigh the connected socket's better
+        # match instead of handing the client's ACKs to the group (the stray socket), which
+        # answered every transfer's first ACK with ERROR 5. 6.13+ finds connected UDP sockets
+        # by their 4-tuple first, so the order did not matter on newer hosts.
+        sock.connect(client)
+        mtu: int | None = sock.getsockopt(socket.IPPROTO_IP, _IP_MTU)
     except BaseException:
         stray.close()
         sock.close()

@@ -38,6 +38,8 @@ from typing import Any
 from pixiebox.client.api import ApiClient, ApiRefused, ApiUnreachable
 from pixiebox.client.follow import Follower
 from pixiebox.config.schema import DEFAULT_API_PORT
+from pixiebox.core.firmware import SHIM, SIGNED_GRUB
+from pixiebox.core.trixie import trixie_file
 from pixiebox.events import Kind
 from pixiebox.virtlab import appliance_lab, forward, netns, vm, wake
 
@@ -51,6 +53,12 @@ READY = "Pixiebox serving"
 #: stream and runs the CLI.
 API_PORT = DEFAULT_API_PORT
 DEMO_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPixieboxDemoKeyReplaceMe demo@pixiebox"
+#: The signed chain's files (docs/firmware-quirks.md#33): where `./build.sh trixie` unpacked them
+#: (package, path in it), by their name under [boot] assets.
+SIGNED_CHAIN = {
+    SHIM: ("shim-signed", "usr/lib/shim/shimx64.efi.signed"),
+    SIGNED_GRUB: ("grub-efi-amd64-signed", "usr/lib/grub/x86_64-efi-signed/grubnetx64.efi.signed"),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +96,9 @@ class Machine:
     firmware: vm.Firmware
     pxe: vm.Pxe
     vm: vm.VM | None = None
+    #: Secure Boot enforcing (UEFI only): the VM runs trixie's Secure Boot OVMF, and lab.toml
+    #: sends it shim → signed GRUB instead of iPXE, which that firmware would refuse.
+    secure_boot: bool = False
     stage: str = "off"
     seconds: dict[str, float] = field(default_factory=dict)
     address: str = ""
@@ -95,7 +106,7 @@ class Machine:
     @property
     def label(self) -> str:
         how = "UEFI, native PXE" if self.pxe == "native" else f"{self.firmware.upper()}, iPXE ROM"
-        return f"{self.name} ({how})"
+        return f"{self.name} ({how}{', Secure Boot' if self.secure_boot else ''})"
 
 
 def plan(count: int) -> list[Machine]:
@@ -132,15 +143,26 @@ def qmp_socket(workdir: Path, machine: Machine) -> Path:
     return workdir.absolute() / f"{machine.name}.qmp"
 
 
+def signed_chain_sources() -> dict[str, Path]:
+    """The signed chain's unpacked files by their name under [boot] assets; FileNotFoundError
+    (one sentence: run sudo ./build.sh trixie) when they are not unpacked."""
+    return {name: trixie_file(*where) for name, where in SIGNED_CHAIN.items()}
+
+
 def lab_toml(workdir: Path, testos: Path, machines: list[Machine], keys: list[str]) -> str:
     assets = workdir / "assets"
     (assets / "testos").mkdir(parents=True)
     for name in ("vmlinuz", "initrd"):
         shutil.copyfile(testos / name, assets / "testos" / name)
+    if any(m.secure_boot for m in machines):
+        for name, source in signed_chain_sources().items():
+            (assets / name).parent.mkdir(exist_ok=True)
+            shutil.copyfile(source, assets / name)
     # on: Wake-on-LAN (answered by the wake responder); off (and on, should WoL fail): QMP.
     blocks = "".join(
         f'\n[[machines]]\nname = "{m.name}"\nmac = "{m.mac}"\npower = [{{ driver = "wol" }}, '
         f'{{ driver = "qemu", qmp = "{qmp_socket(workdir, m)}" }}]\n'
+        + ("secure_boot = true\n" if m.secure_boot else "")
         for m in machines
     )
     quoted = ", ".join(f'"{key}"' for key in keys)
@@ -408,7 +430,7 @@ def run(args: argparse.Namespace) -> int:
         for machine in machines:
             machine.vm = vm.start_vm(
                 segment, machine.name, machine.mac, firmware=machine.firmware, pxe=machine.pxe,
-                workdir=workdir, memory_mb=memory_for(testos),
+                workdir=workdir, memory_mb=memory_for(testos), secure_boot=machine.secure_boot,
             )  # fmt: skip
             machine.stage = "on"
             if machine.vm.qmp != qmp_socket(workdir, machine):

@@ -43,8 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from pixiebox.core.trixie import trixie_file
 from pixiebox.virtlab import netns
-from pixiebox.virtlab.trixie import trixie_file
 
 QEMU = "qemu-system-x86_64"
 ACCEL_ENV = "PIXIEBOX_QEMU_ACCEL"

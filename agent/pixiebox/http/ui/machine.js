@@ -91,6 +91,15 @@ function drawFacts() {
   const parts = [view.mac, view.ip, view.vendor, [view.arch, view.firmware].filter(Boolean).join(" / ")];
   facts.replaceChildren(el("span", view.state, `state state-${view.state}`));
   for (const part of parts.filter(Boolean)) facts.append(" ", el("span", part, "fact"));
+  if (view.secure_boot) {
+    // The OS's own claim at its latest phone-home (nothing on the wire shows it); an OS that
+    // does not report it shows nothing.
+    const secure = el("span", `Secure Boot: ${view.secure_boot}`, "fact");
+    secure.id = "secure-boot";
+    secure.dataset.value = view.secure_boot;
+    secure.title = "as the machine's OS reported it when it phoned home (its own claim)";
+    facts.append(" ", secure);
+  }
   if (view.last_seen) facts.append(" ", el("span", "seen ", "fact"), when(view.last_seen));
   if (view.state === "discovered") {
     const button = el("button", "Enroll", "enroll");

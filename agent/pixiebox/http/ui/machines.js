@@ -228,7 +228,9 @@ function row(view) {
   const vendor = cell(tr, "Vendor", view.vendor || "", "vendor");
   if (view.vendor) vendor.title = view.vendor;
   cell(tr, "Address", view.ip || "", "mono");
-  cell(tr, "Arch / firmware", value(view, "arch"));
+  // Secure Boot as the machine's OS reported it, only when on (off is the cell's plain meaning).
+  const secure = view.secure_boot === "on" ? "Secure Boot" : "";
+  cell(tr, "Arch / firmware", [value(view, "arch"), secure].filter(Boolean).join(" · "));
   cell(tr, "State", el("span", view.state, `state state-${view.state}`));
   cell(tr, "Power", powerCell(view));
   cell(tr, "Last seen", view.last_seen ? when(view.last_seen) : "never");

@@ -88,15 +88,31 @@ curl_problem() {
     esac
 }
 
-# post_phone_home URL MAC STATE: POST {"state": STATE} to the appliance. Sets PHONE_HOME_STATUS
-# (the HTTP status, "000" when nothing answered), PHONE_HOME_EXIT (curl's exit code) and
-# PHONE_HOME_BODY (the start of the answer: the agent explains a refusal in a sentence).
+#: The firmware's SecureBoot variable (EFI global variable GUID) in efivarfs, which systemd mounts.
+SECURE_BOOT_VAR=/sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c
+
+# secure_boot_state: "on" when the firmware says Secure Boot is on (the variable's 4 bytes of
+# attributes, then 1), else "off" (BIOS, no efivarfs, no variable). The phone-home reports it:
+# the appliance cannot see it on the wire (shim and GRUB fetch the same files either way).
+# The whole variable is read and its 5th byte taken: efivarfs files cannot seek (no_llseek),
+# so `od -j4` fails on them.
+secure_boot_state() {
+    local bytes
+    read -r -a bytes < <(od -An -tu1 "$(root "$SECURE_BOOT_VAR")" 2>/dev/null)
+    if [ "${bytes[4]:-}" = 1 ]; then printf on; else printf off; fi
+}
+
+# post_phone_home URL MAC STATE: POST {"state": STATE, "secure_boot": on|off} to the appliance.
+# Sets PHONE_HOME_STATUS (the HTTP status, "000" when nothing answered), PHONE_HOME_EXIT (curl's
+# exit code) and PHONE_HOME_BODY (the start of the answer: the agent explains a refusal in a
+# sentence).
 post_phone_home() {
-    local out
+    local out body
     out=$(mktemp)
+    body="{\"state\": \"$3\", \"secure_boot\": \"$(secure_boot_state)\"}"
     PHONE_HOME_EXIT=0
     PHONE_HOME_STATUS=$(curl -sS --connect-timeout 5 --max-time 20 -o "$out" -w '%{http_code}' \
-        -H 'Content-Type: application/json' --data "{\"state\": \"$3\"}" \
+        -H 'Content-Type: application/json' --data "$body" \
         "$1/api/v1/phone-home?mac=$2" 2>/dev/null) || PHONE_HOME_EXIT=$?
     PHONE_HOME_STATUS=${PHONE_HOME_STATUS:-000}
     PHONE_HOME_BODY=$(head -c 300 "$out" | tr -d '\r' | tr '\n' ' ')

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-#: The pins, next to build.sh (agent/pixiebox/virtlab/ → the repository root).
+#: The pins, next to build.sh (agent/pixiebox/core/ → the repository root).
 PINS = Path(__file__).resolve().parents[3] / "image" / "trixie.txt"
 
 
