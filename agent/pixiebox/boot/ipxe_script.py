@@ -78,7 +78,9 @@ def _fetch(label: str, command: str, url: str, what: str, path: str, base: str) 
         f"{command} && goto {label}_ok ||",
         "inc pxb_try",
         f"iseq ${{pxb_try}} {FETCH_TRIES} && goto {label}_failed ||",
-        f"echo Pixiebox: could not download {url} (attempt ${{pxb_try}} of {FETCH_TRIES}),"
+        # `kernel` both downloads and selects: iPXE's own line just above says which failed
+        # (a download error, or "Exec format error" for an image of another architecture).
+        f"echo Pixiebox: could not load {url} (attempt ${{pxb_try}} of {FETCH_TRIES}),"
         " trying again in ${pxb_wait} s",
         "sleep ${pxb_wait}",
         f"iseq ${{pxb_wait}} {MAX_RETRY_WAIT} || inc pxb_wait ${{pxb_wait}}",
@@ -86,7 +88,8 @@ def _fetch(label: str, command: str, url: str, what: str, path: str, base: str) 
         f":{label}_failed",
         f"echo Pixiebox: giving up on the {what} {url} after {FETCH_TRIES} attempts.",
         f"echo Check that the Pixiebox appliance at {base} is running and reachable from this"
-        f" machine, and that {_one_line(path)} is in its [boot] assets directory.",
+        f" machine, and that {_one_line(path)} is in its [boot] assets directory, built for"
+        " this machine's architecture.",
         # docs/firmware-quirks.md#24: `exit 0` opens the firmware's boot manager; 1 moves on to the
         # next boot device.
         "exit 1",
