@@ -2,7 +2,8 @@
 
 The user's story end to end, in virtual machines: the appliance disk image (as flashed to a USB
 stick) gets its lab.toml written onto its FAT partition with mtools (what a laptop does), a QEMU
-machine boots it from disk, and a second QEMU machine on the same private bridge PXE-boots the
+machine boots it from disk under UEFI with Secure Boot enforcing (trixie's OVMF with Microsoft's
+keys, as PCs ship: issue 16), and a second QEMU machine on the same private bridge PXE-boots the
 OSIE from it, phones home and is shown `up` by the appliance's API. An SSH client in the test's
 namespace logs into the node as root with the key from lab.toml, then again after the node
 rebooted, with the same host key. Everything under TCG, so the waits are long (bounded).
@@ -12,7 +13,6 @@ The images come from out/ (`build.sh test` builds them before pytest; cached).
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import time
@@ -27,6 +27,7 @@ from pixiebox.cli.appliance import FALLBACK_NETWORK, network_unit, prepare
 from pixiebox.config import LabConfig
 from pixiebox.events import Kind
 from pixiebox.virtlab import appliance_lab
+from trixiefiles import trixie_file_or_skip
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -35,6 +36,16 @@ APPLIANCE_MAC = appliance_lab.APPLIANCE_MAC
 NODE_MAC, NODE_IP = "52:54:00:89:01:01", "10.89.0.31"
 BOOT_TIMEOUT = 900.0  # the appliance under TCG on a loaded 2-core machine: kernel, systemd, agent
 NODE_TIMEOUT = 600.0  # iPXE, a 12 MB kernel and a 52 MB initrd over TCG, systemd, metadata
+#: The nodes' signed chain the appliance carries in its assets (core/firmware.py SHIM,
+#: SIGNED_GRUB): served file → (trixie package, its file), compared with the pinned copy
+#: `./build.sh trixie` unpacked (image/trixie.txt), so the image holds exactly the pinned binaries.
+SIGNED_ASSETS = {
+    "signed/shimx64.efi": ("shim-signed", "usr/lib/shim/shimx64.efi.signed"),
+    "signed/grubx64.efi": (
+        "grub-efi-amd64-signed",
+        "usr/lib/grub/x86_64-efi-signed/grubnetx64.efi.signed",
+    ),
+}
 
 
 # --- the appliance's own network, from lab.toml (no VM) ------------------------------------------
@@ -118,6 +129,74 @@ def test_appliance_units_verify(tmp_path: Path) -> None:
         and "/usr/local/bin/k3s" not in line
     ]
     assert not problems, result.stderr
+
+
+# --- the appliance's Secure Boot chain, on its FAT partition (no VM) -----------------------------
+
+#: Names in the certificates an Authenticode signature carries (DER strings are plain bytes).
+MICROSOFT_UEFI_CA = b"Microsoft Corporation UEFI CA"
+DEBIAN_CA = b"Debian Secure Boot CA"
+
+
+def pe_signature(binary: bytes) -> bytes:
+    """The Authenticode certificate table of a PE file (the optional header's data directory 4,
+    PE/COFF spec "The Attribute Certificate Table"); empty when the file is unsigned."""
+    header = int.from_bytes(binary[0x3C:0x40], "little")
+    optional = header + 24
+    plus = binary[optional : optional + 2] == b"\x0b\x02"  # PE32+ (x86-64) or PE32
+    entry = optional + (144 if plus else 128)
+    start, size = (int.from_bytes(binary[i : i + 4], "little") for i in (entry, entry + 4))
+    return binary[start : start + size]
+
+
+def esp_files(image: Path) -> list[str]:
+    listing = subprocess.run(
+        ["mdir", "-/", "-b", "-i", f"{image}@@{appliance_lab.ESP_OFFSET}", "::/"],
+        capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    lines = [line.removeprefix("::") for line in listing.stdout.split("\n") if line.strip()]
+    return [line for line in lines if not line.endswith("/")]  # files only
+
+
+def esp_file(image: Path, path: str, workdir: Path) -> bytes:
+    copy = workdir / path.strip("/").replace("/", "_")
+    subprocess.run(
+        ["mcopy", "-n", "-i", f"{image}@@{appliance_lab.ESP_OFFSET}", f"::{path}", str(copy)],
+        capture_output=True, check=True, timeout=60,
+    )  # fmt: skip
+    return copy.read_bytes()
+
+
+def test_the_appliance_boots_only_signed_binaries_under_uefi(
+    images: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """What firmware with Secure Boot on meets on the stick (mkosi.conf): \\EFI\\BOOT\\BOOTX64.EFI
+    is trixie's shim (signed by Microsoft's UEFI CA, the pinned file), beside it Debian's signed
+    systemd-boot as grubx64.efi (the name shim loads) and MokManager as mmx64.efi; the boot
+    entries' kernels are Debian-signed, and no unsigned UKI is left for systemd-boot to list."""
+    if shutil.which("mdir") is None:
+        pytest.skip("mtools is missing (apt-get install mtools; build.sh installs it)")
+    image = images[0]
+    pinned_shim = trixie_file_or_skip(*SIGNED_ASSETS["signed/shimx64.efi"])
+    files = esp_files(image)
+    lower = {name.lower(): name for name in files}
+    for wanted in ("/efi/boot/bootx64.efi", "/efi/boot/grubx64.efi", "/efi/boot/mmx64.efi"):
+        assert wanted in lower, f"{wanted} not on the ESP: {files}"
+    shim = esp_file(image, lower["/efi/boot/bootx64.efi"], tmp_path)
+    assert shim == pinned_shim.read_bytes(), "BOOTX64.EFI is not trixie's pinned shimx64.efi.signed"
+    assert MICROSOFT_UEFI_CA in pe_signature(shim)
+    loader = esp_file(image, lower["/efi/boot/grubx64.efi"], tmp_path)
+    assert b"systemd-boot" in loader and DEBIAN_CA in pe_signature(loader)
+    assert DEBIAN_CA in pe_signature(esp_file(image, lower["/efi/boot/mmx64.efi"], tmp_path))
+    assert not [f for f in files if f.lower().startswith("/efi/linux/")], files
+    entries = [f for f in files if f.lower().startswith("/loader/entries/")]
+    assert entries, f"no boot entry in /loader/entries: {files}"
+    for entry in entries:
+        text = esp_file(image, entry, tmp_path).decode()
+        kernels = [line.split()[1] for line in text.splitlines() if line.startswith("linux ")]
+        assert kernels, text
+        for kernel in kernels:
+            assert DEBIAN_CA in pe_signature(esp_file(image, kernel, tmp_path)), kernel
 
 
 # --- booting the images ---------------------------------------------------------------------------
@@ -209,13 +288,20 @@ def test_appliance_boots_from_disk_and_serves_the_osie_to_a_node_that_keeps_its_
     vms: list[vmlab.VM],
     tmp_path: Path,
 ) -> None:
-    netlab_require(vmlab.QEMU, "mcopy", "ssh", "curl")
+    """The appliance boots under UEFI with Secure Boot enforcing (shim → Debian's signed
+    systemd-boot → Debian's signed kernel: its kernel says so and locks down) and serves a node
+    as usual; its assets hold the nodes' signed chain. One boot checks both (VM time is CI's
+    budget); legacy BIOS boot is the next test's."""
+    netlab_require(vmlab.QEMU, "mcopy", "ssh", "curl", "tftp")
+    signed = {name: trixie_file_or_skip(*where) for name, where in SIGNED_ASSETS.items()}
+    for firmware in (vmlab.SECBOOT_CODE, vmlab.SECBOOT_VARS):
+        trixie_file_or_skip("ovmf", firmware)
     key, public = ssh_key
     disk = flash(images, tmp_path, appliance_lab_toml(public))
     laptop = segment.add_host("laptop", ip=f"{LAPTOP_IP}/24")
     appliance = vmlab.start_vm(
-        segment, "appliance", APPLIANCE_MAC, firmware="bios", memory_mb=1536,
-        disk=disk, workdir=tmp_path / "vms",
+        segment, "appliance", APPLIANCE_MAC, firmware="uefi", secure_boot=True,
+        memory_mb=1536, disk=disk, workdir=tmp_path / "vms",
     )  # fmt: skip
     vms.append(appliance)
     wait_for("the appliance's API", lambda: api(laptop, "/api/v1/machines") is not None,
@@ -223,17 +309,42 @@ def test_appliance_boots_from_disk_and_serves_the_osie_to_a_node_that_keeps_its_
     booted_in = appliance.elapsed()
     console = appliance.console_text()
     assert f"lab.toml is valid; eth0 gets {APPLIANCE_IP}" in console, console[-3000:]
+    # Debian's kernel, verified by shim, sees the firmware's Secure Boot and locks itself down
+    # (only signed modules; the appliance needs nothing else).
+    for line in ("Secure boot enabled", "Kernel is locked down"):
+        assert line in console, f"{line!r} not on the appliance's console\n{console[-3000:]}"
+    # Nothing the appliance does is refused by lockdown (an unsigned module, /dev/mem, kexec...
+    # would each print "Lockdown: PROCESS: WHAT is restricted"); the kernel's own note that
+    # hibernation is off is the one expected line.
+    refused = [
+        line
+        for line in console.splitlines()
+        if "is restricted; see man kernel_lockdown" in line and "hibernation" not in line
+    ]
+    assert not refused, "\n".join(refused)
     # The key from lab.toml lets the user into the appliance too; the API token was made on
     # this first boot, readable by root only; the agent runs under its hardened unit.
     inside = ssh(
         laptop, key, tmp_path / "appliance_known_hosts",
         "stat -c %a /var/lib/pixiebox/api-token; systemctl is-active pixiebox; "
-        "systemctl show -p ProtectSystem -p NoNewPrivileges --value pixiebox",
+        "systemctl show -p ProtectSystem -p NoNewPrivileges --value pixiebox; "
+        "cat /sys/kernel/security/lockdown",
         first=True, host=APPLIANCE_IP,
     )  # fmt: skip
     assert inside.returncode == 0, inside.stderr
-    mode, active, *hardening = inside.stdout.split()
+    mode, active, *hardening, lockdown = inside.stdout.splitlines()
     assert (mode, active, sorted(hardening)) == ("600", "active", ["strict", "yes"]), inside.stdout
+    assert "[integrity]" in lockdown, inside.stdout
+    # The nodes' signed chain, as a node gets it: by TFTP from the appliance, the pinned files.
+    for name, pinned in signed.items():
+        got = tmp_path / name.replace("/", "-")
+        fetched = laptop.run(["tftp", "-m", "binary", APPLIANCE_IP, "-c", "get", name, str(got)],
+                             timeout=120, check=False)  # fmt: skip
+        assert fetched.returncode == 0 and got.is_file(), f"TFTP {name}: {fetched.stderr}"
+        assert got.read_bytes() == pinned.read_bytes(), (
+            f"the appliance's {name} is not {pinned}: the image installed another version than "
+            "image/trixie.txt pins (a trixie point release?): update the pin"
+        )
 
     node = vmlab.start_vm(
         segment, "node1", NODE_MAC, firmware="bios", memory_mb=1024, workdir=tmp_path / "vms"
@@ -265,29 +376,24 @@ def test_appliance_boots_from_disk_and_serves_the_osie_to_a_node_that_keeps_its_
     again = ssh(laptop, key, known_hosts, "cat /etc/ssh/ssh_host_ed25519_key.pub", first=False)
     assert again.returncode == 0, again.stderr
     assert again.stdout.split()[:2] == host_key
-    print(f"appliance API up {booted_in:.0f} s after power-on; node1 up {node_up_in:.0f} s "
-          "after power-on")  # fmt: skip
+    print(f"appliance (UEFI, Secure Boot on) API up {booted_in:.0f} s after power-on; node1 up "
+          f"{node_up_in:.0f} s after power-on")  # fmt: skip
 
 
 @pytest.mark.timeout(BOOT_TIMEOUT + 300)
-def test_a_broken_lab_file_is_named_on_the_console_of_a_uefi_booted_appliance(
+def test_a_broken_lab_file_is_named_on_the_console_of_a_bios_booted_appliance(
     images: tuple[Path, Path],
     segment: netlab.Segment,
     netlab_require: Callable[..., None],
     vms: list[vmlab.VM],
     tmp_path: Path,
 ) -> None:
-    """The other half of "UEFI and legacy BIOS bootable": OVMF boots the stick through
-    systemd-boot and the UKI (the test above boots it with SeaBIOS and GRUB)."""
+    """The other half of "UEFI and legacy BIOS bootable": SeaBIOS boots the stick through GRUB
+    and the same kernel and initrds (the test above boots it under UEFI with Secure Boot)."""
     netlab_require(vmlab.QEMU, "mcopy")
-    problem = vmlab.prerequisite_problem("uefi")
-    if problem and os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}:
-        pytest.fail(problem, pytrace=False)
-    if problem:
-        pytest.skip(problem)
     disk = flash(images, tmp_path, appliance_lab_toml("ssh-ed25519 AAAAx a@b", broken=True))
     appliance = vmlab.start_vm(
-        segment, "appliance", APPLIANCE_MAC, firmware="uefi", memory_mb=1536,
+        segment, "appliance", APPLIANCE_MAC, firmware="bios", memory_mb=1536,
         disk=disk, workdir=tmp_path / "vms",
     )  # fmt: skip
     vms.append(appliance)
