@@ -737,6 +737,75 @@ def test_unknown_machine_image(check: Check) -> None:
     assert "osie" in error.hint
 
 
+ARCH_IMAGE = """
+[images.osie]
+kernel = "osie/vmlinuz"
+initrd = ["osie/initrd"]
+
+[images.osie.arch.{arch}]
+kernel = "osie-arm64/vmlinuz"
+"""  # the arch table's header is line 11 after NETWORK
+
+
+@pytest.mark.parametrize(
+    ("arch", "meant"),
+    [("arm65", "arm64"), ("aarch64", "arm64"), ("amd64", "x86-64"), ("x86_64", "x86-64"),
+     ("armv7", "armhf"), ("sparc", None)],
+)  # fmt: skip
+def test_an_unknown_architecture_is_named_at_its_line_with_the_allowed_ones(
+    check: Check, arch: str, meant: str | None
+) -> None:
+    error = one_error(check(NETWORK + ARCH_IMAGE.format(arch=arch)))
+    assert (error.line, error.key) == (11, f"images.osie.arch.{arch}")
+    assert error.message == f"{arch!r} is not an architecture an image can name"
+    assert "x86-64, arm64, armhf, riscv64" in error.hint
+    assert error.hint.startswith(f"did you mean {meant!r}?" if meant else "one of x86-64")
+    assert "[images.osie] itself" in error.hint
+
+
+def test_architecture_tables_inline_and_their_keys_are_checked_like_any_other(
+    check: Check,
+) -> None:
+    run = check(
+        NETWORK
+        + """
+[images.osie]
+kernel = "osie/vmlinuz"
+arch = { arm65 = { kernel = "a" }, armhf = { kernal = "b" } }
+
+[images.two]
+kernel = "two/vmlinuz"
+
+[images.two.arch.arm64]
+initrd = ["two-arm64/initrd"]
+"""
+    )
+    found = {(p.line, p.key): p for p in errors(run)}
+    assert set(found) == {
+        (9, "images.osie.arch.arm65"),
+        (9, "images.osie.arch.armhf.kernal"),
+        (9, "images.osie.arch.armhf.kernel"),
+        (14, "images.two.arch.arm64.kernel"),
+    }, run.stderr
+    assert found[(9, "images.osie.arch.armhf.kernal")].hint == "did you mean 'kernel'?"
+    missing = found[(14, "images.two.arch.arm64.kernel")]
+    assert missing.message == "this key is required"
+    assert "[images.two.arch.arm64] names that architecture's own kernel" in missing.hint
+
+
+def test_check_says_which_build_each_architecture_boots(check: Check) -> None:
+    run = check(
+        NETWORK
+        + ARCH_IMAGE.format(arch="arm64")
+        + '\n[images.osie.arch.armhf]\nkernel = "osie-armhf/vmlinuz"\nfdtdir = "osie-armhf/dtbs"\n'
+    )
+    assert run.code == 0, run.stderr
+    assert (
+        "image osie: arm64 → osie-arm64/vmlinuz; armhf → osie-armhf/vmlinuz (fdtdir "
+        "osie-armhf/dtbs); every other architecture (x86-64, riscv64) → osie/vmlinuz"
+    ) in run.stdout.splitlines()
+
+
 # --- unit tests: parse_duration, normalize_mac, key_lines --------------------------------------
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from pixiebox.agent import Agent
+from pixiebox.boot.pxelinux import pxelinux_for
 from pixiebox.config import LabConfig
 from pixiebox.core.decision import (
     BootDecision,
@@ -19,6 +20,7 @@ from pixiebox.core.decision import (
     LoaderCheck,
     Silence,
     decide,
+    images_summary,
 )
 from pixiebox.core.evidence import EvidenceBook, Source
 from pixiebox.core.firmware import ArchInfo, Assets, arch_info
@@ -152,6 +154,110 @@ def test_deciding_changes_nothing() -> None:
     assert view == lab("enroll")
 
 
+# --- per-architecture builds ([images.NAME.arch.<arch>]) ----------------------------------------
+
+
+def arch_lab() -> LabView:
+    """osie with an arm64 and an armhf build; rescue with none."""
+    config = LabConfig.model_validate({
+        "images": {"osie": {"kernel": "osie/vmlinuz", "initrd": ["osie/initrd"],
+                            "cmdline": "console=ttyS0",
+                            "arch": {"arm64": {"kernel": "osie-arm64/vmlinuz",
+                                               "initrd": ["osie-arm64/initrd"],
+                                               "cmdline": "console=ttyAMA0,115200"},
+                                     "armhf": {"kernel": "osie-armhf/vmlinuz",
+                                               "fdtdir": "osie-armhf/dtbs"}}},
+                   "rescue": {"kernel": "rescue/vmlinuz"}},
+        "machines": [{"name": "c1", "mac": C1}, {"name": "c2", "mac": C2, "image": "rescue"}],
+    })  # fmt: skip
+    return LabView.of(config)
+
+
+@pytest.mark.parametrize(
+    ("code", "build", "kernel"),
+    [
+        (11, "arm64", "osie-arm64/vmlinuz"),  # arm64 UEFI
+        (19, "arm64", "osie-arm64/vmlinuz"),  # arm64 UEFI HTTP boot
+        (22, "arm64", "osie-arm64/vmlinuz"),  # U-Boot armv8
+        (21, "armhf", "osie-armhf/vmlinuz"),  # U-Boot armv7 (a Jetson TK1)
+        (0, None, "osie/vmlinuz"),  # x86 BIOS
+        (7, None, "osie/vmlinuz"),  # x86-64 UEFI
+        (6, None, "osie/vmlinuz"),  # i386 is x86-64, which osie has no table for
+        (27, None, "osie/vmlinuz"),  # riscv64: no build, so the base
+    ],
+)
+def test_a_machine_boots_the_build_for_its_firmwares_architecture(
+    code: int, build: str | None, kernel: str
+) -> None:
+    for mac in (C1, STRANGER):  # enrolled or not: no per-machine configuration
+        decision = decide(arch_lab(), mac, arch(code))
+        assert decision.image is not None
+        assert (decision.image.name, decision.image.arch, decision.image.kernel) == (
+            "osie", build, kernel,
+        )  # fmt: skip
+        # What renderers get is the build alone: no tables left to resolve.
+        assert decision.image.section.arch == {}
+
+
+def test_a_build_has_its_own_files_and_the_base_command_line_unless_it_names_one() -> None:
+    arm64 = decide(arch_lab(), C1, arch(11)).image
+    armhf = decide(arch_lab(), C1, arch(21)).image
+    base = decide(arch_lab(), C1, arch(7)).image
+    assert arm64 is not None and armhf is not None and base is not None
+    assert (arm64.initrd, arm64.cmdline, arm64.section.fdtdir) == (
+        ("osie-arm64/initrd",), "console=ttyAMA0,115200", "",
+    )  # fmt: skip
+    # No initrd of its own: none (an x86 initrd's modules are no use to an armhf kernel).
+    assert (armhf.initrd, armhf.cmdline, armhf.section.fdtdir) == (
+        (), "console=ttyS0", "osie-armhf/dtbs",
+    )  # fmt: skip
+    assert (base.kernel, base.initrd, base.section.fdtdir) == ("osie/vmlinuz", ("osie/initrd",), "")
+
+
+def test_an_image_without_builds_is_the_same_for_every_architecture() -> None:
+    for code in (0, 11, 21, 22, 27):
+        image = decide(arch_lab(), C2, arch(code)).image
+        assert image is not None and (image.name, image.arch, image.kernel) == (
+            "rescue", None, "rescue/vmlinuz",
+        )  # fmt: skip
+
+
+def test_without_the_arch_the_build_is_the_one_for_what_dhcp_recorded() -> None:
+    recorded = {C1: "arm32", STRANGER: "arm64"}
+    asked: list[str] = []
+
+    def record(mac: str) -> str | None:
+        asked.append(mac)
+        return recorded.get(mac)
+
+    view = arch_lab()
+    c1 = decide(view, C1, None, recorded=record).image
+    stranger = decide(view, STRANGER, None, recorded=record).image
+    nothing = decide(view, "02:00:00:00:00:42", None, recorded=record).image
+    assert c1 is not None and stranger is not None and nothing is not None
+    assert (c1.arch, c1.kernel) == ("armhf", "osie-armhf/vmlinuz")
+    assert (stranger.arch, stranger.kernel) == ("arm64", "osie-arm64/vmlinuz")
+    assert (nothing.arch, nothing.kernel) == (None, "osie/vmlinuz")  # nothing recorded: base
+    # The firmware's own word wins over the record; an image without builds reads no record.
+    asked.clear()
+    assert decide(view, C1, arch(7), recorded=record).image == base_of(view)
+    assert decide(view, C2, None, recorded=record).image is not None and asked == []
+    # Nobody asked (pxelinux.cfg/default from an unknown address): the base.
+    assert decide(view, None, None, recorded=record).image == base_of(view)
+
+
+def base_of(view: LabView) -> object:
+    return decide(view, C1, arch(0)).image
+
+
+def test_check_says_which_architectures_each_image_serves() -> None:
+    assert images_summary(arch_lab().config) == [
+        "image osie: arm64 → osie-arm64/vmlinuz; armhf → osie-armhf/vmlinuz (fdtdir "
+        "osie-armhf/dtbs); every other architecture (x86-64, riscv64) → osie/vmlinuz",
+        "image rescue: every architecture → rescue/vmlinuz",
+    ]
+
+
 # --- seen, and the inventory's decision --------------------------------------------------------
 
 
@@ -194,6 +300,36 @@ def test_a_reload_swaps_the_config_and_the_mac_index_together(tmp_path: Path) ->
     assert inv.lab is not before and inv.lab.config is grown
     assert inv.decide(STRANGER, None).name == "c9"
     assert inv.who_is(STRANGER) is not None and before.by_mac.get(STRANGER) is None
+
+
+def test_a_board_gets_the_pxelinux_cfg_of_the_build_for_what_dhcp_recorded(
+    tmp_path: Path, no_arp: None
+) -> None:
+    """U-Boot's pxelinux.cfg request names no architecture: DHCP's record of option 93 (21,
+    armv7) decides, and the board is still recorded as armv7 U-Boot afterwards."""
+    inv = Inventory(arch_lab().config, StateStore(tmp_path / "state"))
+    urls = BootUrls(SERVER)
+    board_ip = IPv4Address("192.0.2.31")
+    inv.seen(C1, arch(21))  # what the DHCP handlers record from the DISCOVER,
+    inv.learn(C1, board_ip, Source.LEASE)  # and the lease they grant it
+    text = pxelinux_for(inv, urls, "01-" + C1.replace(":", "-"), board_ip, strict=False)
+    assert text is not None and "pixiebox.token=" in text  # the board itself asked
+    lines = [line.strip() for line in text.splitlines()]
+    assert "KERNEL osie-armhf/vmlinuz" in lines
+    assert "FDTDIR osie-armhf/dtbs" in lines
+    assert not [line for line in lines if line.startswith(("INITRD", "FDT "))]
+    append = next(line for line in lines if line.startswith("APPEND "))
+    assert "console=ttyS0 " in append and "pixiebox.arch=arm32" in append
+    record = inv.lifecycle.record_of(C1)
+    assert record is not None and (record.arch, record.firmware) == ("arm32", "U-Boot")
+    # An armv8 board: the arm64 build, no device tree line; nothing recorded: the base.
+    inv.seen(C2, arch(22))
+    inv.reload(inv.config.model_copy(update={"machines": [inv.config.machines[0]]}))
+    armv8 = pxelinux_for(inv, urls, "01-" + C2.replace(":", "-"), None, strict=False) or ""
+    assert "KERNEL osie-arm64/vmlinuz" in armv8 and "FDT" not in armv8
+    assert "INITRD osie-arm64/initrd" in armv8 and "pixiebox.arch=arm64" in armv8
+    unseen = pxelinux_for(inv, urls, "01-02-00-00-00-00-42", None, strict=False) or ""
+    assert "KERNEL osie/vmlinuz" in unseen and "pixiebox.arch=" not in unseen
 
 
 # --- address evidence -------------------------------------------------------------------------

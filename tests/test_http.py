@@ -36,7 +36,7 @@ from pixiebox.boot.ipxe_script import (
     pxelinux_config,
 )
 from pixiebox.config import ImageSection, load_config
-from pixiebox.core.firmware import packaged_ipxe_dir
+from pixiebox.core.firmware import arch_info, packaged_ipxe_dir
 from pixiebox.core.trixie import trixie_root
 from pixiebox.core.urls import BootUrls
 from pixiebox.events import Kind, fields_of
@@ -52,6 +52,8 @@ IGNORE_IP = "10.77.0.3"  # unknown = "ignore"
 COPY_IP = "10.77.0.4"  # pathsend switched off: files are copied through Python
 ENROLLED_MAC = "f4:4d:30:64:7a:3a"
 UNKNOWN_MAC = "f4:4d:30:64:8e:0f"
+BOARD_MAC = "00:04:4b:2a:7c:01"  # tk1: a Jetson TK1 (armv7 U-Boot) that boots osie's armhf build
+BOARD_IP = "10.77.0.62"
 SSH_KEYS = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIExample me@laptop", "ssh-rsa AAAAB3Nza you@desk"]
 KERNEL = b"kernel " * 40_000  # 280 kB
 INITRD = bytes(range(256)) * 4096  # 1 MiB
@@ -78,6 +80,14 @@ ssh_keys = [{keys}]
 kernel = "osie/vmlinuz"
 initrd = ["osie/initrd"]
 cmdline = "console=tty0 console=ttyS0,115200"
+[images.osie.arch.arm64]
+kernel = "osie-arm64/vmlinuz"
+initrd = ["osie-arm64/initrd"]
+cmdline = "console=ttyAMA0,115200"
+[images.osie.arch.armhf]
+kernel = "osie-armhf/vmlinuz"
+initrd = ["osie-armhf/initrd"]
+fdtdir = "osie-armhf/dtbs"
 [images.big]
 kernel = "osie/vmlinuz"
 initrd = ["big/initrd.img"]
@@ -89,6 +99,10 @@ listen = "{server_ip}:80"
 name = "c1"
 mac = "{ENROLLED_MAC}"
 ip = "{CLIENT_IP}"
+[[machines]]
+name = "tk1"
+mac = "{BOARD_MAC}"
+ip = "{BOARD_IP}"
 """
 
 
@@ -163,6 +177,8 @@ class BootLab:
     copying: Server
     #: The unknown machine (UNKNOWN_MAC) on the segment.
     unknown: netlab.Host
+    #: tk1, the armv7 U-Boot board (BOARD_MAC).
+    board: netlab.Host
     urls: BootUrls = field(init=False)
 
     def __post_init__(self) -> None:
@@ -193,6 +209,21 @@ def boot_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BootLab]:
     (assets / "osie" / "initrd").write_bytes(INITRD)
     (assets / "ipxe").mkdir()
     (assets / "ipxe" / "snp.efi").write_bytes(b"arm64 iPXE stand-in")
+    for build in ("osie-arm64", "osie-armhf"):
+        (assets / build).mkdir()
+        (assets / build / "vmlinuz").write_bytes(f"{build} kernel".encode())
+        (assets / build / "initrd").write_bytes(f"{build} initrd".encode())
+    (assets / "osie-armhf" / "dtbs").mkdir()
+    (assets / "osie-armhf" / "dtbs" / "tegra124-jetson-tk1.dtb").write_bytes(b"\xd0\x0d\xfe\xed")
+    # What the reservation handler records from tk1's DISCOVER (option 93 = 21, U-Boot.armv7)
+    # before the board asks for its pxelinux.cfg: this HTTP-only lab runs no DHCP server.
+    armv7 = arch_info(21)
+    assert armv7 is not None
+    seeded = StateStore(workdir / "srv")
+    try:
+        seeded.record_seen(BOARD_MAC, armv7.cpu, str(armv7.firmware))
+    finally:
+        seeded.close()
     with netlab.Segment(workdir / "segment") as segment:
         hosts = {
             role: segment.add_host(role, ip=f"{ip}/24")
@@ -213,6 +244,7 @@ def boot_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BootLab]:
             server("srvi", IGNORE_IP, "ignore"),
             server("srvc", COPY_IP, "discover", "--no-pathsend"),
             segment.add_host("unknown", mac=UNKNOWN_MAC, ip=f"{UNKNOWN_IP}/24"),
+            segment.add_host("board", mac=BOARD_MAC, ip=f"{BOARD_IP}/24"),
         )
         yield lab
 
@@ -487,6 +519,62 @@ def test_pxelinux_cfg_for_u_boot(boot_lab: BootLab) -> None:
     assert re.sub(r" pixiebox\.token=\S+", "", default) == expected
     assert boot_lab.status(url("/pxelinux.cfg/0A4D0002")) == 404
     assert boot_lab.status(url("/pxelinux.cfg/0A4D")) == 404
+
+
+def test_a_board_gets_the_build_for_the_architecture_dhcp_recorded(boot_lab: BootLab) -> None:
+    """tk1's DHCP recorded option 93 = 21 (armv7 U-Boot): its pxelinux.cfg names osie's armhf
+    build and its device trees, with no per-machine configuration."""
+    name = f"01-{BOARD_MAC.replace(':', '-')}"
+    mark = len(boot_lab.server.text())
+    text = boot_lab.curl(url(f"/pxelinux.cfg/{name}"), host=boot_lab.board).stdout
+    served = boot_lab.server.wait_event("http.pxelinux", after=mark)
+    assert (served["who"], served["fields"]) == (
+        BOARD_MAC,
+        {"file": f"pxelinux.cfg/{name}", "image": "osie", "kernel": "osie-armhf/vmlinuz"},
+    )
+    lines = [line.strip() for line in text.splitlines() if not line.lstrip().startswith("#")]
+    assert "KERNEL osie-armhf/vmlinuz" in lines
+    assert "INITRD osie-armhf/initrd" in lines
+    assert "FDTDIR osie-armhf/dtbs" in lines
+    assert not [line for line in lines if line.startswith("FDT ")]
+    append = next(line for line in lines if line.startswith("APPEND "))
+    # The base's command line (the armhf table names none), the recorded CPU, its own token.
+    assert append.startswith("APPEND console=tty0 console=ttyS0,115200 ")
+    assert "pixiebox.name=tk1" in append and "pixiebox.arch=arm32" in append
+    assert re.search(r" pixiebox\.token=\S{20,} ", append), append
+    # What U-Boot fetches next is there (over TFTP; the same assets over HTTP here).
+    for path in ("vmlinuz", "initrd", "dtbs/tegra124-jetson-tk1.dtb"):
+        assert boot_lab.status(url(f"/assets/osie-armhf/{path}")) == 200, path
+    # Still recorded as the armv7 U-Boot board DHCP saw (not a fixed armv8 guess).
+    store = StateStore(boot_lab.workdir / "srv")
+    try:
+        seen = {machine.mac: machine for machine in store.seen_machines()}
+    finally:
+        store.close()
+    assert (seen[BOARD_MAC].arch, seen[BOARD_MAC].firmware) == ("arm32", "U-Boot")
+
+
+def test_the_ipxe_script_names_the_build_for_the_architecture_ipxe_reports(
+    boot_lab: BootLab,
+) -> None:
+    script_url = url(f"/boot/{UNKNOWN_MAC}.ipxe")
+
+    def kernel_line(query: str) -> str:
+        script = boot_lab.curl(script_url + query, host=boot_lab.unknown).stdout
+        return next(line for line in script.splitlines() if line.startswith("kernel "))
+
+    arm64 = kernel_line("?arch=arm64")  # iPXE's ${buildarch} on arm64 UEFI
+    assert f"http://{SERVER_IP}/assets/osie-arm64/vmlinuz " in arm64
+    assert "initrd=initrd " in arm64 and "console=ttyAMA0,115200 " in arm64
+    assert "console=ttyS0" not in arm64
+    # No ?arch: what was recorded for the MAC stands (DHCP's option 93 in a real lab).
+    assert "/assets/osie-arm64/vmlinuz " in kernel_line("")
+    # An x86-64 UEFI iPXE: the base image.
+    x86 = kernel_line("?arch=x86_64&platform=efi")
+    assert "/assets/osie/vmlinuz " in x86 and "console=ttyS0,115200 " in x86
+    # The arm64 build's initrd is what an arm64 script fetches.
+    script = boot_lab.curl(script_url + "?arch=arm64", host=boot_lab.unknown).stdout
+    assert f"initrd --name initrd http://{SERVER_IP}/assets/osie-arm64/initrd" in script
 
 
 def test_ssh_keys(boot_lab: BootLab) -> None:

@@ -356,6 +356,48 @@ def test_file_with_errors_is_not_touched(tmp_path: Path) -> None:
     assert "has errors already" in caught.value.problems[-1].message
 
 
+ARCH_TABLES = """
+[[machines]]
+name = "tk1"
+mac = "00:04:4b:aa:aa:01"
+
+[images.osie]
+kernel = "osie/vmlinuz"
+
+[images.osie.arch.armhf]   # the Jetson TK1s
+kernel = "osie-armhf/vmlinuz"
+fdtdir = "osie-armhf/dtbs"
+"""
+
+
+def test_enrolling_keeps_the_architecture_tables(tmp_path: Path) -> None:
+    text = NETWORK + ARCH_TABLES
+    path = lab(tmp_path, text)
+    enroll(path, "aa:bb:cc:dd:ee:01", "web1")
+    _, inserted = insertion(text.encode(), path.read_bytes())
+    assert b'name = "web1"' in inserted and b"images" not in inserted
+    # The new block goes after the last machine, before the image and its tables.
+    assert path.read_text().endswith(text[text.index("\n[images.osie]") :])
+    config = valid(path)
+    assert [m.name for m in config.machines] == ["tk1", "web1"]
+    assert config.images["osie"].arch["armhf"].fdtdir == "osie-armhf/dtbs"
+
+
+def test_a_bad_architecture_key_refuses_an_enrollment_naming_its_line(tmp_path: Path) -> None:
+    text = NETWORK + ARCH_TABLES.replace("arch.armhf", "arch.armv7")
+    path = lab(tmp_path, text)
+    before = Unchanged(path)
+    with pytest.raises(EnrollError) as caught:
+        enroll(path, "aa:bb:cc:dd:ee:01")
+    before.assert_same()
+    problem = caught.value.problems[0]
+    assert format_loc(problem.loc) == "images.osie.arch.armv7"
+    header = "[images.osie.arch.armv7]   # the Jetson TK1s"
+    assert problem.line == text.splitlines().index(header) + 1
+    assert problem.hint.startswith("did you mean 'armhf'?")
+    assert "has errors already" in caught.value.problems[-1].message
+
+
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(EnrollError) as caught:
         enroll(tmp_path / "lab.toml", "aa:bb:cc:dd:ee:01")

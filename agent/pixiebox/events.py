@@ -147,8 +147,14 @@ KINDS: dict[Kind, tuple[str, dict[str, str]]] = {
         },
     ),
     Kind.HTTP_PXELINUX: (
-        "a U-Boot pxelinux.cfg file was served (over HTTP or TFTP)",
-        {"file": "the path", "image": "the image it boots", "kernel": "the kernel next"},
+        "a U-Boot pxelinux.cfg file was served (over HTTP or TFTP), or a Raspberry Pi's "
+        "cmdline.txt (TFTP, boot.raspi): the boot configuration before the kernel",
+        {
+            "file": "the path",
+            "image": "the image it boots",
+            "kernel": "the kernel next",
+            "serial": "the Raspberry Pi's serial number (its TFTP prefix), when it asked so",
+        },
     ),
     Kind.HTTP_KERNEL: (
         "a kernel was sent over HTTP to its last byte",

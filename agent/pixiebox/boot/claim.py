@@ -55,12 +55,13 @@ def claim(
     inventory: Inventory,
     mac: str,
     ip: IPv4Address | None,
-    arch: ArchInfo,
+    arch: ArchInfo | None,
     file: str,
     *,
     strict: bool,
 ) -> Claim:
-    """Settle what the client at `ip` that asked for `file`, naming `mac`, gets.
+    """Settle what the client at `ip` that asked for `file`, naming `mac`, gets. `arch` None:
+    the loader does not say its firmware, and what DHCP recorded stands.
 
     `strict`: False over TFTP, where the kernel may have no neighbour entry for the client yet
     (core.inventory `prove`)."""

@@ -176,6 +176,7 @@ def pxelinux_config(
     name: str | None,
     image_name: str,
     token: str | None = None,
+    arch: str | None = None,
 ) -> str:
     """A pxelinux.cfg file for U-Boot's `pxe get` / `pxe boot` (ARM boards).
 
@@ -187,13 +188,24 @@ def pxelinux_config(
     TFTP server must serve [boot] assets as its root.
 
     `mac` is None when the machine is not known (pxelinux.cfg/default): then `IPAPPEND 2` makes
-    U-Boot add BOOTIF=01-<mac> itself."""
+    U-Boot add BOOTIF=01-<mac> itself. `arch`: the board's CPU as DHCP recorded it (ArchInfo.cpu),
+    told to the OS as `pixiebox.arch` the way iPXE's ${buildarch} is.
+
+    An ARM kernel finds its hardware in a device tree, which U-Boot fetches and hands it: `FDT`
+    names one file, `FDTDIR` a directory in which U-Boot fetches its `fdtfile` variable (else
+    `<soc>-<board>.dtb`): the board's own .dtb, e.g. tegra124-jetson-tk1.dtb. Without either,
+    U-Boot passes the tree it has itself (`fdt_addr`, `fdtcontroladdr`), as QEMU's virt boards
+    do. A named tree that cannot be fetched fails the boot ("Skipping pixiebox for failure
+    retrieving fdt"; U-Boot's pxe_utils.c label_boot), so set them for the boards that need
+    them."""
     who = f"{name} ({mac})" if name and mac else (mac or "any machine")
     if mac is None:
         args = [_one_line(image.cmdline)] if image.cmdline.strip() else []
         args.append(f"pixiebox.url={urls.base}")
     else:
         args = kernel_arguments(urls, image, mac=mac, name=name, token=token)
+        if arch:
+            args.append(f"pixiebox.arch={_one_line(arch)}")
         args.append(f"BOOTIF=01-{mac.replace(':', '-')}")
     lines = [
         f"# Pixiebox pxelinux.cfg for {who}: image {image_name}",
@@ -212,6 +224,12 @@ def pxelinux_config(
     if image.initrd:
         # Before APPEND: U-Boot would otherwise take an `initrd=` from the command line.
         lines.append(f"  INITRD {','.join(image.initrd)}")
+    # One line each: U-Boot reads a value to the end of its line (a newline would start a
+    # command of its own).
+    if image.fdt.strip():
+        lines.append(f"  FDT {_one_line(image.fdt)}")
+    if image.fdtdir.strip():
+        lines.append(f"  FDTDIR {_one_line(image.fdtdir)}")
     if mac is None:
         lines.append("  IPAPPEND 2")
     lines.append(f"  APPEND {' '.join(args)}")

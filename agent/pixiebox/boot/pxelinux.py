@@ -16,18 +16,29 @@ from ipaddress import IPv4Address
 from pixiebox.boot.claim import claim
 from pixiebox.boot.grub_cfg import GRUB_DIR, grub_for
 from pixiebox.boot.ipxe_script import pxelinux_config
+from pixiebox.boot.raspi import Served, raspi_file
 from pixiebox.config import normalize_mac
-from pixiebox.core.firmware import DEFAULT_ARCH, arch_info
+from pixiebox.core.firmware import ArchInfo, Firmware, known_arches
 from pixiebox.core.inventory import Inventory
 from pixiebox.core.urls import BootUrls
 from pixiebox.events import Fields, Kind
 
 log = logging.getLogger("pixiebox.boot.pxelinux")
 
-#: What U-Boot on an armv8 board reports in option 93 (Debian's u-boot-qemu sends 22).
-UBOOT_ARCH = arch_info(22) or DEFAULT_ARCH
 PXELINUX_DIR = "pxelinux.cfg/"
 _MAC_FILE = re.compile(r"01-([0-9a-fA-F]{2}(?:-[0-9a-fA-F]{2}){5})")
+#: U-Boot's option-93 codes by CPU (docs/firmware-quirks.md#30: 21 armv7, 22 armv8).
+_UBOOT_BY_CPU = {info.cpu: info for info in known_arches() if info.firmware is Firmware.UBOOT}
+
+
+def board_arch(inventory: Inventory, mac: str) -> ArchInfo | None:
+    """The U-Boot firmware of the board `mac`, as DHCP recorded it a moment before it asked for
+    its pxelinux.cfg (which names no architecture: docs/firmware-quirks.md#30); None when
+    nothing was recorded, and the decision then boots the base image. Never a fixed guess: an
+    armv7 board (a Jetson TK1) handed an arm64 kernel would not start, and `seen` would record
+    the wrong CPU."""
+    cpu = inventory.recorded_cpu(mac)
+    return _UBOOT_BY_CPU.get(cpu) if cpu is not None else None
 
 
 def pxelinux_for(
@@ -55,7 +66,8 @@ def pxelinux_for(
     if mac is None:
         # `default` from an address no MAC is known for: the fallback for a board whose MAC file
         # was not answered; it cannot be recorded.
-        image = inventory.decide(None, UBOOT_ARCH).image
+        # No MAC, so no recorded architecture: the base image.
+        image = inventory.decide(None, None).image
         if image is None:  # unknown machines ignored, or no such image
             log.info("%s asked for pxelinux.cfg/default; not answered", describe)
             return None
@@ -64,7 +76,8 @@ def pxelinux_for(
             describe, image.kernel, image.name,
         )  # fmt: skip
         return pxelinux_config(urls, image.section, mac=None, name=None, image_name=image.name)
-    got = claim(inventory, mac, ip, UBOOT_ARCH, PXELINUX_DIR + file, strict=strict)
+    arch = board_arch(inventory, mac)
+    got = claim(inventory, mac, ip, arch, PXELINUX_DIR + file, strict=strict)
     if got.ignored and emit is not None:
         emit(Kind.BOOT_IGNORED, mac, "not booted ([boot] unknown = ignore)",
              {"reason": "unknown-ignored", "protocol": "http"})  # fmt: skip
@@ -84,17 +97,18 @@ def pxelinux_for(
             emit(Kind.HTTP_PXELINUX, mac, f"fetched its pxelinux.cfg for image {found.name}",
                  served)  # fmt: skip
     return pxelinux_config(
-        urls, found.section, mac=mac, name=got.name, image_name=found.name, token=got.token
-    )
+        urls, found.section, mac=mac, name=got.name, image_name=found.name, token=got.token,
+        arch=arch.cpu if arch is not None else None,
+    )  # fmt: skip
 
 
-def tftp_generator(inventory: Inventory, urls: BootUrls) -> Callable[[str, str], bytes | None]:
+def tftp_generator(inventory: Inventory, urls: BootUrls) -> Callable[[str, str], Served | None]:
     """The TFTP server's hook for files on no disk: pxelinux.cfg/* for U-Boot, grub/* for the
-    signed chain's GRUB (boot.grub_cfg)."""
+    signed chain's GRUB (boot.grub_cfg), a Raspberry Pi's `<serial>/...` (boot.raspi)."""
 
-    def generate(path: str, client_ip: str) -> bytes | None:
+    def generate(path: str, client_ip: str) -> Served | None:
         if not path.startswith((PXELINUX_DIR, GRUB_DIR)):
-            return None
+            return raspi_file(inventory, urls, path, client_ip)
         try:
             ip: IPv4Address | None = IPv4Address(client_ip)
         except ValueError:

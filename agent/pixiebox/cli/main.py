@@ -21,7 +21,7 @@ from pixiebox.client import follow as power_follow
 from pixiebox.client.api import ApiClient, ApiRefused, ApiUnreachable
 from pixiebox.config import labfile
 from pixiebox.config.values import unicast_mac
-from pixiebox.core.decision import secure_boot_summary
+from pixiebox.core.decision import images_summary, secure_boot_summary
 from pixiebox.events import Kind
 from pixiebox.net.netif import interface_info, interface_names
 from pixiebox.virtlab import demo as virtlab_demo
@@ -47,6 +47,7 @@ def summary(config: lab.LabConfig) -> str:
         + (f", pool {network.pool}" if network.pool and network.dhcp_mode == "full" else ""),
         f"unknown machines: {config.boot.unknown}; default image: {config.boot.image}; "
         f"images: {', '.join(sorted(config.images))}",
+        *images_summary(config),
         secure_boot_summary(config),
         f"machines: {len(config.machines)}",
     ]

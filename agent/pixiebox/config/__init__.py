@@ -36,12 +36,15 @@ from pixiebox.config.problems import (
     spec_problems,
 )
 from pixiebox.config.schema import (
+    ARCH_NAMES,
     ENV_PREFIX,
     ApiSection,
+    ArchName,
     BootSection,
     DhcpMode,
     DiskFormat,
     HttpSection,
+    ImageArch,
     ImageSection,
     KubernetesSection,
     LabConfig,
@@ -75,10 +78,12 @@ from pixiebox.config.values import (
 )
 
 __all__ = [
+    "ARCH_NAMES",
     "CONFIG_PATH_ENV",
     "DEFAULT_CONFIG_PATH",
     "ENV_PREFIX",
     "ApiSection",
+    "ArchName",
     "BootSection",
     "ConfigError",
     "DhcpMode",
@@ -89,6 +94,7 @@ __all__ = [
     "HttpSection",
     "HttpsUrl",
     "IPRange",
+    "ImageArch",
     "ImageSection",
     "KubernetesSection",
     "LabConfig",

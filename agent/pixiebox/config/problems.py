@@ -19,7 +19,9 @@ from pydantic import BaseModel, ValidationError
 
 from pixiebox.config.power_options import DRIVER_OPTIONS, KEY_HINTS, driver_options
 from pixiebox.config.schema import (
+    ARCH_NAMES,
     BootSection,
+    ImageArch,
     ImageSection,
     LabConfig,
     MachineSection,
@@ -111,9 +113,12 @@ def _model_at(loc: Loc) -> type[BaseModel] | None:
         if model is LabConfig and part == "images":
             model = ImageSection
             continue
+        if model is ImageSection and part == "arch":
+            model = ImageArch
+            continue
         field = model.model_fields.get(part)
         if field is None:
-            if model is ImageSection:
+            if model in (ImageSection, ImageArch):  # an image's name, an architecture's
                 continue
             return None
         annotation = field.annotation
@@ -147,6 +152,13 @@ def _hint_for(loc: Loc, error_type: str) -> str:
         return "use lower-case letters, digits and dashes (it becomes a DNS name)"
     if named[-1:] == ("driver",):
         return f"one of {', '.join(DRIVER_OPTIONS)}"
+    if len(named) == 3 and named[0] == "images" and named[2] == "arch":
+        return f'a table per architecture: [images.{named[1]}.arch.arm64] with kernel = "..."'
+    if len(named) == 5 and named[0] == "images" and named[2] == "arch" and named[4] == "kernel":
+        return (
+            f"[images.{named[1]}.arch.{named[3]}] names that architecture's own kernel "
+            "(initrd, cmdline, fdtdir and fdt are optional)"
+        )
     key = (named[-2], named[-1]) if len(named) >= 2 else ("", "")
     return _HINTS.get(key, "")
 
@@ -164,12 +176,46 @@ def clean_message(error: Any) -> str:
     return message
 
 
+#: What people write for the architectures an image names (Debian's, the kernel's, iPXE's, the
+#: firmware table's), and the name lab.toml takes: mkosi's.
+_ARCH_ALIASES = {
+    "amd64": "x86-64",
+    "x86_64": "x86-64",
+    "x64": "x86-64",
+    "i386": "x86-64",
+    "i686": "x86-64",
+    "aarch64": "arm64",
+    "armv8": "arm64",
+    "arm": "armhf",
+    "arm32": "armhf",
+    "armv7": "armhf",
+    "armv7l": "armhf",
+    "armel": "armhf",
+    "riscv": "riscv64",
+}
+
+
+def _arch_problem(loc: Loc, image: str, key: str) -> Problem:
+    """An [images.NAME.arch.<key>] table whose key is no architecture: at the table's line."""
+    close = _ARCH_ALIASES.get(key.lower()) or next(
+        iter(difflib.get_close_matches(key, ARCH_NAMES, n=1, cutoff=0.6)), None
+    )
+    names = f"{', '.join(ARCH_NAMES)} (mkosi's names)"
+    hint = f"did you mean {close!r}? Architectures: {names}" if close else f"one of {names}"
+    hint += f"; a machine of any other architecture boots [images.{image}] itself"
+    return Problem(loc, f"{key!r} is not an architecture an image can name", hint)
+
+
 def problems_from_validation(error: ValidationError, limit: int | None = None) -> list[Problem]:
     """The first `limit` (all if None) of `error`'s problems: each unknown key costs a "did
     you mean" search, which a file of 100,000 typos should not pay for problems never shown."""
     problems = []
     for item in error.errors()[:limit]:
         loc: Loc = tuple(item["loc"])
+        if loc[-1:] == ("[key]",) and loc[-3:-2] == ("arch",) and len(loc) >= 5:
+            # pydantic places a bad dict key at ("images", NAME, "arch", KEY, "[key]").
+            problems.append(_arch_problem(loc[:-1], str(loc[-4]), str(loc[-2])))
+            continue
         if item["type"] == "extra_forbidden":
             key = str(loc[-1])
             model = _model_at(loc)

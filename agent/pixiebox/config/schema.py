@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -99,10 +99,37 @@ class BootSection(Section):
     secure_boot: bool = False
 
 
+#: The architectures an image can name its own build for, in mkosi's spelling (its
+#: `Architecture=` values, which `./build.sh osie --arch` takes): [images.NAME.arch.arm64].
+ArchName = Literal["x86-64", "arm64", "armhf", "riscv64"]
+ARCH_NAMES: tuple[ArchName, ...] = get_args(ArchName)
+
+
+class ImageArch(Section):
+    """[images.NAME.arch.<arch>]: the image's build for one architecture, which a machine whose
+    firmware reports that architecture boots instead of the base (core.decision). Its kernel,
+    initrds and device trees are its own: an arm64 kernel cannot use an x86 initrd's modules,
+    and a device tree belongs to one architecture's boards."""
+
+    kernel: str
+    initrd: list[str] = Field(default_factory=list)
+    # None: the base image's command line (consoles differ by board, so it can be replaced).
+    cmdline: str | None = None
+    fdtdir: str = ""
+    fdt: str = ""
+
+
 class ImageSection(Section):
     kernel: str
     initrd: list[str] = Field(default_factory=list)
     cmdline: str = ""
+    # U-Boot boards (pxelinux.cfg) need the device tree of the board, which the kernel does not
+    # carry on ARM: `fdtdir` is a directory of .dtb files (U-Boot picks its board's by its
+    # `fdtfile` variable), `fdt` one named file; paths under [boot] assets like the kernel's.
+    fdtdir: str = ""
+    fdt: str = ""
+    # Builds for other architectures; a machine of an architecture not listed boots the above.
+    arch: dict[ArchName, ImageArch] = Field(default_factory=dict)
 
 
 def default_images() -> dict[str, ImageSection]:

@@ -1,11 +1,12 @@
 """The one boot decision: what a machine that asks to boot gets, or why it gets nothing.
 
 Like pixiecore's `Booter.BootSpec`, one function resolves everything (the machine, its image's
-kernel, initrds and command line, the first-stage loader its firmware needs) and every protocol
-only renders the answer: DHCP in each mode, pxelinux.cfg over TFTP and HTTP, the iPXE script,
-metadata and the API. `decide` has no side effects (no store, no log, no event) so it can be
-asked as often as a protocol likes and tested with plain data; recording that a machine showed
-up is `Inventory.seen`.
+kernel, initrds and command line for the architecture its firmware reports, the first-stage
+loader its firmware needs) and every protocol only renders the answer: DHCP in each mode,
+pxelinux.cfg over TFTP and HTTP, the iPXE script, GRUB's configuration, metadata and the API.
+`decide` has no side effects (no store, no log, no event) so it can be asked as often as a
+protocol likes and tested with plain data; recording that a machine showed up is
+`Inventory.seen`.
 
 Imports `pixiebox.config` (the schema) and `core.firmware`; nothing else of pixiebox.
 """
@@ -17,9 +18,47 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from ipaddress import IPv4Address
 
-from pixiebox.config import ImageSection, LabConfig, MachineSection, UnknownPolicy
+from pixiebox.config import (
+    ARCH_NAMES,
+    ArchName,
+    ImageSection,
+    LabConfig,
+    MachineSection,
+    UnknownPolicy,
+)
 from pixiebox.core import wording
 from pixiebox.core.firmware import SHIM, SIGNED_GRUB, ArchInfo, Firmware, signed_chain_fits
+
+#: The [images.NAME.arch.<name>] table a machine boots, by the CPU its firmware reports
+#: (ArchInfo.cpu). i386 is x86-64: code 6 comes from x86-64 laptops far more often than from
+#: 32-bit UEFI tablets (docs/firmware-quirks.md#12), and mkosi builds no i386 image.
+ARCH_OF_CPU: Mapping[str, ArchName] = {
+    "x86_64": "x86-64",
+    "i386": "x86-64",
+    "arm64": "arm64",
+    "arm32": "armhf",
+    "riscv64": "riscv64",
+}
+
+#: The CPU DHCP recorded for a MAC from option 93 (ArchInfo.cpu; None: nothing recorded), for a
+#: request that does not say it (an iPXE script fetch, a pxelinux.cfg): core.inventory's store.
+RecordedCpu = Callable[[str], str | None]
+
+
+def arch_build(image: ImageSection, arch: ArchName | None) -> ImageSection:
+    """`image` as a machine of `arch` boots it: its [images.NAME.arch.<arch>] table over the
+    base (its own kernel, initrds and device trees; the base's command line unless it has one),
+    or the base itself. The result has no arch tables: renderers only render it."""
+    build = image.arch.get(arch) if arch is not None else None
+    if build is None:
+        return image.model_copy(update={"arch": {}}) if image.arch else image
+    return ImageSection(
+        kernel=build.kernel,
+        initrd=list(build.initrd),
+        cmdline=image.cmdline if build.cmdline is None else build.cmdline,
+        fdtdir=build.fdtdir,
+        fdt=build.fdt,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +70,9 @@ class LabView:
     by_mac: Mapping[str, MachineSection] = field(default_factory=dict)
     #: Reserved address → MAC (lab.toml `ip`).
     by_ip: Mapping[IPv4Address, str] = field(default_factory=dict)
+    #: (image, architecture or None for the base) → what a machine of it boots (arch_build),
+    #: made once per lab.toml rather than once per DHCP packet.
+    builds: Mapping[tuple[str, ArchName | None], ImageSection] = field(default_factory=dict)
 
     @classmethod
     def of(cls, config: LabConfig) -> LabView:
@@ -38,7 +80,22 @@ class LabView:
             config,
             {machine.mac: machine for machine in config.machines},
             {m.ip: m.mac for m in config.machines if m.ip is not None},
+            {
+                (name, arch): arch_build(image, arch)
+                for name, image in config.images.items()
+                for arch in (None, *image.arch)
+            },
         )
+
+    def build(self, image: str, arch: ArchName | None) -> ImageSection | None:
+        """[images.`image`] as a machine of `arch` boots it (None: the base); None when lab.toml
+        has no such image."""
+        section = self.config.images.get(image)
+        if section is None or not section.arch:
+            return section
+        if arch not in section.arch:
+            arch = None
+        return self.builds.get((image, arch)) or arch_build(section, arch)
 
 
 class Silence(StrEnum):
@@ -68,10 +125,14 @@ class Chain(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class BootImage:
-    """A resolved [images.NAME]: what the machine fetches after its loader."""
+    """A resolved [images.NAME]: what the machine fetches after its loader. `section` is the
+    build for the machine's architecture (its [images.NAME.arch.<arch>] table merged over the
+    base) so that every renderer boots the right kernel without knowing about builds."""
 
     name: str
     section: ImageSection
+    #: The architecture whose build `section` is; None: the base image.
+    arch: ArchName | None = None
 
     @property
     def kernel(self) -> str:
@@ -150,10 +211,14 @@ def decide(
     arch: ArchInfo | None,
     *,
     loaders: LoaderCheck | None = None,
+    recorded: RecordedCpu | None = None,
 ) -> BootDecision:
     """What `mac` (firmware `arch`) boots, or why it gets nothing. Pass `loaders` when the asker
     needs a first-stage loader (a DHCP answer to firmware, not to iPXE): the decision then
-    carries the loader, and is silent (no-loader) when neither it nor its fallback is here."""
+    carries the loader, and is silent (no-loader) when neither it nor its fallback is here.
+
+    The image is the build for the firmware's architecture; when the asker cannot tell it
+    (`arch` None), for the CPU `recorded` says DHCP saw for `mac`, else the base image."""
     config = lab.config
     machine = lab.by_mac.get(mac) if mac is not None else None
     policy = config.boot.unknown
@@ -161,8 +226,9 @@ def decide(
         return BootDecision(mac, None, arch, policy, None, None, None, Silence.UNKNOWN_IGNORED)
     chain = boot_chain(lab, machine, arch)
     image_name = machine.image if machine is not None and machine.image else config.boot.image
-    section = config.images.get(image_name)
-    image = BootImage(image_name, section) if section is not None else None
+    build = image_arch(lab, image_name, mac, arch, recorded)
+    section = lab.build(image_name, build)
+    image = BootImage(image_name, section, build) if section is not None else None
     loader = None
     silent = None if image is not None else Silence.NO_IMAGE
     if arch is not None and loaders is not None:
@@ -170,6 +236,27 @@ def decide(
         if loader is None:
             silent = Silence.NO_LOADER
     return BootDecision(mac, machine, arch, policy, image_name, image, loader, silent, chain)
+
+
+def image_arch(
+    lab: LabView,
+    image_name: str,
+    mac: str | None,
+    arch: ArchInfo | None,
+    recorded: RecordedCpu | None,
+) -> ArchName | None:
+    """Which build of [images.`image_name`] the machine boots: the table for its firmware's
+    architecture, None (the base) when the image has none for it. The record is read only when
+    the image has builds at all, which most labs' images do not (a script fetch stays one
+    dictionary lookup)."""
+    section = lab.config.images.get(image_name)
+    if section is None or not section.arch:
+        return None
+    cpu = arch.cpu if arch is not None else None
+    if cpu is None and mac is not None and recorded is not None:
+        cpu = recorded(mac)
+    name = ARCH_OF_CPU.get(cpu) if cpu else None
+    return name if name is not None and name in section.arch else None
 
 
 def boot_chain(lab: LabView, machine: MachineSection | None, arch: ArchInfo | None) -> Chain:
@@ -203,6 +290,29 @@ def secure_boot_summary(config: LabConfig) -> str:
         where = config.boot.assets
         text += f"; needs {where / SHIM} and {where / SIGNED_GRUB}; BIOS and ARM keep iPXE"
     return text
+
+
+def images_summary(config: LabConfig) -> list[str]:
+    """What `pixiebox check` says each image boots on which architecture, one line an image."""
+
+    def files(section: ImageSection) -> str:
+        tree = f" (fdtdir {section.fdtdir})" if section.fdtdir else ""
+        return section.kernel + (f" (fdt {section.fdt})" if section.fdt else tree)
+
+    lines = []
+    for name, image in sorted(config.images.items()):
+        builds = [
+            f"{arch} → {files(arch_build(image, arch))}"
+            for arch in ARCH_NAMES
+            if arch in image.arch
+        ]
+        others = [arch for arch in ARCH_NAMES if arch not in image.arch]
+        if not builds:
+            lines.append(f"image {name}: every architecture → {files(image)}")
+        else:
+            rest = f"every other architecture ({', '.join(others)})" if others else "others"
+            lines.append(f"image {name}: {'; '.join(builds)}; {rest} → {files(image)}")
+    return lines
 
 
 def first_stage_loader(

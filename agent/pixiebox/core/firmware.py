@@ -41,6 +41,9 @@ class Firmware(StrEnum):
     UEFI = "UEFI"
     UEFI_HTTP = "UEFI HTTP"
     UBOOT = "U-Boot"
+    #: The Raspberry Pi's boot ROM / EEPROM boot loader: not PXE, though it says so
+    #: (core.raspi, docs/firmware-quirks.md#26-#28).
+    RASPBERRY_PI = "Raspberry Pi"
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +79,7 @@ _ARCHES: dict[int, ArchInfo] = {
     # Debian trixie's ipxe (1.21.1+git20250501) names its arm64 and riscv64 builds
     # usr/lib/ipxe/ipxe-arm64.efi and ipxe-riscv64.efi (its ipxe.efi is a link to ipxe-amd64.efi
     # beside them); bookworm's had none. On AAVMF's virtio NIC the arm64 build drives the
-    # firmware's SNP (tests/test_arm64_uefi.py; docs/firmware-quirks.md#37).
+    # firmware's SNP (tests/test_arm_boards.py; docs/firmware-quirks.md#37).
     11: ArchInfo(11, "arm64", Firmware.UEFI, ARM64_IPXE, False),
     15: ArchInfo(15, "i386", Firmware.UEFI_HTTP, "ipxe-i386.efi", False, fallback="ipxe.efi"),
     16: ArchInfo(16, "x86_64", Firmware.UEFI_HTTP, "ipxe.efi"),

@@ -155,8 +155,14 @@ class Inventory:
     def decide(
         self, mac: str | None, arch: ArchInfo | None, *, loaders: LoaderCheck | None = None
     ) -> BootDecision:
-        """The boot decision for `mac` under the current lab.toml (core.decision.decide)."""
-        return decide(self._lab, mac, arch, loaders=loaders)
+        """The boot decision for `mac` under the current lab.toml (core.decision.decide); when
+        `arch` is None, the image's build is the one for the CPU DHCP recorded for `mac`."""
+        return decide(self._lab, mac, arch, loaders=loaders, recorded=self.recorded_cpu)
+
+    def recorded_cpu(self, mac: str) -> str | None:
+        """The CPU (ArchInfo.cpu) recorded when `mac` last told it (DHCP option 93), or None."""
+        record = self.lifecycle.record_of(mac)
+        return record.arch or None if record is not None else None
 
     def seen(self, mac: str, arch: ArchInfo | None) -> bool:
         """Record that `mac` asked to boot; True the first time.

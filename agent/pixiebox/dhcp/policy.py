@@ -11,6 +11,13 @@ from ipaddress import IPv4Address
 
 from pixiebox.core.decision import BootDecision, Chain, LoaderCheck
 from pixiebox.core.firmware import ArchInfo, Assets, Firmware, arch_info
+from pixiebox.core.raspi import (
+    OLD_ROM_UUID,
+    RASPI_ARCH,
+    firmware_file,
+    is_raspberry_pi,
+    missing_firmware_hint,
+)
 from pixiebox.core.urls import BootUrls
 from pixiebox.dhcp.codec import DecodeError, Opt, Packet, encode_suboptions
 from pixiebox.events import FieldValue
@@ -25,6 +32,18 @@ IPXE_USER_CLASS = "iPXE"
 #: boot-server discovery, no menu". Sent to BIOS ROMs only: many UEFI ROMs ignore a proxy offer
 #: that carries it and only boot after asking on port 4011 (docs/firmware-quirks.md#3).
 PXE_SKIP_DISCOVERY = encode_suboptions({6: b"\x08"})
+
+
+def raspi_option43(uuid: bytes | None) -> bytes:
+    """Option 43 for a Raspberry Pi, which boots only when it finds the "Raspberry Pi Boot" menu
+    entry (docs/firmware-quirks.md#26, #28: the Pi 4/5 EEPROM's `PXE_OPTION43` default): as the
+    reply in raspberrypi/documentation boot-net.adoc carries it, PXE_DISCOVERY_CONTROL 3,
+    PXE_MENU_PROMPT (timeout 0, "PXE") and PXE_BOOT_MENU with one item (type 0, that
+    description); the Pi 3 ROM before the 3B+ (its constant option 97) needs three spaces after
+    the string."""
+    text = b"Raspberry Pi Boot" + (b"   " if uuid == OLD_ROM_UUID else b"")
+    menu = b"\x00\x00" + bytes((len(text),)) + text
+    return encode_suboptions({6: b"\x03", 10: b"\x00PXE", 9: menu})
 
 
 class NotABootRequest(Exception):
@@ -63,6 +82,10 @@ def boot_client(packet: Packet) -> BootClient | None:
     info = arch_info(code)
     if info is None:
         raise NotABootRequest(f"client architecture {code} is not one Pixiebox can boot")
+    if code in (None, 0) and not ipxe and is_raspberry_pi(packet.mac, uuid):
+        # A Pi's boot loader says "BIOS PC" (docs/firmware-quirks.md#26, #28); a Pi running
+        # UEFI firmware sends 11 and gets arm64 iPXE like any arm64 UEFI machine.
+        info = RASPI_ARCH
     return BootClient(
         mac=packet.mac,
         arch=info,
@@ -96,7 +119,16 @@ class BootPolicy:
     def loaders(self, client: BootClient) -> LoaderCheck | None:
         """What the boot decision checks loaders with: nothing for a client already running
         iPXE (it gets its script, not a loader)."""
-        return None if client.ipxe else self.has_loader
+        if client.ipxe:
+            return None
+        return (
+            self.has_raspi_firmware
+            if client.arch.firmware is Firmware.RASPBERRY_PI
+            else self.has_loader
+        )
+
+    def has_raspi_firmware(self, name: str) -> bool:
+        return firmware_file(self.assets.root, name) is not None
 
     def boot_file(self, client: BootClient, decision: BootDecision) -> BootFile | None:
         """The file for this client as `decision` (asked with `loaders(client)`) resolves it, or
@@ -106,6 +138,20 @@ class BootPolicy:
             return BootFile(self.urls.script(client.mac), PXE_CLIENT)
         info = client.arch
         loader = decision.loader
+        if info.firmware is Firmware.RASPBERRY_PI:
+            # No boot file: the Pi fetches its firmware by fixed names under its serial number
+            # (docs/firmware-quirks.md#27, #28), as smee sends it none.
+            if loader is not None:
+                return BootFile("", PXE_CLIENT)
+            log.warning(
+                "%s (a Raspberry Pi) asked to boot, but its firmware (%s) is not on this "
+                "appliance; not answering it so that it moves on to its next boot device; to "
+                "boot it, %s",
+                decision.who,
+                info.loader,
+                missing_firmware_hint(self.assets.root),
+            )
+            return None
         if loader is None and decision.chain is Chain.SIGNED:
             # Not iPXE instead: with Secure Boot on the firmware refuses it
             # (docs/firmware-quirks.md#33); silence lets it try its next boot device.
@@ -183,3 +229,8 @@ def add_boot_options(
         reply.options[Opt.VENDOR_CLASS] = boot_file.vendor_class.encode()
     if proxy and client.arch.firmware is Firmware.BIOS and not client.ipxe:
         reply.options[Opt.VENDOR_SPECIFIC] = PXE_SKIP_DISCOVERY
+    if client.arch.firmware is Firmware.RASPBERRY_PI:
+        # In every mode: the documented reply (boot-net.adoc) says "PXEClient" and carries the
+        # menu the Pi looks for (docs/firmware-quirks.md#26).
+        reply.options[Opt.VENDOR_CLASS] = PXE_CLIENT.encode()
+        reply.options[Opt.VENDOR_SPECIFIC] = raspi_option43(client.uuid)

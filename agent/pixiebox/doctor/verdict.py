@@ -238,6 +238,9 @@ def _last_attempt(attempts: list[list[Event]], c: Context) -> Said:
     stalled_in_ipxe = _stalled_in_ipxe(progress, requests, c)
     if stalled_in_ipxe is not None:
         return Said(stalled_in_ipxe + again, False)
+    raspi = _raspi_stall(progress, requests, c)
+    if raspi is not None:
+        return Said(raspi + again, False)
     if requests:
         return Said(_no_boot_file(attempt, start, requests, c) + again, False)
     return Said(
@@ -386,6 +389,29 @@ def _no_boot_file(attempt: list[Event], start: Event, requests: list[Event], c: 
         "while only BIOS files are served (or the reverse). Check the firmware's boot mode "
         "(UEFI or legacy BIOS) and for other PXE servers on the LAN (a router with network "
         f"boot on, another dnsmasq), then power-cycle it.{other}"
+    )
+
+
+def _raspi_stall(progress: list[Event], requests: list[Event], c: Context) -> str | None:
+    """A Raspberry Pi's boot loader is handed no boot file: it fetches its firmware, config.txt
+    and cmdline.txt under its serial number, then the kernel, all over TFTP
+    (docs/firmware-quirks.md#28, boot.raspi); None for any other machine."""
+    if not any(e.get("firmware") == "Raspberry Pi" for e in requests):
+        return None
+    sent = [e for e in progress if e.kind == Kind.TFTP_SENT]
+    if not sent:
+        return (
+            f'{c.name} (a Raspberry Pi) was offered the "Raspberry Pi Boot" menu but fetched '
+            "nothing over TFTP: check that its EEPROM's BOOT_ORDER has network boot (2) and no "
+            "TFTP_IP of another server, and that the appliance's log does not say its firmware "
+            "is missing, then power-cycle it."
+        )
+    last = sent[-1]
+    return (
+        f"{c.name} (a Raspberry Pi) fetched {text(last, 'file')} over TFTP at "
+        f"{clock(last.time, c.now)} and stopped before the kernel: look at its HDMI or serial "
+        "console (BOOT_UART=1 in its EEPROM configuration shows the boot loader's steps) and "
+        "check that [boot] assets has the kernel, initrds and device tree its config.txt names."
     )
 
 

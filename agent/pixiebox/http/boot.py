@@ -260,8 +260,10 @@ class _TrackedFile(FileResponse):
 def _file_role(config: LabConfig, path: str) -> tuple[str, str] | None:
     """("kernel" | "initrd", what comes next) when some image boots the asset at `path`."""
     wanted = paths.split(path)
-    for image in config.images.values():
-        files = [image.kernel, *image.initrd]
+    images = config.images.values()
+    builds = [[i.kernel, *i.initrd] for i in images]  # and each architecture's build:
+    builds += [[a.kernel, *a.initrd] for i in images for a in i.arch.values()]
+    for files in builds:
         for index, candidate in enumerate(files):
             if paths.split(candidate) != wanted:
                 continue

@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from pixiebox.core.raspi import expected_miss as raspi_expected_miss
 from pixiebox.net.paths import (
     PathRefused,
     Place,
@@ -25,8 +26,10 @@ from pixiebox.tftp.engine import NotFound
 from pixiebox.tftp.packets import ERR_ACCESS, Refused
 from pixiebox.tftp.transfers import Source
 
-#: generate(path, client_ip): the content of a file that is on no disk, or None.
-Generate = Callable[[str, str], bytes | None]
+#: generate(path, client_ip): the content of a file that is on no disk; or a file on disk under
+#: another name, as (directory, name in it), opened under net.paths' rule (a Raspberry Pi's
+#: `<serial>/start4.elf` is the firmware directory's start4.elf: boot.raspi); or None.
+Generate = Callable[[str, str], bytes | tuple[Path, str] | None]
 
 # Files firmware asks for first and is fine without: answered "not found" at once and logged at
 # debug level. iPXE tries autoexec.ipxe (docs/firmware-quirks.md#25, tinkerbell/tinkerbell#424); the
@@ -50,7 +53,7 @@ def expected_missing(path: str) -> str | None:
     for prefix, why in EXPECTED_MISSING_PATHS.items():
         if path == prefix or (prefix.endswith("/") and path.startswith(prefix)):
             return why
-    return EXPECTED_MISSING.get(path.rsplit("/", 1)[-1].lower())
+    return EXPECTED_MISSING.get(path.rsplit("/", 1)[-1].lower()) or raspi_expected_miss(path)
 
 
 def normalise(name: str) -> str:
@@ -120,7 +123,15 @@ class BootFiles:
             looked.append(printable(str(place.directory / relative)))
         if self.generate is not None:
             content = self.generate(path, client_ip)
-            if content is not None:
+            if isinstance(content, tuple):
+                directory, name = content
+                try:
+                    opened = open_file(directory, name)
+                except PathRefused as refused:
+                    raise _refused(refused) from None
+                if opened is not None:
+                    return path, Source(opened.fd, opened.size, printable(opened.path))
+            elif content is not None:
                 return path, generated(content)
             looked.append("generated files")
         raise NotFound(path, looked, expected_missing(path))
