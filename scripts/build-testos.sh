@@ -2,12 +2,18 @@
 # Build the Pixiebox test OS: a kernel and a busybox initrd that PXE-booted lab machines (and the
 # VM tests) run until the real OSIE image exists.
 #
-#   scripts/build-testos.sh OUTDIR      writes OUTDIR/vmlinuz and OUTDIR/initrd (gzip, newc cpio)
+#   scripts/build-testos.sh [--arch ARCH] OUTDIR
+#       writes OUTDIR/vmlinuz and OUTDIR/initrd (gzip, newc cpio); for arm64 and armhf also
+#       OUTDIR/dtbs/ (the kernel package's device trees, for pxelinux `fdtdir`)
 #
+# ARCH (or env TESTOS_ARCH) is a Debian architecture: amd64 (the default), arm64 or armhf.
 # Inputs are Debian bookworm packages, fetched with `apt-get download` (never installed here):
-# linux-image-amd64 (resolved to the versioned kernel package it depends on) and busybox-static.
-# The .debs are cached in OUTDIR/debs (PIXIEBOX_TESTOS_CACHE overrides). OUTDIR/stamp records the
-# package versions and this script's hash: re-running with the same inputs does nothing.
+# linux-image-amd64 / linux-image-arm64 / linux-image-armmp (resolved to the versioned kernel
+# package it depends on) and busybox-static of that architecture. A foreign architecture's
+# package lists are a private apt state in the cache (CACHE/apt-ARCH, refreshed daily): the host's
+# dpkg never gets the architecture added. The .debs are cached in OUTDIR/debs
+# (PIXIEBOX_TESTOS_CACHE overrides). OUTDIR/stamp records the package versions and this script's
+# hash: re-running with the same inputs does nothing.
 # Needs: apt-get (with current package lists), dpkg-deb, depmod (kmod), cpio, gzip, flock.
 set -euo pipefail
 
@@ -26,7 +32,23 @@ fail() {
     exit 1
 }
 
-[ $# -eq 1 ] || { echo "usage: $0 OUTDIR" >&2; exit 2; }
+ARCH=${TESTOS_ARCH:-amd64}
+if [ "${1:-}" = --arch ] && [ $# -ge 2 ]; then ARCH=$2 && shift 2; fi
+[ $# -eq 1 ] || { echo "usage: $0 [--arch amd64|arm64|armhf] OUTDIR" >&2; exit 2; }
+HOST_ARCH=$(dpkg --print-architecture)
+case "$ARCH" in
+amd64) KERNEL_META=linux-image-amd64 ;;
+arm64) KERNEL_META=linux-image-arm64 ;;
+# armmp, not armmp-lpae: it also runs on Cortex-A9 boards without LPAE, and on QEMU's virt
+# board with highmem=off.
+armhf) KERNEL_META=linux-image-armmp ;;
+*) echo "build-testos: unknown architecture '$ARCH': use amd64, arm64 or armhf" >&2 && exit 2 ;;
+esac
+case "$ARCH" in
+# QEMU's virt board: virtio-net on PCI (U-Boot's and EDK2's drivers) or on virtio-mmio. Its PCI
+# host (pci-host-generic) and virtio core are built into Debian's arm kernels.
+arm64 | armhf) NIC_MODULES=(virtio_pci virtio_mmio virtio_net) ;;
+esac
 mkdir -p "$1" || fail "cannot create output directory $1"
 OUT=$(readlink -f "$1")
 CACHE=${PIXIEBOX_TESTOS_CACHE:-$OUT/debs}
@@ -38,17 +60,42 @@ exec 9>"$OUT/.lock"
 flock -w 900 9 || fail "another build-testos holds $OUT/.lock for 15 min; is one stuck?"
 
 # -- which versions: these (and this script) are the stamp --------------------------------------
+# APT_OPTS select the package lists: the host's for its own architecture; for a foreign one a
+# private state (lists, archive cache, an empty dpkg status) that knows only that architecture, so
+# `apt-get download NAME` fetches NAME:ARCH without `dpkg --add-architecture` on the host.
+APT_OPTS=()
+if [ "$ARCH" != "$HOST_ARCH" ]; then
+    step="apt-get update for $ARCH"
+    state=$CACHE/apt-$ARCH
+    mkdir -p "$state/lists/partial" "$state/cache/archives/partial" || fail "cannot write the cache $CACHE"
+    : >"$state/status"
+    APT_OPTS=(-o "Dir::State::Lists=$state/lists" -o "Dir::Cache=$state/cache"
+        -o "Dir::State::Status=$state/status" -o "APT::Architecture=$ARCH"
+        -o "APT::Architectures::=$ARCH" -o APT::Sandbox::User=root)
+    # Daily, like unattended-upgrades: a kernel security update is then built within a day.
+    # Offline, lists fetched before still do (the stamp then finds the build up to date).
+    if [ -z "$(find "$state/lists" -maxdepth 1 -name '*Packages*' -mtime -1 -print -quit)" ]; then
+        : >"$LOG"
+        if ! apt-get "${APT_OPTS[@]}" update >>"$LOG" 2>&1; then
+            [ -n "$(find "$state/lists" -maxdepth 1 -name '*Packages*' -print -quit)" ] ||
+                fail "cannot fetch bookworm's $ARCH package lists: no network? (output: $LOG)"
+            echo "build-testos: could not refresh the $ARCH package lists; using those of $(date -r "$state/lists" +%F)" >&2
+        fi
+    fi
+fi
 step="apt-cache lookup"
-candidate() { # PACKAGE -> the version apt would install, empty if unknown
-    apt-cache policy "$1" 2>/dev/null | sed -n 's/^ *Candidate: //p' | grep -v '(none)' || true
+candidate() { # PACKAGE [host] -> the version apt would install, empty if unknown
+    local opts=("${APT_OPTS[@]}")
+    [ "${2:-}" != host ] || opts=()
+    apt-cache "${opts[@]}" policy "$1" 2>/dev/null | sed -n 's/^ *Candidate: //p' | grep -v '(none)' || true
 }
-meta_version=$(candidate linux-image-amd64)
-[ -n "$meta_version" ] || fail "apt knows no linux-image-amd64: run 'apt-get update' (as root)"
+meta_version=$(candidate "$KERNEL_META")
+[ -n "$meta_version" ] || fail "apt knows no $KERNEL_META: run 'apt-get update' (as root)"
 # The metapackage depends on exactly one versioned kernel package, e.g. linux-image-6.1.0-56-amd64.
-kernel_pkg=$(apt-cache show --no-all-versions "linux-image-amd64=$meta_version" 2>/dev/null |
+kernel_pkg=$(apt-cache "${APT_OPTS[@]}" show --no-all-versions "$KERNEL_META=$meta_version" 2>/dev/null |
     sed -n 's/^Depends: //p' | tr ',' '\n' | sed -n 's/^ *\(linux-image-[0-9][^ ]*\).*/\1/p' |
     head -n1)
-[ -n "$kernel_pkg" ] || fail "cannot find the kernel package linux-image-amd64 depends on: run 'apt-get update'"
+[ -n "$kernel_pkg" ] || fail "cannot find the kernel package $KERNEL_META depends on: run 'apt-get update'"
 kernel_version=$(candidate "$kernel_pkg")
 busybox_version=$(candidate busybox-static)
 [ -n "$kernel_version" ] && [ -n "$busybox_version" ] ||
@@ -57,6 +104,15 @@ busybox_version=$(candidate busybox-static)
 stamp="kernel=$kernel_pkg=$kernel_version
 busybox=busybox-static=$busybox_version
 script=$(sha256sum "$SELF" | cut -d' ' -f1)"
+if [ "$ARCH" != "$HOST_ARCH" ]; then
+    # A foreign busybox cannot run here to list its applets: the host's busybox-static (the same
+    # source and configuration) lists them.
+    applets_version=$(candidate busybox-static host)
+    [ -n "$applets_version" ] || fail "apt knows no busybox-static for $HOST_ARCH: run 'apt-get update' (as root)"
+    stamp="arch=$ARCH
+$stamp
+applets=busybox-static:$HOST_ARCH=$applets_version"
+fi
 if [ -f "$OUT/vmlinuz" ] && [ -f "$OUT/initrd" ] && [ "$(cat "$OUT/stamp" 2>/dev/null)" = "$stamp" ]; then
     echo "build-testos: $OUT is up to date ($kernel_pkg $kernel_version)" >&2
     exit 0
@@ -65,13 +121,14 @@ rm -f "$OUT/stamp"
 : >"$LOG"
 
 # -- fetch --------------------------------------------------------------------------------------
-fetch() { # PACKAGE VERSION -> path of the cached .deb
-    local dir=$CACHE/$1_$2
+fetch() { # PACKAGE VERSION [host] -> path of the cached .deb (of ARCH, or of the host's arch)
+    local dir=$CACHE/$1_$2 opts=("${APT_OPTS[@]}")
+    if [ "${3:-}" = host ]; then opts=(); elif [ "$ARCH" != "$HOST_ARCH" ]; then dir=${dir}_$ARCH; fi
     if ! compgen -G "$dir/*.deb" >/dev/null; then
         step="apt-get download $1=$2"
         rm -rf "$dir.part" && mkdir -p "$dir.part" || fail "cannot write the cache $CACHE"
         # Sandbox::User=root: the _apt user cannot write into a root-only cache directory.
-        (cd "$dir.part" && apt-get download -o APT::Sandbox::User=root "$1=$2") >>"$LOG" 2>&1 ||
+        (cd "$dir.part" && apt-get "${opts[@]}" download -o APT::Sandbox::User=root "$1=$2") >>"$LOG" 2>&1 ||
             fail "no network, or stale package lists? try 'apt-get update' (output: $LOG)"
         mv "$dir.part" "$dir"
     fi
@@ -79,11 +136,20 @@ fetch() { # PACKAGE VERSION -> path of the cached .deb
 }
 kernel_deb=$(fetch "$kernel_pkg" "$kernel_version")
 busybox_deb=$(fetch busybox-static "$busybox_version")
+keep=("$CACHE/${kernel_pkg}_$kernel_version" "$CACHE/busybox-static_$busybox_version")
+if [ "$ARCH" != "$HOST_ARCH" ]; then
+    keep=("${keep[0]}_$ARCH" "${keep[1]}_$ARCH")
+    applets_deb=$(fetch busybox-static "$applets_version" host)
+    keep+=("$CACHE/busybox-static_$applets_version")
+fi
 # Drop debs of versions no longer wanted, so the cache does not grow with every kernel update.
+# Only this architecture's (a foreign one's are NAME_VERSION_ARCH, the host's have no suffix):
+# PIXIEBOX_TESTOS_CACHE may be shared by the builds of every architecture.
 for old in "$CACHE"/linux-image-*_* "$CACHE"/busybox-static_*; do
-    case "$old" in "$CACHE/${kernel_pkg}_$kernel_version" | "$CACHE/busybox-static_$busybox_version") ;;
-    *) rm -rf "$old" ;;
-    esac
+    case " ${keep[*]} " in *" $old "*) continue ;; esac
+    owner=$HOST_ARCH
+    case "$old" in *_amd64 | *_arm64 | *_armhf) owner=${old##*_} ;; esac
+    [ "$owner" != "$ARCH" ] || rm -rf "$old"
 done
 
 WORK=$(mktemp -d "$OUT/.work.XXXXXX")
@@ -94,6 +160,10 @@ step="dpkg-deb -x $(basename "$kernel_deb")"
 dpkg-deb -x "$kernel_deb" "$WORK/kernel" >>"$LOG" 2>&1 || fail "corrupt download? delete $CACHE and retry (output: $LOG)"
 step="dpkg-deb -x $(basename "$busybox_deb")"
 dpkg-deb -x "$busybox_deb" "$WORK/busybox" >>"$LOG" 2>&1 || fail "corrupt download? delete $CACHE and retry (output: $LOG)"
+if [ "$ARCH" != "$HOST_ARCH" ]; then
+    step="dpkg-deb -x $(basename "$applets_deb")"
+    dpkg-deb -x "$applets_deb" "$WORK/applets" >>"$LOG" 2>&1 || fail "corrupt download? delete $CACHE and retry (output: $LOG)"
+fi
 
 step="finding the kernel"
 # bookworm ships modules under /lib/modules; newer releases under /usr/lib/modules.
@@ -134,6 +204,9 @@ copy_module() { # REL (a path in modules.dep) -> lib/modules/NAME.ko of the init
 }
 for name in "${NIC_MODULES[@]}"; do
     line=$(grep -E "(^|/)${name}\.ko(\.[a-z]+)?:" "$moddir/modules.dep" || true)
+    if [ -z "$line" ] && grep -qE "(^|/)${name}\.ko\$" "$moddir/modules.builtin" 2>/dev/null; then
+        continue # built into this kernel
+    fi
     [ -n "$line" ] || fail "module $name is not in $kver's modules.dep; is it built in? drop it from NIC_MODULES"
     read -r -a deps <<<"${line#*:}"
     chain=()
@@ -159,8 +232,11 @@ done
 # -- busybox ------------------------------------------------------------------------------------
 step="installing busybox"
 cp "$WORK/busybox/bin/busybox" "$ROOT/bin/busybox"
-# One symlink per applet, from the static binary's own list (it runs on the amd64 build host).
-applets=$("$ROOT/bin/busybox" --list) || fail "cannot run the extracted busybox (not an amd64 host?)"
+# One symlink per applet, from the static binary's own list (it runs on the amd64 build host;
+# for a foreign architecture the host's build of the same package lists them).
+lister=$ROOT/bin/busybox
+[ "$ARCH" = "$HOST_ARCH" ] || lister=$WORK/applets/bin/busybox
+applets=$("$lister" --list) || fail "cannot run the extracted busybox (not an amd64 host?)"
 for applet in $applets; do
     [ "$applet" = busybox ] || ln -s busybox "$ROOT/bin/$applet"
 done
@@ -334,6 +410,13 @@ find "$ROOT" -exec touch -h -d @0 {} + || fail "touch (see $LOG)"
     fail "cpio or gzip missing? apt-get install cpio (output: $LOG)"
 
 step="installing into $OUT"
+dtbs=$(compgen -G "$WORK/kernel/usr/lib/linux-image-*" | head -n1 || true)
+if [ "$ARCH" != amd64 ] && [ -n "$dtbs" ]; then
+    # The boards' device trees (vendor/board.dtb), for pxelinux `fdtdir` (QEMU's virt board needs
+    # none: QEMU hands U-Boot and UEFI its own).
+    rm -rf "$OUT/dtbs"
+    cp -r "$dtbs" "$OUT/dtbs" || fail "cannot copy the device trees into $OUT"
+fi
 mv "$WORK/vmlinuz" "$OUT/vmlinuz"
 mv "$WORK/initrd" "$OUT/initrd"
 printf '%s\n' "$stamp" >"$OUT/stamp.part" && mv "$OUT/stamp.part" "$OUT/stamp"
