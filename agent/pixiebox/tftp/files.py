@@ -38,6 +38,8 @@ Generate = Callable[[str, str], bytes | tuple[Path, str] | None]
 EXPECTED_MISSING = {
     "autoexec.ipxe": "iPXE looks for it before running its own script (docs/firmware-quirks.md#25)",
     "bootsig.bin": "the Raspberry Pi ROM expects 'not found' for it (docs/firmware-quirks.md#27)",
+    # U-Boot's `dhcp` downloads the boot file DHCP named before `pxe get` reads pxelinux.cfg/.
+    "pxelinux.0": "U-Boot's dhcp command fetches it before pxe get (docs/firmware-quirks.md#30)",
 }
 # Debian's signed network GRUB (the signed chain, docs/firmware-quirks.md#33) probes its prefix
 # /grub before it sources grub/grub.cfg: x86_64-efi/grub.cfg, grub.cfg-amd64 (its memdisk
