@@ -10,11 +10,14 @@
 #                            namespaces or QEMU (no image build; no system packages unless root)
 #   sudo ./build.sh setup    install system packages and the Python environment only
 #   sudo ./build.sh osie     build the OSIE (kernel + initrd) with mkosi into out/osie/
+#                            (--arch arm64|armhf: out/osie-ARCH/, under qemu-user-static on x86;
+#                            --arch all: the three; --arch lab: those config/lab.toml's images use)
 #   sudo ./build.sh appliance  build the appliance disk image into out/appliance/ (builds the OSIE)
 #   sudo ./build.sh all      both images
 #   sudo ./build.sh clean    remove out/ and the image build caches
-#   sudo ./build.sh trixie   fetch the pinned Debian trixie shim, GRUB, OVMF, iPXE (image/trixie.txt;
-#                            unpacked, not installed): Secure Boot, arm64 iPXE; `test` does this too
+#   sudo ./build.sh trixie   fetch the pinned Debian trixie shim, GRUB, OVMF, iPXE, raspi-firmware
+#                            (image/trixie.txt; unpacked, not installed): Secure Boot, arm64 iPXE,
+#                            the Raspberry Pi's firmware; `test` does this too
 #   (--require-upstream with osie/appliance/all: fail when k3s/Telegraf cannot be downloaded)
 #   sudo ./build.sh bench    set up, then benchmark Pixiebox against Kea, dnsmasq, tftpd-hpa and
 #                            nginx (--quick, --only/--skip dhcp tftp http dns startup vm, --profile)
@@ -34,7 +37,7 @@ APT_PACKAGES=(
     iproute2 isc-dhcp-client busybox dnsmasq-base dnsutils curl tftp-hpa tcpdump procps
     ipxe strace nftables openssh-client netbase  # nft: tests block ports on purpose
     qemu-system-x86 ovmf ipxe-qemu kmod cpio  # VM tests; depmod + cpio build the test OS
-    qemu-system-arm qemu-efi-aarch64  # arm64 VM tests: qemu-system-aarch64 virt with AAVMF
+    qemu-system-arm qemu-efi-aarch64 u-boot-qemu  # arm VM tests: virt with AAVMF, with U-Boot
     openssh-server openipmi  # power tests: a real sshd, and ipmi_sim as the BMC
     jq e2fsprogs fdisk shellcheck  # OSIE script tests: jq, mkfs/e2fsck on loop disks, sfdisk
     mtools  # image tests and demo --appliance write lab.toml onto the appliance's FAT partition
@@ -224,7 +227,8 @@ cmd_bench() {
 MKOSI_VERSION=24.3-1~bpo12+1
 BACKPORTS_LIST=/etc/apt/sources.list.d/pixiebox-bookworm-backports.list
 IMAGE_PACKAGES=(bubblewrap debian-archive-keyring dosfstools mtools e2fsprogs zstd xz-utils cpio
-    python3-pefile uidmap fdisk)
+    python3-pefile uidmap fdisk
+    qemu-user-static)  # osie --arch arm64|armhf on x86: the image's binaries run under binfmt_misc
 BACKPORTS_PACKAGES=("mkosi=$MKOSI_VERSION" systemd systemd-container systemd-boot systemd-boot-efi grub-pc-bin)
 IMAGE_CACHE=${PIXIEBOX_IMAGE_CACHE:-/var/cache/pixiebox}
 REQUIRE_UPSTREAM=""
@@ -366,40 +370,140 @@ inputs_stamp() { # PATHS...
     find "$@" -type f -print0 2>/dev/null | sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1
 }
 
-run_mkosi() { # NAME (image/NAME, out/NAME, out/NAME.log)
-    local name=$1 log="$ROOT/out/$1.log" started=$SECONDS
-    say "mkosi: building the $name image (log: out/$name.log)"
+run_mkosi() { # NAME [OUT [MKOSI-OPTIONS...]] (image/NAME, out/OUT, out/OUT.log; OUT defaults to NAME)
+    local name=$1 out=${2:-$1} started=$SECONDS
+    local log="$ROOT/out/$out.log"
+    shift $(($# < 2 ? $# : 2))
+    say "mkosi: building the $out image (log: out/$out.log)"
     # Progress: mkosi's own step lines (‣) on the terminal, everything in the log. With
     # pipefail the pipeline fails when mkosi (or tee) does; the filter itself never fails it.
     local status=0
-    mkosi -C "image/$name" --cache-dir "$IMAGE_CACHE/mkosi" --output-dir "$ROOT/out/$name" \
+    mkosi -C "image/$name" --cache-dir "$IMAGE_CACHE/mkosi" --output-dir "$ROOT/out/$out" "$@" \
         --incremental -f build 2>&1 | tee "$log" | { grep --line-buffered '‣' >&2 || true; } \
         || status=$?
     if [ "$status" -ne 0 ] || ! grep -q "size is" "$log"; then
         local last; last=$(grep '‣' "$log" | tail -n1 | sed 's/^‣ *//')
-        die "mkosi failed building the $name image at: ${last:-the start} (full log: out/$name.log)"
+        die "mkosi failed building the $out image at: ${last:-the start} (full log: out/$out.log)"
     fi
-    say "$name image built in $((SECONDS - started)) s"
+    say "$out image built in $((SECONDS - started)) s"
 }
 
-cmd_osie() {
-    setup_images osie
-    local input="$ROOT/out/osie-input/tree"
-    rm -rf "$input" && mkdir -p "$input/usr/local/bin"
-    fetch_upstream k3s "$input/usr/local/bin/k3s"
-    fetch_upstream telegraf "$input/usr/local/bin/telegraf"
-    local stamp; stamp=$(inputs_stamp image/osie image/shared overlays/osie "$input")
-    if [ -f out/osie/osie.cpio.zst ] && [ "$(cat out/osie/stamp 2>/dev/null)" = "$stamp" ]; then
-        say "the OSIE is up to date (out/osie; ./build.sh clean forces a rebuild)"
-    else
-        rm -f out/osie/stamp
-        run_mkosi osie
-        echo "$stamp" >out/osie/stamp
+# The OSIE's architectures (issue 15): lab.toml's names ([images.NAME.arch.ARCH]) → mkosi's
+# --architecture, the QEMU user-mode name (binfmt_misc handler), the upstream.txt suffix and the
+# output directory. x86-64 stays out/osie/ (the appliance and the x86 tests read it there).
+OSIE_ARCHES_ALL=(x86-64 arm64 armhf)
+OSIE_ARCHES=()  # --arch (repeatable, or all / lab); none: x86-64
+osie_arch() { # ARCH FIELD(mkosi|qemu|suffix|out)
+    case "$1:$2" in
+        x86-64:mkosi) echo x86-64 ;; x86-64:qemu) echo x86_64 ;; x86-64:suffix) echo "" ;; x86-64:out) echo osie ;;
+        arm64:mkosi) echo arm64 ;; arm64:qemu) echo aarch64 ;; arm64:suffix) echo -arm64 ;; arm64:out) echo osie-arm64 ;;
+        armhf:mkosi) echo arm ;; armhf:qemu) echo arm ;; armhf:suffix) echo -armhf ;; armhf:out) echo osie-armhf ;;
+        *) die "unknown architecture '$1' for --arch: use x86-64, arm64, armhf, all (the three) or lab (those config/lab.toml's images use)" ;;
+    esac
+}
+
+# Every architecture lab.toml boots an OSIE build on: [images.NAME.arch.ARCH] tables whose kernel
+# is in an osie-ARCH/ directory (another image's variants need no OSIE), and x86-64 always.
+lab_osie_arches() {
+    local config=${PIXIEBOX_CONFIG:-config/lab.toml}
+    [ -f "$config" ] || die "$config not found (--arch lab builds the architectures its images use)"
+    python3 - "$config" <<'PY' || die "cannot read $config: ./build.sh serve checks it (pixiebox check)"
+import sys, tomllib
+images = tomllib.load(open(sys.argv[1], "rb")).get("images", {})
+arches = {"x86-64"} | {
+    arch for image in images.values() if isinstance(image, dict)
+    for arch, variant in image.get("arch", {}).items()
+    if isinstance(variant, dict) and str(variant.get("kernel", "")).startswith("osie-")}
+print(*sorted(arches, key=lambda a: (a != "x86-64", a)))
+PY
+}
+
+# A foreign architecture's build runs the image's own binaries (dpkg's maintainer scripts,
+# depmod inside the image) on this machine: the kernel must hand them to qemu-user-static through
+# binfmt_misc, with the F flag (the interpreter opened at registration, so it works inside mkosi's
+# sandbox, where /usr/libexec/qemu-binfmt is not visible). bookworm's qemu-user-static registers
+# its handlers through systemd-binfmt, which does not run in containers or chroots: register them
+# from its /usr/lib/binfmt.d files. Proven by running a 3-instruction ELF of that architecture.
+foreign_ready() { # ARCH
+    local qemu dir=/proc/sys/fs/binfmt_misc probe
+    qemu=$(osie_arch "$1" qemu)
+    [ "$(uname -m)" = "$qemu" ] && return 0
+    mountpoint -q "$dir" || mount -t binfmt_misc binfmt_misc "$dir" 2>/dev/null || true
+    if [ ! -e "$dir/qemu-$qemu" ] && [ -f "/usr/lib/binfmt.d/qemu-$qemu.conf" ] && [ -w "$dir/register" ]; then
+        cat "/usr/lib/binfmt.d/qemu-$qemu.conf" >"$dir/register" 2>/dev/null || true
     fi
-    ln -sf osie.vmlinuz out/osie/vmlinuz
-    ln -sf osie.cpio.zst out/osie/initrd
-    local size; size=$(du -m --apparent-size out/osie/osie.cpio.zst | cut -f1)
-    say "OSIE: out/osie/vmlinuz ($(du -m --apparent-size out/osie/osie.vmlinuz | cut -f1) MB), out/osie/initrd (${size} MB; goal < 120 MB)$( [ -x "$input/usr/local/bin/k3s" ] || echo ', without k3s')$( [ -x "$input/usr/local/bin/telegraf" ] || echo ', without Telegraf')"
+    if [ -e "$dir/qemu-$qemu" ] && ! grep -qx enabled "$dir/qemu-$qemu"; then
+        echo 1 >"$dir/qemu-$qemu" 2>/dev/null || true
+    fi
+    probe=$(mktemp) && python3 - "$qemu" "$probe" <<'PY'
+import struct, sys
+arch, path = sys.argv[1], sys.argv[2]
+if arch == "aarch64":  # mov x0, #0; mov x8, #93 (exit); svc #0
+    code = struct.pack("<3I", 0xD2800000, 0xD2800BA8, 0xD4000001)
+    head = struct.pack("<4sBBBB8xHHIQQQIHHHHHH", b"\x7fELF", 2, 1, 1, 0, 2, 183, 1, 0x400078, 64, 0, 0, 64, 56, 1, 0, 0, 0)
+    head += struct.pack("<IIQQQQQQ", 1, 5, 0, 0x400000, 0x400000, 132, 132, 0x1000)
+else:  # arm: mov r0, #0; mov r7, #1 (exit); svc #0
+    code = struct.pack("<3I", 0xE3A00000, 0xE3A07001, 0xEF000000)
+    head = struct.pack("<4sBBBB8xHHIIIIIHHHHHH", b"\x7fELF", 1, 1, 1, 0, 2, 40, 1, 0x10054, 52, 0, 0x5000400, 52, 32, 1, 0, 0, 0)
+    head += struct.pack("<8I", 1, 0, 0x10000, 0x10000, 96, 96, 5, 0x1000)
+open(path, "wb").write(head + code)
+PY
+    chmod 0755 "$probe"
+    if ! "$probe" 2>/dev/null; then
+        rm -f "$probe"
+        die "this host cannot run $1 binaries ($( [ -e "$dir/qemu-$qemu" ] && grep -q '^flags:.*F' "$dir/qemu-$qemu" && echo "its qemu-$qemu handler in $dir does not run them" || echo "no qemu-$qemu handler with flag F in $dir")): install qemu-user-static (apt-get install qemu-user-static) and mount binfmt_misc (mount -t binfmt_misc binfmt_misc $dir), or build on an $1 machine"
+    fi
+    rm -f "$probe"
+}
+
+cmd_osie() { # [ARCH]: x86-64 (default) → out/osie/, arm64 → out/osie-arm64/, armhf → out/osie-armhf/
+    local arch=${1:-x86-64} out suffix
+    out=$(osie_arch "$arch" out) suffix=$(osie_arch "$arch" suffix)
+    setup_images osie
+    foreign_ready "$arch"
+    local input="$ROOT/out/osie-input/tree"  # image/osie/mkosi.conf's ExtraTrees: refilled per build
+    rm -rf "$input" && mkdir -p "$input/usr/local/bin"
+    fetch_upstream "k3s$suffix" "$input/usr/local/bin/k3s"
+    fetch_upstream "telegraf$suffix" "$input/usr/local/bin/telegraf"
+    local stamp; stamp=$(inputs_stamp image/osie image/shared overlays/osie "$input")
+    if [ -f "out/$out/osie.cpio.zst" ] && [ "$(cat "out/$out/stamp" 2>/dev/null)" = "$stamp" ]; then
+        say "the $arch OSIE is up to date (out/$out; ./build.sh clean forces a rebuild)"
+    else
+        rm -f "out/$out/stamp"
+        run_mkosi osie "$out" --architecture "$(osie_arch "$arch" mkosi)"
+        echo "$stamp" >"out/$out/stamp"
+    fi
+    ln -sf osie.vmlinuz "out/$out/vmlinuz"
+    ln -sf osie.cpio.zst "out/$out/initrd"
+    local size; size=$(du -m --apparent-size "out/$out/osie.cpio.zst" | cut -f1)
+    say "OSIE ($arch): out/$out/vmlinuz ($(du -m --apparent-size "out/$out/osie.vmlinuz" | cut -f1) MB), out/$out/initrd (${size} MB; goal < 120 MB)$( [ -d "out/$out/dtbs" ] && echo ", out/$out/dtbs ($(find "out/$out/dtbs" -name '*.dtb' -type f | wc -l) device trees)")$( [ -x "$input/usr/local/bin/k3s" ] || echo ', without k3s')$( [ -x "$input/usr/local/bin/telegraf" ] || echo ', without Telegraf')"
+}
+
+# Every OSIE architecture asked for, one build at a time. `build.sh test` builds x86-64 only;
+# PIXIEBOX_OSIE_ARCHES="x86-64 arm64 armhf" (or "all") is what it would pass here to build the
+# ARM ones too (each foreign build is cached in /var/cache/pixiebox like the x86 one).
+cmd_osie_arches() { # ARCH...
+    local arch arches=() lab one
+    for arch in "${@:-x86-64}"; do
+        case "$arch" in
+            all) arches+=("${OSIE_ARCHES_ALL[@]}") ;;
+            lab) lab=$(lab_osie_arches)
+                 read -r -a lab <<<"$lab"
+                 for one in "${lab[@]}"; do
+                     case "$one" in
+                         riscv64) printf 'build.sh: no riscv64 OSIE for config/lab.toml: build.sh osie builds %s; riscv64 machines need an image of your own.\n' "${OSIE_ARCHES_ALL[*]}" >&2 ;;
+                         *) arches+=("$one") ;;
+                     esac
+                 done ;;
+            *) osie_arch "$arch" out >/dev/null; arches+=("$arch") ;;
+        esac
+    done
+    local done_=" "
+    for arch in "${arches[@]}"; do
+        case "$done_" in *" $arch "*) continue ;; esac
+        done_+="$arch "
+        cmd_osie "$arch"
+    done
 }
 
 cmd_appliance() {
@@ -441,19 +545,25 @@ cmd_clean() {
     rm -rf out "$IMAGE_CACHE"
 }
 
-image_flags() { # parse --require-upstream; echo the other arguments
-    local arg
-    for arg in "$@"; do
-        case "$arg" in
+image_flags() { # parse --require-upstream and --arch ARCH (osie only)
+    local words
+    while [ $# -gt 0 ]; do
+        case "$1" in
             --require-upstream) REQUIRE_UPSTREAM=1 ;;
-            *) die "unknown option $arg (image builds take --require-upstream)" ;;
+            --arch|--arch=*) [ "$COMMAND" = osie ] || die "--arch is for ./build.sh osie (the appliance carries the x86-64 OSIE)" ;;&
+            --arch=*) read -r -a words <<<"${1#--arch=}"; OSIE_ARCHES+=("${words[@]}") ;;
+            --arch) [ $# -ge 2 ] || die "--arch needs a value: x86-64, arm64, armhf, all or lab"
+                    read -r -a words <<<"$2"; OSIE_ARCHES+=("${words[@]}"); shift ;;
+            *) die "unknown option $1 (image builds take --require-upstream; osie takes --arch x86-64|arm64|armhf|all|lab)" ;;
         esac
+        shift
     done
 }
 
-case "${1:-}" in
+COMMAND=${1:-}
+case "$COMMAND" in
     setup) shift; cmd_setup "$@" ;;
-    osie) shift; image_flags "$@"; cmd_osie ;;
+    osie) shift; image_flags "$@"; cmd_osie_arches "${OSIE_ARCHES[@]}" ;;
     appliance) shift; image_flags "$@"; cmd_appliance ;;
     all) shift; image_flags "$@"; cmd_all ;;
     clean) shift; cmd_clean ;;

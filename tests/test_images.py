@@ -216,9 +216,11 @@ def ssh_key(tmp_path: Path) -> tuple[Path, str]:
 def appliance_lab_toml(public_key: str, *, broken: bool = False) -> str:
     """The demo's lab file for one node; `broken` misspells dhcp_mode (line 10)."""
     machines = [("node1", NODE_MAC, NODE_IP)]
-    return appliance_lab.lab_toml(
+    text = appliance_lab.lab_toml(
         machines, [public_key], mode="reservaton" if broken else "reservation"
     )
+    # Every x86-64 UEFI machine gets the signed chain (the node of the Secure Boot test).
+    return text.replace("[boot]\n", "[boot]\nsecure_boot = true\n", 1)
 
 
 def flash(images: tuple[Path, Path], workdir: Path, lab_toml: str) -> Path:
@@ -244,6 +246,16 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float, vm: vmlab.VM) 
             break
         time.sleep(3)
     pytest.fail(f"{what} not seen within {timeout:.0f} s\n{vm.tails()}", pytrace=False)
+
+
+def lockdown_refusals(console: str) -> list[str]:
+    """What a locked-down kernel refused (an unsigned module, /dev/mem, kexec... each print
+    "Lockdown: PROCESS: WHAT is restricted"), but its own note that hibernation is off."""
+    return [
+        line
+        for line in console.splitlines()
+        if "is restricted; see man kernel_lockdown" in line and "hibernation" not in line
+    ]
 
 
 def node_state(laptop: netlab.Host) -> dict[str, Any] | None:
@@ -316,11 +328,7 @@ def test_appliance_boots_from_disk_and_serves_the_osie_to_a_node_that_keeps_its_
     # Nothing the appliance does is refused by lockdown (an unsigned module, /dev/mem, kexec...
     # would each print "Lockdown: PROCESS: WHAT is restricted"); the kernel's own note that
     # hibernation is off is the one expected line.
-    refused = [
-        line
-        for line in console.splitlines()
-        if "is restricted; see man kernel_lockdown" in line and "hibernation" not in line
-    ]
+    refused = lockdown_refusals(console)
     assert not refused, "\n".join(refused)
     # The key from lab.toml lets the user into the appliance too; the API token was made on
     # this first boot, readable by root only; the agent runs under its hardened unit.
@@ -346,15 +354,25 @@ def test_appliance_boots_from_disk_and_serves_the_osie_to_a_node_that_keeps_its_
             "image/trixie.txt pins (a trixie point release?): update the pin"
         )
 
+    # The node has Secure Boot enforcing too ([boot] secure_boot = true in its lab.toml): EDK2's
+    # own PXE → the appliance's shim → Debian's signed GRUB → the OSIE's signed kernel, locked
+    # down, whose phone-home reports Secure Boot on. (The iPXE path to the OSIE: test_demo.)
     node = vmlab.start_vm(
-        segment, "node1", NODE_MAC, firmware="bios", memory_mb=1024, workdir=tmp_path / "vms"
-    )
+        segment, "node1", NODE_MAC, firmware="uefi", pxe="native", secure_boot=True,
+        memory_mb=1024, workdir=tmp_path / "vms",
+    )  # fmt: skip
     vms.append(node)
     state = wait_for("node1 up in the appliance's API",
                      lambda: (s := node_state(laptop)) and s["state"] in ("up", "joined") and s,
                      NODE_TIMEOUT, node)  # fmt: skip
     node_up_in = node.elapsed()
     assert state["name"] == "node1" and state["ip"] == NODE_IP
+    assert state["secure_boot"] == "on", state
+    node_console = node.console_text()
+    assert "Fetching Netboot Image signed/grubx64.efi" in node_console, node_console[-3000:]
+    assert "Secure boot enabled" in node_console, node_console[-3000:]
+    refused = lockdown_refusals(node_console)  # the OSIE's modules are all Debian-signed
+    assert not refused, "\n".join(refused)
     # The node's journal reaches the appliance (systemd-netlogd → the agent's syslog receiver)
     # and lands in node1's event log.
     wait_for("a syslog line from node1 in its events", lambda: syslog_lines(laptop),
@@ -376,7 +394,8 @@ def test_appliance_boots_from_disk_and_serves_the_osie_to_a_node_that_keeps_its_
     again = ssh(laptop, key, known_hosts, "cat /etc/ssh/ssh_host_ed25519_key.pub", first=False)
     assert again.returncode == 0, again.stderr
     assert again.stdout.split()[:2] == host_key
-    print(f"appliance (UEFI, Secure Boot on) API up {booted_in:.0f} s after power-on; node1 up "
+    print(f"appliance (UEFI, Secure Boot on) API up {booted_in:.0f} s after power-on; node1 (the"
+          " same, through shim and GRUB) up "
           f"{node_up_in:.0f} s after power-on")  # fmt: skip
 
 
