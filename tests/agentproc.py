@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import netlab
+from pixiebox.events import Event
+from pixiebox.store.state import StateStore
 
 READY = "Pixiebox serving"
 
@@ -106,3 +108,13 @@ def start_agent(
     config = workdir / f"lab-{host.role}.toml"
     config.write_text(config_text)
     return RunningAgent(host, config).start(ready)
+
+
+def recorded(state: Path, mac: str) -> list[Event]:
+    """`mac`'s events as the running agent stored them in its [state] dir `state` (what its API
+    lists)."""
+    store = StateStore(state)
+    try:
+        return store.events(mac)
+    finally:
+        store.close()

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Literal
 
 from pixiebox.virtlab import netns
-from pixiebox.virtlab.vm import VM, _accel, _add_tap, _qmp_path
+from pixiebox.virtlab.vm import VM, qemu_head, spawn, vm_files
 
 QEMU_AARCH64 = "qemu-system-aarch64"
 QEMU_ARM = "qemu-system-arm"
@@ -82,54 +82,24 @@ def start_arm64_vm(
     ``segment``; stopped by VM.stop or when the segment closes. Files in ``workdir`` are named
     as start_vm names them (NAME-console.log, NAME-qemu.log, NAME.qmp, NAME-AAVMF_VARS.fd)."""
     mac = mac.lower()
-    workdir.mkdir(parents=True, exist_ok=True)
-    console = workdir / f"{name}-console.log"
-    console.unlink(missing_ok=True)
+    console, qmp, tap = vm_files(segment, workdir, name)
     vars_copy = workdir / f"{name}-AAVMF_VARS.fd"
     shutil.copyfile(AAVMF_VARS, vars_copy)  # AAVMF writes its boot options here
-    qmp = _qmp_path(workdir, name)
-    qmp.unlink(missing_ok=True)
-    tap = _add_tap(segment)
-    argv = [
-        shutil.which(QEMU_AARCH64) or QEMU_AARCH64,
-        "-name", name,
-        "-machine", "virt",
-        "-cpu", CPU,
-        "-accel", _accel(),
-        "-smp", "1",
-        "-m", str(memory_mb),
-        "-nodefaults",
-        "-display", "none",
-        "-serial", f"file:{console}",  # the board's PL011: AAVMF's and iPXE's console
-        "-monitor", "none",
-        "-qmp", f"unix:{qmp},server=on,wait=off",
-        "-no-shutdown",
+    serial = ["-serial", f"file:{console}"]  # the board's PL011: AAVMF's and iPXE's console
+    argv = qemu_head(QEMU_AARCH64, name, ["-machine", "virt", "-cpu", CPU], memory_mb, serial,
+                     qmp, tap)  # fmt: skip
+    argv += [
         "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={AAVMF_CODE}",
         "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}",
         "-device", "virtio-rng-pci",
-        "-netdev", f"tap,id=net0,ifname={tap},script=no,downscript=no",
         "-device", f"virtio-net-pci,netdev=net0,mac={mac},romfile=,bootindex=1",
     ]  # fmt: skip
     log = workdir / f"{name}-qemu.log"
-    try:
-        proc = segment.switch.popen(argv, log)
-    except BaseException:
-        netns.run_command(["ip", "-n", segment.switch.name, "link", "del", tap], check=False)
-        raise
+    proc = spawn(segment, argv, tap, log)
     return VM(
-        name=name,
-        mac=mac,
-        firmware="uefi",
-        pxe="native",
-        proc=proc,
-        console=console,
-        log=log,
-        tap=tap,
-        segment=segment,
-        argv=argv,
-        started=time.monotonic(),
-        qmp=qmp,
-    )
+        name=name, mac=mac, firmware="uefi", pxe="native", proc=proc, console=console, log=log,
+        tap=tap, segment=segment, argv=argv, started=time.monotonic(), qmp=qmp,
+    )  # fmt: skip
 
 
 @dataclass(eq=False)
@@ -173,11 +143,7 @@ def start_uboot_vm(
     virtio-net on virtio-mmio, which U-Boot's and Linux's virtio drivers take) on ``segment``.
     Files in ``workdir`` as start_arm64_vm names them; stop it with UBootVM.stop."""
     mac = mac.lower()
-    workdir.mkdir(parents=True, exist_ok=True)
-    console = workdir / f"{name}-console.log"
-    console.unlink(missing_ok=True)
-    qmp = _qmp_path(workdir, name)
-    qmp.unlink(missing_ok=True)
+    console, qmp, tap = vm_files(segment, workdir, name)
     # A unix socket path has ~100 bytes: pytest's directories are longer.
     serial = Path(tempfile.mkdtemp(prefix="pxbser-")) / f"{name}.sock"
     if arch == "arm64":
@@ -188,34 +154,20 @@ def start_uboot_vm(
         # (non-LPAE) kernel reach them.
         machine = ["-machine", "virt,highmem=off", "-cpu", "cortex-a15"]
         qemu = QEMU_ARM
-    tap = _add_tap(segment)
-    argv = [
-        shutil.which(qemu) or qemu,
-        "-name", name,
-        *machine,
-        "-accel", _accel(),
-        "-smp", "1",
-        "-m", str(memory_mb),
-        "-nodefaults",
-        "-display", "none",
+    console_args = [
         "-chardev", f"socket,id=console,path={serial},server=on,wait=off,logfile={console}",
         "-serial", "chardev:console",
-        "-monitor", "none",
-        "-qmp", f"unix:{qmp},server=on,wait=off",
-        "-no-shutdown",
+    ]  # fmt: skip
+    argv = qemu_head(qemu, name, machine, memory_mb, console_args, qmp, tap)
+    argv += [
         "-bios", str(UBOOT[arch]),
-        "-netdev", f"tap,id=net0,ifname={tap},script=no,downscript=no",
         # virtio-mmio, not PCI: U-Boot 2023.01's virtio-pci (modern) reads the MAC address from
         # the config space one byte at the same offset six times (52:52:52:52:52:52), so the
         # board would ask DHCP as a machine nobody enrolled.
         "-device", f"virtio-net-device,netdev=net0,mac={mac}",
     ]  # fmt: skip
     log = workdir / f"{name}-qemu.log"
-    try:
-        proc = segment.switch.popen(argv, log)
-    except BaseException:
-        netns.run_command(["ip", "-n", segment.switch.name, "link", "del", tap], check=False)
-        raise
+    proc = spawn(segment, argv, tap, log)
     return UBootVM(
         # "bios": VM knows BIOS and UEFI only; U-Boot, like a BIOS, offers no EFI variables.
         name=name, mac=mac, firmware="bios", pxe="native", proc=proc, console=console, log=log,

@@ -7,11 +7,10 @@ import re
 from pathlib import Path
 
 import netlab
-from agentproc import lab_toml, start_agent
+from agentproc import lab_toml, recorded, start_agent
 from pixiebox.core.firmware import packaged_ipxe_dir
 from pixiebox.core.trixie import trixie_root
 from pixiebox.events import Event, Kind
-from pixiebox.store.state import StateStore
 
 SUBNET = "10.81.0.0/24"
 AGENT_IP = "10.81.0.2"
@@ -83,12 +82,3 @@ def test_uboot_board_gets_pxelinux_over_tftp_and_http_and_x86_gets_ipxe_over_tft
     missed = next(e for e in events if e.kind == Kind.TFTP_FAILED)
     assert missed.fields["file"] == "pxelinux.cfg/0A51"
     assert missed.get("reason") == "not-found"
-
-
-def recorded(state: Path, mac: str) -> list[Event]:
-    """`mac`'s events as the running agent stored them (what its API lists)."""
-    store = StateStore(state)
-    try:
-        return store.events(mac)
-    finally:
-        store.close()

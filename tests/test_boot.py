@@ -16,9 +16,8 @@ from pathlib import Path
 import netlab
 import pytest
 import vmlab
-from agentproc import start_agent
-from pixiebox.events import Event, Kind
-from pixiebox.store.state import StateStore
+from agentproc import recorded, start_agent
+from pixiebox.events import Kind
 
 SUBNET = "10.80.0.0/24"
 ROUTER_IP = "10.80.0.1"
@@ -101,17 +100,8 @@ def report(record_property: Callable[[str, object], None], times: dict[str, floa
     record_property("boot_seconds", {name: round(s, 1) for name, s in times.items()})
 
 
-def recorded(workdir: Path, mac: str) -> list[Event]:
-    """`mac`'s events as the running agent stored them (what its API would list)."""
-    store = StateStore(workdir / "state")
-    try:
-        return store.events(mac)
-    finally:
-        store.close()
-
-
 def assert_chain_recorded(workdir: Path, mac: str) -> None:
-    events = recorded(workdir, mac)
+    events = recorded(workdir / "state", mac)
     sent = {(e.kind, e.get("file")) for e in events}
     assert (Kind.HTTP_SCRIPT, f"/boot/{mac}.ipxe") in sent, events
     assert (Kind.HTTP_KERNEL, "/assets/testos/vmlinuz") in sent, events
@@ -140,7 +130,7 @@ def test_bios_and_uefi_pxe_boot_in_proxy_mode_beside_a_home_router(
     text = agent.text()
     # UEFI's own PXE client went through port 4011 and TFTP before iPXE took over.
     assert f"unknown machine {UEFI_MAC} (x86_64 UEFI) asked to boot" in text
-    uefi_events = recorded(workdir, UEFI_MAC)
+    uefi_events = recorded(workdir / "state", UEFI_MAC)
     assert any(e.kind == Kind.DHCP_ACK and e.get("port") == 4011 for e in uefi_events)
     assert any(e.kind == Kind.TFTP_SENT and e.get("file") == "ipxe.efi" for e in uefi_events)
     for mac in (BIOS_MAC, UEFI_MAC):

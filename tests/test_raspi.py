@@ -22,7 +22,7 @@ from pathlib import Path
 
 import netlab
 import pytest
-from agentproc import RunningAgent, lab_toml, start_agent
+from agentproc import RunningAgent, lab_toml, recorded, start_agent
 from pixiebox.boot.raspi import CMDLINE, CONFIG, config_txt, raspi_file
 from pixiebox.config import LabConfig
 from pixiebox.core.decision import BootImage
@@ -324,14 +324,6 @@ def tftp_get(host: netlab.Host, name: str, dest: Path) -> tuple[bool, str]:
     return ("Error" not in said and dest.is_file()), said
 
 
-def recorded(workdir: Path, mac: str) -> list[Event]:
-    store = StateStore(workdir / "state")
-    try:
-        return store.events(mac)
-    finally:
-        store.close()
-
-
 def test_the_pi_gets_option_43_and_the_pc_undionly_in_proxy_mode(proxy_lab: PiLab) -> None:
     replies = pi_discover(proxy_lab.pi)
     (ours,) = [r for r in replies if r.src_ip == AGENT_IP]
@@ -380,7 +372,7 @@ def test_the_documented_tftp_sequence_boots_the_image(proxy_lab: PiLab) -> None:
         assert (work / "file").read_bytes() == (proxy_lab.assets / name).read_bytes(), name
 
     def events() -> list[Event] | None:
-        found = recorded(proxy_lab.workdir, PI_MAC)
+        found = recorded(proxy_lab.workdir / "state", PI_MAC)
         kinds = {(e.kind, e.get("file")) for e in found}
         wanted = {(Kind.TFTP_SENT, f"{SERIAL}/start4.elf"), (Kind.TFTP_SENT, f"{SERIAL}/{name}")}
         return found if wanted <= kinds else None

@@ -241,31 +241,12 @@ def start_vm(
     if kernel is None and (initrd is not None or append):
         raise ValueError("initrd and append need kernel (direct boot)")
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    console = workdir / f"{name}-console.log"
-    console.unlink(missing_ok=True)
-
-    qmp = _qmp_path(workdir, name)
-    qmp.unlink(missing_ok=True)
-    tap = _add_tap(segment)
+    console, qmp, tap = vm_files(segment, workdir, name)
     nic = f"virtio-net-pci,netdev=net0,mac={mac}"
     if pxe == "native":
         nic += ",romfile="  # no option ROM: OVMF's VirtioNetDxe + its own PXE client
-    argv: list[str] = [
-        shutil.which(QEMU) or QEMU,
-        "-name", name,
-        "-machine", "q35,smm=on" if secure_boot else "q35",
-        "-accel", _accel(),
-        "-smp", "1",
-        "-m", str(memory_mb),
-        "-nodefaults",  # no default NIC, VGA, floppy, CD-ROM: only what is listed here
-        "-display", "none",
-        "-serial", f"file:{console}",
-        "-monitor", "none",
-        "-qmp", f"unix:{qmp},server=on,wait=off",
-        "-no-shutdown",  # a guest poweroff leaves the VM off, not gone: it can be powered on
-        "-netdev", f"tap,id=net0,ifname={tap},script=no,downscript=no",
-    ]  # fmt: skip
+    machine = ["-machine", "q35,smm=on" if secure_boot else "q35"]
+    argv = qemu_head(QEMU, name, machine, memory_mb, ["-serial", f"file:{console}"], qmp, tap)
     if not powered_on:
         argv.append("-S")
     if firmware == "bios":
@@ -312,25 +293,68 @@ def start_vm(
         argv += ["-device", f"{nic},bootindex=1", "-boot", "n"]
 
     log = workdir / f"{name}-qemu.log"
+    proc = spawn(segment, argv, tap, log)
+    return VM(
+        name=name, mac=mac, firmware=firmware, pxe=None if kernel is not None else pxe,
+        proc=proc, console=console, log=log, tap=tap, segment=segment, argv=argv,
+        started=time.monotonic(), qmp=qmp,
+    )  # fmt: skip
+
+
+def vm_files(segment: netns.Segment, workdir: Path, name: str) -> tuple[Path, Path, str]:
+    """(console log, QMP socket, tap) of a new VM `name`: stale files of an earlier one with
+    that name removed, the tap on the segment's bridge."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    console = workdir / f"{name}-console.log"
+    console.unlink(missing_ok=True)
+    qmp = _qmp_path(workdir, name)
+    qmp.unlink(missing_ok=True)
+    return console, qmp, _add_tap(segment)
+
+
+def qemu_head(
+    qemu: str, name: str, machine: list[str], memory_mb: int, serial: list[str], qmp: Path,
+    tap: str,
+) -> list[str]:  # fmt: skip
+    """The arguments every lab machine starts with, whatever its architecture: one vCPU under
+    TCG (or PIXIEBOX_QEMU_ACCEL), only the devices listed, the serial console, QMP for the power
+    drivers, a poweroff that leaves the machine off but alive, its NIC's tap as `net0`."""
+    return [
+        shutil.which(qemu) or qemu,
+        "-name", name,
+        *machine,
+        "-accel", _accel(),
+        "-smp", "1",
+        "-m", str(memory_mb),
+        "-nodefaults",  # no default NIC, VGA, floppy, CD-ROM: only what is listed here
+        "-display", "none",
+        *serial,
+        "-monitor", "none",
+        "-qmp", f"unix:{qmp},server=on,wait=off",
+        "-no-shutdown",  # a guest poweroff leaves the VM off, not gone: it can be powered on
+        "-netdev", f"tap,id=net0,ifname={tap},script=no,downscript=no",
+    ]  # fmt: skip
+
+
+def spawn(segment: netns.Segment, argv: list[str], tap: str, log: Path) -> subprocess.Popen[bytes]:
+    """QEMU started in the segment's switch namespace (which kills it on close); its tap
+    removed if it cannot start."""
     try:
-        proc = segment.switch.popen(argv, log)
+        return segment.switch.popen(argv, log)
     except BaseException:
         netns.run_command(["ip", "-n", segment.switch.name, "link", "del", tap], check=False)
         raise
-    return VM(
-        name=name,
-        mac=mac,
-        firmware=firmware,
-        pxe=None if kernel is not None else pxe,
-        proc=proc,
-        console=console,
-        log=log,
-        tap=tap,
-        segment=segment,
-        argv=argv,
-        started=time.monotonic(),
-        qmp=qmp,
-    )
 
 
-__all__ = ["QEMU", "VM", "Firmware", "Pxe", "ovmf_files", "prerequisite_problem", "start_vm"]
+__all__ = [
+    "QEMU",
+    "VM",
+    "Firmware",
+    "Pxe",
+    "ovmf_files",
+    "prerequisite_problem",
+    "qemu_head",
+    "spawn",
+    "start_vm",
+    "vm_files",
+]
