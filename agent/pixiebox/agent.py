@@ -114,10 +114,9 @@ def boot_urls(config: LabConfig, segment: Segment) -> BootUrls:
 
 
 def build_handler(
-    config: LabConfig, segment: Segment, inventory: Inventory, store: StateStore
+    config: LabConfig, segment: Segment, inventory: Inventory, store: StateStore, assets: Assets
 ) -> Handler:
-    ipxe = packaged_ipxe_dir(trixie_root("ipxe"))  # trixie's (2025, arm64 too) when unpacked
-    policy = BootPolicy(Assets(config.boot.assets, ipxe), boot_urls(config, segment))
+    policy = BootPolicy(assets, boot_urls(config, segment))
     mode = config.network.dhcp_mode
     if mode == "proxy":
         return ProxyHandler(inventory, policy)
@@ -234,6 +233,7 @@ def prepare_assets(root: Path) -> Assets:
                 f"{exc.strerror}; create it or point assets at a directory"
             ) from None
         log.info("created the empty assets directory %s (kernels, initrds, iPXE builds)", root)
+    # The packaged iPXE: trixie's (2025, arm64 and riscv64 too) where build.sh unpacked it.
     return Assets(root, packaged_ipxe_dir(trixie_root("ipxe")))
 
 
@@ -284,9 +284,9 @@ class Agent:
         try:
             link = LabLink(segment.interface, segment.subnet)
             inventory = self._inventory = Inventory(config, store, link)
-            handler = self._handler = build_handler(config, segment, inventory, store)
-            await guard_segment(config, segment)
             assets = prepare_assets(config.boot.assets)
+            handler = self._handler = build_handler(config, segment, inventory, store, assets)
+            await guard_segment(config, segment)
             check_loaders(assets)
             if self._stop.is_set():
                 log.info("Pixiebox stopped before it served")
