@@ -24,12 +24,12 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-import armvm
 import netlab
 import pytest
 from agentproc import start_agent
 from pixiebox.events import Kind
 from pixiebox.store.state import StateStore
+from pixiebox.virtlab import arm
 from pixiebox.virtlab.vm import VM
 from testoslab import install_testos, lab_toml_for_testos
 from trixiefiles import on_ci, trixie_file_or_skip
@@ -64,8 +64,8 @@ cmdline = "console=ttyAMA0"
 def arm_require(netlab_require: Callable[..., None]) -> Path:
     """trixie's arm64 iPXE as build.sh unpacked it; skips (fails on CI) without it, QEMU's arm
     emulators, AAVMF or u-boot-qemu."""
-    netlab_require(armvm.QEMU_AARCH64, armvm.QEMU_ARM)
-    problem = armvm.prerequisite_problem(("arm64", "armhf"))
+    netlab_require(arm.QEMU_AARCH64, arm.QEMU_ARM)
+    problem = arm.prerequisite_problem(("arm64", "armhf"))
     if problem and on_ci():
         pytest.fail(f"CI=true but an arm VM prerequisite is missing: {problem}", pytrace=False)
     if problem:
@@ -96,14 +96,14 @@ def test_arm64_uefi_and_arm64_and_armhf_u_boot_boards_boot_their_architectures_t
     vms: list[VM] = []
     try:
         # The U-Boot boards one after the other: each countdown (2 s) must be caught.
-        boards: tuple[tuple[tuple[str, str, str], armvm.UBootArch], ...] = (
+        boards: tuple[tuple[tuple[str, str, str], arm.UBootArch], ...] = (
             (UBOOT64, "arm64"), (UBOOT32, "armhf"),
         )  # fmt: skip
         for (name, mac, _), arch in boards:
-            uboot = armvm.start_uboot_vm(segment, name, mac, arch=arch, workdir=workdir)
+            uboot = arm.start_uboot_vm(segment, name, mac, arch=arch, workdir=workdir)
             vms.append(uboot)
             uboot.run_bootcmd_pxe(120)
-        vms.append(armvm.start_arm64_vm(segment, UEFI64[0], UEFI64[1], workdir=workdir))
+        vms.append(arm.start_arm64_vm(segment, UEFI64[0], UEFI64[1], workdir=workdir))
         up: dict[str, float] = {}
         configured: dict[str, float] = {}  # the iPXE script or pxelinux.cfg in hand
 

@@ -1,4 +1,4 @@
-"""arm64 UEFI machines on a segment, for the tests: qemu-system-aarch64 `virt` with AAVMF.
+"""arm machines on a segment, for the demo and the tests: qemu-system-aarch64 `virt` with AAVMF.
 
 pixiebox.virtlab.vm starts x86 machines only (q35, SeaBIOS/OVMF); this is the least it takes for
 an arm64 one, reusing its VM record, tap and QMP helpers so the machine is stopped, its tap
