@@ -13,6 +13,7 @@ The images come from out/ (`build.sh test` builds them before pytest; cached).
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import time
@@ -25,6 +26,8 @@ import pytest
 import vmlab
 from pixiebox.cli.appliance import FALLBACK_NETWORK, network_unit, prepare
 from pixiebox.config import LabConfig
+from pixiebox.core import raspi
+from pixiebox.core.trixie import trixie_root
 from pixiebox.events import Kind
 from pixiebox.virtlab import appliance_lab
 from trixiefiles import trixie_file_or_skip
@@ -197,6 +200,53 @@ def test_the_appliance_boots_only_signed_binaries_under_uefi(
         assert kernels, text
         for kernel in kernels:
             assert DEBIAN_CA in pe_signature(esp_file(image, kernel, tmp_path)), kernel
+
+
+# --- what the appliance carries on its root filesystem (no VM) -----------------------------------
+
+#: The GPT type of mkosi.repart's root partition (Type=root on x86-64, the Discoverable
+#: Partitions Specification's "Root Partition (x86-64)").
+ROOT_X86_64 = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"
+
+
+def root_file(image: Path, path: str) -> bytes:
+    """`path` on the image's ext4 root, read with debugfs at the partition's offset: no loop
+    device, no mount (neither is allowed in every container the tests run in). Empty when the
+    file is not there (debugfs says so on stderr only)."""
+    table = subprocess.run(
+        ["sfdisk", "--json", str(image)], capture_output=True, text=True, check=True, timeout=60
+    )
+    partitions = json.loads(table.stdout)["partitiontable"]["partitions"]
+    roots = [p for p in partitions if p["type"].upper() == ROOT_X86_64]
+    assert roots, f"no x86-64 root partition in {image}: {partitions}"
+    offset = roots[0]["start"] * 512
+    dump = subprocess.run(
+        ["debugfs", "-R", f"cat {path}", f"{image}?offset={offset}"],
+        capture_output=True, check=True, timeout=60,
+    )  # fmt: skip
+    return dump.stdout
+
+
+def test_the_appliance_carries_the_raspberry_pi_firmware(images: tuple[Path, Path]) -> None:
+    """Debian's raspi-firmware (non-free-firmware, mkosi.conf) is installed where the agent
+    looks for a netbooting Pi's first files (core/raspi.py SYSTEM_DIR): start4.elf, a VideoCore
+    ELF, and fixup4.dat; the pinned copy's bytes when the image has the pinned version."""
+    for tool in ("sfdisk", "debugfs"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is missing (apt-get install fdisk e2fsprogs; build.sh does)")
+    image = images[0]
+    manifest = json.loads(image.with_suffix(".manifest").read_text())
+    versions = {p["name"]: p["version"] for p in manifest["packages"]}
+    assert raspi.PACKAGE in versions, "raspi-firmware is not in the appliance's manifest"
+    pinned = trixie_root(raspi.PACKAGE)
+    for name in ("start4.elf", "fixup4.dat"):
+        content = root_file(image, f"{raspi.SYSTEM_DIR}/{name}")
+        assert content, f"{raspi.SYSTEM_DIR}/{name} is not in {image}"
+        if name.endswith(".elf"):
+            assert content.startswith(b"\x7fELF"), name
+        if pinned is not None and pinned.name == f"{raspi.PACKAGE}_{versions[raspi.PACKAGE]}":
+            copy = trixie_file_or_skip(raspi.PACKAGE, f"{raspi.PACKAGE_DIR}/{name}")
+            assert content == copy.read_bytes(), f"{name} differs from the pinned {pinned.name}"
 
 
 # --- booting the images ---------------------------------------------------------------------------
