@@ -1,9 +1,10 @@
 """`pixiebox demo`: the virtual lab, for anyone without a rack of NUCs.
 
 On this one machine: a private bridge in network namespaces, a "home router" (dnsmasq handing
-out addresses only), the Pixiebox agent in proxy mode, and QEMU machines (BIOS and UEFI) that
-PXE-boot from it, shown live until they are all up, Ctrl-C, or the timeout; then everything the
-demo made is removed (unless --keep). It is the same machinery the VM tests use.
+out addresses only), the Pixiebox agent in proxy mode, and QEMU machines (BIOS and UEFI; with
+--arm64 also an arm64 UEFI one, a mixed lab) that PXE-boot from it, shown live until they are all
+up, Ctrl-C, or the timeout; then everything the demo made is removed (unless --keep). It is the
+same machinery the VM tests use. Which machines, and the lab.toml written for them: demo_plan.
 
 Every VM is under power control, as a NUC with a smart plug would be: `on` by Wake-on-LAN (a
 responder on the lab bridge plays the VMs' NICs and powers them on through QMP), `off` by the
@@ -30,7 +31,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -38,27 +39,31 @@ from typing import Any
 from pixiebox.client.api import ApiClient, ApiRefused, ApiUnreachable
 from pixiebox.client.follow import Follower
 from pixiebox.config.schema import DEFAULT_API_PORT
-from pixiebox.core.firmware import SHIM, SIGNED_GRUB
-from pixiebox.core.trixie import trixie_file
 from pixiebox.events import Kind
-from pixiebox.virtlab import appliance_lab, forward, netns, vm, wake
+from pixiebox.virtlab import appliance_lab, arm, forward, netns, vm, wake
+from pixiebox.virtlab.demo_plan import (
+    AGENT_IP,
+    ROUTER_IP,
+    ROUTER_RANGE,
+    Machine,
+    arm64_problem,
+    default_arm64_os,
+    lab_toml,
+    label_width,
+    memory_for,
+    plan,
+    qmp_socket,
+    user_keys,
+)
+from pixiebox.virtlab.demo_plan import (
+    DemoError as DemoError,  # re-exported: the CLI catches demo.DemoError
+)
 
-SUBNET = "10.88.0.0/24"
-ROUTER_IP = "10.88.0.1"
-AGENT_IP = "10.88.0.2"
-ROUTER_RANGE = ("10.88.0.100", "10.88.0.199")
 READY = "Pixiebox serving"
 #: The agent's API port: [api] listen is unset in the demo's lab.toml, so the API answers on
 #: the lab address and on 127.0.0.1 in the agent's namespace, where the demo follows its event
 #: stream and runs the CLI.
 API_PORT = DEFAULT_API_PORT
-DEMO_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPixieboxDemoKeyReplaceMe demo@pixiebox"
-#: The signed chain's files (docs/firmware-quirks.md#33): where `./build.sh trixie` unpacked them
-#: (package, path in it), by their name under [boot] assets.
-SIGNED_CHAIN = {
-    SHIM: ("shim-signed", "usr/lib/shim/shimx64.efi.signed"),
-    SIGNED_GRUB: ("grub-efi-amd64-signed", "usr/lib/grub/x86_64-efi-signed/grubnetx64.efi.signed"),
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,124 +90,6 @@ STAGES: tuple[Stage, ...] = (
 )
 
 
-class DemoError(Exception):
-    """The demo cannot run here; the message says why and what to do."""
-
-
-@dataclass
-class Machine:
-    name: str
-    mac: str
-    firmware: vm.Firmware
-    pxe: vm.Pxe
-    vm: vm.VM | None = None
-    #: Secure Boot enforcing (UEFI only): the VM runs trixie's Secure Boot OVMF, and lab.toml
-    #: sends it shim → signed GRUB instead of iPXE, which that firmware would refuse.
-    secure_boot: bool = False
-    stage: str = "off"
-    seconds: dict[str, float] = field(default_factory=dict)
-    address: str = ""
-
-    @property
-    def label(self) -> str:
-        how = "UEFI, native PXE" if self.pxe == "native" else f"{self.firmware.upper()}, iPXE ROM"
-        return f"{self.name} ({how}{', Secure Boot' if self.secure_boot else ''})"
-
-
-def plan(count: int) -> list[Machine]:
-    """BIOS and UEFI machines alternately; UEFI ones use the firmware's own PXE client, so the
-    demo shows both chains: iPXE ROM → script, and UEFI PXE → TFTP ipxe.efi → script."""
-    machines = []
-    for index in range(1, count + 1):
-        bios = index % 2 == 1
-        machines.append(Machine(
-            name=f"node{index}", mac=f"52:54:00:88:00:{index:02x}",
-            firmware="bios" if bios else "uefi", pxe="ipxe-rom" if bios else "native",
-        ))  # fmt: skip
-    return machines
-
-
-def user_keys() -> list[str]:
-    """The invoking user's SSH public keys (so the demo's machines would let them in), or a
-    placeholder."""
-    home = Path((os.environ.get("SUDO_USER") and f"~{os.environ['SUDO_USER']}") or "~").expanduser()
-    keys = []
-    for path in sorted((home / ".ssh").glob("*.pub")):
-        try:
-            line = path.read_text().strip()
-        except OSError:
-            continue
-        if line.startswith(("ssh-", "ecdsa-")):
-            keys.append(line)
-    return keys or [DEMO_KEY]
-
-
-def qmp_socket(workdir: Path, machine: Machine) -> Path:
-    """Where vm.start_vm puts the VM's QMP socket (the demo's short workdir keeps it within a
-    socket path's length); lab.toml names it before the VMs start."""
-    return workdir.absolute() / f"{machine.name}.qmp"
-
-
-def signed_chain_sources() -> dict[str, Path]:
-    """The signed chain's unpacked files by their name under [boot] assets; FileNotFoundError
-    (one sentence: run sudo ./build.sh trixie) when they are not unpacked."""
-    return {name: trixie_file(*where) for name, where in SIGNED_CHAIN.items()}
-
-
-def lab_toml(workdir: Path, testos: Path, machines: list[Machine], keys: list[str]) -> str:
-    assets = workdir / "assets"
-    (assets / "testos").mkdir(parents=True)
-    for name in ("vmlinuz", "initrd"):
-        shutil.copyfile(testos / name, assets / "testos" / name)
-    if any(m.secure_boot for m in machines):
-        for name, source in signed_chain_sources().items():
-            (assets / name).parent.mkdir(exist_ok=True)
-            shutil.copyfile(source, assets / name)
-    # on: Wake-on-LAN (answered by the wake responder); off (and on, should WoL fail): QMP.
-    blocks = "".join(
-        f'\n[[machines]]\nname = "{m.name}"\nmac = "{m.mac}"\npower = [{{ driver = "wol" }}, '
-        f'{{ driver = "qemu", qmp = "{qmp_socket(workdir, m)}" }}]\n'
-        + ("secure_boot = true\n" if m.secure_boot else "")
-        for m in machines
-    )
-    quoted = ", ".join(f'"{key}"' for key in keys)
-    return f"""# The virtual lab's lab.toml, written by `pixiebox demo`.
-[lab]
-name = "demo"
-domain = "demo.internal"
-
-[network]
-interface = "eth0"
-subnet = "{SUBNET}"
-gateway = "{ROUTER_IP}"
-dhcp_mode = "proxy"
-
-[boot]
-unknown = "discover"
-assets = "{assets}"
-ssh_keys = [{quoted}]
-
-[images.osie]
-# The demo's test OS until the real OSIE image is built.
-kernel = "testos/vmlinuz"
-initrd = ["testos/initrd"]
-cmdline = "console=ttyS0"
-
-[http]
-listen = ":80"
-
-[api]
-token_file = "{workdir / "api-token"}"
-
-[state]
-dir = "{workdir / "state"}"
-
-[power]
-stagger = "2s"
-off_timeout = "60s"
-{blocks}"""
-
-
 class Display:
     """Live progress: a redrawn table on a terminal, one line per change otherwise."""
 
@@ -223,15 +110,16 @@ class Display:
         if not self.tty:
             return
         names = [s.name for s in STAGES]
+        width = label_width(self.machines)
         lines = [
             f"Pixiebox virtual lab, {time.monotonic() - started:5.1f}s",
-            f"{'machine':<28} {'stage':<8} " + " ".join(f"{n:>7}" for n in names),
+            f"{'machine':<{width}} {'stage':<8} " + " ".join(f"{n:>7}" for n in names),
         ]
         for m in self.machines:
             cells = " ".join(
                 f"{m.seconds[n]:>6.1f}s" if n in m.seconds else f"{'.':>7}" for n in names
             )
-            lines.append(f"{m.label:<28} {m.stage:<8} {cells}")
+            lines.append(f"{m.label:<{width}} {m.stage:<8} {cells}")
         if self._drawn:
             self._write(f"\033[{self._drawn}F\033[J" + "\n".join(lines))
         else:
@@ -309,10 +197,11 @@ def follow(
 
 
 def summary(machines: list[Machine]) -> str:
-    lines = ["", f"{'machine':<28} {'MAC':<18} {'address':<18} power-on to up"]
+    width = label_width(machines)
+    lines = ["", f"{'machine':<{width}} {'MAC':<18} {'address':<18} power-on to up"]
     for m in machines:
         up = f"{m.seconds['up']:.1f} s" if "up" in m.seconds else f"not up (last: {m.stage})"
-        lines.append(f"{m.label:<28} {m.mac:<18} {m.address or '-':<18} {up}")
+        lines.append(f"{m.label:<{width}} {m.mac:<18} {m.address or '-':<18} {up}")
     return "\n".join(lines)
 
 
@@ -358,14 +247,7 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def memory_for(os_dir: Path) -> int:
-    """RAM for a VM booting this OS: the OSIE lives in RAM (its initrd unpacked, then copied
-    into a tmpfs before systemd starts), the busybox test OS needs little."""
-    initrd_mb = (os_dir / "initrd").stat().st_size / 2**20
-    return 512 if initrd_mb < 20 else 1536
-
-
-def check_prerequisites(testos: Path) -> None:
+def check_prerequisites(testos: Path, arm64_os: Path | None = None) -> None:
     if os.geteuid() != 0:
         raise DemoError("the virtual lab builds network namespaces: run it as root (sudo)")
     problem = netns.prerequisite_problem(("dnsmasq",)) or vm.prerequisite_problem()
@@ -377,10 +259,32 @@ def check_prerequisites(testos: Path) -> None:
                 f"no {testos / name}: build the OSIE with sudo ./build.sh osie, or the test OS "
                 f"with scripts/build-testos.sh {testos} (sudo ./build.sh demo does one of them)"
             )
+    problem = arm64_problem(arm64_os) if arm64_os is not None else None
+    if problem:
+        raise DemoError(problem)
+
+
+def start_machine(segment: netns.Segment, machine: Machine, workdir: Path, os_dir: Path) -> vm.VM:
+    """Power on `machine`'s VM, booting from the network (it finds `os_dir` through the agent;
+    the demo reads only its size, for the RAM it needs)."""
+    memory = memory_for(os_dir, machine.arch)
+    if machine.arch == "arm64":
+        return arm.start_arm64_vm(segment, machine.name, machine.mac, workdir=workdir,
+                                  memory_mb=memory)  # fmt: skip
+    return vm.start_vm(
+        segment, machine.name, machine.mac, firmware=machine.firmware, pxe=machine.pxe,
+        workdir=workdir, memory_mb=memory, secure_boot=machine.secure_boot,
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
+    arm64_os = Path(args.arm64_os) if args.arm64_os else None
+    if arm64_os is None and args.arm64:
+        arm64_os = default_arm64_os()
     if args.appliance:
+        if arm64_os is not None:
+            raise DemoError("--arm64 is for the demo's own agent, not --appliance (yet): "
+                            "leave out one of them")  # fmt: skip
         if os.geteuid() != 0:
             raise DemoError("the virtual lab builds network namespaces: run it as root (sudo)")
         try:
@@ -388,8 +292,8 @@ def run(args: argparse.Namespace) -> int:
         except appliance_lab.ApplianceError as exc:
             raise DemoError(str(exc)) from None
     testos = Path(args.testos)
-    check_prerequisites(testos)
-    machines = plan(args.machines)
+    check_prerequisites(testos, arm64_os)
+    machines = plan(args.machines, arm64=arm64_os is not None)
     workdir = Path(tempfile.mkdtemp(prefix="pixiebox-demo-"))
     previous = signal.signal(signal.SIGTERM, _interrupt)
     display = Display(machines)
@@ -404,7 +308,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"home router (dnsmasq) at {ROUTER_IP}, handing out {'-'.join(ROUTER_RANGE)}")
         agent_host = segment.add_host("agent", ip=f"{AGENT_IP}/24")
         config = workdir / "lab.toml"
-        config.write_text(lab_toml(workdir, testos, machines, user_keys()))
+        config.write_text(lab_toml(workdir, testos, machines, user_keys(), arm64_os))
         agent_log = workdir / "agent.log"
         agent = agent_host.popen(
             [sys.executable, "-m", "pixiebox.cli.main", "serve", "--config", str(config)], agent_log
@@ -428,10 +332,8 @@ def run(args: argparse.Namespace) -> int:
         events = agent_events(agent_host)
         started = time.monotonic()
         for machine in machines:
-            machine.vm = vm.start_vm(
-                segment, machine.name, machine.mac, firmware=machine.firmware, pxe=machine.pxe,
-                workdir=workdir, memory_mb=memory_for(testos), secure_boot=machine.secure_boot,
-            )  # fmt: skip
+            os_dir = arm64_os if machine.arch == "arm64" and arm64_os else testos
+            machine.vm = start_machine(segment, machine, workdir, os_dir)
             machine.stage = "on"
             if machine.vm.qmp != qmp_socket(workdir, machine):
                 raise DemoError(f"{machine.name}'s QMP socket is {machine.vm.qmp}, not where "
@@ -517,3 +419,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="directory with the vmlinuz and initrd the machines boot: out/osie "
                         "(the real OSIE, ./build.sh osie) or out/testos (the small test OS; "
                         "default)")  # fmt: skip
+    parser.add_argument("--arm64", action="store_true",
+                        help="add an arm64 UEFI machine (QEMU's virt board with AAVMF) after "
+                        "the x86 ones: a mixed lab")  # fmt: skip
+    parser.add_argument("--arm64-os", default=None, metavar="DIR",
+                        help="directory with the arm64 machine's vmlinuz and initrd (implies "
+                        "--arm64; default out/osie-arm64 once ./build.sh osie --arch arm64 "
+                        "built it, else out/testos-arm64)")  # fmt: skip
