@@ -223,31 +223,6 @@ def _build_testos(options: list[str], out: Path) -> None:
         pytest.fail(f"{what} failed:\n{result.stderr.strip()}", pytrace=False)
 
 
-def _foreign_testos(arch: str) -> tuple[Path, Path]:
-    """(vmlinuz, initrd) of the `arch` test OS, built (or found up to date by its stamp) in
-    out/testos-ARCH; apt fetches that architecture's package lists privately (no root needed
-    to run them, but the cache is root's): skips (fails on CI) where the build cannot run."""
-    problem = _netlab_problem(())
-    if problem:
-        _skip_or_fail(problem)
-    out = REPO / "out" / f"testos-{arch}"
-    _build_testos(["--arch", arch], out)
-    return out / "vmlinuz", out / "initrd"
-
-
-@pytest.fixture(scope="session")
-def testos_arm64() -> tuple[Path, Path]:
-    """(vmlinuz, initrd) of the arm64 test OS (Debian's linux-image-arm64), in out/testos-arm64."""
-    return _foreign_testos("arm64")
-
-
-@pytest.fixture(scope="session")
-def testos_armhf() -> tuple[Path, Path]:
-    """(vmlinuz, initrd) of the armhf test OS (Debian's linux-image-armmp), in out/testos-armhf;
-    its device trees are in out/testos-armhf/dtbs."""
-    return _foreign_testos("armhf")
-
-
 APPLIANCE_RAW = REPO / "out" / "appliance" / "appliance.raw"
 OSIE_DIR = REPO / "out" / "osie"
 

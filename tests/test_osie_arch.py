@@ -4,7 +4,7 @@ What can be checked without building: the configuration mkosi resolves for each 
 (`mkosi --architecture A --json summary`: the kernel package of mkosi.conf.d/ and the platform's
 module patterns, nothing of another architecture's), and what build.sh says about a wrong --arch.
 What a finished build holds is checked when it is there (out/osie-arm64/, out/osie-armhf/; they
-are built by hand or when PIXIEBOX_OSIE_ARCHES names them, and on CI they must then exist): the
+are built by `build.sh test` unless PIXIEBOX_OSIE_ARCHES leaves them out (tests/osiebuilds.py)): the
 programs in the initrd are that architecture's ELF files, the kernel is that architecture's boot
 image, the initrd is under 120 MB, and armhf carries the Jetson TK1's device tree beside it.
 """
@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from osiebuilds import built
+from trixiefiles import on_ci
 
 REPO = Path(__file__).resolve().parent.parent
 OSIE = REPO / "image" / "osie"
-OUT = REPO / "out"
 
 # mkosi's architecture names for build.sh's, and what each build must (not) carry.
 MKOSI = {"x86-64": "x86-64", "arm64": "arm64", "armhf": "arm"}
@@ -31,14 +32,9 @@ KERNEL_PACKAGE = {"x86-64": "linux-image-amd64", "arm64": "linux-image-arm64",
                   "armhf": "linux-image-armmp-lpae"}  # fmt: skip
 ARCH_MODULES = {"x86-64": "/kernel/arch/x86/", "arm64": "/kernel/arch/arm64/",
                 "armhf": "/kernel/arch/arm/"}  # fmt: skip
-OUT_DIR = {"x86-64": OUT / "osie", "arm64": OUT / "osie-arm64", "armhf": OUT / "osie-armhf"}
 # ELF e_machine of /usr/lib/systemd/systemd in each initrd.
 ELF_MACHINE = {"x86-64": 62, "arm64": 183, "armhf": 40}
 INITRD_LIMIT = 120 * 1024 * 1024
-
-
-def on_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}
 
 
 def summary(arch: str) -> dict[str, Any]:
@@ -172,17 +168,6 @@ def test_a_host_that_cannot_run_foreign_binaries_is_one_line_saying_what_to_inst
 
 
 # --------------------------------------------------------------------------- finished builds
-
-
-def built(arch: str) -> Path:
-    directory = OUT_DIR[arch]
-    if not (directory / "osie.cpio.zst").exists():
-        wanted = os.environ.get("PIXIEBOX_OSIE_ARCHES", "x86-64").split()
-        message = f"the {arch} OSIE is not built: sudo ./build.sh osie --arch {arch}"
-        if on_ci() and (arch in wanted or "all" in wanted):
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
-    return directory
 
 
 def elf_machine(initrd: Path, member: str) -> int:
