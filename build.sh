@@ -191,12 +191,7 @@ cmd_test() {
     # (cached: only what changed is rebuilt). PIXIEBOX_SKIP_IMAGES=1 skips this for quick runs;
     # the image tests then skip, except on CI (CI=true), where they fail.
     if [ "${PIXIEBOX_SKIP_IMAGES:-}" != 1 ]; then
-        cmd_appliance
-        # The ARM OSIEs the ARM board tests boot (tests/test_arm_boards.py): cached like the
-        # x86-64 one; PIXIEBOX_OSIE_ARCHES=x86-64 leaves them out (those tests then skip, and
-        # fail on CI).
-        read -r -a OSIE_ARCHES <<<"${PIXIEBOX_OSIE_ARCHES:-all}"
-        cmd_osie_arches "${OSIE_ARCHES[@]}"
+        cmd_appliance  # with the OSIE of every architecture, which the ARM board tests boot too
     fi
     setup_python test
     lint
@@ -507,8 +502,7 @@ cmd_osie() { # [ARCH]: x86-64 (default) → out/osie/, arm64 → out/osie-arm64/
 }
 
 # Every OSIE architecture asked for, one build at a time (each foreign build is cached in
-# /var/cache/pixiebox like the x86 one). `build.sh test` passes PIXIEBOX_OSIE_ARCHES (default
-# all: x86-64, arm64, armhf).
+# /var/cache/pixiebox like the x86 one).
 cmd_osie_arches() { # ARCH...
     local arch arches=() lab one
     for arch in "${@:-x86-64}"; do
@@ -535,8 +529,12 @@ cmd_osie_arches() { # ARCH...
 
 cmd_appliance() {
     cmd_osie
+    # The ARM builds too (each cached by its stamp like the x86 one): config/lab.toml's
+    # [images.osie.arch.arm64] and [images.osie.arch.armhf] name them, so an arm64 UEFI machine,
+    # a U-Boot board or a Raspberry Pi boots its own build out of the box, not the x86 kernel.
+    cmd_osie_arches arm64 armhf
     setup_python ""
-    local input="$ROOT/out/appliance-input"
+    local input="$ROOT/out/appliance-input" arch
     rm -rf "$input" && mkdir -p "$input/wheels" "$input/osie" "$input/bin"
     say "the agent's wheels for the image's Python (trixie: CPython 3.13)"
     local reqs="$input/requirements.txt"
@@ -551,6 +549,14 @@ cmd_appliance() {
         || die "building the pixiebox wheel failed"
     cp out/osie/osie.vmlinuz "$input/osie/vmlinuz"
     cp out/osie/osie.cpio.zst "$input/osie/initrd"
+    for arch in arm64 armhf; do
+        [ -d "out/osie-$arch/dtbs" ] || die "out/osie-$arch/dtbs is missing (the $arch kernel's device trees, laid out by image/osie/mkosi.finalize): rm out/osie-$arch/stamp and run ./build.sh appliance again"
+        mkdir -p "$input/osie-$arch"
+        cp "out/osie-$arch/osie.vmlinuz" "$input/osie-$arch/vmlinuz"
+        cp "out/osie-$arch/osie.cpio.zst" "$input/osie-$arch/initrd"
+        cp -R "out/osie-$arch/dtbs" "$input/osie-$arch/dtbs"  # its links (flat names) stay links
+    done
+    say "the appliance carries the OSIE for x86-64 (osie/), arm64 (osie-arm64/) and armhf (osie-armhf/, device trees in dtbs/ each) in /var/lib/pixiebox/assets, which config/lab.toml's [images.osie] and its arch tables name"
     cp config/lab.toml "$input/lab.toml"
     fetch_upstream k3s "$input/bin/k3s"
     local stamp; stamp=$(inputs_stamp image/appliance image/shared overlays/appliance "$input")
@@ -577,7 +583,7 @@ image_flags() { # parse --require-upstream and --arch ARCH (osie only)
     while [ $# -gt 0 ]; do
         case "$1" in
             --require-upstream) REQUIRE_UPSTREAM=1 ;;
-            --arch|--arch=*) [ "$COMMAND" = osie ] || die "--arch is for ./build.sh osie (the appliance carries the x86-64 OSIE)" ;;&
+            --arch|--arch=*) [ "$COMMAND" = osie ] || die "--arch is for ./build.sh osie (the appliance builds and carries every architecture's)" ;;&
             --arch=*) read -r -a words <<<"${1#--arch=}"; OSIE_ARCHES+=("${words[@]}") ;;
             --arch) [ $# -ge 2 ] || die "--arch needs a value: x86-64, arm64, armhf, all or lab"
                     read -r -a words <<<"$2"; OSIE_ARCHES+=("${words[@]}"); shift ;;

@@ -32,6 +32,7 @@ import netlab
 import pytest
 from agentproc import recorded, start_agent
 from osiebuilds import built
+from pixiebox.config.schema import ARM_CONSOLES
 from pixiebox.events import Kind
 from pixiebox.store.identity import HOST_PUBLIC_FILE
 from pixiebox.store.state import EVENTS_PER_MACHINE, StateStore
@@ -61,15 +62,14 @@ CONFIGURED: dict[str, Callable[[str], str]] = {
 #: What `uname -m` says on each, and the CPU the firmware reported (pixiebox.arch=).
 MACHINE = {"uefi64": "aarch64", "uboot64": "aarch64", "uboot32": "armv7l"}
 CPU = {"uefi64": "arm64", "uboot64": "arm64", "uboot32": "arm32"}
-ARCH_IMAGES = """[images.osie.arch.arm64]
-kernel = "osie-arm64/vmlinuz"
-initrd = ["osie-arm64/initrd"]
-cmdline = "console=ttyAMA0,115200"
-[images.osie.arch.armhf]
-kernel = "osie-armhf/vmlinuz"
-initrd = ["osie-armhf/initrd"]
-cmdline = "console=ttyAMA0,115200"
-"""
+#: The arch tables as the appliance's default images have them (config.schema.default_images):
+#: both serial consoles named, device trees in dtbs/ (QEMU's U-Boot has no fdt_addr_r, so it
+#: fetches none and hands over QEMU's own tree, as it does when the file is missing).
+ARCH_IMAGES = "".join(
+    f'[images.osie.arch.{arch}]\nkernel = "osie-{arch}/vmlinuz"\ninitrd = ["osie-{arch}/initrd"]\n'
+    f'cmdline = "{ARM_CONSOLES}"\nfdtdir = "osie-{arch}/dtbs"\n'
+    for arch in ("arm64", "armhf")
+)
 
 
 @pytest.fixture

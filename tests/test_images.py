@@ -13,6 +13,7 @@ The images come from out/ (`build.sh test` builds them before pytest; cached).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -24,8 +25,9 @@ from typing import Any
 import netlab
 import pytest
 import vmlab
+from osiebuilds import built
 from pixiebox.cli.appliance import FALLBACK_NETWORK, network_unit, prepare
-from pixiebox.config import LabConfig
+from pixiebox.config import LabConfig, load_config
 from pixiebox.core import raspi
 from pixiebox.core.trixie import trixie_root
 from pixiebox.events import Kind
@@ -247,6 +249,43 @@ def test_the_appliance_carries_the_raspberry_pi_firmware(images: tuple[Path, Pat
         if pinned is not None and pinned.name == f"{raspi.PACKAGE}_{versions[raspi.PACKAGE]}":
             copy = trixie_file_or_skip(raspi.PACKAGE, f"{raspi.PACKAGE_DIR}/{name}")
             assert content == copy.read_bytes(), f"{name} differs from the pinned {pinned.name}"
+
+
+#: The ARM builds the appliance carries for config/lab.toml's [images.osie.arch.<arch>] (issue
+#: 15: out of the box an arm64 or armhf machine boots its own kernel, not the x86 one).
+ARM_ASSETS = "/var/lib/pixiebox/assets"
+
+
+@pytest.mark.parametrize("arch", ["arm64", "armhf"])
+def test_the_appliance_carries_the_arm_osie_its_lab_file_names(
+    images: tuple[Path, Path], arch: str
+) -> None:
+    """The appliance's assets hold out/osie-<arch>'s kernel and initrd byte for byte and the
+    device trees U-Boot's fdtdir fetches (the Jetson TK1's for armhf, a Pi 4's under broadcom/
+    for arm64: boot/raspi.py on_disk); and the lab file it ships (config/lab.toml) names them.
+    Compared by digest: pytest's diff of two 40 MB byte strings would take minutes."""
+    for tool in ("sfdisk", "debugfs"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is missing (apt-get install fdisk e2fsprogs; build.sh does)")
+    out = built(arch)
+    image = images[0]
+    build = load_config(REPO / "config" / "lab.toml").images["osie"].arch[arch]
+    assert (build.kernel, build.initrd, build.fdtdir) == (
+        f"osie-{arch}/vmlinuz", [f"osie-{arch}/initrd"], f"osie-{arch}/dtbs",
+    )  # fmt: skip
+    tree = {"armhf": "tegra124-jetson-tk1.dtb", "arm64": "broadcom/bcm2711-rpi-4-b.dtb"}[arch]
+    built_files = {
+        build.kernel: out / "osie.vmlinuz",
+        build.initrd[0]: out / "osie.cpio.zst",
+        f"{build.fdtdir}/{tree}": out / "dtbs" / tree,
+    }
+    for served, source in built_files.items():
+        content = root_file(image, f"{ARM_ASSETS}/{served}")
+        assert content, f"{ARM_ASSETS}/{served} is not in {image}: sudo ./build.sh appliance"
+        expected = hashlib.sha256(source.read_bytes()).hexdigest()
+        assert hashlib.sha256(content).hexdigest() == expected, f"{served} is not {source}"
+        if served.endswith(".dtb"):
+            assert content.startswith(b"\xd0\x0d\xfe\xed"), f"{served} is no device tree"
 
 
 # --- booting the images ---------------------------------------------------------------------------

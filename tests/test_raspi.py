@@ -276,13 +276,14 @@ def _require(tools: tuple[str, ...]) -> None:
 
 
 def _assets(workdir: Path) -> tuple[Path, Path]:
-    """[boot] assets with the base image's kernel and initrd (until `./build.sh osie --arch
-    arm64` has built the arm64 OSIE, the Pi boots the base image), and the firmware: Debian's
+    """[boot] assets laid out as the appliance's (lab.toml without [images]: the default
+    images' arm64 build, osie-arm64/, which a Pi boots), and the firmware: Debian's
     raspi-firmware as `./build.sh trixie` unpacked it, or a stand-in in assets/raspi/."""
     assets = workdir / "assets"
-    (assets / "osie").mkdir(parents=True)
-    (assets / "osie" / "vmlinuz").write_bytes(os.urandom(70_000))
-    (assets / "osie" / "initrd").write_bytes(os.urandom(150_000))
+    for build in ("osie", "osie-arm64"):
+        (assets / build).mkdir(parents=True)
+        (assets / build / "vmlinuz").write_bytes(os.urandom(70_000))
+        (assets / build / "initrd").write_bytes(os.urandom(150_000))
     found = firmware_file(assets, "start4.elf")
     if found is not None:
         return assets, found[0] / found[1]
@@ -360,6 +361,8 @@ def test_the_documented_tftp_sequence_boots_the_image(proxy_lab: PiLab) -> None:
     kernel = re.search(r"^kernel=(\S+)$", config, re.MULTILINE)
     initrd = re.search(r"^initramfs (\S+) followkernel$", config, re.MULTILINE)
     assert kernel and initrd, config
+    # The default images' arm64 build (lab.toml has no [images]), not the x86 base.
+    assert kernel.group(1) == "osie-arm64/vmlinuz", config
     got, said = tftp_get(pi, f"{SERIAL}/cmdline.txt", work / "cmdline.txt")
     assert got, said
     cmdline = (work / "cmdline.txt").read_text()

@@ -195,9 +195,10 @@ def pxelinux_config(
     names one file, `FDTDIR` a directory in which U-Boot fetches its `fdtfile` variable (else
     `<soc>-<board>.dtb`): the board's own .dtb, e.g. tegra124-jetson-tk1.dtb. Without either,
     U-Boot passes the tree it has itself (`fdt_addr`, `fdtcontroladdr`), as QEMU's virt boards
-    do. A named tree that cannot be fetched fails the boot ("Skipping pixiebox for failure
-    retrieving fdt"; U-Boot's pxe_utils.c label_boot), so set them for the boards that need
-    them."""
+    do. A named `FDT` that cannot be fetched fails the boot ("Skipping pixiebox for failure
+    retrieving FDT"; U-Boot's boot/pxe_utils.c label_boot); a board's file missing from `FDTDIR`
+    does not (U-Boot then hands over its own tree), nor is anything fetched by a U-Boot without
+    `fdt_addr_r` (QEMU's)."""
     who = f"{name} ({mac})" if name and mac else (mac or "any machine")
     if mac is None:
         args = [_one_line(image.cmdline)] if image.cmdline.strip() else []

@@ -132,12 +132,30 @@ class ImageSection(Section):
     arch: dict[ArchName, ImageArch] = Field(default_factory=dict)
 
 
+#: The serial consoles of the ARM OSIE builds: a PL011 (ttyAMA0: QEMU's virt board, most arm64
+#: servers) or an 8250 (ttyS0: a Jetson TK1). The kernel skips a console= whose device does not
+#: exist, so one command line serves both kinds of board.
+ARM_CONSOLES = "console=ttyS0,115200 console=ttyAMA0,115200"
+
+
 def default_images() -> dict[str, ImageSection]:
+    """What the appliance carries (build.sh cmd_appliance): the OSIE for x86-64, arm64 and armhf,
+    each ARM one with its kernel's device trees, so that a lab.toml without [images] boots an
+    ARM board its own build rather than the x86 kernel."""
     return {
         "osie": ImageSection(
             kernel="osie/vmlinuz",
             initrd=["osie/initrd"],
             cmdline="console=tty0 console=ttyS0,115200",
+            arch={
+                arch: ImageArch(
+                    kernel=f"osie-{arch}/vmlinuz",
+                    initrd=[f"osie-{arch}/initrd"],
+                    cmdline=ARM_CONSOLES,
+                    fdtdir=f"osie-{arch}/dtbs",
+                )
+                for arch in ("arm64", "armhf")
+            },
         )
     }
 
