@@ -28,7 +28,7 @@ def test_uboot_board_gets_pxelinux_over_tftp_and_http_and_x86_gets_ipxe_over_tft
         assets=workdir / "assets",
         state=workdir / "state",
         machines=[("tk1", BOARD_MAC, BOARD_IP)],
-    )  # fmt: skip  (boots the default image: osie/vmlinuz + osie/initrd)
+    )  # fmt: skip  (boots the default image's arm64 build: osie-arm64/vmlinuz + initrd)
     agent = start_agent(agent_host, config, workdir)
     board = segment.add_host("board", mac=BOARD_MAC, ip=f"{BOARD_IP}/24")
     # U-Boot (arch 22) is offered pxelinux.0's directory, then asks for pxelinux.cfg/01-<mac>.
@@ -45,7 +45,10 @@ def test_uboot_board_gets_pxelinux_over_tftp_and_http_and_x86_gets_ipxe_over_tft
     untokened = [re.sub(r" pixiebox\.token=\S+", "", got.stdout) for got in (over_tftp, over_http)]
     assert untokened[0] == untokened[1]
     text = over_tftp.stdout
-    assert "KERNEL osie/vmlinuz" in text and "INITRD osie/initrd" in text
+    # An armv8 board with no [images] in lab.toml: the default image's arm64 build, with its
+    # device trees (config.schema.default_images), not the x86 kernel.
+    assert "KERNEL osie-arm64/vmlinuz" in text and "INITRD osie-arm64/initrd" in text, text
+    assert "FDTDIR osie-arm64/dtbs" in text, text
     assert "pixiebox.name=tk1" in text and f"pixiebox.url=http://{AGENT_IP}" in text
     assert "tk1 (02:00:00:00:81:01) fetched pxelinux.cfg/01-" in agent.text()
     # U-Boot's earlier guesses (UUID, hex IP) are a fast "not found", not a hang.
@@ -73,7 +76,7 @@ def test_uboot_board_gets_pxelinux_over_tftp_and_http_and_x86_gets_ipxe_over_tft
         "pxelinux.0", "U-Boot", BOARD_IP
     )  # fmt: skip
     served = next(e for e in events if e.kind == Kind.HTTP_PXELINUX)
-    assert served.fields == {"file": wanted, "image": "osie", "kernel": "osie/vmlinuz"}
+    assert served.fields == {"file": wanted, "image": "osie", "kernel": "osie-arm64/vmlinuz"}
     sent = {e.get("file"): e for e in events if e.kind == Kind.TFTP_SENT}
     assert set(sent) == {wanted, "undionly.kpxe", "ipxe.efi"}, sent
     size = (packaged / "ipxe.efi").stat().st_size
