@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +131,7 @@ class Lab:
     client: netlab.Host
     flooder: netlab.Host
     pid: int
+    floods: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def fds(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
@@ -143,7 +145,18 @@ class Lab:
 
     def flood(self, script: str, *args: str) -> subprocess.Popen[bytes]:
         log = self.flooder.log_path(script)
-        return self.flooder.popen(["python3", str(FLOODS / f"{script}.py"), *args], log)
+        proc = self.flooder.popen(["python3", str(FLOODS / f"{script}.py"), *args], log)
+        self.floods.append(proc)
+        return proc
+
+    def stop_floods(self) -> None:
+        """Kill what a test's floods still hold: a failed test must not leave its connections
+        to the tests after it (they would be refused as over the caps)."""
+        for proc in self.floods:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+        self.floods.clear()
 
 
 def _agent_pid(host: netlab.Host) -> int:
@@ -188,13 +201,22 @@ def _start(segment: netlab.Segment, workdir: Path, nofile: int | None = None) ->
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+def one_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     problem = netlab.prerequisite_problem(("curl", "dig", "prlimit"))
     if problem:
         pytest.skip(problem)
     workdir = tmp_path_factory.mktemp("http-limits")
     with netlab.Segment(workdir / "segment") as segment:
         yield _start(segment, workdir)
+
+
+@pytest.fixture
+def lab(one_agent: Lab) -> Iterator[Lab]:
+    """The module's agent, with each test's floods stopped when it ends, pass or fail."""
+    try:
+        yield one_agent
+    finally:
+        one_agent.stop_floods()
 
 
 def _result(proc: subprocess.Popen[bytes], host: netlab.Host, timeout: float) -> dict[str, Any]:
@@ -221,9 +243,16 @@ def test_slow_clients_are_capped_and_timed_out_while_real_clients_are_served(lab
     sources = [arg for ip in [FLOOD_IPS[0]] * 2 + FLOOD_IPS for arg in ("--source", ip)]
     flood = lab.flood("slow_http", "--target", AGENT_IP, "--count", "500", "--duration", "20",
                       "--interval", "1", "--path", "/boot/x.ipxe", *sources)  # fmt: skip
-    held = _wait_fds(lab, before + MAX_CONNECTIONS - 20, timeout=10)
-    # The total cap holds (give or take refused ones not closed yet at the sample).
-    assert held <= before + MAX_CONNECTIONS + 40, held
+    _wait_fds(lab, before + MAX_CONNECTIONS - 20, timeout=10)
+    # The total cap holds: once the refused are closed, the agent holds no more than the cap
+    # (give or take a few in flight), well before the header timeout would close what it held
+    # over it. Sockets accepted but not yet answered 503 and closed are descriptors too,
+    # hundreds of them for a moment on a busy machine (stop 23's CI sampled 384 over `before`),
+    # so no single sample can tell.
+    capped = before + MAX_CONNECTIONS + 10
+    netlab.wait_until(lambda: lab.fds() <= capped, HEADER_TIMEOUT - 0.5, 0.05,
+                      f"the agent's descriptors never fell to {before} (before the flood) + the "
+                      f"cap of {MAX_CONNECTIONS} while the flood held its connections")  # fmt: skip
     time.sleep(1.2)  # the flood's connections are now old enough to make room for a newcomer
     script = lab.curl(f"/boot/{CLIENT_MAC}.ipxe")
     kernel = lab.curl("/assets/osie/vmlinuz")
