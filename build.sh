@@ -109,10 +109,15 @@ cmd_demo() {
             [ -f "$ROOT/out/appliance/appliance.raw" ] || cmd_appliance
             exec "$VENV/bin/pixiebox" demo "$@" ;;
     esac
+    # What the machines boot: the real OSIE by default, built here when missing or out of date
+    # (cmd_osie is cached: a rebuild only when its inputs changed); --test-os: the small busybox
+    # test OS (up in half the time, no SSH); --os DIR: the user's own, nothing to build.
+    local test_os=0 own_os=0
+    case " $* " in *" --test-os "*) test_os=1 ;; esac
+    case " $* " in *" --os "*|*" --os="*|*" --testos "*|*" --testos="*) own_os=1 ;; esac
     # --arm64 (a mixed lab): an arm64 UEFI machine beside the x86 ones. Its firmware is served
     # trixie's arm64 iPXE (bookworm's ipxe package has x86 builds only), and it boots the arm64
-    # OSIE when the x86 machines boot the OSIE, else the arm64 test OS; --arm64-os DIR: the
-    # user's own, nothing to build.
+    # build of what the x86 machines boot; --arm64-os DIR: the user's own, nothing to build.
     local arm64=()
     case " $* " in
         *" --arm64 "*|*" --arm64-os "*|*" --arm64-os="*)
@@ -121,8 +126,8 @@ cmd_demo() {
     case " $* " in
         *" --arm64-os "*|*" --arm64-os="*) ;;
         *" --arm64 "*)
-            if [ -f "$ROOT/out/osie/initrd" ]; then
-                cmd_osie_arches arm64  # cached: rebuilt only when its inputs changed
+            if [ "$test_os" = 0 ]; then
+                cmd_osie_arches arm64
                 arm64=(--arm64-os "$ROOT/out/osie-arm64")
             else
                 say "building the arm64 test OS (Debian kernel + busybox initrd) in out/testos-arm64"
@@ -131,13 +136,15 @@ cmd_demo() {
                 arm64=(--arm64-os "$ROOT/out/testos-arm64")
             fi ;;
     esac
-    # The real OSIE once `build.sh osie` (or all, or test) built it; else the small test OS.
-    if [ -f "$ROOT/out/osie/initrd" ]; then
-        say "the machines boot the OSIE from out/osie (./build.sh osie rebuilds it)"
-        exec "$VENV/bin/pixiebox" demo --os "$ROOT/out/osie" "${arm64[@]}" "$@"
+    if [ "$own_os" = 1 ]; then
+        exec "$VENV/bin/pixiebox" demo "${arm64[@]}" "$@"
+    elif [ "$test_os" = 1 ]; then
+        build_testos
+        exec "$VENV/bin/pixiebox" demo --os "$ROOT/out/testos" "${arm64[@]}" "$@"
     fi
-    build_testos
-    exec "$VENV/bin/pixiebox" demo --os "$ROOT/out/testos" "${arm64[@]}" "$@"
+    cmd_osie
+    say "the machines boot the OSIE from out/osie (--test-os: the small test OS instead)"
+    exec "$VENV/bin/pixiebox" demo --os "$ROOT/out/osie" "${arm64[@]}" "$@"
 }
 
 # True when the pytest arguments select only tests without the `netns` marker (-m "not netns",

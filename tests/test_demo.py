@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -23,8 +25,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
-def demo_require(netlab_require: Callable[..., None], testos: tuple[Path, Path]) -> None:
-    netlab_require("dnsmasq", vmlab.QEMU)
+def demo_require(netlab_require: Callable[..., None]) -> None:
+    """What the demo needs besides what build.sh demo builds (the OSIE, cached)."""
+    netlab_require("dnsmasq", vmlab.QEMU, "ssh")
 
 
 class DemoRun(subprocess.CompletedProcess[str]):
@@ -42,14 +45,16 @@ def _collect(stream: IO[str] | None, into: list[str]) -> None:
 
 
 def run_demo(
-    *args: str, timeout: float, while_running: Callable[[str], Any] | None = None
-) -> DemoRun:
+    *args: str, timeout: float, while_running: Callable[[str], Any] | None = None,
+    interrupt_when_checked: bool = False,
+) -> DemoRun:  # fmt: skip
     """`./build.sh demo ARGS`. build.sh execs `pixiebox demo`, so the demo keeps the pid started
     here, and every namespace it makes is named `pxb<pid>-...` (virtlab.netns RUN_PREFIX): the
     leak check looks at those only, never at another lab running on this machine meanwhile.
 
     `while_running(output so far)` is called about once a second while the demo runs, until it
-    returns something other than None (kept as `checked`): a look at the lab while it is up."""
+    returns something other than None (kept as `checked`): a look at the lab while it is up.
+    With `interrupt_when_checked`, the demo then gets Ctrl-C (SIGINT), as a user stops --keep."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIXIEBOX_")}
     proc = subprocess.Popen(
         ["./build.sh", "demo", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -71,6 +76,8 @@ def run_demo(
         seen.update(n for n in netlab.list_namespaces() if n.startswith(prefix))
         if while_running is not None and checked is None:
             checked = while_running("".join(out))
+            if checked is not None and interrupt_when_checked:
+                proc.send_signal(signal.SIGINT)
         if time.monotonic() > deadline:
             proc.kill()
             proc.wait()
@@ -142,6 +149,42 @@ def assert_dashboard_was_reachable(run: DemoRun) -> None:
         socket.create_connection(("127.0.0.1", seen["port"]), timeout=5).close()
 
 
+#: A login line the demo prints per machine with an SSH server (virtlab.demo_access).
+LOGIN_LINE = re.compile(r"^  (node\d+): (ip netns exec \S+ ssh .* root@10\.88\.0\.\d+)$", re.M)
+#: On the node: its name, what its root is, and whether a new mount namespace can pivot_root
+#: off it, as runc does for every container (on the initramfs itself that fails with EINVAL).
+ON_THE_NODE = (
+    "hostname; findmnt -n -o FSTYPE /; "
+    "unshare -m sh -c 'mount --make-rprivate / && mkdir -p /run/pxb-pivot && "
+    "mount -t tmpfs pxb /run/pxb-pivot && mkdir /run/pxb-pivot/old && cd /run/pxb-pivot && "
+    "pivot_root . old && echo pivoted' || echo 'pivot_root failed'"
+)
+
+
+class LookAtTheLab:
+    """While the demo runs: its dashboard (look_at_dashboard) once it prints the URL, then,
+    once it says the lab keeps running (--keep), each login command it printed, run as printed
+    with ON_THE_NODE as the remote command."""
+
+    def __init__(self) -> None:
+        self.dashboard: dict[str, Any] | None = None
+
+    def __call__(self, output: str) -> dict[str, Any] | None:
+        if self.dashboard is None:
+            self.dashboard = look_at_dashboard(output)
+        if self.dashboard is None or "the lab keeps running (--keep)" not in output:
+            return None
+        logins = {}
+        for name, command in LOGIN_LINE.findall(output):
+            done = subprocess.run(
+                [*shlex.split(command), "-o", "BatchMode=yes", "-o", "ConnectTimeout=20",
+                 ON_THE_NODE],
+                capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+            logins[name] = (done.returncode, done.stdout.split("\n"), done.stderr)
+        return {**self.dashboard, "logins": logins}
+
+
 def assert_cleaned_up(run: DemoRun) -> None:
     """The demo removed every namespace it made. Seeing some while it ran proves the prefix is
     really its own, so an empty leftover list means something."""
@@ -150,14 +193,28 @@ def assert_cleaned_up(run: DemoRun) -> None:
 
 
 @pytest.mark.timeout(1600)
-def test_build_sh_demo_boots_two_machines_and_removes_everything(demo_require: None) -> None:
-    # The real OSIE when build.sh built it (build.sh test does), else the small test OS.
+def test_build_sh_demo_boots_two_machines_into_the_osie_and_removes_everything(
+    demo_require: None,
+) -> None:
+    """The README's main command with --keep: both machines boot the real OSIE (built, or
+    found up to date, by build.sh), the demo prints how to log into each, the printed command
+    logs in (the demo's key, the host key the agent keeps), and Ctrl-C removes it all."""
     result = run_demo(
-        "--machines", "2", "--timeout", "900", timeout=1500, while_running=look_at_dashboard
+        "--machines", "2", "--timeout", "900", "--keep", timeout=1500,
+        while_running=LookAtTheLab(), interrupt_when_checked=True,
     )  # fmt: skip
     out = result.stdout
     assert result.returncode == 0, f"{out[-4000:]}\n{result.stderr[-4000:]}"
+    assert "the machines boot the OSIE from out/osie" in result.stderr + out, result.stderr[-3000:]
     assert_dashboard_was_reachable(result)
+    # Logged in as the demo said: the OSIE, on an overlay root (nothing copied at boot) that
+    # containers can pivot_root off.
+    logins = result.checked["logins"]
+    assert sorted(logins) == ["node1", "node2"], out[-3000:]
+    for name, (status, lines, err) in logins.items():
+        assert status == 0, f"{name}: {err}"
+        assert lines[:3] == [name, "overlay", "pivoted"], (name, lines, err)
+    assert "interrupted; removing the lab" in out
     for name, label in (("node1", "BIOS, iPXE ROM"), ("node2", "UEFI, native PXE")):
         row = re.search(rf"^{name} \({label}\)\s+(\S+)\s+(10\.88\.0\.\d+)\s+([\d.]+) s$", out,
                         re.M)  # fmt: skip
@@ -172,7 +229,6 @@ def test_build_sh_demo_boots_two_machines_and_removes_everything(demo_require: N
         assert re.search(rf"^{name}\s+{mac}\s+10\.88\.0\.\d+\s+{firmware}\s+up\s", table, re.M), (
             table
         )
-    assert "all machines booted; removing the lab" in out
     assert_cleaned_up(result)
 
 

@@ -362,6 +362,17 @@ def phone_homes(laptop: netlab.Host) -> int:
     return sum(1 for event in events if event.get("kind") == Kind.OS_UP)
 
 
+#: On a node: what its root is, whether a new mount namespace can pivot_root off it (as runc
+#: does for every container; on the initramfs it fails with EINVAL), and MB of RAM in use.
+ROOT_CHECKS = (
+    "findmnt -n -o FSTYPE /; "
+    "unshare -m sh -c 'mount --make-rprivate / && mkdir -p /run/pxb-pivot && "
+    "mount -t tmpfs pxb /run/pxb-pivot && mkdir /run/pxb-pivot/old && cd /run/pxb-pivot && "
+    "pivot_root . old && echo pivoted' || echo 'pivot_root failed'; "
+    "free -m | awk '/^Mem:/ {print $3}'"
+)
+
+
 def ssh(
     laptop: netlab.Host,
     key: Path,
@@ -468,11 +479,16 @@ def test_appliance_boots_from_disk_and_serves_the_osie_to_a_node_that_keeps_its_
              NODE_TIMEOUT, node)  # fmt: skip
 
     known_hosts = tmp_path / "known_hosts"
-    first = ssh(laptop, key, known_hosts, "hostname; cat /etc/ssh/ssh_host_ed25519_key.pub",
+    first = ssh(laptop, key, known_hosts,
+                f"hostname; cat /etc/ssh/ssh_host_ed25519_key.pub; {ROOT_CHECKS}",
                 first=True)  # fmt: skip
     assert first.returncode == 0, first.stderr
-    assert first.stdout.splitlines()[0] == "node1"
-    host_key = first.stdout.splitlines()[1].split()[:2]
+    name, host_line, root_type, pivot, used_mb = first.stdout.splitlines()[:5]
+    assert name == "node1"
+    host_key = host_line.split()[:2]
+    # The OSIE runs on an overlay of its initramfs (nothing copied, image/osie/mkosi.finalize),
+    # on which runc's pivot_root works, as containerd needs to start a pod.
+    assert (root_type, pivot) == ("overlay", "pivoted"), first.stdout
 
     before = phone_homes(laptop)
     ssh(laptop, key, known_hosts, "systemctl reboot", first=False)  # the connection may drop
@@ -485,7 +501,7 @@ def test_appliance_boots_from_disk_and_serves_the_osie_to_a_node_that_keeps_its_
     assert again.stdout.split()[:2] == host_key
     print(f"appliance (UEFI, Secure Boot on) API up {booted_in:.0f} s after power-on; node1 (the"
           " same, through shim and GRUB) up "
-          f"{node_up_in:.0f} s after power-on")  # fmt: skip
+          f"{node_up_in:.0f} s after power-on, {used_mb} MB of RAM in use once up")  # fmt: skip
 
 
 @pytest.mark.timeout(BOOT_TIMEOUT + 300)

@@ -40,9 +40,11 @@ from pixiebox.client.api import ApiClient, ApiRefused, ApiUnreachable
 from pixiebox.client.follow import Follower
 from pixiebox.config.schema import DEFAULT_API_PORT
 from pixiebox.events import Kind
-from pixiebox.virtlab import appliance_lab, arm, forward, netns, vm, wake
+from pixiebox.virtlab import appliance_lab, arm, demo_access, forward, netns, vm, wake
 from pixiebox.virtlab.demo_plan import (
     AGENT_IP,
+    ARM64_TESTOS,
+    DEMO_KEY,
     ROUTER_IP,
     ROUTER_RANGE,
     Machine,
@@ -60,6 +62,9 @@ from pixiebox.virtlab.demo_plan import (
 )
 
 READY = "Pixiebox serving"
+#: What the machines boot: the real OSIE (build.sh osie), or with --test-os the busybox test OS.
+OSIE = Path("out/osie")
+TEST_OS = Path("out/testos")
 #: The agent's API port: [api] listen is unset in the demo's lab.toml, so the API answers on
 #: the lab address and on 127.0.0.1 in the agent's namespace, where the demo follows its event
 #: stream and runs the CLI.
@@ -257,7 +262,8 @@ def check_prerequisites(testos: Path, arm64_os: Path | None = None) -> None:
         if not (testos / name).is_file():
             raise DemoError(
                 f"no {testos / name}: build the OSIE with sudo ./build.sh osie, or the test OS "
-                f"with scripts/build-testos.sh {testos} (sudo ./build.sh demo does one of them)"
+                f"with scripts/build-testos.sh {testos} (sudo ./build.sh demo builds the OSIE, "
+                "sudo ./build.sh demo --test-os the test OS)"
             )
     problem = arm64_problem(arm64_os) if arm64_os is not None else None
     if problem:
@@ -280,7 +286,7 @@ def start_machine(segment: netns.Segment, machine: Machine, workdir: Path, os_di
 def run(args: argparse.Namespace) -> int:
     arm64_os = Path(args.arm64_os) if args.arm64_os else None
     if arm64_os is None and args.arm64:
-        arm64_os = default_arm64_os()
+        arm64_os = ARM64_TESTOS if args.test_os else default_arm64_os()
     if args.appliance:
         if arm64_os is not None:
             raise DemoError("--arm64 is for the demo's own agent, not --appliance (yet): "
@@ -291,7 +297,7 @@ def run(args: argparse.Namespace) -> int:
             return appliance_lab.run(args, user_keys())
         except appliance_lab.ApplianceError as exc:
             raise DemoError(str(exc)) from None
-    testos = Path(args.testos)
+    testos = Path(args.testos or (TEST_OS if args.test_os else OSIE))
     check_prerequisites(testos, arm64_os)
     machines = plan(args.machines, arm64=arm64_os is not None)
     workdir = Path(tempfile.mkdtemp(prefix="pixiebox-demo-"))
@@ -308,7 +314,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"home router (dnsmasq) at {ROUTER_IP}, handing out {'-'.join(ROUTER_RANGE)}")
         agent_host = segment.add_host("agent", ip=f"{AGENT_IP}/24")
         config = workdir / "lab.toml"
-        config.write_text(lab_toml(workdir, testos, machines, user_keys(), arm64_os))
+        key = demo_access.make_key(workdir)
+        keys = user_keys()
+        if key is not None:  # the user's own keys, and the demo's, whose login it prints
+            keys = [k for k in keys if k != DEMO_KEY] + [key.public]
+        config.write_text(lab_toml(workdir, testos, machines, keys, arm64_os))
         agent_log = workdir / "agent.log"
         agent = agent_host.popen(
             [sys.executable, "-m", "pixiebox.cli.main", "serve", "--config", str(config)], agent_log
@@ -359,6 +369,11 @@ def run(args: argparse.Namespace) -> int:
             check=False,
         )
         print(table.stdout.rstrip() or table.stderr.rstrip())
+        if booted:
+            reach = demo_access.how_to_reach(
+                agent_host, key, workdir, workdir / "state", machines, kept=args.keep
+            )
+            print(f"\n{reach}")
         if not booted:
             print(f"\nnot every machine was up within {args.timeout:g} s; consoles and logs: "
                   f"{workdir} (kept)")  # fmt: skip
@@ -415,10 +430,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--power-cycle", action="store_true",
                         help="once all are up, run pixiebox lab down, then lab up (the lab "
                         "boots a second time, powered on by Wake-on-LAN)")  # fmt: skip
-    parser.add_argument("--os", "--testos", dest="testos", default="out/testos",
-                        help="directory with the vmlinuz and initrd the machines boot: out/osie "
-                        "(the real OSIE, ./build.sh osie) or out/testos (the small test OS; "
-                        "default)")  # fmt: skip
+    parser.add_argument("--os", "--testos", dest="testos", default=None, metavar="DIR",
+                        help="directory with the vmlinuz and initrd the machines boot (default "
+                        f"{OSIE}: the real OSIE, ./build.sh osie)")  # fmt: skip
+    parser.add_argument("--test-os", action="store_true",
+                        help=f"boot the small busybox test OS ({TEST_OS}, "
+                        "scripts/build-testos.sh) instead of the OSIE: it is up in half the "
+                        "time, but has no SSH, Kubernetes or telemetry")  # fmt: skip
     parser.add_argument("--arm64", action="store_true",
                         help="add an arm64 UEFI machine (QEMU's virt board with AAVMF) after "
                         "the x86 ones: a mixed lab")  # fmt: skip

@@ -134,8 +134,8 @@ def default_arm64_os() -> Path:
 
 
 def memory_for(os_dir: Path, arch: Arch = "x86-64") -> int:
-    """RAM for a VM booting this OS: the OSIE lives in RAM (its initrd unpacked, then copied
-    into a tmpfs before systemd starts), the busybox test OS needs little. The arm64 OSIE was
+    """RAM for a VM booting this OS: the OSIE lives in RAM (its initrd unpacked, under an
+    overlay whose writes go to a tmpfs), the busybox test OS needs little. The arm64 OSIE was
     seen `up` under AAVMF with 2048 MB (session 22); its kernel is an uncompressed Image (37 MB
     against x86's 12 MB bzImage), which iPXE holds in RAM beside the initrd while it boots."""
     initrd_mb = (os_dir / "initrd").stat().st_size / 2**20
@@ -247,6 +247,8 @@ def arm64_problem(os_dir: Path, ipxe_dir: Path | None = None) -> str | None:
 __all__ = [
     "AGENT_IP",
     "ARM64_CMDLINE",
+    "ARM64_TESTOS",
+    "DEMO_KEY",
     "OS_ASSETS",
     "ROUTER_IP",
     "ROUTER_RANGE",
