@@ -6,16 +6,18 @@ arm64 machine cannot run here. No root, no namespaces, no VMs (tests/test_demo.p
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
-from argparse import Namespace
+from argparse import ArgumentParser
 from pathlib import Path
 
 import pytest
 from pixiebox.config import load_config
 from pixiebox.core.decision import LabView, decide
 from pixiebox.core.firmware import ARM64_IPXE, arch_info
-from pixiebox.virtlab import arm, demo, demo_plan
+from pixiebox.store.identity import IdentityStore
+from pixiebox.virtlab import arm, demo, demo_access, demo_plan
 
 ARM1_MAC = "52:54:00:88:00:41"
 
@@ -159,6 +161,29 @@ def test_demo_help_shows_the_arm64_options() -> None:
 
 
 def test_arm64_is_refused_with_the_appliance_before_anything_starts() -> None:
-    args = Namespace(appliance=True, arm64=True, arm64_os=None)
+    parser = ArgumentParser()
+    demo.add_arguments(parser)  # the CLI's own options, as `pixiebox demo` parses them
+    args = parser.parse_args(["--appliance", "--arm64"])
     with pytest.raises(demo.DemoError, match="--arm64 is for the demo's own agent"):
         demo.run(args)
+
+
+def test_the_login_trusts_the_host_key_the_agent_keeps_not_the_first_one_seen(
+    tmp_path: Path,
+) -> None:
+    """known_hosts is written from the agent's identity store (the key it hands the machine at
+    boot), for machines with an address only; OpenSSH's own parser finds it there."""
+    store = IdentityStore(tmp_path / "state" / demo_access.IDENTITY_DIR)
+    node1 = demo_plan.Machine("node1", "52:54:00:88:00:01", "bios", "ipxe-rom",
+                              address="10.88.0.115")  # fmt: skip
+    node2 = demo_plan.Machine("node2", "52:54:00:88:00:02", "uefi", "native")  # not up: no IP
+    identity = store.for_machine(node1.mac)
+    store.for_machine(node2.mac)
+    known = demo_access.write_known_hosts(tmp_path, tmp_path / "state", [node1, node2])
+    key_type, key = identity.ssh_host_public.split()[:2]
+    assert known.read_text() == f"10.88.0.115 {key_type} {key}\n"
+    if shutil.which("ssh-keygen") is None:
+        pytest.skip("no ssh-keygen (openssh-client; build.sh installs it)")
+    found = subprocess.run(["ssh-keygen", "-F", "10.88.0.115", "-f", str(known)],
+                           capture_output=True, text=True, check=False)  # fmt: skip
+    assert found.returncode == 0 and key in found.stdout, found
