@@ -27,6 +27,16 @@ UNITS = OVERLAY / "usr" / "lib" / "systemd" / "system"
 MAC = "02:00:00:00:85:31"
 IP = "10.85.0.31"
 APPLIANCE = "10.85.0.2"
+#: On a node: what its root is, whether a new mount namespace can pivot_root off it (as runc
+#: does for every container; on the initramfs it fails with EINVAL), and MB of RAM in use:
+#: processes' and tmpfs's (`shared`), where the unpacked OS itself lives.
+ROOT_CHECKS = (
+    "findmnt -n -o FSTYPE /; "
+    "unshare -m sh -c 'mount --make-rprivate / && mkdir -p /run/pxb-pivot && "
+    "mount -t tmpfs pxb /run/pxb-pivot && mkdir /run/pxb-pivot/old && cd /run/pxb-pivot && "
+    "pivot_root . old && echo pivoted' || echo 'pivot_root failed'; "
+    "free -m | awk '/^Mem:/ {print $3 + $5}'"
+)
 USER_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOsieTestKeyForPixieboxOnlyAAAAAAAAAAAAA test@lab"
 INFLUX_TOKEN = "influx-write-token-85"
 

@@ -50,7 +50,7 @@ BOARDS = (UEFI64, UBOOT64, UBOOT32)
 #: Three TCG machines on a loaded 2-core host: firmware, 40-50 MB initrds (over TFTP to U-Boot),
 #: Linux and systemd instruction by instruction.
 TIMEOUT = 1500.0
-#: The OSIE lives in RAM: its initrd unpacked, then copied into a tmpfs (virtlab.demo.memory_for).
+#: The OSIE lives in RAM: its initrd unpacked, under an overlay (virtlab.demo.memory_for).
 MEMORY_MB = 2048
 #: What each console says once the agent's boot configuration is in hand, by machine and MAC:
 #: the agent's iPXE script echoed by the iPXE it served, U-Boot's pxelinux.cfg fetch.

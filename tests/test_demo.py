@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import netlab
+import osie_tools
 import pytest
 import vmlab
 from pixiebox.virtlab import forward
@@ -151,14 +152,9 @@ def assert_dashboard_was_reachable(run: DemoRun) -> None:
 
 #: A login line the demo prints per machine with an SSH server (virtlab.demo_access).
 LOGIN_LINE = re.compile(r"^  (node\d+): (ip netns exec \S+ ssh .* root@10\.88\.0\.\d+)$", re.M)
-#: On the node: its name, what its root is, and whether a new mount namespace can pivot_root
-#: off it, as runc does for every container (on the initramfs itself that fails with EINVAL).
-ON_THE_NODE = (
-    "hostname; findmnt -n -o FSTYPE /; "
-    "unshare -m sh -c 'mount --make-rprivate / && mkdir -p /run/pxb-pivot && "
-    "mount -t tmpfs pxb /run/pxb-pivot && mkdir /run/pxb-pivot/old && cd /run/pxb-pivot && "
-    "pivot_root . old && echo pivoted' || echo 'pivot_root failed'"
-)
+#: On the node: its name, then what its root is, whether containers can pivot_root off it and
+#: the RAM in use (osie_tools.ROOT_CHECKS).
+ON_THE_NODE = f"hostname; {osie_tools.ROOT_CHECKS}"
 
 
 class LookAtTheLab:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import netlab
+import osie_tools
 import pytest
 import vmlab
 from osiebuilds import built
@@ -362,17 +363,6 @@ def phone_homes(laptop: netlab.Host) -> int:
     return sum(1 for event in events if event.get("kind") == Kind.OS_UP)
 
 
-#: On a node: what its root is, whether a new mount namespace can pivot_root off it (as runc
-#: does for every container; on the initramfs it fails with EINVAL), and MB of RAM in use.
-ROOT_CHECKS = (
-    "findmnt -n -o FSTYPE /; "
-    "unshare -m sh -c 'mount --make-rprivate / && mkdir -p /run/pxb-pivot && "
-    "mount -t tmpfs pxb /run/pxb-pivot && mkdir /run/pxb-pivot/old && cd /run/pxb-pivot && "
-    "pivot_root . old && echo pivoted' || echo 'pivot_root failed'; "
-    "free -m | awk '/^Mem:/ {print $3}'"
-)
-
-
 def ssh(
     laptop: netlab.Host,
     key: Path,
@@ -480,7 +470,7 @@ def test_appliance_boots_from_disk_and_serves_the_osie_to_a_node_that_keeps_its_
 
     known_hosts = tmp_path / "known_hosts"
     first = ssh(laptop, key, known_hosts,
-                f"hostname; cat /etc/ssh/ssh_host_ed25519_key.pub; {ROOT_CHECKS}",
+                f"hostname; cat /etc/ssh/ssh_host_ed25519_key.pub; {osie_tools.ROOT_CHECKS}",
                 first=True)  # fmt: skip
     assert first.returncode == 0, first.stderr
     name, host_line, root_type, pivot, used_mb = first.stdout.splitlines()[:5]
