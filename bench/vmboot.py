@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
+import shlex
 import shutil
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pixiebox.core.trixie import trixie_file
-from pixiebox.virtlab import demo, netns, vm
+from pixiebox.virtlab import demo, demo_access, netns, vm
 
 from .lab import ROOT, BenchError
 
@@ -120,13 +121,40 @@ def run_rounds(bench: Bench, keys: list[str]) -> None:
                 raise BenchError(f"no {os_dir / 'initrd'}: sudo ./build.sh osie builds the OSIE")
             bench.say(f"vm: 1 machine, {server}, round {index + 1}")
             boot_it = functools.partial(
-                boot, 1, bench.workdir / f"vm-{server}", os_dir, OSIE_TIMEOUT, bench.log
-            )
+                boot, 1, bench.workdir / f"vm-{server}", os_dir, OSIE_TIMEOUT, bench.log,
+                report_ram=server == "osie",
+            )  # fmt: skip
+            initrd_mb = (os_dir / "initrd").stat().st_size / 2**20
+            bench.log.append(f"  {server}: initrd {initrd_mb:.1f} MB (compressed)")
             bench.sample(OSIE, server, functools.partial(_slowest, boot_it))
 
 
 def _slowest(boot_them: Callable[[], list[float]]) -> float:
     return max(boot_them())
+
+
+def _ram_in_use(
+    agent_host: netns.Host, key: demo_access.DemoKey, workdir: Path, machines: list[demo.Machine]
+) -> list[str]:
+    """A log line per machine that is up: MB of RAM in use once up (processes', and tmpfs's
+    where the unpacked OS lives: free's used + shared), read over SSH as the demo logs in."""
+    known_hosts = demo_access.write_known_hosts(workdir, workdir / "state", machines)
+    lines = []
+    for m in machines:
+        if not m.address:
+            continue
+        command = demo_access.login_command(agent_host, key, known_hosts, m.address)
+        done = subprocess.run(
+            [*shlex.split(command), "-o", "BatchMode=yes", "-o", "ConnectTimeout=20",
+             "free -m | awk '/^Mem:/ {print $2, $3 + $5}'"],
+            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL, check=False,
+        )  # fmt: skip
+        if done.returncode != 0:
+            lines.append(f"  {m.name}: no SSH login ({done.stderr[-200:]})")
+            continue
+        total, used = [*done.stdout.split(), "?", "?"][:2]
+        lines.append(f"  {m.name}: {used} MB of {total} MB RAM in use once up")
+    return lines
 
 
 def secure_boot_problem() -> str | None:
@@ -144,10 +172,12 @@ def secure_boot_problem() -> str | None:
 def boot(
     count: int, workdir: Path, testos: Path, timeout: float, log: list[str], *,
     firmware: vm.Firmware | None = None, pxe: vm.Pxe = "native", secure_boot: bool = False,
+    report_ram: bool = False,
 ) -> list[float]:  # fmt: skip
     """Power on `count` machines at once; each one's seconds from power-on to up (inf if not
     up within `timeout`). Without `firmware` they are the demo's (BIOS and UEFI alternately);
-    with it every machine has that firmware, `pxe` and `secure_boot`."""
+    with it every machine has that firmware, `pxe` and `secure_boot`. With `report_ram`, each
+    machine that is up is logged into (the demo's way, demo_access) and its RAM in use logged."""
     problem = netns.prerequisite_problem(("dnsmasq",)) or vm.prerequisite_problem()
     if not problem and secure_boot:
         problem = secure_boot_problem()
@@ -166,7 +196,9 @@ def boot(
         netns.start_dnsmasq_router(router, *demo.ROUTER_RANGE, ping_check=False)
         agent_host = segment.add_host("agent", ip=f"{demo.AGENT_IP}/24")
         config = workdir / "lab.toml"
-        config.write_text(demo.lab_toml(workdir, testos, machines, [demo.DEMO_KEY]))
+        key = demo_access.make_key(workdir) if report_ram else None
+        keys = [key.public] if key is not None else [demo.DEMO_KEY]
+        config.write_text(demo.lab_toml(workdir, testos, machines, keys))
         agent_log = workdir / "agent.log"
         agent = agent_host.popen(
             [sys.executable, "-m", "pixiebox.cli", "serve", "--config", str(config)], agent_log
@@ -205,6 +237,8 @@ def boot(
             log.append(f"  {m.label}: " + ", ".join(f"{k} {v:.1f}s" for k, v in m.seconds.items()))
             if "up" not in m.seconds and m.vm is not None:  # why, before the workdir goes
                 log.append(f"  {m.name} not up; its console ends:\n{m.vm.console_text()[-1500:]}")
+        if key is not None:
+            log.extend(_ram_in_use(agent_host, key, workdir, machines))
         for m in machines:
             if m.secure_boot and "up" in m.seconds and m.vm is not None:
                 if ENFORCING not in m.vm.console_text():

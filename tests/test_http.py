@@ -577,6 +577,83 @@ def test_the_ipxe_script_names_the_build_for_the_architecture_ipxe_reports(
     assert f"initrd --name initrd http://{SERVER_IP}/assets/osie-arm64/initrd" in script
 
 
+def _without_date(head: str) -> str:
+    return "\n".join(line for line in head.splitlines() if not line.lower().startswith("date:"))
+
+
+def test_a_script_fetched_again_at_once_is_the_same_answer_and_one_event(
+    boot_lab: BootLab,
+) -> None:
+    """iPXE fetches its script once per boot: the same URL again from the machine at once is
+    the same step (http.script_cache). The server's protocol answers it (no ASGI app) with the
+    bytes the app sent, the same boot token, and no second event or log line."""
+    server = boot_lab.server
+    mark = len(server.text())
+    target = url(f"/boot/{ENROLLED_MAC.upper()}.ipxe?again=1")
+    # Three fetches, the last two on one keep-alive connection.
+    first = boot_lab.curl(target, "-D", "-").stdout.replace("\r\n", "\n")
+    both = boot_lab.curl(target, "-D", "-", target, "-D", "-").stdout.replace("\r\n", "\n")
+    head, _, body = first.partition("\n\n")
+    assert re.search(r" pixiebox\.token=\S{20,} ", body), body
+    assert both == first * 2 or _without_date(both) == _without_date(first * 2), (first, both)
+    assert head.startswith("HTTP/1.1 200 OK\n") and "\nContent-Length: " in head, head
+    assert "cache-control: no-store" in head and "content-type: text/plain" in head, head
+    server.wait_event("http.script", after=mark)
+    time.sleep(0.5)  # a second event would have been printed by now
+    kinds = [e["kind"] for e in server.events(mark)]
+    assert kinds == ["http.script"], kinds
+    assert server.text()[mark:].count("fetched its iPXE script; next") == 1, server.text()[mark:]
+    # HTTP/1.0 (each request its own connection): the answer ends the connection, and says so
+    # the way the application's answer does.
+    old = url(f"/boot/{ENROLLED_MAC.upper()}.ipxe?again=10")
+    answers = [boot_lab.curl(old, "--http1.0", "-D", "-").stdout.replace("\r\n", "\n")
+               for _ in range(2)]  # fmt: skip
+    assert "connection: close" in answers[0].partition("\n\n")[0], answers[0]
+    assert _without_date(answers[0]) == _without_date(answers[1])
+
+
+_PIPELINED = """
+import socket, sys
+requests = b"".join(
+    b"GET " + path.encode() + b" HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n" for path in sys.argv[2:]
+)
+with socket.create_connection((sys.argv[1], 80), timeout=10) as sock:
+    last = b"GET /ssh.keys HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n"
+    sock.sendall(requests + last)
+    received = b""
+    while chunk := sock.recv(65536):
+        received += chunk
+sys.stdout.write(received.decode())
+"""
+
+
+def test_pipelined_requests_are_answered_in_order_around_kept_scripts(boot_lab: BootLab) -> None:
+    """A kept script answered by the server's protocol never overtakes a request before it on
+    the same connection that the application is still answering (HTTP/1.1 pipelining)."""
+    script = f"/boot/{ENROLLED_MAC}.ipxe?pipelined=1"
+    kept = boot_lab.curl(url(script)).stdout
+    paths = [script, "/ssh.keys", script, "/assets/osie/missing", script]
+    out = boot_lab.client.run([sys.executable, "-c", _PIPELINED, SERVER_IP, *paths]).stdout
+    answers = re.split(r"(?=HTTP/1\.1 \d{3} )", out)[1:]
+    assert [a.split()[1] for a in answers] == ["200", "200", "200", "404", "200", "200"], out
+    bodies = [a.replace("\r\n", "\n").partition("\n\n")[2] for a in answers]
+    assert bodies[0] == bodies[2] == bodies[4] == kept
+    assert bodies[1].splitlines() == bodies[5].splitlines() == SSH_KEYS
+    assert "connection: close" in answers[5].lower()
+
+
+def test_another_client_never_gets_a_kept_script(boot_lab: BootLab) -> None:
+    """A script kept for c1 (with its boot token) is c1's alone: the same URL from another
+    machine is answered in full, without a token, and records a refusal."""
+    target = url(f"/boot/{ENROLLED_MAC}.ipxe?kept=1")
+    assert "pixiebox.token=" in boot_lab.curl(target).stdout
+    mark = len(boot_lab.server.text())
+    other = boot_lab.curl(target, host=boot_lab.unknown).stdout
+    assert other.startswith("#!ipxe") and "pixiebox.token=" not in other
+    assert "pixiebox.name=c1" in other
+    boot_lab.server.wait_log(f"refused c1's boot token to {UNKNOWN_IP}", after=mark)
+
+
 def test_ssh_keys(boot_lab: BootLab) -> None:
     result = boot_lab.curl(url("/ssh.keys"), "-D", "-").stdout
     head, _, body = result.partition("\n\n")

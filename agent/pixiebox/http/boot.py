@@ -22,32 +22,30 @@ import os
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC
-from email.utils import parsedate_to_datetime
 from ipaddress import IPv4Address
 from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import FileResponse, PlainTextResponse, Response
+from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
-from starlette.types import Message, Receive, Scope, Send
 
 from pixiebox.boot.ipxe_script import ignore_script, ipxe_script
 from pixiebox.boot.pxelinux import pxelinux_for
 from pixiebox.config import LabConfig, normalize_mac
 from pixiebox.core import wording
-from pixiebox.core.decision import Silence
+from pixiebox.core.decision import BootDecision, Silence
 from pixiebox.core.firmware import DEFAULT_ARCH, ArchInfo, Assets, arch_info
 from pixiebox.core.inventory import Inventory
 from pixiebox.core.trust import Verdict
 from pixiebox.core.urls import BootUrls
 from pixiebox.events import Fields, Kind
+from pixiebox.http.files import Outcome, TrackedFile, TransferDone, not_modified
 from pixiebox.http.metadata import metadata_response
 from pixiebox.http.phonehome import phone_home_response
-from pixiebox.http.server import PATHSEND
+from pixiebox.http.script_cache import KeptScript, ScriptCache, rendering
 from pixiebox.net import paths
 from pixiebox.net.limits import LogLimiter
 from pixiebox.store.identity import IdentityStore
@@ -184,79 +182,6 @@ def resolve_asset(root: Path, requested: str) -> tuple[Path, os.stat_result]:
     return target, result
 
 
-def _not_modified(headers: Mapping[str, str], etag: str, mtime: float) -> bool:
-    """RFC 9110 13.1.2/13.1.3: If-None-Match wins over If-Modified-Since."""
-    if_none_match = headers.get("if-none-match")
-    if if_none_match is not None:
-        tags = {tag.strip().removeprefix("W/") for tag in if_none_match.split(",")}
-        return "*" in tags or etag in tags
-    if_modified_since = headers.get("if-modified-since")
-    if if_modified_since is None:
-        return False
-    try:
-        since = parsedate_to_datetime(if_modified_since)
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return False
-    if since.tzinfo is None:
-        since = since.replace(tzinfo=UTC)
-    return int(mtime) <= since.timestamp()
-
-
-TransferDone = Callable[[int, bool, int, BaseException | None], None]
-
-
-@dataclass(frozen=True, slots=True)
-class _Outcome:
-    """How a file response ended: status, whether to its last byte, bytes sent, the error that
-    cut it short, and seconds from the request to the end."""
-
-    status: int
-    complete: bool
-    sent: int
-    error: BaseException | None
-    seconds: float
-
-
-class _TrackedFile(FileResponse):
-    """A FileResponse that reports how it ended: (status, complete, bytes sent, error).
-
-    With the pathsend extension the server sends the whole file in one message and raises an
-    OSError from send() when the client is gone; streamed (Range) responses end either with the
-    final body message or, when the client disconnects, without it."""
-
-    def __init__(self, path: Path, stat_result: os.stat_result, on_done: TransferDone) -> None:
-        super().__init__(path, stat_result=stat_result)
-        self._on_done = on_done
-        self._size = stat_result.st_size
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        status = 0
-        complete = False
-        sent = 0
-
-        async def tracked(message: Message) -> None:
-            nonlocal status, complete, sent
-            await send(message)
-            kind = message["type"]
-            if kind == "http.response.start":
-                status = int(message["status"])
-            elif kind == PATHSEND:
-                sent, complete = self._size, True
-            elif kind == "http.response.body":
-                sent += len(message.get("body", b""))
-                complete = not message.get("more_body", False)
-
-        error: BaseException | None = None
-        try:
-            await super().__call__(scope, receive, tracked)
-        except OSError as exc:
-            # The client went away mid-file (ClientGone) or the file could not be read: the
-            # response cannot be finished either way, and the log says which.
-            error = exc
-            complete = False
-        self._on_done(status, complete, sent, error)
-
-
 def _file_role(config: LabConfig, path: str) -> tuple[str, str] | None:
     """("kernel" | "initrd", what comes next) when some image boots the asset at `path`."""
     wanted = paths.split(path)
@@ -273,9 +198,19 @@ def _file_role(config: LabConfig, path: str) -> tuple[str, str] | None:
     return None
 
 
-def _script(text: str, status_code: int = 200) -> Response:
-    # A script is a decision made now (enrollment, policy): never reuse an old one.
+def _script(text: str | bytes, status_code: int = 200) -> Response:
+    # A script is a decision made now (enrollment, policy): no client may keep an old one (the
+    # agent itself hands one out again only as http.script_cache says).
     return PlainTextResponse(text, status_code, headers={"Cache-Control": "no-store"})
+
+
+def _request_target(request: Request) -> bytes:
+    """The request's target as the client sent it (path and query, undecoded): what
+    http.script_cache keeps scripts by, the same bytes the server's protocol sees."""
+    scope = request.scope
+    query: bytes = scope.get("query_string", b"")
+    raw: bytes = scope.get("raw_path") or scope["path"].encode()
+    return raw + b"?" + query if query else raw
 
 
 class _Handlers:
@@ -284,6 +219,8 @@ class _Handlers:
         #: For lines any client on the lab segment can cause at will (a URL naming no MAC, a
         #: missing or refused file): one a kind every few seconds, the rest counted.
         self.outsider_lines = LogLimiter(log)
+        #: Scripts handed out again as they are to a machine that fetches its own again at once.
+        self.scripts = ScriptCache(state.inventory)
 
     @property
     def inventory(self) -> Inventory:
@@ -302,6 +239,12 @@ class _Handlers:
     async def boot_script(self, request: Request) -> Response:
         raw = str(request.path_params["mac"])
         ip = client_ip(request)
+        target = _request_target(request)
+        if ip is not None:
+            again = self.scripts.find(target, str(ip))
+            if again is not None:
+                # The same boot step fetched again (http.script_cache): nothing new to record.
+                return _script(again.body)
         try:
             mac = normalize_mac(raw)
         except ValueError:
@@ -347,7 +290,7 @@ class _Handlers:
                 mac,
             )
             self.state.emit(Kind.BOOT_IGNORED, mac, reason, _IGNORED)
-            return _script(ignore_script(mac, reason))
+            return self._kept(target, mac, ip, arch, verdict, None, ignore_script(mac, reason))
         booted, image_name = verdict.image, verdict.image_name
         if booted is None:
             reason = (
@@ -357,7 +300,7 @@ class _Handlers:
             log.error("%s", reason)
             self.state.emit(Kind.HTTP_FAILED, mac, reason, {"file": request.url.path,
                             "reason": "no-image", "image": image_name, "status": 200})  # fmt: skip
-            return _script(ignore_script(mac, reason))
+            return self._kept(target, mac, ip, arch, verdict, None, ignore_script(mac, reason))
         image, image_name = booted.section, booted.name
         name = verdict.name
         default = "" if verdict.known else f" (default image {image_name})"
@@ -374,10 +317,50 @@ class _Handlers:
         # The token is on disk before the script that carries it leaves (an appliance restarted
         # mid-boot still knows it), in the one COMMIT of this loop turn's requests.
         token = self.inventory.tokens.issue(mac)
-        await self.inventory.tokens.committed()
-        return _script(ipxe_script(
+        text = ipxe_script(
             self.state.urls, image, mac=mac, name=name, image_name=image_name, token=token
-        ))  # fmt: skip
+        )
+        response = _script(text)
+        # What the script was made from is read now, with this fetch's writes; it is kept for
+        # a repeated fetch only once its token is stored.
+        kept = self._keeping(mac, ip, arch, verdict, token, response) if ip is not None else None
+        await self.inventory.tokens.committed()
+        if kept is not None:
+            self.scripts.keep(target, kept)
+        return response
+
+    def _kept(
+        self,
+        target: bytes,
+        mac: str,
+        ip: IPv4Address | None,
+        arch: ArchInfo | None,
+        decision: BootDecision,
+        token: str | None,
+        text: str,
+    ) -> Response:
+        """The script answer to the machine itself, kept for a repeated fetch."""
+        response = _script(text)
+        if ip is not None:
+            self.scripts.keep(target, self._keeping(mac, ip, arch, decision, token, response))
+        return response
+
+    def _keeping(
+        self,
+        mac: str,
+        ip: IPv4Address,
+        arch: ArchInfo | None,
+        decision: BootDecision,
+        token: str | None,
+        response: Response,
+    ) -> KeptScript:
+        return KeptScript(
+            mac=mac, source=str(ip), address=ip, arch=arch,
+            lab=self.inventory.lab, rendering=rendering(decision), token=token,
+            last_seen=self.scripts.last_seen(mac), made=self.scripts.now(),
+            head=b"".join(name + b": " + value + b"\r\n" for name, value in response.raw_headers),
+            body=bytes(response.body),
+        )  # fmt: skip
 
     def _script_for_a_bystander(
         self, mac: str, arch: ArchInfo | None, ip: IPv4Address | None, owner: Verdict
@@ -433,7 +416,7 @@ class _Handlers:
         started = time.monotonic()
 
         def done(status: int, complete: bool, sent: int, error: BaseException | None) -> None:
-            outcome = _Outcome(status, complete, sent, error, time.monotonic() - started)
+            outcome = Outcome(status, complete, sent, error, time.monotonic() - started)
             self._transfer_done(request, ip, label, role, stat_result.st_size, outcome)
 
         return self._file(request, path, stat_result, done)
@@ -441,9 +424,9 @@ class _Handlers:
     def _file(
         self, request: Request, path: Path, stat_result: os.stat_result, done: TransferDone
     ) -> Response:
-        response = _TrackedFile(path, stat_result, done)
+        response = TrackedFile(path, stat_result, done)
         etag = response.headers.get("etag", "")
-        if request.method in ("GET", "HEAD") and _not_modified(
+        if request.method in ("GET", "HEAD") and not_modified(
             request.headers, etag, stat_result.st_mtime
         ):
             headers = {"etag": etag, "last-modified": response.headers["last-modified"]}
@@ -457,7 +440,7 @@ class _Handlers:
         label: str,
         role: tuple[str, str] | None,
         size: int,
-        outcome: _Outcome,
+        outcome: Outcome,
     ) -> None:
         if request.method == "HEAD":
             return
@@ -573,4 +556,8 @@ def boot_app(state: BootHttpState) -> Starlette:
     # docs/firmware-quirks.md#23: UEFI HTTP boot fails on a redirect (the router's slash one).
     app.router.redirect_slashes = False
     app.state.boot = state
+    # A machine's own script fetched again is answered by the server's protocol from here
+    # (BootHttpServer reads it: http.connlimit's FastAnswer).
+    app.state.scripts = handlers.scripts
+    app.state.fast_answer = handlers.scripts.answer
     return app

@@ -22,6 +22,14 @@ needs against a slow or hostile client, which is why they are added here, per co
 
 Refusals, timeouts and bad requests are logged at most once every ten seconds per kind, with a
 count of those not logged (`net.limits.LogLimiter`): a flood must not become a log flood.
+
+A server may also give its state a `fast` answer (`FastAnswer`): a GET it can answer from what
+it already has (boot HTTP: a machine's iPXE script fetched again, http.script_cache) is then
+answered here, as soon as its head is complete, without a request cycle, a task and the ASGI
+application, which is most of what such a request costs (bench/RESULTS.md: 71 % of the agent's
+time for script requests was in Starlette and uvicorn's request cycle). Everything above still
+applies to it: it is answered only once its head passed the size limit and the header clock,
+and the connection is counted and idles like any other.
 """
 
 from __future__ import annotations
@@ -29,11 +37,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import httptools
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 from uvicorn.server import ServerState
 
 from pixiebox.config.schema import HttpSection
@@ -86,6 +99,33 @@ _TOO_BIG = _answer(b"431 Request Header Fields Too Large", "The request head is 
 _TIMEOUT = _answer(b"408 Request Timeout", "The request head did not arrive in time.\n")
 
 
+#: (request target as sent, client address) → the header lines (`name: value` CRLF each, as
+#: uvicorn writes them) and body of a 200 answer to a GET of it, or None: the application
+#: answers. Called on the event loop, from the protocol, for every GET request.
+FastAnswer = Callable[[bytes, str], tuple[bytes, bytes] | None]
+
+_OK = STATUS_LINE[200]
+_CLOSE = b"connection: close\r\n"
+
+
+class _NobodyWaits:
+    def set(self) -> None:
+        return None
+
+
+class _Answered:
+    """Stands in for uvicorn's request cycle once the protocol answered a request itself: a
+    complete response (its body, if any, is ignored; a disconnect has nothing to wake)."""
+
+    response_complete = True
+    disconnected = False
+    keep_alive = True
+    message_event = _NobodyWaits()
+
+
+_ANSWERED = cast(RequestResponseCycle, _Answered())
+
+
 class LimitedState(ServerState):
     """uvicorn's state shared by one server's connections, plus its limits, the gate that
     counts its connections and what they were refused (`stats`, for metrics and tests)."""
@@ -99,6 +139,8 @@ class LimitedState(ServerState):
         )
         self.said = LogLimiter(log)
         self.stats: Counter[str] = Counter()
+        #: GETs answered without the application (see the module's doc); None: none are.
+        self.fast: FastAnswer | None = None
 
     def refused(self, source: str, over: Refusal) -> None:
         self.stats[f"refused_{over}"] += 1
@@ -248,7 +290,56 @@ class LimitedProtocol(HttpToolsProtocol):
         state = self._limited
         if state is not None:
             state.gate.busy(self)
+            if state.fast is not None and self._answer_fast(state.fast):
+                return
         super().on_headers_complete()
+
+    def _answer_fast(self, fast: FastAnswer) -> bool:
+        """Answer this request from `fast` if it has the answer; False: uvicorn runs it.
+
+        Only a plain GET with nothing before it still being answered (a pipelined request
+        waits its turn in uvicorn's queue) and while the client reads what it is sent (else
+        uvicorn's cycle waits for the transport to drain). The bytes are uvicorn's for the
+        same response: status line, its default headers (Date), the answer's, `connection:
+        close` when the connection ends with it (HTTP/1.0, or the client asked), the body."""
+        parser = self.parser
+        cycle = self.cycle
+        if (
+            parser.get_method() != b"GET"
+            or (cycle is not None and not cycle.response_complete)
+            or self.pipeline
+            or self.flow.write_paused
+            or parser.should_upgrade()
+        ):
+            return False
+        try:
+            found = fast(self.url, self._source)
+        except Exception:
+            # Raised inside the parser's callback it would become a 400 "invalid request":
+            # the application answers instead (and reports what is wrong its own way).
+            state = self._limited
+            if state is not None:
+                state.said.log("fast-failed", logging.ERROR, "%s: answering %r at once failed",
+                               state.name, self.url[:200], exc_info=True)  # fmt: skip
+            return False
+        if found is None:
+            return False
+        head, body = found
+        keep_alive = parser.get_http_version() != "1.0" and parser.should_keep_alive()
+        defaults = b"".join(
+            [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]
+        )
+        head = self._fast_head(_OK + defaults + head + (b"" if keep_alive else _CLOSE))
+        self.cycle = _ANSWERED
+        self.transport.write(head + b"\r\n" + body)
+        if not keep_alive:
+            self.transport.close()
+        self.on_response_complete()
+        return True
+
+    def _fast_head(self, head: bytes) -> bytes:
+        """The head of a fast answer as this protocol writes heads (a subclass may respell)."""
+        return head
 
     def on_message_complete(self) -> None:
         super().on_message_complete()

@@ -35,7 +35,7 @@ from uvicorn._types import ASGIApplication, ASGISendEvent
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 from uvicorn.server import ServerState
 
-from pixiebox.http.connlimit import HttpLimits, LimitedProtocol, LimitedState
+from pixiebox.http.connlimit import FastAnswer, HttpLimits, LimitedProtocol, LimitedState
 from pixiebox.net.limits import quiet_accept_errors, tcp_listener
 
 log = logging.getLogger("pixiebox.http")
@@ -234,6 +234,9 @@ class PathsendProtocol(LimitedProtocol):
         if self._pathsend:
             self.scope["extensions"] = {PATHSEND: {}}
 
+    def _fast_head(self, head: bytes) -> bytes:
+        return _canonical_head(head)
+
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
         # uvicorn builds the cycle inline here and only schedules its task, which has not run
@@ -242,6 +245,13 @@ class PathsendProtocol(LimitedProtocol):
         cycle = self.cycle
         if type(cycle) is RequestResponseCycle:
             cycle.__class__ = _PathsendCycle
+
+
+def _fast_answer_of(app: ASGIApp) -> FastAnswer | None:
+    """The fast answer a Starlette app offers in `app.state.fast_answer` (boot_app), if any."""
+    state = getattr(app, "state", None)
+    fast = getattr(state, "fast_answer", None) if state is not None else None
+    return cast(FastAnswer, fast) if callable(fast) else None
 
 
 def listening_socket(host: str, port: int, device: str | None = None) -> socket.socket:
@@ -279,13 +289,16 @@ class BootHttpServer:
         loopback: bool = False,
         limits: HttpLimits | None = None,
         name: str = "boot HTTP",
+        fast: FastAnswer | None = None,
     ) -> None:
         """`pathsend=False` leaves the extension out (files are then copied through Python),
         for comparisons. `device` confines the host:port socket to one interface (see
         listening_socket); `loopback` also listens on 127.0.0.1 at the same port (the API: the
         appliance's own CLI reaches it there while its lab address is bound to the lab
         interface). `limits`: the [http] connection limits (http.connlimit), for all its
-        sockets together; `name` says which server in their log lines."""
+        sockets together; `name` says which server in their log lines. `fast`: GETs answered
+        without the application (http.connlimit's FastAnswer); by default the app's own
+        `state.fast_answer` when it has one (boot_app: repeated iPXE script fetches)."""
         self.app = app
         self.host = host
         self.port = port
@@ -294,6 +307,7 @@ class BootHttpServer:
         self.loopback = loopback
         self.limits = limits or HttpLimits()
         self.name = name
+        self.fast = fast if fast is not None else _fast_answer_of(app)
         #: Connections refused, evicted, timed out, by kind (LimitedState.stats).
         self.stats: Counter[str] = Counter()
         self._server: uvicorn.Server | None = None
@@ -319,6 +333,7 @@ class BootHttpServer:
         server.lifespan = config.lifespan_class(config)
         state = LimitedState(self.limits, self.name)
         state.stats = self.stats
+        state.fast = self.fast
         server.server_state = state
         quiet_accept_errors(asyncio.get_running_loop())
         # Our own socket: a port in use or port 80 without privileges becomes an OSError for
