@@ -145,6 +145,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TftpLab]:
     for directory in (root / "sub" / "dir", fallback, outside, out):
         directory.mkdir(parents=True)
     (root / "big.bin").write_bytes(os.urandom(MIB))
+    (root / "wrap.bin").write_bytes(os.urandom(8 * 70_000 + 3))  # 70,001 blocks of 8 bytes
     (root / "ipxe.efi").write_bytes(b"root ipxe.efi\n" * 500)
     (root / "sub" / "dir" / "file.txt").write_bytes(b"deep file\n")
     for name in ("stall-close.bin", "stall-silent.bin", "stall-stop.bin"):
@@ -287,6 +288,30 @@ def test_windowsize_is_capped(lab: TftpLab) -> None:
     got = lab.raw("ipxe.efi", "--opt", "windowsize=500")
     assert got["oack"] == {"windowsize": "16"}
     assert got["size"] == (lab.root / "ipxe.efi").stat().st_size
+
+
+@pytest.mark.parametrize("drop", [["--drop", "6"], ["--drop", "45", "--drop", "46"]])
+def test_lockstep_resends_a_lost_block_and_goes_on(lab: TftpLab, drop: list[str]) -> None:
+    """RFC 1350: in lockstep a lost DATA block is sent again when the server's timer runs out,
+    and the transfer goes on from it. At blksize 1468 block 45 is the first of the second
+    64 KiB read ahead: the resend reads it again, and the ACKs after it take the fast path
+    (tftp.transfers) again."""
+    before = len(lab.events())
+    out = lab.output("lockstep-lost.bin")
+    opts = ["--opt", "blksize=1468", "--opt", "timeout=1"]
+    got = lab.raw("big.bin", *opts, *drop, "--out", str(out))
+    assert got["error"] is None
+    assert sha256(out) == sha256(lab.root / "big.bin")
+    assert lab.wait_event("sent", "big.bin", after=before)["bytes"] == MIB
+
+
+def test_block_numbers_wrap_after_65535(lab: TftpLab) -> None:
+    """RFC 1350's block number has 16 bits; like tftpd-hpa and dnsmasq the server goes on from
+    0 (tftp.transfer), which the lockstep fast path must match: 70,001 blocks arrive whole."""
+    out = lab.output("wrap.bin")
+    got = lab.raw("wrap.bin", "--opt", "blksize=8", "--out", str(out))
+    assert got["error"] is None and got["blocks"] == 70_001
+    assert sha256(out) == sha256(lab.root / "wrap.bin")
 
 
 @pytest.mark.parametrize(

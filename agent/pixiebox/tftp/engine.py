@@ -100,7 +100,7 @@ class TftpEngine(Transfers):
             raise RuntimeError("a TFTP server starts once and cannot restart after close()")
         self._sock = open_listener(self.listen_ip, self.port, self.interface)
         self.port = self._sock.getsockname()[1]
-        self._loop = loop = asyncio.get_running_loop()
+        self._loop = self._outbox.loop = loop = asyncio.get_running_loop()
         self._now = loop.time  # the clock of loop.call_at, which runs the resend timers
         try:
             self._epoll = select.epoll()
@@ -239,7 +239,7 @@ class TftpEngine(Transfers):
         event = TftpEvent("refused", ip, port, path, None, refused.reason, refused.why)
         left_out = self._quota("refused", refused.reason)
         log_refused(event, self._who(ip, left_out), code, upload=upload, left_out=left_out)
-        self._emit(event)
+        self._outbox.emit(event)
 
     def _busy(self, ip: str, port: int, local_ip: str, path: str, full: Full) -> None:
         """A limit is reached and no half-open transfer may end for this request: ERROR 0
@@ -249,7 +249,7 @@ class TftpEngine(Transfers):
         event = TftpEvent("refused", ip, port, path, None, "busy", full.why)
         left_out = self._quota("refused", "busy")
         log_busy(event, self._who(ip, left_out), left_out)
-        self._emit(event)
+        self._outbox.emit(event)
 
     def _not_found(self, ip: str, port: int, local_ip: str, missing: NotFound) -> None:
         self.stats["not_found"] += 1
@@ -262,4 +262,4 @@ class TftpEngine(Transfers):
             event = TftpEvent("not_found", ip, port, path, None, "not-found", f"not in {where}")
         left_out = self._quota("not_found", event.reason)
         log_not_found(event, self._who(ip, left_out), missing.looked, left_out)
-        self._emit(event)
+        self._outbox.emit(event)

@@ -6,11 +6,15 @@ The sentences are worded from the event alone, so what a person reads and what c
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 from pixiebox.core.wording import size as size_text
+from pixiebox.net.limits import Quota
 
 log = logging.getLogger("pixiebox.tftp")
 
@@ -168,3 +172,44 @@ def log_not_found(event: TftpEvent, who: str, looked: list[str], left_out: int |
         ", ".join(looked),
         more,
     )
+
+
+class Outbox:
+    """Outcomes on their way to `on_event` (the agent's event log): delivered on the next turn
+    of `loop` (set once the server runs), off the packet path, or at once by `deliver()` (a
+    stop: the agent closes its store right after).
+
+    What a forged datagram can cause (any outcome but a sent file or a stop), each with its
+    event in a machine's log (the one whose address was forged), is emitted a few per period
+    per kind and reason (a Quota); the rest are counted in `stats["events_left_out"]`."""
+
+    def __init__(self, on_event: Callable[[TftpEvent], None] | None, stats: Counter[str]) -> None:
+        self.on_event = on_event
+        self.stats = stats
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._quota = Quota()
+        self._queued: list[TftpEvent] = []
+
+    def emit(self, event: TftpEvent, reason: str | None = None) -> None:
+        """Queue `event`. `reason`: its quota key's, when not the event's own."""
+        loop = self.loop
+        if self.on_event is None or loop is None or loop.is_closed():
+            return
+        key = event.reason if reason is None else reason
+        limited = event.kind != "sent" and key != "stopping"
+        if limited and self._quota.admit(f"{event.kind}:{key}") is None:
+            self.stats["events_left_out"] += 1
+            return
+        self._queued.append(event)
+        if len(self._queued) == 1:
+            loop.call_soon(self.deliver)
+
+    def deliver(self) -> None:
+        events, self._queued = self._queued, []
+        if self.on_event is None:
+            return
+        for event in events:
+            try:
+                self.on_event(event)
+            except Exception:
+                log.exception("the TFTP event handler failed on %s", event)

@@ -57,6 +57,10 @@ class Transfer:
     first: int = 0
     valid: int = 0  # blocks in buf from `first` on; 0 when it must be read again
     inbuf: bytearray = field(default_factory=lambda: bytearray(INBUF))
+    # The first four bytes of the ACK that takes the fast path (tftp.transfers._on_readable):
+    # ACK of block `sent` in lockstep once the client is heard from, as one big-endian word;
+    # -1 when the next ACK must go the general way.
+    expect: int = -1
     acked: int = -1  # the highest block the client acknowledged
     sent: int = 0  # the highest block sent since the last (re)start of the window
     deadline: float = 0.0

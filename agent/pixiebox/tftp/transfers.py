@@ -29,7 +29,7 @@ from pixiebox.core.wording import size as size_text
 from pixiebox.core.wording import span
 from pixiebox.net.limits import Quota
 from pixiebox.tftp.limits import RESEND_AFTER, Admission, Client, TftpLimits
-from pixiebox.tftp.outcome import EventKind, TftpEvent, log_finished
+from pixiebox.tftp.outcome import EventKind, Outbox, TftpEvent, log_finished
 from pixiebox.tftp.packets import (
     ACK,
     BUSY,
@@ -59,6 +59,9 @@ RESENDS = 5
 _EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 _DATA_HEADER = struct.Struct("!HH")
+#: A received datagram's first four bytes as one word, compared with Transfer.expect.
+_WORD = struct.Struct("!I").unpack_from
+_ACK_WORD = ACK << 16
 #: Bytes read ahead per transfer with one os.preadv (at least one block).
 _READ_AHEAD = 64 * 1024
 #: Transfer sockets handled per epoll_wait, and the longest the loop is kept before DHCP and
@@ -84,17 +87,13 @@ class Transfers:
         limits: TftpLimits,
     ) -> None:
         self.interface = interface
-        self.on_event = on_event
         self.describe = describe
         self.limits = limits
         self.stats: Counter[str] = Counter()
         self._transfers: dict[Client, Transfer] = {}
         self._admission = Admission(limits)
         self._log_quota = Quota()
-        self._event_quota = Quota()
-        # Outcomes waiting for on_event: delivered on the next loop turn, off the packet path,
-        # or at once by abort_all() (the agent closes its store right after).
-        self._queued: list[TftpEvent] = []
+        self._outbox = Outbox(on_event, self.stats)
         # Transfer sockets sit in an epoll set of their own, which the event loop watches as one
         # file: one wake-up then serves every transfer with an ACK waiting, instead of the
         # loop's selector bookkeeping and a callback handle per socket.
@@ -162,7 +161,9 @@ class Transfers:
             )
             self._send_error(ip, port, local_ip, ERR_UNDEFINED, BUSY)
             detail = f"socket error: {exc}"
-            self._emit(TftpEvent("aborted", ip, port, path, source.size, "socket-error", detail))
+            self._outbox.emit(
+                TftpEvent("aborted", ip, port, path, source.size, "socket-error", detail)
+            )
             return
         sock, stray = sockets.sock, sockets.stray
         accepted, timeout = negotiate(
@@ -268,6 +269,9 @@ class Transfers:
             t.sent = block
             block += 1
         t.deadline = now + t.timeout
+        # Lockstep takes the fast path (_on_readable); before the client is heard, not.
+        lockstep = t.window == 1 and t.heard and t.sent == t.acked + 1
+        t.expect = _ACK_WORD | (t.sent & 0xFFFF) if lockstep else -1
 
     def _read_ahead(self, transfer: Transfer, block: int) -> bool:
         """Read up to `chunk` blocks from `block` on into the buffer; False if the transfer
@@ -349,6 +353,36 @@ class Transfers:
             self._socket_error(t, exc)
             return
         t.heard_at = now
+        if n >= 4 and _WORD(t.inbuf)[0] == t.expect:
+            # Lockstep, the ACK of the block just sent (nearly every packet): one comparison
+            # for the opcode, block, window and half-open checks (Transfer.expect). With 20
+            # curl clients the interpreter was a quarter of the CPU per block (perf); this path
+            # took it from 9.1-9.6 to 8.6-8.9 us per block (four A/B runs in one lab).
+            block = t.sent + 1
+            t.acked = t.sent
+            t.resends = 0
+            slot = block - t.first
+            if block < t.blocks and slot < t.valid:
+                start = slot * t.blksize
+                _DATA_HEADER.pack_into(t.buf, start, DATA, block & 0xFFFF)
+                t.deadline = now + t.timeout
+                try:
+                    t.sock.send(t.buf[start : start + 4 + t.blksize])  # a full block
+                except BlockingIOError:
+                    t.expect = -1
+                    return  # as if lost: the timer sends it again
+                except OSError as exc:
+                    self._socket_error(t, exc)
+                    return
+                t.sent = block
+                t.expect = _ACK_WORD | (block & 0xFFFF)
+                return
+            t.expect = -1
+            if t.acked >= t.blocks:
+                self._finish(t, "sent", "", "", logging.INFO)
+                return
+            self._send_window(t, now)  # the last block, or the next read-ahead
+            return
         data = t.inbuf
         if n >= 4 and data[1] == ACK and data[0] == 0:
             # Which of the blocks in flight it acknowledges; anything else (a duplicate, or
@@ -362,24 +396,6 @@ class Transfers:
                     self._admission.heard(t.client)
                 if t.acked >= t.blocks:
                     self._finish(t, "sent", "", "", logging.INFO)
-                    return
-                block = t.acked + 1
-                slot = block - t.first
-                if t.sent == t.acked and t.window == 1 and 0 <= slot < t.valid:
-                    # Lockstep with the block already read ahead: _send_window written out,
-                    # for what nearly every packet of a transfer takes.
-                    start = slot * t.blksize
-                    _DATA_HEADER.pack_into(t.buf, start, DATA, block & 0xFFFF)
-                    size = min(t.blksize, t.source.size - t.acked * t.blksize)
-                    t.deadline = now + t.timeout
-                    try:
-                        t.sock.send(t.buf[start : start + 4 + size])
-                    except BlockingIOError:
-                        return  # as if lost: the timer sends it again
-                    except OSError as exc:
-                        self._socket_error(t, exc)
-                        return
-                    t.sent = block
                     return
                 if t.sent != t.acked:
                     # RFC 7440 section 4: an ACK short of the window's end means the blocks
@@ -536,7 +552,7 @@ class Transfers:
         key = reason if transfer.heard else f"{reason}:half-open"
         left_out = self._quota(kind, key)
         log_finished(event, self._who(transfer.client[0], left_out), level, left_out)
-        self._emit(event, key)
+        self._outbox.emit(event, key)
 
     def _evict(self, transfer: Transfer, why: str) -> None:
         """End a half-open transfer to make room (limits.Admission); its client, if it is
@@ -557,31 +573,4 @@ class Transfers:
             self._finish(
                 transfer, "aborted", "stopping", "the TFTP server is stopping", logging.INFO
             )
-        self._deliver()
-
-    def _emit(self, event: TftpEvent, reason: str | None = None) -> None:
-        """Hand `event` to on_event. `reason`: its quota key's, when not the event's own."""
-        loop = self._loop
-        if self.on_event is None or loop is None or loop.is_closed():
-            return
-        # What a forged datagram can cause, each with its event in a machine's log (the one
-        # whose address was forged): a few per period, the rest counted in `stats`.
-        key = event.reason if reason is None else reason
-        limited = event.kind != "sent" and key != "stopping"
-        if limited and self._event_quota.admit(f"{event.kind}:{key}") is None:
-            self.stats["events_left_out"] += 1
-            return
-        self._queued.append(event)
-        if len(self._queued) == 1:
-            # Later, not now: the handler (the agent's event log) stays off the packet path.
-            loop.call_soon(self._deliver)
-
-    def _deliver(self) -> None:
-        events, self._queued = self._queued, []
-        if self.on_event is None:
-            return
-        for event in events:
-            try:
-                self.on_event(event)
-            except Exception:
-                log.exception("the TFTP event handler failed on %s", event)
+        self._outbox.deliver()
