@@ -172,7 +172,7 @@ class Lab:
             'listen = ":80"',
             "[tftp]",
             "# tftp-20's clients are 20 curls from one address: over the default of 8 per",
-            "# client, transfers would be refused as \"server busy\" (tests/test_tftp.py too).",
+            '# client, transfers would be refused as "server busy" (tests/test_tftp.py too).',
             "max_transfers_per_client = 64",
             "[api]",
             f'listen = "{SERVER_IP}:8080"',
