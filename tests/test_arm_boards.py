@@ -34,9 +34,8 @@ from agentproc import recorded, start_agent
 from osiebuilds import built
 from pixiebox.config.schema import ARM_CONSOLES
 from pixiebox.events import Kind
-from pixiebox.store.identity import HOST_PUBLIC_FILE
 from pixiebox.store.state import EVENTS_PER_MACHINE, StateStore
-from pixiebox.virtlab import arm
+from pixiebox.virtlab import arm, demo_access
 from pixiebox.virtlab.vm import VM
 from testoslab import install_testos, lab_toml_for_testos
 from trixiefiles import on_ci, trixie_file_or_skip
@@ -164,8 +163,9 @@ def test_arm64_uefi_and_arm64_and_armhf_u_boot_boards_boot_their_architectures_o
         logins: dict[str, list[str]] = {}
         for name, mac, ip in BOARDS:
             known_hosts = workdir / f"known_hosts-{name}"
-            host_key = (state / "identity" / mac / HOST_PUBLIC_FILE).read_text().split()[:2]
-            known_hosts.write_text(f"{ip} {' '.join(host_key)}\n")
+            line = demo_access.known_host_line(state, mac, ip)
+            assert line is not None, f"the agent keeps no host key for {name} ({mac})"
+            known_hosts.write_text(line)
             logins[name] = ssh(agent_host, key, known_hosts, ip, "hostname; uname -m").split()
         consoles = {vm.name: vm.console_text() for vm in vms}
     finally:

@@ -16,7 +16,7 @@ import pytest
 from pixiebox.config import load_config
 from pixiebox.core.decision import LabView, decide
 from pixiebox.core.firmware import ARM64_IPXE, arch_info
-from pixiebox.store.identity import IdentityStore
+from pixiebox.store.identity import IDENTITY_DIR, IdentityStore
 from pixiebox.virtlab import arm, demo, demo_access, demo_plan
 
 ARM1_MAC = "52:54:00:88:00:41"
@@ -173,7 +173,7 @@ def test_the_login_trusts_the_host_key_the_agent_keeps_not_the_first_one_seen(
 ) -> None:
     """known_hosts is written from the agent's identity store (the key it hands the machine at
     boot), for machines with an address only; OpenSSH's own parser finds it there."""
-    store = IdentityStore(tmp_path / "state" / demo_access.IDENTITY_DIR)
+    store = IdentityStore(tmp_path / "state" / IDENTITY_DIR)
     node1 = demo_plan.Machine("node1", "52:54:00:88:00:01", "bios", "ipxe-rom",
                               address="10.88.0.115")  # fmt: skip
     node2 = demo_plan.Machine("node2", "52:54:00:88:00:02", "uefi", "native")  # not up: no IP

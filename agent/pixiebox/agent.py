@@ -46,7 +46,7 @@ from pixiebox.http.server import BootHttpServer
 from pixiebox.net.limits import raise_open_file_limit
 from pixiebox.net.netif import interface_info, interface_names
 from pixiebox.power.controller import PowerController
-from pixiebox.store.identity import IdentityError, IdentityStore
+from pixiebox.store.identity import IDENTITY_DIR, IdentityError, IdentityStore
 from pixiebox.store.state import StateStore
 from pixiebox.syslog import SyslogMessage, SyslogReceiver
 from pixiebox.tftp import TftpEvent, TftpLimits, TftpServer
@@ -354,7 +354,7 @@ class Agent:
         services.callback(tftp.close)
         http_host, http_port = split_listen(config.http.listen)
         # Per-MAC SSH host keys and k3s node passwords, served to each machine in its /metadata.
-        identities = IdentityStore(config.state.dir / "identity")
+        identities = IdentityStore(config.state.dir / IDENTITY_DIR)
         await asyncio.to_thread(identities.tighten_existing)  # 0600/0700 after a copy or restore
         if config.kubernetes.server is not None:
             # The appliance's k3s server reads the same file (--agent-token-file): made now, it

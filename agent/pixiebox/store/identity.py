@@ -47,6 +47,8 @@ from pixiebox.store.private import (
 
 log = logging.getLogger("pixiebox.store.identity")
 
+#: Where identities live under [state] dir (the agent's store; the demo reads host keys there).
+IDENTITY_DIR = "identity"
 HOST_KEY_FILE = "ssh_host_ed25519_key"
 HOST_PUBLIC_FILE = "ssh_host_ed25519_key.pub"
 NODE_PASSWORD_FILE = "k3s-node-password"

@@ -19,12 +19,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pixiebox.store.identity import HOST_PUBLIC_FILE, IdentityStore
+from pixiebox.store.identity import HOST_PUBLIC_FILE, IDENTITY_DIR, IdentityStore
 from pixiebox.virtlab import netns
 from pixiebox.virtlab.demo_plan import Machine
 
-#: Where the agent keeps identities, under the demo's [state] dir (agent.py).
-IDENTITY_DIR = "identity"
 #: How long a TCP probe of a node's SSH port may take.
 PROBE_SECONDS = 3.0
 
@@ -48,17 +46,21 @@ def make_key(workdir: Path) -> DemoKey | None:
     return DemoKey(private, private.with_suffix(".pub").read_text().strip())
 
 
+def known_host_line(state_dir: Path, mac: str, address: str) -> str | None:
+    """The known_hosts line for the machine `mac` at `address`, from the host key the agent
+    under `state_dir` keeps for it (None: it has made none yet)."""
+    public = IdentityStore(state_dir / IDENTITY_DIR).directory(mac) / HOST_PUBLIC_FILE
+    if not public.is_file():
+        return None
+    key_type, key = public.read_text().split()[:2]
+    return f"{address} {key_type} {key}\n"
+
+
 def write_known_hosts(workdir: Path, state_dir: Path, machines: Sequence[Machine]) -> Path:
     """known_hosts for the machines that have an address, from the host keys the agent keeps."""
-    store = IdentityStore(state_dir / IDENTITY_DIR)
-    lines = []
-    for machine in machines:
-        public = store.directory(machine.mac) / HOST_PUBLIC_FILE
-        if machine.address and public.is_file():
-            key_type, key = public.read_text().split()[:2]
-            lines.append(f"{machine.address} {key_type} {key}\n")
+    lines = [known_host_line(state_dir, m.mac, m.address) if m.address else None for m in machines]
     path = workdir / "known_hosts"
-    path.write_text("".join(lines))
+    path.write_text("".join(line for line in lines if line))
     return path
 
 
@@ -112,4 +114,11 @@ def how_to_reach(
     return "\n".join(text)
 
 
-__all__ = ["DemoKey", "how_to_reach", "login_command", "make_key", "write_known_hosts"]
+__all__ = [
+    "DemoKey",
+    "how_to_reach",
+    "known_host_line",
+    "login_command",
+    "make_key",
+    "write_known_hosts",
+]
