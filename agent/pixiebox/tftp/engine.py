@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from pixiebox.net.paths import printable
+from pixiebox.tftp.lent import LendingTransfers
 from pixiebox.tftp.limits import Full, TftpLimits
 from pixiebox.tftp.outcome import TftpEvent, log_busy, log_not_found, log_refused
 from pixiebox.tftp.packets import (
@@ -34,7 +35,7 @@ from pixiebox.tftp.packets import (
     parse_request,
 )
 from pixiebox.tftp.sockets import PKTINFO, open_listener, pktinfo_local_ip
-from pixiebox.tftp.transfers import Source, Transfers
+from pixiebox.tftp.transfers import Source
 
 log = logging.getLogger("pixiebox.tftp")
 
@@ -63,7 +64,7 @@ class Handler(Protocol):
         ...
 
 
-class TftpEngine(Transfers):
+class TftpEngine(LendingTransfers):
     """Serves what `handler` opens, read-only over TFTP, until `close()`.
 
     Everything runs on the event loop that ran `start()`: `on_event` is called there, once per
@@ -139,6 +140,7 @@ class TftpEngine(Transfers):
 
     def _release(self) -> None:
         loop = self._loop if self._loop is not None and not self._loop.is_closed() else None
+        self._lender.close()
         if self._sock is not None:
             if loop is not None:
                 loop.remove_reader(self._sock.fileno())

@@ -68,6 +68,7 @@ class Transfer:
     resends: int = 0
     rewound: int = -1  # the last block a repeated ACK restarted the window after
     heard: bool = False  # the client acknowledged something: no longer half-open
+    lent: bool = False  # a worker thread sends its blocks (tftp.lending): hands off
     done: bool = False
 
     @property
