@@ -7,6 +7,7 @@ Segment.close() (also from atexit) kills every process and removes every namespa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -14,7 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from pixiebox.virtlab import netns
@@ -327,6 +328,29 @@ http {{
 }}
 """)
         return self._start([tool("nginx"), "-c", str(conf), "-p", str(run)], "nginx", ["tcp:80"])
+
+    @contextlib.contextmanager
+    def server_pinned(self, cpu: int) -> Iterator[None]:
+        """The running server process, every thread and child of it (and so every one it
+        starts meanwhile), on CPU `cpu` only; all CPUs again afterwards."""
+        assert self._proc is not None
+        everywhere = os.sched_getaffinity(0)
+
+        def set_tree(pid: int, cpus: set[int]) -> None:
+            with contextlib.suppress(OSError):
+                for task in os.listdir(f"/proc/{pid}/task"):
+                    with contextlib.suppress(OSError):
+                        os.sched_setaffinity(int(task), cpus)
+                        children = Path(f"/proc/{pid}/task/{task}/children").read_text()
+                        for child in children.split():
+                            set_tree(int(child), cpus)
+
+        set_tree(self._proc.pid, {cpu})
+        try:
+            yield
+        finally:
+            if self._proc is not None:
+                set_tree(self._proc.pid, everywhere)
 
     # -- client side ------------------------------------------------------------
 

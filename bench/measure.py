@@ -3,6 +3,8 @@ lab runs now, and return one number. Every client run is bounded in count and ti
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import subprocess
 import sys
@@ -214,24 +216,34 @@ def _parallel(lab: Lab, argvs: list[list[str]], timeout: float) -> tuple[float, 
     return time.monotonic() - started, outs
 
 
-#: Fetches one after the other that make one sample of a lone client's time. One 1 MiB fetch
-#: takes about 10 ms or about 60 ms here, for every server alike (seen in one run: 10.6 to
-#: 67.6 ms for Pixiebox, 29 to 65 ms for tftpd-hpa, three samples each), so a sample of one
-#: fetch is a coin toss; the mean of ten is the client's typical time.
+#: Fetches one after the other that make one sample of a lone client's time.
 LONE_FETCHES = 10
 
 
-def tftp_per_client(lab: Lab, name: str, size: int, clients: int) -> float:
+def tftp_per_client(lab: Lab, name: str, size: int, clients: int, pinned: bool = False) -> float:
     """Mean seconds one client takes to fetch `name` while `clients` fetch it at once (a lone
-    client: the mean of LONE_FETCHES fetches, one after the other)."""
+    client: the mean of LONE_FETCHES fetches, one after the other).
+
+    `pinned` puts the server and the client on one CPU. Unpinned, a lone client's time on
+    this 2-CPU VM is set by where the scheduler puts the two ends: 6-9 ms per MiB when they
+    share a CPU, 40-50 ms when each block waits for two wake-ups of an idle vCPU, for every
+    server alike (bench/RESULTS.md, issue 17). A server's process layout decides the lottery
+    more than its work does: tftpd-hpa's child forked per transfer mostly lands beside curl,
+    dnsmasq mostly does not. On one CPU every server is measured in the same place, by its
+    own work per round trip; across two CPUs too, but by the hypervisor's wake-ups."""
+    cpu = max(os.sched_getaffinity(0))
+    command = _curl_tftp(name)
+    if pinned:
+        command = [tool("taskset"), "-c", str(cpu), *command]
     times = []
-    for _ in range(LONE_FETCHES if clients == 1 else 1):
-        _, outs = _parallel(lab, [_curl_tftp(name)] * clients, timeout=300)
-        for out in outs:
-            seconds, got = out.split()
-            if int(float(got)) != size:
-                raise BenchError(f"TFTP {name}: got {got} of {size} bytes")
-            times.append(float(seconds))
+    with lab.server_pinned(cpu) if pinned else contextlib.nullcontext():
+        for _ in range(LONE_FETCHES if clients == 1 else 1):
+            _, outs = _parallel(lab, [command] * clients, timeout=300)
+            for out in outs:
+                seconds, got = out.split()
+                if int(float(got)) != size:
+                    raise BenchError(f"TFTP {name}: got {got} of {size} bytes")
+                times.append(float(seconds))
     return sum(times) / len(times)
 
 
