@@ -305,6 +305,30 @@ def test_lockstep_resends_a_lost_block_and_goes_on(lab: TftpLab, drop: list[str]
     assert lab.wait_event("sent", "big.bin", after=before)["bytes"] == MIB
 
 
+def test_a_repeated_ack_mid_file_gets_no_second_block(lab: TftpLab) -> None:
+    """RFC 1123 section 4.2.3.1: answering a duplicate ACK with DATA would double every packet
+    from then on (the Sorcerer's Apprentice bug). Mid-file the blocks go from a worker thread
+    (tftp.lending), which hands a repeated ACK to the protocol code; the file still arrives
+    whole, each block once."""
+    before = len(lab.events())
+    out = lab.output("repeated-ack.bin")
+    repeats = ["--repeat-ack", "10", "--repeat-ack", "300", "--repeat-ack", "600"]
+    got = lab.raw("big.bin", "--opt", "blksize=1468", *repeats, "--out", str(out))
+    assert got["error"] is None and got["duplicates"] == 0, got
+    assert sha256(out) == sha256(lab.root / "big.bin")
+    assert lab.wait_event("sent", "big.bin", after=before)["bytes"] == MIB
+
+
+def test_an_error_from_the_client_mid_file_ends_the_transfer(lab: TftpLab) -> None:
+    """RFC 1350: an ERROR ends a transfer. Sent while the blocks go from a worker thread,
+    it ends there too: not one more block, and the outcome names the client's error."""
+    before = len(lab.events())
+    got = lab.raw("big.bin", "--opt", "blksize=1468", "--error-after", "100")
+    assert got["blocks"] == 100 and got["after_error"] == 0, got
+    event = lab.wait_event("aborted", "big.bin", after=before)
+    assert event["reason"] == "peer-error" and "client gave up" in event["detail"], event
+
+
 def test_block_numbers_wrap_after_65535(lab: TftpLab) -> None:
     """RFC 1350's block number has 16 bits; like tftpd-hpa and dnsmasq the server goes on from
     0 (tftp.transfer), which the lockstep fast path must match: 70,001 blocks arrive whole."""
@@ -739,6 +763,7 @@ def _raw(args: argparse.Namespace) -> dict[str, Any]:
     sock.bind(("0.0.0.0", 0))
     sock.settimeout(5.0)
     result: dict[str, Any] = {"port": sock.getsockname()[1], "oack": None, "error": None}
+    result["duplicates"] = 0
     sock.sendto(_packet(1, os.fsencode(args.name), b"octet", *options), server)
     data = bytearray()
     blocks, expected, blksize, window, acked = 0, 1, 512, 1, 0
@@ -772,6 +797,7 @@ def _raw(args: argparse.Namespace) -> dict[str, Any]:
                 dropped.add(block)  # as if lost on the way, once
                 continue
             if block != expected & 0xFFFF:
+                result["duplicates"] += ((expected - block) & 0xFFFF) < 0x8000  # one we have
                 if window > 1 and block == (expected + 1) & 0xFFFF:
                     # RFC 7440 section 4: a gap; acknowledge the last block in order.
                     acked = expected - 1
@@ -787,9 +813,15 @@ def _raw(args: argparse.Namespace) -> dict[str, Any]:
                 break  # like Windows clients (docs/firmware-quirks.md#18)
             if blocks == args.stray_after:
                 result["stray"] = _stray(peer, block)
+            if blocks == args.error_after:
+                sock.sendto(struct.pack("!HH", 5, 0) + b"client gave up\0", peer)
+                result["after_error"] = _heard_within(sock, 1.5)
+                break
             if last or expected - 1 - acked >= window:  # RFC 7440: the window's last block
                 acked = expected - 1
                 sock.sendto(struct.pack("!HH", 4, block), peer)
+                if blocks in args.repeat_ack:  # the same ACK again: a duplicate
+                    sock.sendto(struct.pack("!HH", 4, block), peer)
             if last:
                 break
     result.update(blocks=blocks, size=len(data), sha256=hashlib.sha256(data).hexdigest())
@@ -800,6 +832,20 @@ def _raw(args: argparse.Namespace) -> dict[str, Any]:
         time.sleep(args.hold)  # keep the port open and say nothing
     sock.close()
     return result
+
+
+def _heard_within(sock: socket.socket, seconds: float) -> int:
+    """Datagrams that reach `sock` within `seconds`."""
+    heard = 0
+    until = time.monotonic() + seconds
+    while (left := until - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            sock.recvfrom(70000)
+        except TimeoutError:
+            break
+        heard += 1
+    return heard
 
 
 def _stray(peer: tuple[str, int], block: int) -> list[int] | None:
@@ -851,6 +897,8 @@ def main(argv: list[str]) -> int:
     raw.add_argument("--no-last-ack", action="store_true", help="never ACK the last block")
     raw.add_argument("--stray-after", type=int, help="after block N, poke the TID from elsewhere")
     raw.add_argument("--drop", type=int, action="append", default=[], help="lose block N once")
+    raw.add_argument("--repeat-ack", type=int, action="append", default=[], help="ACK N twice")
+    raw.add_argument("--error-after", type=int, help="after block N, send ERROR 0 and listen")
     commands["many"].add_argument("--clients", type=int, default=20)
     commands["many"].add_argument("--out", required=True)
     commands["junk"].add_argument("packets", nargs="+")
