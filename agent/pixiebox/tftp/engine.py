@@ -140,7 +140,6 @@ class TftpEngine(LendingTransfers):
 
     def _release(self) -> None:
         loop = self._loop if self._loop is not None and not self._loop.is_closed() else None
-        self._lender.close()
         if self._sock is not None:
             if loop is not None:
                 loop.remove_reader(self._sock.fileno())

@@ -23,6 +23,7 @@ import concurrent.futures
 import contextlib
 import enum
 import socket
+import threading
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
@@ -73,36 +74,40 @@ def _run(
 
 
 class Lender:
-    """The worker threads, at most one per transfer the server admits ([tftp] max_transfers),
-    started as transfers are lent and kept for the next ones."""
+    """The worker threads: one per lent transfer, started when it is lent and ended when it
+    is given back. A pool would save a thread's start (tens of microseconds) per transfer but
+    queues the work before it has a thread: when the system refuses one, a queued transfer
+    could run later on a socket the loop had already closed. Started here, a refused thread
+    raises before anything runs, and the transfer goes on from the loop."""
 
-    def __init__(self, on_return: OnReturn, workers: int) -> None:
+    def __init__(self, on_return: OnReturn) -> None:
         self._on_return = on_return
-        self._workers = max(1, workers)
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._lent: dict[concurrent.futures.Future[Returned], Transfer] = {}
 
     def lend(self, transfer: Transfer, loop: asyncio.AbstractEventLoop) -> None:
         """Send the blocks after `transfer.sent` from a worker thread; `on_return` then runs
-        on `loop` with what happened (or the exception the thread raised)."""
+        on `loop` with what happened (or the exception the thread raised). Raises
+        RuntimeError when no thread can be started, with nothing lent."""
         t = transfer
         assert t.source.fd is not None and not t.lent
-        if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(
-                self._workers, thread_name_prefix="pixiebox-tftp"
-            )
-        future = self._pool.submit(
-            _run, t.sock.fileno(), t.source.fd, t.inbuf, t.sent + 1, t.source.size, t.blksize,
-            t.timeout,
-        )  # fmt: skip
-        t.lent = True
-        self._lent[future] = t
+        future: concurrent.futures.Future[Returned] = concurrent.futures.Future()
+        args = (t.sock.fileno(), t.source.fd, t.inbuf, t.sent + 1, t.source.size, t.blksize,
+                t.timeout)  # fmt: skip
+
+        def work() -> None:
+            try:
+                future.set_result(_run(*args))
+            except BaseException as exc:  # handed to the loop, which ends the transfer
+                future.set_exception(exc)
 
         def given_back(done: concurrent.futures.Future[Returned]) -> None:
             with contextlib.suppress(RuntimeError):  # the loop is closed: the agent is gone
                 loop.call_soon_threadsafe(self._given_back, done)
 
         future.add_done_callback(given_back)
+        threading.Thread(target=work, name="pixiebox-tftp", daemon=True).start()
+        t.lent = True
+        self._lent[future] = t
 
     def _given_back(self, future: concurrent.futures.Future[Returned]) -> None:
         transfer = self._lent.pop(future, None)
@@ -128,9 +133,3 @@ class Lender:
         for future in done:
             del self._lent[future]
             out[future].lent = False
-
-    def close(self) -> None:
-        """No more lending; idle threads end (every transfer must have been recalled)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None

@@ -35,7 +35,7 @@ class LendingTransfers(Transfers):
         limits: TftpLimits,
     ) -> None:
         super().__init__(interface=interface, on_event=on_event, describe=describe, limits=limits)
-        self._lender = Lender(self._given_back, limits.max_transfers)
+        self._lender = Lender(self._given_back)
 
     def _go_on(self, transfer: Transfer, now: float) -> None:
         """Every block sent is acknowledged: the next ones. A lockstep transfer with the
@@ -54,11 +54,11 @@ class LendingTransfers(Transfers):
         assert self._epoll is not None and self._loop is not None
         try:
             self._lender.lend(t, self._loop)
-        except (OSError, MemoryError) as exc:
-            # No worker could be started or given it (threads or memory exhausted): this
-            # transfer goes on from the loop, as all did before the workers.
+        except (RuntimeError, MemoryError) as exc:
+            # No thread could be started (the system's limit on threads, or memory): this
+            # transfer goes on from the loop, as all did before the threads.
             self.stats["not_lent"] += 1
-            log.warning("TFTP: %s goes on from the event loop: no worker took it: %s", t.path, exc)
+            log.warning("TFTP: %s goes on from the event loop: no thread for it: %s", t.path, exc)
             self._send_window(t, self._now())
             return
         fd = t.sock.fileno()
