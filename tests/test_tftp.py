@@ -9,6 +9,7 @@ an OACK the way EDK2 does, send malformed requests.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -327,6 +328,55 @@ def test_an_error_from_the_client_mid_file_ends_the_transfer(lab: TftpLab) -> No
     assert got["blocks"] == 100 and got["after_error"] == 0, got
     event = lab.wait_event("aborted", "big.bin", after=before)
     assert event["reason"] == "peer-error" and "client gave up" in event["detail"], event
+
+
+@contextlib.contextmanager
+def _no_new_threads(pid: int) -> Iterator[None]:
+    """Hold process `pid` in a pids cgroup of its own at its present number of tasks: the
+    kernel refuses it any new thread (pthread_create: EAGAIN), root or not."""
+    v1, v2 = Path("/sys/fs/cgroup/pids"), Path("/sys/fs/cgroup")
+    if v1.is_dir():
+        base, hierarchy = v1, re.compile(r"^\d+:(?:[^:]*,)?pids(?:,[^:]*)?:(.*)$", re.MULTILINE)
+    elif "pids" in (v2 / "cgroup.subtree_control").read_text().split():
+        base, hierarchy = v2, re.compile(r"^0::(.*)$", re.MULTILINE)
+    else:
+        pytest.fail("no pids cgroup controller: the test cannot refuse the server a thread")
+    found = hierarchy.search(Path(f"/proc/{pid}/cgroup").read_text())
+    assert found, Path(f"/proc/{pid}/cgroup").read_text()
+    home = base / found.group(1).lstrip("/")
+    group = base / f"pixiebox-test-tftp-{os.getpid()}"
+    group.mkdir()
+    try:
+        # Threads of earlier transfers may still be ending: hold at the count once it is still.
+        tasks = netlab.wait_until(
+            lambda: _still(pid), 10.0, 0.1, "the server's threads of earlier transfers to end"
+        )
+        (group / "pids.max").write_text(str(tasks))
+        (group / "cgroup.procs").write_text(str(pid))
+        yield
+    finally:
+        (home / "cgroup.procs").write_text(str(pid))
+        group.rmdir()
+
+
+def _still(pid: int) -> int | None:
+    """The number of tasks of `pid` if it stays the same for 0.3 s, else None."""
+    count = len(os.listdir(f"/proc/{pid}/task"))
+    time.sleep(0.3)
+    return count if len(os.listdir(f"/proc/{pid}/task")) == count else None
+
+
+def test_a_transfer_with_no_thread_to_be_had_goes_on_from_the_loop(lab: TftpLab) -> None:
+    """When the system refuses a thread (tftp.lending), the transfer is not lent: the event loop
+    serves it as it did before the threads, the file arrives whole, and the log says why."""
+    before = len(lab.events())
+    out = lab.output("no-thread.bin")
+    with _no_new_threads(lab.proc.pid):
+        got = lab.raw("big.bin", "--opt", "blksize=1468", "--out", str(out))
+    assert got["error"] is None and got["duplicates"] == 0, got
+    assert sha256(out) == sha256(lab.root / "big.bin")
+    assert lab.wait_event("sent", "big.bin", after=before)["bytes"] == MIB
+    assert "big.bin goes on from the event loop: no thread for it" in lab.log_text()
 
 
 def test_block_numbers_wrap_after_65535(lab: TftpLab) -> None:
