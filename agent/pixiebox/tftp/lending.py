@@ -4,12 +4,13 @@ Why threads: a lockstep transfer's time is its round trips, one per block. Serve
 event loop, every client waited on one core and on the interpreter's ~2 us per block; with 20
 clients that took 1.5-1.9x as long as tftpd-hpa, which forks per client (bench/RESULTS.md,
 issue 17). Lent out, each transfer's steady state runs in its own thread with the GIL released,
-as tftpd-hpa's processes do, in C, with two system calls per block.
+as tftpd-hpa's processes do, in C, with two system calls per block, on the CPU its client's
+packets come in on (lockstep.c says why).
 
 What a lent transfer may touch, so that only the event loop mutates shared state: the worker
 thread is given the transfer's socket and file descriptors, its `inbuf` and its sizes, read on
-the loop when it is lent, and nothing else; tftp.transfers takes the socket out of its epoll
-set and cancels the transfer's timer before lending, and touches none of them until
+the loop when it is lent, and nothing else; tftp.lent takes the socket out of the epoll set
+and cancels the transfer's timer before lending, and touches none of them until
 `on_return` runs on the loop with what happened (`Returned`). To stop a lent transfer the loop
 shuts its socket down for reading, which wakes the thread's recv (Linux returns 0 on a UDP
 socket shut down for reading) and leaves the socket able to send the client its ERROR

@@ -18,7 +18,7 @@ from pixiebox.tftp.transfers import Transfers, log
 
 #: Blocks left to send from which a lockstep transfer is lent to a worker thread; fewer go
 #: from the loop: a boot menu or a pxelinux file is a block or two, and handing one over costs
-#: a thread's wake-up each way.
+#: a thread's start and a wake-up each way.
 LEND_FROM = 4
 
 

@@ -12,9 +12,9 @@
  * Why a thread per transfer, blocked in recv, rather than a few threads each with an epoll set
  * of many transfers (dnsmasq's way): both were built and measured side by side with tftpd-hpa
  * and dnsmasq, 20 clients at once on this 2-CPU machine. One epoll thread per CPU used the
- * least CPU per block (7.6 us against 10.5) but its clients took 1.3x tftpd-hpa's time, as
- * dnsmasq's did: a worker preempted by the client it just woke holds up all its other
- * clients. A thread per transfer is scheduled like tftpd-hpa's process per client, with two
+ * least CPU per block (7.6 us against 10.5, before move_to_incoming_cpu took the thread per
+ * transfer to 5.5) but its clients took 1.3x tftpd-hpa's time, as dnsmasq's did: a worker
+ * preempted by the client it just woke holds up all its other clients. A thread per transfer is scheduled like tftpd-hpa's process per client, with two
  * system calls per block instead of its four.
  *
  * So this module does only the steady state, with the GIL released, in a worker thread per
@@ -22,8 +22,8 @@
  * last block or until anything else happens. Everything else returns to Python, which owns
  * the protocol: the request, the OACK and its ACK, resends and their timers, a duplicate or
  * stray datagram, ERROR packets, a file that shrank, idle time, stopping. Per block it makes one
- * send and one blocking recv, plus one pread per 64 KiB; tftpd-hpa makes three or four system
- * calls and dnsmasq five.
+ * send and one blocking recv, plus one pread per 64 KiB; tftpd-hpa makes four system calls
+ * and dnsmasq five.
  *
  * Built against the stable ABI (Py_LIMITED_API 3.11) so that the one wheel build.sh makes on
  * the host's Python serves the appliance's newer one.
