@@ -1,4 +1,6 @@
-"""The transfers under way: windows, timers and resends, the hot path of pixiebox.tftp.
+"""The transfers under way: windows, timers and resends, the protocol of pixiebox.tftp. A
+lockstep transfer's steady state (an ACK, the next block) is lent to a thread once its client is
+heard (tftp.lent); everything else about it happens here.
 
 Why not a library: tftpy 0.8.7 (used here before) builds packet objects, re-parses options and
 goes through a state object for every block. Measured over veth on a 2-core machine it took
