@@ -25,7 +25,7 @@ import contextlib
 import enum
 import socket
 import threading
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pixiebox.tftp.lockstep as lockstep
@@ -58,22 +58,6 @@ class Returned:
 OnReturn = Callable[[Transfer, Returned | BaseException], None]
 
 
-def _run(
-    sock_fd: int,
-    file_fd: int,
-    inbuf: bytearray,
-    block: int,
-    size: int,
-    blksize: int,
-    timeout: float,
-) -> Returned:
-    """In the worker thread: the arguments were read on the loop; it sees nothing else."""
-    status, acked, sent, value, heard = lockstep.lockstep(
-        sock_fd, file_fd, inbuf, block, size, blksize, timeout
-    )
-    return Returned(Status(status), acked, sent, value, heard)
-
-
 class Lender:
     """The worker threads: one per lent transfer, started when it is lent and ended when it
     is given back. A pool would save a thread's start (tens of microseconds) per transfer but
@@ -95,9 +79,10 @@ class Lender:
         args = (t.sock.fileno(), t.source.fd, t.inbuf, t.sent + 1, t.source.size, t.blksize,
                 t.timeout)  # fmt: skip
 
-        def work() -> None:
+        def work() -> None:  # the worker thread: it sees `args`, read above, and nothing else
             try:
-                future.set_result(_run(*args))
+                status, acked, sent, value, heard = lockstep.lockstep(*args)
+                future.set_result(Returned(Status(status), acked, sent, value, heard))
             except BaseException as exc:  # handed to the loop, which ends the transfer
                 future.set_exception(exc)
 
@@ -121,12 +106,12 @@ class Lender:
             returned = exc
         self._on_return(transfer, returned)
 
-    def recall(self, transfers: Collection[Transfer], wait: float = 2.0) -> None:
-        """Shut down for reading the sockets of those of these transfers that are lent, and
-        wait (at most `wait` seconds) for them to come back; their `on_return` is then not
-        called. One still lent after that keeps `lent` set: its socket and file must stay
-        open, the thread may still use them."""
-        out = {f: t for f, t in self._lent.items() if any(t is u for u in transfers)}
+    def recall(self, wait: float = 2.0) -> None:
+        """Shut down for reading the sockets of the lent transfers, and wait (at most `wait`
+        seconds) for them to come back; their `on_return` is then not called. One still lent
+        after that keeps `lent` set: its socket and file must stay open, the thread may still
+        use them."""
+        out = dict(self._lent)
         for transfer in out.values():
             with contextlib.suppress(OSError):
                 transfer.sock.shutdown(socket.SHUT_RD)

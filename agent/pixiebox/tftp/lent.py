@@ -5,14 +5,12 @@ over, and goes on from what the thread did when it comes back.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import select
-from collections.abc import Callable
 
 from pixiebox.tftp.lending import Lender, Returned, Status
-from pixiebox.tftp.limits import TftpLimits
-from pixiebox.tftp.outcome import TftpEvent
 from pixiebox.tftp.transfer import Transfer
 from pixiebox.tftp.transfers import Transfers, log
 
@@ -26,21 +24,14 @@ class LendingTransfers(Transfers):
     """Transfers (see there), with lockstep ones lent to worker threads once their client is
     heard: at most one thread per transfer the limits admit."""
 
-    def __init__(
-        self,
-        *,
-        interface: str | None,
-        on_event: Callable[[TftpEvent], None] | None,
-        describe: Callable[[str], str],
-        limits: TftpLimits,
-    ) -> None:
-        super().__init__(interface=interface, on_event=on_event, describe=describe, limits=limits)
-        self._lender = Lender(self._given_back)
+    @functools.cached_property
+    def _lender(self) -> Lender:
+        return Lender(self._given_back)
 
     def _go_on(self, transfer: Transfer, now: float) -> None:
         """Every block sent is acknowledged: the next ones. A lockstep transfer with the
-        client heard is lent to a worker thread from its first ACK on, unless
-        so few blocks are left that handing it over costs more."""
+        client heard is lent to a worker thread from its first ACK on, unless so few blocks
+        are left that handing it over costs more."""
         t = transfer
         if t.window == 1 and t.heard and t.blocks - t.sent >= LEND_FROM:
             self._lend(t)
@@ -109,5 +100,5 @@ class LendingTransfers(Transfers):
     def abort_all(self) -> None:
         """Transfers.abort_all, once the lent transfers are back from their threads (their
         sockets shut down for reading: tftp.lending)."""
-        self._lender.recall(list(self._transfers.values()))
+        self._lender.recall()
         super().abort_all()
